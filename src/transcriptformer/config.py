@@ -1,0 +1,288 @@
+"""Model configuration: dataclasses with documented defaults, parsed from a checkpoint's ``config.json``.
+
+The published ``config.json`` nests three objects under ``"model"``: ``model_config``,
+``data_config`` and ``loss_config``. We treat the file as data: ``_target_`` entries and
+keys we do not use are ignored, ``null`` and missing keys fall back to the defaults below
+(which are the values of the released TF-Sapiens model), and values we cannot honour
+(an unknown link function or activation) are rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ACTIVATIONS",
+    "MU_LINK_FUNCTIONS",
+    "RELEASED_SPECIAL_TOKENS",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "TranscriptFormerConfig",
+]
+
+#: Special tokens of the released checkpoints, in index order (``[PAD]`` = 1, ``[START]`` = 2, ``[END]`` = 3).
+RELEASED_SPECIAL_TOKENS: tuple[str, ...] = ("unknown", "[PAD]", "[START]", "[END]", "[RD]", "[CELL]", "[MASK]")
+
+#: Activations of the feed-forward block (``gelu`` is the exact erf form).
+ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "silu")
+
+#: Link functions of the count head. ``softmax`` (released models) is a masked softmax over the
+#: cell's genes times the cell's total count; the others apply elementwise.
+MU_LINK_FUNCTIONS: tuple[str, ...] = ("softmax", "exp", "log", "relu", "sigmoid", "softplus", "linear", "tanh")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the network (``model.model_config`` in ``config.json``).
+
+    Parameters
+    ----------
+    embed_dim
+        Residual width ``E``.
+    model_dim
+        Hidden width ``F`` of the feed-forward block.
+    num_layers
+        Number of encoder layers ``L``.
+    num_heads
+        Number of attention heads ``H``; ``embed_dim`` must be divisible by it.
+    seq_len
+        Gene slots per cell ``S``. The cell embedding divides by this number.
+    aux_len
+        Read by nothing at inference; kept for round-tripping.
+    block_len
+        Block size of the published flex-attention kernel; no numerical effect.
+    softcap
+        Attention scores are soft-capped as ``softcap * tanh(score / softcap)``; ``0`` disables it.
+    log_counts_eps
+        ``eps`` in the attention count bias ``log1p(count + eps)`` and in the likelihood.
+    mu_link_fn
+        Link function of the count head, one of :data:`MU_LINK_FUNCTIONS`.
+    activation
+        Feed-forward activation, one of :data:`ACTIVATIONS`.
+    attn_bias, fw_bias
+        Whether the attention projections / feed-forward linears carry a bias.
+    dropout
+        Dropout rate (no effect at inference).
+    gene_head_hidden_dim
+        Hidden width of the gene-identity head.
+    """
+
+    embed_dim: int = 2048
+    model_dim: int = 2048
+    num_layers: int = 12
+    num_heads: int = 16
+    seq_len: int = 2047
+    aux_len: int = 1
+    block_len: int = 128
+    softcap: float = 10.0
+    log_counts_eps: float = 1e-6
+    mu_link_fn: str = "softmax"
+    activation: str = "gelu"
+    attn_bias: bool = False
+    fw_bias: bool = False
+    dropout: float = 0.1
+    gene_head_hidden_dim: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.mu_link_fn not in MU_LINK_FUNCTIONS:
+            raise ValueError(
+                f"config.json: model_config.mu_link_fn={self.mu_link_fn!r} is not supported; "
+                f"expected one of {', '.join(MU_LINK_FUNCTIONS)}."
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"config.json: model_config.activation={self.activation!r} is not supported; "
+                f"expected one of {', '.join(ACTIVATIONS)}."
+            )
+        for name in ("embed_dim", "model_dim", "num_layers", "num_heads", "seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"config.json: model_config.{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"config.json: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}."
+            )
+        if self.softcap < 0 or not math.isfinite(self.softcap):
+            raise ValueError(f"config.json: softcap must be a finite number >= 0, got {self.softcap}.")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, ``embed_dim // num_heads``."""
+        return self.embed_dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Vocabulary and tokenisation settings stored with a checkpoint (``model.data_config``).
+
+    Parameters
+    ----------
+    aux_cols
+        ``obs`` columns that give each cell an auxiliary token (``("assay",)`` for the released
+        models). ``null`` in ``config.json`` means none; a missing key means ``("assay",)``.
+    esm2_mappings
+        Gene-table files in ``vocabs/``, in vocabulary order.
+    special_tokens
+        Special tokens in index order.
+    pad_zeros
+        Whether zero-count genes become ``[PAD]`` (the released models: yes).
+    gene_pad_token
+        Name of the padding token.
+    """
+
+    aux_cols: tuple[str, ...] = ("assay",)
+    esm2_mappings: tuple[str, ...] = ("homo_sapiens_gene.h5",)
+    special_tokens: tuple[str, ...] = RELEASED_SPECIAL_TOKENS
+    pad_zeros: bool = True
+    gene_pad_token: str = "[PAD]"
+
+    def __post_init__(self) -> None:
+        for token in (self.gene_pad_token, "[START]", "[END]", "unknown"):
+            if token not in self.special_tokens:
+                raise ValueError(
+                    f"config.json: data_config.special_tokens must contain {token!r}; got {list(self.special_tokens)}."
+                )
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ValueError(f"config.json: data_config.special_tokens has duplicates: {list(self.special_tokens)}.")
+        if not self.esm2_mappings:
+            raise ValueError("config.json: data_config.esm2_mappings lists no gene table.")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Heads and likelihood settings (``model.loss_config``).
+
+    Parameters
+    ----------
+    gene_id_loss_weight
+        ``> 0`` means the checkpoint has a gene-identity head (``gene_id_head.*``).
+    softplus_approx
+        Form of the zero-truncated-Poisson normaliser in the likelihood.
+    """
+
+    gene_id_loss_weight: float = 1.0
+    softplus_approx: bool = True
+
+    @property
+    def has_gene_head(self) -> bool:
+        """Whether the checkpoint carries the gene-identity head."""
+        return self.gene_id_loss_weight > 0
+
+
+@dataclass(frozen=True)
+class TranscriptFormerConfig:
+    """Everything a checkpoint's ``config.json`` says about the model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TranscriptFormerConfig:
+        """Build a config from the parsed JSON of a published ``config.json``.
+
+        The top-level ``"model"`` object is optional (a dict holding the three sections
+        directly is accepted too).
+        """
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}.")
+        root = raw.get("model", raw)
+        if not isinstance(root, Mapping):
+            raise ValueError("config.json: 'model' must be a JSON object.")
+        model = _build(ModelConfig, root.get("model_config"), "model_config")
+        data_section = dict(root.get("data_config") or {})
+        if "aux_cols" in data_section:
+            # null (or "") means the checkpoint has no auxiliary token; a string is comma-separated
+            aux = data_section["aux_cols"] or ""
+            if isinstance(aux, str):
+                aux = [c.strip() for c in aux.split(",") if c.strip()]
+            data_section["aux_cols"] = tuple(aux)
+        data = _build(DataConfig, data_section, "data_config")
+        loss = _build(LossConfig, root.get("loss_config"), "loss_config")
+        return cls(model=model, data=data, loss=loss)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TranscriptFormerConfig:
+        """Read ``config.json`` from ``path``."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(raw)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> TranscriptFormerConfig:
+        """Return a copy with dotted keys replaced, e.g. ``{"model_config.softcap": 0}``.
+
+        Section names may be given as ``model_config``/``data_config``/``loss_config`` (the
+        published spelling, with or without a leading ``model.``) or ``model``/``data``/``loss``.
+        """
+        cfg = self
+        for key, value in overrides.items():
+            parts = key.split(".")
+            if parts[0] == "model" and len(parts) == 3:
+                parts = parts[1:]
+            if len(parts) != 2:
+                raise ValueError(f"config override {key!r}: expected 'section.key', e.g. 'model_config.softcap'.")
+            section = {"model_config": "model", "data_config": "data", "loss_config": "loss"}.get(parts[0], parts[0])
+            if section not in ("model", "data", "loss"):
+                raise ValueError(f"config override {key!r}: unknown section {parts[0]!r}.")
+            sub = getattr(cfg, section)
+            names = {f.name for f in fields(sub)}
+            if parts[1] not in names:
+                raise ValueError(f"config override {key!r}: {section} config has no key {parts[1]!r}.")
+            if parts[1] in ("aux_cols", "esm2_mappings", "special_tokens") and isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            cfg = replace(cfg, **{section: replace(sub, **{parts[1]: _coerce(type(sub), parts[1], value)})})
+        return cfg
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert a JSON value to the type of dataclass field ``name`` (ints stay ints, lists become tuples)."""
+    default = next(f for f in fields(cls) if f.name == name).default
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(f"{cls.__name__}.{name}: expected a boolean, got {value!r}.")
+        return bool(value)
+    if isinstance(default, int):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{cls.__name__}.{name}: expected an integer, got {value!r}.")
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value)
+    return value
+
+
+def _build(cls: type, section: Mapping[str, Any] | None, label: str) -> Any:
+    section = dict(section or {})
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in section.items():
+        if key == "_target_":
+            continue
+        if key not in known:
+            logger.debug("config.json: ignoring %s.%s", label, key)
+            continue
+        if value is None:
+            continue  # null means "use the documented default"
+        try:
+            kwargs[key] = _coerce(cls, key, value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.json: {label}.{key}: {e}") from None
+    return cls(**kwargs)

@@ -1,0 +1,473 @@
+"""The TranscriptFormer network in plain PyTorch.
+
+A cell is a sequence of gene tokens with counts. Genes are embedded by an MLP over frozen ESM2
+protein-language-model vectors, so genes of any species share one space. An optional auxiliary
+token (the assay) is prepended. A causal transformer without positional encodings reads the
+genes in order; every attention score is biased by ``log1p(count)`` of its key and soft-capped.
+Three read-outs exist:
+
+* the cell embedding: the mean of the hidden states over the cell's positions, divided by the
+  full sequence length ``S`` (not the number of genes), as the published model does;
+* the count head (``mu``): a zero-truncated-Poisson rate per gene, giving the likelihood;
+* the gene-identity head: logits over the vocabulary for the next gene.
+
+The module's parameter names equal the keys of the published ``model_weights.pt``, so the
+published state_dict loads with ``strict=True``. Quirks of the published model that change
+numbers are reproduced on purpose and marked "published:" below.
+
+Attention never materialises the full ``T x T`` score matrix: :func:`chunked_attention` walks
+over query blocks (keys only up to the block's end, since attention is causal). On CUDA a
+``flex_attention`` kernel computing the same function can be used instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+__all__ = [
+    "AttentionBackend",
+    "TranscriptFormer",
+    "chunked_attention",
+    "dense_attention",
+]
+
+AttentionBackend = Literal["chunked", "dense", "flex"]
+
+#: Upper bound on score elements held at once by :func:`chunked_attention` (32 MiB in float32).
+DEFAULT_MAX_SCORES = 1 << 23
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float
+) -> Tensor:
+    """Reference attention: the full score matrix, as the published (eager flex) kernel computes it.
+
+    Parameters
+    ----------
+    q, k, v
+        ``(B, H, T, dk)``.
+    key_bias
+        ``(B, T)``: added to the score of every pair whose key is at that position.
+    key_valid
+        ``(B, T)`` bool: keys that may be attended to.
+    softcap
+        Soft cap applied after the bias; ``0`` for none.
+
+    Returns
+    -------
+    ``(B, H, T, dk)``; query rows with no allowed key are zero.
+    """
+    T = q.shape[-2]
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores + key_bias[:, None, None, :].float()
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    allowed = causal[None, None] & key_valid[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (p @ v.float()).to(q.dtype)
+
+
+def chunked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_bias: Tensor,
+    key_valid: Tensor,
+    softcap: float,
+    max_scores: int = DEFAULT_MAX_SCORES,
+) -> Tensor:
+    """Exact causal attention with count bias and soft cap, in blocks of query rows.
+
+    Same function as :func:`dense_attention`, but the block of queries ``[s, e)`` only meets
+    keys ``[0, e)`` and at most ``max_scores`` scores exist at a time, so memory is
+    ``O(B·H·T·block)`` instead of ``O(B·H·T²)`` and the masked upper triangle is mostly skipped.
+    Scores, the softmax and its normaliser are float32 even under autocast.
+    """
+    B, H, T, dk = q.shape
+    BH = B * H
+    qf, kf, vf = q.reshape(BH, T, dk), k.reshape(BH, T, dk), v.reshape(BH, T, dk)
+    capped = softcap > 0
+    # scores = alpha * q.k + bias; with a soft cap, alpha and the bias are pre-divided by the cap so
+    # that the tanh argument comes straight out of baddbmm
+    alpha = 1.0 / math.sqrt(dk) / (softcap if capped else 1.0)
+    bias = (key_bias.float() / (softcap if capped else 1.0)).repeat_interleave(H, dim=0)[:, None, :]
+    blocked_key = ~key_valid  # (B, T)
+    row = torch.arange(T, device=q.device)
+    block = max(16, min(T, max_scores // max(1, BH * T)))
+    out = torch.empty_like(qf)
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        if q.dtype == torch.float32:
+            scores = torch.baddbmm(bias[:, :, :e], qf[:, s:e], kf[:, :e].transpose(1, 2), alpha=alpha)
+        else:  # reduced precision: products in q's dtype, everything after in float32
+            scores = torch.bmm(qf[:, s:e], kf[:, :e].transpose(1, 2)).float().mul_(alpha).add_(bias[:, :, :e])
+        # disallowed: a key after the query (causal) or a padding / unknown-aux key; (B, block, e)
+        blocked = (row[None, :e] > row[s:e, None])[None] | blocked_key[:, None, :e]
+        if capped:
+            # |score| <= softcap after the cap, so exp cannot overflow and no max-subtraction is needed
+            scores = scores.tanh_().mul_(softcap).exp_()
+            scores.view(B, H, e - s, e).masked_fill_(blocked[:, None], 0.0)
+        else:
+            scores.view(B, H, e - s, e).masked_fill_(blocked[:, None], float("-inf"))
+            scores = scores.sub_(scores.amax(-1, keepdim=True).clamp_min_(-1e30)).exp_()
+        denom = scores.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+        o = torch.bmm(scores.to(vf.dtype), vf[:, :e]).float().div_(denom)  # all-blocked rows: 0 / tiny = 0
+        out[:, s:e] = o.to(out.dtype)
+    return out.view(B, H, T, dk)
+
+
+_compiled_flex = None
+
+
+def flex_attention_fn(
+    q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float
+) -> Tensor:
+    """The same function through ``torch.nn.attention.flex_attention`` (compiled; for CUDA)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    B, H, T, _ = q.shape
+    bias = key_bias.float()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        s = score + bias[b, kv_idx]
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        return s
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & key_valid[b, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float, backend: AttentionBackend
+) -> Tensor:
+    """Dispatch to one of the attention implementations (all compute the same function)."""
+    if backend == "chunked":
+        return chunked_attention(q, k, v, key_bias, key_valid, softcap)
+    if backend == "flex":
+        return flex_attention_fn(q, k, v, key_bias, key_valid, softcap)
+    if backend == "dense":
+        return dense_attention(q, k, v, key_bias, key_valid, softcap)
+    raise ValueError(f"unknown attention backend {backend!r}; expected 'chunked', 'flex' or 'dense'.")
+
+
+# --------------------------------------------------------------------------------------------
+# modules
+
+
+class MLP(nn.Module):
+    """``Linear -> ReLU -> LayerNorm -> Dropout -> Linear``, stored as ``layers.{0,2,4}``."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(d_in, d_hidden),
+            nn.ReLU(),
+            nn.LayerNorm(d_hidden),
+            nn.Dropout(dropout),
+            nn.Linear(d_hidden, d_out),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class GeneEmbedding(nn.Module):
+    """Token -> frozen ESM2 vector -> MLP to the model width."""
+
+    def __init__(self, vocab_size: int, esm_dim: int, embed_dim: int, dropout: float):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, esm_dim)
+        self.embedding.weight.requires_grad_(False)
+        self.mlp = MLP(esm_dim, embed_dim, embed_dim, dropout)
+
+    def forward(self, tokens: Tensor, table: Tensor | None = None) -> Tensor:
+        """Embed ``tokens``; ``table`` replaces the ESM matrix (out-of-distribution vocabularies)."""
+        weight = self.embedding.weight if table is None else table
+        return self.mlp(F.embedding(tokens, weight))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; ``linears`` are the Q, K, V and output projections."""
+
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.linears = nn.ModuleList([nn.Linear(embed_dim, embed_dim, bias=bias) for _ in range(4)])
+
+    def forward(self, x: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float, backend: AttentionBackend):
+        B, T, E = x.shape
+        H = self.num_heads
+        q, k, v = (lin(x).view(B, T, H, E // H).transpose(1, 2) for lin in self.linears[:3])
+        out = attention(q, k, v, key_bias, key_valid, softcap, backend)
+        return self.linears[3](out.transpose(1, 2).reshape(B, T, E))
+
+
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+class EncoderLayer(nn.Module):
+    """One transformer layer. published: the residual stream carries the *normalised* tensor."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, Fd = config.embed_dim, config.model_dim
+        self.self_attn = SelfAttention(E, config.num_heads, config.attn_bias)
+        self.linear1 = nn.Linear(E, Fd, bias=config.fw_bias)
+        self.linear2 = nn.Linear(Fd, E, bias=config.fw_bias)
+        self.norm1 = nn.LayerNorm(E)
+        self.norm2 = nn.LayerNorm(E)
+        self.activation = _ACTIVATIONS[config.activation]()
+        self.dropout = nn.Dropout(config.dropout)
+        self.softcap = float(config.softcap)
+
+    def forward(self, x: Tensor, key_bias: Tensor, key_valid: Tensor, backend: AttentionBackend) -> Tensor:
+        h = self.norm1(x)
+        x = h + self.self_attn(h, key_bias, key_valid, self.softcap, backend)  # published: adds LN(x), not x
+        h = self.norm2(x)
+        return h + self.linear2(self.dropout(self.activation(self.linear1(h))))
+
+
+class Encoder(nn.Module):
+    """The stack of encoder layers (no final norm)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.encoder_layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_layers)])
+
+    def forward(self, x: Tensor, key_bias: Tensor, key_valid: Tensor, backend: AttentionBackend) -> Tensor:
+        for layer in self.encoder_layers:
+            x = layer(x, key_bias, key_valid, backend)
+        return x
+
+
+class CountHead(nn.Module):
+    """``mu``: a per-position logit from ``[hidden ; ge(target gene)]`` plus a per-gene bias."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, dropout: float):
+        super().__init__()
+        self.gene_embedding = nn.Embedding(vocab_size, 1)
+        self.mlp = MLP(2 * embed_dim, embed_dim // 2, 1, dropout)
+
+    def forward(self, hidden: Tensor, target_emb: Tensor, targets: Tensor, gene_bias: Tensor | None = None) -> Tensor:
+        weight = self.gene_embedding.weight if gene_bias is None else gene_bias
+        logit = self.mlp(torch.cat([hidden, target_emb.to(hidden.dtype)], dim=-1)).squeeze(-1)
+        return logit.float() + F.embedding(targets, weight).squeeze(-1).float()
+
+
+_ELEMENTWISE_LINKS = {
+    "exp": torch.exp,
+    "log": torch.log,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+    "linear": lambda x: x,
+    "tanh": torch.tanh,
+}
+
+
+class TranscriptFormer(nn.Module):
+    """TranscriptFormer at inference.
+
+    Parameters
+    ----------
+    config
+        Shapes and numerics.
+    vocab_size
+        Number of gene tokens ``V`` (special tokens included).
+    esm_dim
+        Width ``D`` of the ESM2 gene vectors.
+    aux_vocab_sizes
+        ``{obs column: vocabulary size}`` of the auxiliary tokens, in sequence order.
+    aux_unknown
+        Index of ``unknown`` in each auxiliary vocabulary; an auxiliary token equal to any of them is
+        masked as a key.
+    pad_idx, start_idx, end_idx
+        Indices of ``[PAD]``, ``[START]`` and ``[END]``.
+    gene_head
+        Whether the gene-identity head exists.
+    softplus_approx
+        Form of the likelihood normaliser (``loss_config.softplus_approx``).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        vocab_size: int,
+        esm_dim: int,
+        aux_vocab_sizes: Mapping[str, int],
+        aux_unknown: Sequence[int] = (),
+        pad_idx: int = 1,
+        start_idx: int = 2,
+        end_idx: int = 3,
+        gene_head: bool = True,
+        softplus_approx: bool = True,
+    ):
+        super().__init__()
+        self.config = config
+        self.pad_idx, self.start_idx, self.end_idx = pad_idx, start_idx, end_idx
+        self.aux_unknown = tuple(aux_unknown)
+        self.softplus_approx = softplus_approx
+        E = config.embed_dim
+        self.gene_embeddings = GeneEmbedding(vocab_size, esm_dim, E, config.dropout)
+        self.aux_embeddings = nn.ModuleDict({col: nn.Embedding(n, E) for col, n in aux_vocab_sizes.items()})
+        self.transformer_encoder = Encoder(config)
+        self.mu = CountHead(vocab_size, E, config.dropout)
+        self.gene_id_head = MLP(E, config.gene_head_hidden_dim, vocab_size, config.dropout) if gene_head else None
+
+    @property
+    def num_aux(self) -> int:
+        """Number of auxiliary tokens ``A`` before the genes."""
+        return len(self.aux_embeddings)
+
+    def encode(
+        self,
+        tokens: Tensor,
+        counts: Tensor,
+        aux: Tensor,
+        *,
+        with_targets: bool = False,
+        gene_table: Tensor | None = None,
+        attention: AttentionBackend = "chunked",
+    ) -> tuple[Tensor, Tensor | None]:
+        """Run the encoder.
+
+        Parameters
+        ----------
+        tokens
+            ``(B, L)`` int64 gene tokens (``[PAD]`` after each cell's genes), ``L <= S``. Trimming
+            to the longest cell of the batch is exact: causality keeps later positions out of
+            earlier outputs.
+        counts
+            ``(B, L)`` float counts (after clipping / normalisation), 0 at padding.
+        aux
+            ``(B, A)`` int64 auxiliary tokens.
+        with_targets
+            Also return the gene-MLP embedding of the (unshifted) target tokens for the count head.
+        gene_table
+            Replacement ESM matrix for out-of-distribution vocabularies.
+        attention
+            Attention implementation.
+
+        Returns
+        -------
+        ``hidden`` ``(B, L, E)``: position ``j`` is the prediction slot of gene ``t_j`` (it has seen
+        ``t_0 .. t_{j-1}``); and the target embeddings ``(B, L, E)`` or None.
+        """
+        B, L = tokens.shape
+        A = self.num_aux
+        # published: inputs are right-shifted with [START]; counts with a leading 1
+        start = tokens.new_full((B, 1), self.start_idx)
+        seq = torch.cat([start, tokens if with_targets else tokens[:, : L - 1]], dim=1)
+        ge = self.gene_embeddings(seq, gene_table)
+        shifted = seq[:, :L]
+        one = counts.new_ones(B, 1)
+        counts_in = torch.cat([one.expand(B, A), one, counts[:, : L - 1]], dim=1).float()
+        key_bias = torch.log1p(counts_in + self.config.log_counts_eps)
+        gene_valid = shifted != self.pad_idx
+        if A:
+            aux_valid = torch.ones_like(aux, dtype=torch.bool)
+            for unk in self.aux_unknown:
+                aux_valid &= aux != unk
+            aux_emb = [emb(aux[:, i]) for i, emb in enumerate(self.aux_embeddings.values())]
+            x = torch.cat([torch.stack(aux_emb, dim=1).to(ge.dtype), ge[:, :L]], dim=1)
+            key_valid = torch.cat([aux_valid, gene_valid], dim=1)
+        else:
+            x, key_valid = ge[:, :L], gene_valid
+        x = self.transformer_encoder(x, key_bias, key_valid, attention)
+        return x[:, A:], (ge[:, 1:] if with_targets else None)
+
+    def cell_embedding(self, hidden: Tensor, tokens: Tensor) -> Tensor:
+        """Masked sum of the hidden states over the cell's positions, divided by ``S``.
+
+        published: the pooled positions are those whose *shifted* input is not padding (START and
+        the cell's genes, i.e. ``n + 1`` slots for a cell of ``n < S`` genes) and the sum is divided
+        by the full ``seq_len``, whatever the cell's length.
+        """
+        B = tokens.shape[0]
+        shifted_valid = torch.cat([tokens.new_ones(B, 1, dtype=torch.bool), tokens[:, :-1] != self.pad_idx], dim=1)
+        pooled = (hidden.float() * shifted_valid[..., None]).sum(dim=1)
+        return pooled / self.config.seq_len
+
+    def count_rate(self, hidden: Tensor, target_emb: Tensor, tokens: Tensor, counts: Tensor, gene_bias=None) -> Tensor:
+        """Expected count ``mu`` per position (``(B, L)``, float32)."""
+        logit = self.mu(hidden, target_emb, tokens, gene_bias)
+        link = self.config.mu_link_fn
+        if link != "softmax":
+            return _ELEMENTWISE_LINKS[link](logit)
+        logit = logit.masked_fill(tokens == self.pad_idx, float("-inf"))
+        return torch.softmax(logit, dim=-1) * counts.float().sum(dim=-1, keepdim=True)
+
+    def count_nll(
+        self,
+        hidden: Tensor,
+        target_emb: Tensor,
+        tokens: Tensor,
+        counts: Tensor,
+        *,
+        clip_counts: float | None,
+        full_length: bool,
+        gene_bias: Tensor | None = None,
+    ) -> Tensor:
+        """Mean zero-truncated-Poisson negative log-likelihood per gene, ``(B,)`` float32.
+
+        ``full_length`` says that position ``L - 1`` is the model's last slot ``S - 1``
+        (published: its count is replaced by 1). Cells without any gene give NaN.
+        """
+        eps = self.config.log_counts_eps
+        mu = self.count_rate(hidden, target_emb, tokens, counts, gene_bias)
+        c = counts.float()
+        if full_length:
+            c = c.clone()
+            c[:, -1] = 1.0
+        c = c.clamp(min=eps, max=math.inf if clip_counts is None else float(clip_counts))
+        x = mu + eps
+        if self.softplus_approx:
+            norm = (x - F.softplus(-x)).clamp_min(0.0)
+        else:
+            norm = x.clamp_min(0.0)  # published: the exact branch reduces to x
+        nll = -c * torch.log(x) + norm + torch.lgamma(c + 1.0)
+        valid = tokens != self.pad_idx
+        return torch.where(valid, nll, 0.0).sum(-1) / valid.sum(-1)
+
+    def gene_nll(self, hidden: Tensor, tokens: Tensor, *, full_length: bool, block: int = 256) -> Tensor:
+        """Per-position cross-entropy of the gene-identity head, ``(B, L)`` float32, 0 at padding.
+
+        published: the target of the last slot ``S - 1`` is ``[END]``; logits are soft-capped.
+        """
+        if self.gene_id_head is None:
+            raise ValueError("this checkpoint has no gene-identity head (loss_config.gene_id_loss_weight is 0).")
+        targets = tokens
+        if full_length:
+            targets = tokens.clone()
+            targets[:, -1] = self.end_idx
+        cap = float(self.config.softcap)
+        out = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
+        for s in range(0, tokens.shape[1], block):  # (B, block, V) logits at a time
+            logits = self.gene_id_head(hidden[:, s : s + block]).float()
+            if cap > 0:
+                logits = cap * torch.tanh(logits / cap)
+            picked = logits.gather(-1, targets[:, s : s + block, None]).squeeze(-1)
+            out[:, s : s + block] = torch.logsumexp(logits, dim=-1) - picked
+        return out.masked_fill_(tokens == self.pad_idx, 0.0)

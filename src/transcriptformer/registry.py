@@ -1,0 +1,313 @@
+"""The published weights: where they are, how they are downloaded, cached and verified.
+
+Each name maps to a tarball that unpacks to one folder (``tf_sapiens/``, ...). Downloads go
+through :mod:`pooch` into the cache (``$TRANSCRIPTFORMER_CACHE``, or the user cache folder),
+a temporary name first, so an interrupted download never counts as cached. The tarball is
+unpacked into a temporary folder with the ``data`` extraction filter (no absolute paths, no
+``..``, no links leaving the folder, no devices), then moved into place.
+
+Integrity: the weights' publisher gives no checksums. Where :data:`REGISTRY` carries none, the
+first successful download records the tarball's sha256 (``known_hashes.json`` in the cache)
+and the sha256 of every extracted file (``<folder>.sha256.json`` beside the folder); later
+downloads must reproduce the tarball's hash and every load of a cached checkpoint re-verifies
+its files. A mismatch is an error naming the file and how to recover.
+
+Environment variables: ``TRANSCRIPTFORMER_CACHE`` (cache folder), ``TRANSCRIPTFORMER_BASE_URL``
+(a mirror serving the same file names).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import pooch
+
+from ._hash import sha256_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BASE_URL",
+    "MODEL_NAMES",
+    "REGISTRY",
+    "available",
+    "cache_path",
+    "canonical_name",
+    "fetch",
+    "is_registered",
+    "species_table",
+    "verify_checkpoint",
+]
+
+#: Where the published tarballs live.
+BASE_URL = "https://czi-transcriptformer.s3.amazonaws.com/weights/"
+
+#: Registry name -> folder the tarball unpacks to (``<folder>.tar.gz`` under the base URL).
+FOLDERS: dict[str, str] = {
+    "tf-sapiens": "tf_sapiens",
+    "tf-exemplar": "tf_exemplar",
+    "tf-metazoa": "tf_metazoa",
+    "all-embeddings": "all_embeddings",
+}
+
+#: Names usable as ``model=``.
+MODEL_NAMES: tuple[str, ...] = ("tf-sapiens", "tf-exemplar", "tf-metazoa")
+
+#: sha256 of each tarball; ``None`` where the publisher gives none (then the first download is recorded).
+REGISTRY: dict[str, str | None] = {f"{folder}.tar.gz": None for folder in FOLDERS.values()}
+
+#: What each download holds, for listings.
+DESCRIPTIONS: dict[str, str] = {
+    "tf-sapiens": "TF-Sapiens: human only, 368M trainable parameters",
+    "tf-exemplar": "TF-Exemplar: 5 species (human, mouse, zebrafish, fly, worm)",
+    "tf-metazoa": "TF-Metazoa: 12 species",
+    "all-embeddings": "ESM2 gene tables of 24 species, for out-of-distribution species",
+}
+
+KNOWN_HASHES_FILE = "known_hashes.json"
+
+
+def canonical_name(name: str) -> str:
+    """``"TF_Sapiens"`` / ``"tf-sapiens"`` / ``"tf_sapiens"`` -> ``"tf-sapiens"``."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in FOLDERS:
+        raise KeyError(f"unknown name {name!r}; known: {', '.join(FOLDERS)}.")
+    return key
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is a registry name (not a path)."""
+    try:
+        canonical_name(name)
+    except KeyError:
+        return False
+    return True
+
+
+def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: the argument, else ``$TRANSCRIPTFORMER_CACHE``, else the user cache."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("TRANSCRIPTFORMER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(pooch.os_cache("transcriptformer"))
+
+
+def base_url() -> str:
+    """``$TRANSCRIPTFORMER_BASE_URL`` or the publisher's URL, with a trailing slash."""
+    url = os.environ.get("TRANSCRIPTFORMER_BASE_URL") or BASE_URL
+    return url if url.endswith("/") else url + "/"
+
+
+def _manifest_path(folder: Path) -> Path:
+    return folder.parent / f"{folder.name}.sha256.json"
+
+
+def _is_cached(folder: Path) -> bool:
+    return folder.is_dir() and _manifest_path(folder).is_file()
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _hash_tree(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _recorded_hash(root: Path, fname: str) -> str | None:
+    path = root / KNOWN_HASHES_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(fname)
+
+
+def _record_hash(root: Path, fname: str, digest: str) -> None:
+    path = root / KNOWN_HASHES_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[fname] = digest
+    _write_json_atomic(path, data)
+
+
+def _safe_extract(tarball: Path, target: Path, expected_top: str, progress: bool) -> None:
+    """Unpack ``tarball`` into ``target`` refusing anything that would land outside it."""
+    from tqdm.auto import tqdm
+
+    with tarfile.open(tarball, "r:*") as tar:
+        members = tar.getmembers()
+        for m in members:
+            name = m.name
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in parts:
+                raise ValueError(f"refusing to extract {tarball.name}: member {name!r} points outside the target folder.")
+            if m.issym() or m.islnk():
+                link = Path(os.path.normpath(Path(name).parent / m.linkname)) if m.issym() else Path(m.linkname)
+                if os.path.isabs(m.linkname) or ".." in link.parts:
+                    raise ValueError(
+                        f"refusing to extract {tarball.name}: link {name!r} -> {m.linkname!r} points outside the folder."
+                    )
+            if m.isdev() or m.ischr() or m.isblk() or m.isfifo():
+                raise ValueError(f"refusing to extract {tarball.name}: member {name!r} is a device or pipe.")
+            if parts and parts[0] not in (expected_top, "."):
+                raise ValueError(
+                    f"refusing to extract {tarball.name}: member {name!r} is outside the expected folder {expected_top!r}/."
+                )
+        for m in tqdm(members, desc=f"extracting {tarball.name}", unit="file", disable=not progress):
+            tar.extract(m, target, filter="data")
+
+
+def fetch(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> Path:
+    """Download (once) and unpack a registry entry; return its folder.
+
+    Parameters
+    ----------
+    name
+        ``"tf-sapiens"``, ``"tf-exemplar"``, ``"tf-metazoa"`` or ``"all-embeddings"``.
+    cache_dir
+        Cache folder (see :func:`cache_path`).
+    progress
+        Progress bars while downloading and extracting.
+    force
+        Download and unpack again even if cached.
+
+    Returns
+    -------
+    The unpacked folder, e.g. ``<cache>/tf_sapiens``.
+    """
+    name = canonical_name(name)
+    folder_name = FOLDERS[name]
+    fname = f"{folder_name}.tar.gz"
+    root = cache_path(cache_dir)
+    folder = root / folder_name
+    if _is_cached(folder) and not force:
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    url = base_url() + fname
+    logger.info("downloading %s from %s", fname, url)
+    downloads = root / ".downloads"
+    known = REGISTRY.get(fname) or _recorded_hash(root, fname)
+    try:
+        tarball = Path(
+            pooch.retrieve(
+                url,
+                known_hash=f"sha256:{known}" if known else None,
+                fname=fname,
+                path=downloads,
+                progressbar=progress,
+            )
+        )
+    except ValueError as e:
+        if "hash" in str(e).lower():
+            raise ValueError(
+                f"the downloaded {fname} does not match the sha256 recorded for it ({known}). The file at {url} "
+                f"changed or the download was corrupted. Retry; if the publisher really replaced it, delete "
+                f"{root / KNOWN_HASHES_FILE} (or its {fname!r} entry) and download again."
+            ) from None
+        raise
+    digest = sha256_file(tarball)
+    if known is None:
+        _record_hash(root, fname, digest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}-", dir=root))
+    try:
+        _safe_extract(tarball, tmp, folder_name, progress)
+        unpacked = tmp / folder_name
+        if not unpacked.is_dir():
+            raise ValueError(f"{fname} did not unpack to a folder named {folder_name!r}.")
+        manifest = {"source": url, "tarball_sha256": digest, "files": _hash_tree(unpacked)}
+        if folder.exists():
+            shutil.rmtree(folder)
+        _manifest_path(folder).unlink(missing_ok=True)
+        os.replace(unpacked, folder)
+        _write_json_atomic(_manifest_path(folder), manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tarball.unlink(missing_ok=True)  # the folder is what is used; its hashes are recorded
+    logger.info("%s ready in %s", name, folder)
+    return folder
+
+
+def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = None) -> None:
+    """Check the files of a downloaded folder against the sha256 recorded when it was unpacked.
+
+    Raises
+    ------
+    ValueError
+        A file is missing or differs; the message names it and how to recover.
+    """
+    folder = Path(folder)
+    manifest_path = _manifest_path(folder)
+    if not manifest_path.is_file():
+        return
+    manifest = json.loads(manifest_path.read_text())
+    recorded = manifest.get("files", {})
+    for rel in files if files is not None else recorded:
+        path = folder / rel
+        hint = (
+            f"Delete {folder} and {manifest_path.name} (or run `transcriptformer download <name> --force`) "
+            "to download it again."
+        )
+        if not path.is_file():
+            raise ValueError(f"cached file {path} is missing. {hint}")
+        digest = sha256_file(path)
+        if digest != recorded[rel]:
+            raise ValueError(
+                f"cached file {path} is corrupted: sha256 {digest[:16]}... differs from {recorded[rel][:16]}... "
+                f"recorded at download. {hint}"
+            )
+
+
+def species_table(species: str, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """The gene table of ``species`` (e.g. ``"mus_musculus"``) from the ``all-embeddings`` download."""
+    folder = fetch("all-embeddings", cache_dir=cache_dir, progress=progress)
+    key = species.strip().lower().replace(" ", "_")
+    path = folder / f"{key}_gene.h5"
+    if not path.is_file():
+        have = sorted(p.name.removesuffix("_gene.h5") for p in folder.glob("*_gene.h5"))
+        raise KeyError(f"no gene table for species {species!r}; available: {', '.join(have)}.")
+    verify_checkpoint(folder, [path.name])
+    return path
+
+
+def available(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """What the registry offers and what is already in the cache.
+
+    Returns
+    -------
+    One row per name: ``description``, ``url``, ``cached`` (bool), ``path`` (the folder, if cached).
+    """
+    root = cache_path(cache_dir)
+    rows = []
+    for name, folder_name in FOLDERS.items():
+        folder = root / folder_name
+        cached = _is_cached(folder)
+        rows.append(
+            {
+                "name": name,
+                "description": DESCRIPTIONS[name],
+                "url": base_url() + f"{folder_name}.tar.gz",
+                "cached": cached,
+                "path": str(folder) if cached else None,
+            }
+        )
+    return pd.DataFrame(rows).set_index("name")

@@ -1,0 +1,125 @@
+"""Preprocessing helpers: check an AnnData against a model before spending compute (``tfs.pp``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+from anndata import AnnData
+
+from ..checkpoint import LoadedModel, load_model
+from ..tokenize import TokenizeOptions, prepare_cells, strip_version
+
+__all__ = ["check_input", "match_genes"]
+
+
+def check_input(
+    adata: AnnData,
+    model: str | os.PathLike | LoadedModel = "tf-sapiens",
+    *,
+    gene_key: str | None = "ensembl_id",
+    layer: str | None = None,
+    duplicate_genes: Literal["raise", "first"] = "raise",
+    filter_to_vocab: bool = True,
+    window: int = 4096,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Validate ``adata`` for a model and summarise what the model will see. Reads the counts once.
+
+    Raises the same errors (with the same fixes suggested) as :func:`transcriptformer.scanpy.tl.embed`.
+
+    Parameters
+    ----------
+    adata, model, gene_key, layer, duplicate_genes, filter_to_vocab, cache_dir
+        As in :func:`~transcriptformer.scanpy.tl.embed`.
+    window
+        Cells read at a time.
+
+    Returns
+    -------
+    A summary: ``counts_source``, ``n_obs``, ``n_genes``, ``n_genes_matched``, ``genes_per_cell``
+    (min / median / max genes each cell is given), ``n_cells_without_genes``, ``n_cells_truncated``
+    (cells with more expressed genes than ``seq_len``; the model sees the first ``seq_len`` in column
+    order) and ``aux_labels`` (per auxiliary column, the fraction of cells whose label is unknown to
+    the model).
+    """
+    loaded = load_model(model, cache_dir=cache_dir)
+    options = TokenizeOptions(
+        gene_key=gene_key, layer=layer, duplicate_genes=duplicate_genes, filter_to_vocab=filter_to_vocab
+    )
+    src = prepare_cells(
+        adata,
+        loaded.vocab,
+        loaded.aux_vocabs,
+        seq_len=loaded.seq_len,
+        pad_zeros=loaded.config.data.pad_zeros,
+        options=options,
+        model_name=loaded.name,
+    )
+    lengths = np.concatenate([src.read(s, min(s + window, src.n_obs)).lengths for s in range(0, src.n_obs, window)])
+    expressed = _expressed_counts(src, window)
+    unknown = {
+        voc.column: float(np.mean(src.aux[:, i] == voc.unknown)) if len(src.aux) else 0.0
+        for i, voc in enumerate(loaded.aux_vocabs)
+    }
+    return {
+        "model": loaded.name,
+        "counts_source": src.source,
+        "n_obs": src.n_obs,
+        "n_genes": src.n_genes,
+        "n_genes_matched": src.n_matched,
+        "genes_per_cell": {
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "max": int(lengths.max()),
+        },
+        "n_cells_without_genes": int((lengths == 0).sum()),
+        "n_cells_truncated": int((expressed > loaded.seq_len).sum()),
+        "fraction_unknown_aux": unknown,
+    }
+
+
+def _expressed_counts(src, window: int) -> np.ndarray:
+    """Number of expressed vocabulary genes per cell before truncation."""
+    out = []
+    for s in range(0, src.n_obs, window):
+        block = src._read_block(s, min(s + window, src.n_obs))
+        out.append(np.asarray((block != 0).sum(axis=1)).ravel())
+    return np.concatenate(out)
+
+
+def match_genes(
+    adata: AnnData,
+    model: str | os.PathLike | LoadedModel = "tf-sapiens",
+    *,
+    gene_key: str | None = "ensembl_id",
+    key_added: str = "transcriptformer_in_vocab",
+    copy: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> AnnData | None:
+    """Mark the genes of ``adata.var`` that are in a model's vocabulary.
+
+    Parameters
+    ----------
+    adata, model, gene_key, cache_dir
+        As in :func:`~transcriptformer.scanpy.tl.embed` (ids are taken from ``adata.var``, not ``raw.var``).
+    key_added
+        ``var`` column to write.
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None`` or a copy, with ``adata.var[key_added]`` (bool): whether the gene id (version suffix
+    removed) is in the vocabulary.
+    """
+    from ..tokenize import _gene_ids  # the id-column resolution rules of tokenisation
+
+    loaded = load_model(model, cache_dir=cache_dir)
+    ids, _ = _gene_ids(adata.var, gene_key, "X")
+    hits = loaded.vocab.lookup(list(strip_version(ids))) >= loaded.vocab.n_special
+    if copy:
+        adata = adata.copy()
+    adata.var[key_added] = hits
+    return adata if copy else None

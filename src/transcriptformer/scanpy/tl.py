@@ -1,0 +1,286 @@
+"""Tools: TranscriptFormer results written into the user's AnnData (``tfs.tl``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .. import __version__
+from ..checkpoint import LoadedModel, load_model
+from ..engine import Inference, Outputs, infer
+from ..tokenize import TokenizeOptions
+
+__all__ = ["contextual_gene_embeddings", "embed", "transcriptformer"]
+
+ModelArg = str | os.PathLike | LoadedModel
+SpeciesArg = str | os.PathLike | Sequence[str | os.PathLike] | None
+
+
+def _check_adata(adata: Any) -> None:
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"expected an AnnData, got {type(adata).__name__}.")
+    if adata.n_obs == 0:
+        raise ValueError("adata has no cells.")
+
+
+def _params(run: Inference, loaded: LoadedModel, options: TokenizeOptions, **extra: Any) -> dict[str, Any]:
+    """Everything needed to reproduce a run (h5ad-writable: no None values)."""
+    src = run.source
+    params: dict[str, Any] = {
+        "model": loaded.name,
+        "model_path": str(loaded.path),
+        "weights_sha256": loaded.weights_sha256,
+        "gene_key": options.gene_key if options.gene_key is not None else "var_names",
+        "counts_source": src.source,
+        "clip_counts": options.clip_counts if options.clip_counts is not None else "none",
+        "normalize_to_scale": options.normalize_to_scale if options.normalize_to_scale else "none",
+        "filter_to_vocab": options.filter_to_vocab,
+        "duplicate_genes": options.duplicate_genes,
+        "n_genes_matched": src.n_matched,
+        "n_genes": src.n_genes,
+        "seq_len": loaded.seq_len,
+        "device": str(run.engine.device),
+        "precision": run.engine.precision,
+        "attention": run.engine.attention,
+        "transcriptformer_version": __version__,
+    }
+    if run.species_tables:
+        params["species_embedding"] = [str(p) for p in run.species_tables]
+    params.update({k: v for k, v in extra.items() if v is not None})
+    return params
+
+
+def embed(
+    adata: AnnData,
+    model: ModelArg = "tf-sapiens",
+    *,
+    gene_key: str | None = "ensembl_id",
+    layer: str | None = None,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    llh: bool = False,
+    clip_counts: float | None = 30,
+    normalize_to_scale: float | None = None,
+    species_embedding: SpeciesArg = None,
+    duplicate_genes: Literal["raise", "first"] = "raise",
+    filter_to_vocab: bool = True,
+    key_added: str = "X_transcriptformer",
+    copy: bool = False,
+    progress: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> AnnData | None:
+    """Embed cells with a TranscriptFormer model.
+
+    Genes are matched to the model's vocabulary by Ensembl id, each cell becomes a sequence of its
+    expressed genes (in the data's column order, at most ``seq_len``) with their counts, and the
+    cell embedding is the model's pooled hidden state, exactly as the published implementation
+    computes it.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix of raw counts (cells x genes). In memory, a view, or backed
+        (``sc.read_h5ad(..., backed="r")``; read one window of cells at a time).
+    model
+        A registry name (``"tf-sapiens"``, ``"tf-exemplar"``, ``"tf-metazoa"``; downloaded and verified
+        on first use), a checkpoint folder in the published layout, or a loaded model.
+    gene_key
+        ``var`` column with Ensembl gene ids (version suffixes are ignored). ``None`` uses
+        ``var_names``; if the default column is missing and ``var_names`` are Ensembl ids, they are used.
+    layer
+        Source of counts: ``None`` uses ``.raw`` if present, else ``X`` (the published rule); or
+        ``"X"``, ``"raw"``, or the name of a layer.
+    batch_size
+        Most cells per batch. By default batches are limited by ``max_tokens`` only.
+    max_tokens
+        Token budget per batch (cells x longest cell). Default 16,384 on CPU, 131,072 on GPU.
+        On a CUDA out-of-memory error the batch is halved and retried.
+    device
+        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    precision
+        ``"auto"`` (float32 on CPU, bfloat16 autocast on CUDA), ``"32"``, ``"bf16"``, ``"16"``.
+    llh
+        Also compute each cell's likelihood under the model: the mean zero-truncated-Poisson negative
+        log-likelihood per gene (lower = more typical), as the published ``llh`` output.
+    clip_counts
+        Counts are clipped to this value (after ``normalize_to_scale``). ``None``: no clipping.
+    normalize_to_scale
+        Rescale the counts of each cell's retained genes to this total (off by default).
+    species_embedding
+        For species outside the model's training set: gene-table file(s) in the published HDF5 format,
+        or species names such as ``"mus_musculus"`` (from the ``all-embeddings`` download).
+    duplicate_genes
+        ``"raise"``: duplicate gene ids are an error; ``"first"``: keep the first column of each.
+    filter_to_vocab
+        Drop genes outside the vocabulary (default). Otherwise they enter as the ``unknown`` token.
+    key_added
+        ``obsm`` key of the embedding. The run's parameters go to ``uns["transcriptformer"]`` and the
+        likelihood to ``obs["transcriptformer_llh"]`` for the default key; otherwise to
+        ``uns[key_added]`` and ``obs[f"{key_added}_llh"]``.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    progress
+        Show a progress bar (default: for 2,000 cells or more).
+    cache_dir
+        Where registry downloads are kept (default ``$TRANSCRIPTFORMER_CACHE`` or the user cache).
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` if ``copy=True``, with:
+
+    ``adata.obsm[key_added]`` : :class:`numpy.ndarray` (float32, ``n_obs x embed_dim``)
+        The cell embeddings, in the input's cell order.
+    ``adata.uns["transcriptformer"]["params"]`` : :class:`dict`
+        Model, checkpoint sha256, options and package version.
+    ``adata.uns["transcriptformer"]["llh"]`` and ``adata.obs["transcriptformer_llh"]``
+        With ``llh=True``: the per-cell negative log-likelihood (NaN for cells without any gene of
+        the vocabulary).
+
+    On any error ``adata`` is left unchanged.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import transcriptformer.scanpy as tfs
+    >>> adata = tfs.datasets.tiny_human()
+    >>> tfs.tl.embed(adata, model=tfs.datasets.tiny_model_path())
+    >>> sc.pp.neighbors(adata, use_rep="X_transcriptformer")
+    """
+    _check_adata(adata)
+    loaded = load_model(model, cache_dir=cache_dir)
+    options = TokenizeOptions(
+        gene_key=gene_key,
+        layer=layer,
+        clip_counts=clip_counts,
+        normalize_to_scale=normalize_to_scale,
+        filter_to_vocab=filter_to_vocab,
+        duplicate_genes=duplicate_genes,
+    )
+    run = infer(
+        adata,
+        loaded,
+        tokenize=options,
+        outputs=Outputs(embeddings=True, llh=llh),
+        species_embedding=species_embedding,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        progress=progress,
+        cache_dir=cache_dir,
+    )
+    # everything is computed: only now touch the AnnData
+    if copy:
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
+    uns_key, obs_key = (
+        ("transcriptformer", "transcriptformer_llh") if key_added == "X_transcriptformer" else (key_added, f"{key_added}_llh")
+    )
+    params = _params(run, loaded, options, llh=llh, batch_size=batch_size, max_tokens=run.engine.max_tokens)
+    entry: dict[str, Any] = {"params": params}
+    if llh:
+        entry["llh"] = run.result.llh
+    adata.obsm[key_added] = run.result.embeddings
+    adata.uns[uns_key] = entry
+    if llh:
+        adata.obs[obs_key] = run.result.llh
+    return adata if copy else None
+
+
+#: Alias of :func:`embed`, named after the model like ``sc.tl.umap`` is after its method.
+transcriptformer = embed
+
+
+def contextual_gene_embeddings(
+    adata: AnnData,
+    model: ModelArg = "tf-sapiens",
+    *,
+    genes: Sequence[str] | None = None,
+    gene_key: str | None = "ensembl_id",
+    layer: str | None = None,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    clip_counts: float | None = 30,
+    normalize_to_scale: float | None = None,
+    species_embedding: SpeciesArg = None,
+    duplicate_genes: Literal["raise", "first"] = "raise",
+    progress: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> AnnData:
+    """Contextual gene embeddings: one vector per gene per cell, read at the gene's prediction slot.
+
+    The vector of gene ``g`` in a cell is the model's hidden state at the position where it
+    predicts ``g`` from the genes before it (the published ``--emb-type cge``).
+
+    Parameters
+    ----------
+    adata, model, gene_key, layer, batch_size, max_tokens, device, precision, clip_counts, normalize_to_scale, species_embedding, duplicate_genes, progress, cache_dir
+        As in :func:`embed`.
+    genes
+        Keep only these gene ids (the output for a whole atlas is large: one row per expressed gene
+        per cell).
+
+    Returns
+    -------
+    A new AnnData with one observation per (cell, gene): ``X`` holds the embeddings (float32),
+    ``obs`` has ``cell`` (the input's obs name), ``cell_index`` (its position), ``gene_id`` and
+    ``position`` (slot in the cell's sequence); ``uns["transcriptformer_cge"]["params"]`` the run's
+    parameters. ``adata`` is not modified.
+    """
+    _check_adata(adata)
+    loaded = load_model(model, cache_dir=cache_dir)
+    options = TokenizeOptions(
+        gene_key=gene_key,
+        layer=layer,
+        clip_counts=clip_counts,
+        normalize_to_scale=normalize_to_scale,
+        duplicate_genes=duplicate_genes,
+    )
+    run = infer(
+        adata,
+        loaded,
+        tokenize=options,
+        outputs=Outputs(embeddings=False, cge=True),
+        species_embedding=species_embedding,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        progress=progress,
+        cache_dir=cache_dir,
+    )
+    res = run.result
+    names = run.vocab.names()[res.cge_tokens]
+    cells = res.cge_cell_indices
+    positions = _positions(cells)
+    keep = np.ones(len(cells), dtype=bool) if genes is None else np.isin(names, np.asarray(list(genes), dtype=object))
+    obs = pd.DataFrame(
+        {
+            "cell": pd.Categorical(np.asarray(adata.obs_names)[cells[keep]]),
+            "cell_index": cells[keep],
+            "gene_id": pd.Categorical(names[keep]),
+            "position": positions[keep],
+        }
+    )
+    obs.index = obs.index.astype(str)
+    out = AnnData(X=res.cge_embeddings[keep], obs=obs)
+    out.var_names = [f"tf_{i}" for i in range(out.n_vars)]
+    out.uns["transcriptformer_cge"] = {"params": _params(run, loaded, options, genes=None if genes is None else list(genes))}
+    return out
+
+
+def _positions(cells: np.ndarray) -> np.ndarray:
+    """Rank of each row within its (contiguous) cell."""
+    if len(cells) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.r_[0, np.flatnonzero(np.diff(cells)) + 1]
+    lengths = np.diff(np.r_[starts, len(cells)])
+    return np.arange(len(cells)) - np.repeat(starts, lengths)

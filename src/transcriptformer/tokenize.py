@@ -1,0 +1,418 @@
+"""AnnData -> token windows: the published preprocessing, one window of cells at a time.
+
+For each cell the published pipeline keeps the genes of the vocabulary (dropping the others
+before anything else), orders them *non-zero first, then zero, each group in the data's column
+order* (not by expression), keeps the first ``S``, turns zero counts into ``[PAD]``, optionally
+rescales the counts of the retained slots to a fixed total, and clips counts to
+``clip_counts``. An auxiliary token per cell (the assay) comes from ``obs``.
+
+:func:`prepare_cells` validates an AnnData without reading its whole matrix into memory and
+returns a :class:`CellSource`; :meth:`CellSource.read` tokenises a window of rows. Sparse rows
+are tokenised straight from the CSR structure; dense and backed inputs are read one window at
+a time, so nothing is ever densified whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .vocab import AuxVocab, GeneVocab
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CellSource",
+    "TokenWindow",
+    "TokenizeOptions",
+    "TranscriptFormerWarning",
+    "prepare_cells",
+    "strip_version",
+]
+
+DEFAULT_GENE_KEY = "ensembl_id"
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_SYMBOL = re.compile(r"^[A-Za-z][A-Za-z0-9_\-\.@]{0,14}$")
+
+
+class TranscriptFormerWarning(UserWarning):
+    """Something about the input that the user should look at (results are still computed)."""
+
+
+@dataclass(frozen=True)
+class TokenizeOptions:
+    """How an AnnData is turned into tokens.
+
+    Parameters
+    ----------
+    gene_key
+        ``var`` column with the gene ids (Ensembl ids for the released models); ``None`` uses
+        ``var_names``. When the default column ``"ensembl_id"`` is absent and ``var_names`` look
+        like Ensembl ids, ``var_names`` are used.
+    layer
+        Where counts come from: ``None`` is the published rule (``.raw`` if present, else ``X``);
+        ``"X"``, ``"raw"`` or the name of a layer choose explicitly.
+    clip_counts
+        Counts are clipped to ``[0, clip_counts]`` (after normalisation); ``None`` disables clipping.
+    normalize_to_scale
+        If set, the counts of each cell's retained genes are rescaled to sum to this value.
+    filter_to_vocab
+        Drop genes outside the vocabulary (published default). Without it they are kept as the
+        ``unknown`` token and take sequence slots.
+    duplicate_genes
+        ``"raise"`` (default): duplicate gene ids (after removing version suffixes) are an error;
+        ``"first"``: keep the first column of each id.
+    """
+
+    gene_key: str | None = DEFAULT_GENE_KEY
+    layer: str | None = None
+    clip_counts: float | None = 30.0
+    normalize_to_scale: float | None = None
+    filter_to_vocab: bool = True
+    duplicate_genes: Literal["raise", "first"] = "raise"
+
+    def __post_init__(self) -> None:
+        if self.clip_counts is not None and not self.clip_counts > 0:
+            raise ValueError(f"clip_counts must be positive or None, got {self.clip_counts!r}.")
+        if self.normalize_to_scale is not None and not self.normalize_to_scale >= 0:
+            raise ValueError(f"normalize_to_scale must be positive or None, got {self.normalize_to_scale!r}.")
+        if self.duplicate_genes not in ("raise", "first"):
+            raise ValueError(f"duplicate_genes must be 'raise' or 'first', got {self.duplicate_genes!r}.")
+
+
+@dataclass
+class TokenWindow:
+    """Tokens of a window of consecutive cells ``[start, start + n)``.
+
+    ``tokens``/``counts`` are ``(n, W)`` with ``W = min(max(lengths) + 1, S)``; each cell's
+    ``lengths[i]`` real slots come first, then ``[PAD]`` with count 0.
+    """
+
+    start: int
+    tokens: np.ndarray  # (n, W) int32
+    counts: np.ndarray  # (n, W) float32
+    lengths: np.ndarray  # (n,) int64
+    aux: np.ndarray  # (n, A) int64
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def strip_version(ids: Sequence[Any]) -> np.ndarray:
+    """Cut each id at its first ``.`` (``ENSG00000141510.16`` -> ``ENSG00000141510``); non-strings become ``""``."""
+    return np.asarray([s.split(".", 1)[0] if isinstance(s, str) else "" for s in ids], dtype=object)
+
+
+def _looks_like_ensembl(ids: Sequence[Any], min_fraction: float = 0.5) -> bool:
+    sample = [s for s in list(ids[:2000]) if isinstance(s, str)]
+    return bool(sample) and sum(bool(_ENSEMBL.match(s)) for s in sample) >= min_fraction * len(sample)
+
+
+def _looks_like_symbols(ids: Sequence[str]) -> bool:
+    sample = [s for s in ids[:2000] if s]
+    if not sample:
+        return False
+    symbolic = sum(bool(_SYMBOL.match(s)) and not _ENSEMBL.match(s) and not s.isdigit() for s in sample)
+    return symbolic >= 0.8 * len(sample)
+
+
+def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:
+    """The count matrix, its ``var`` and a label for messages."""
+    if layer is None:
+        if adata.raw is not None:
+            return adata.raw.X, adata.raw.var, "raw.X"
+        return adata.X, adata.var, "X"
+    if layer == "X":
+        if adata.X is None:
+            raise ValueError("adata.X is empty; pass layer=<name> or layer='raw'.")
+        return adata.X, adata.var, "X"
+    if layer == "raw":
+        if adata.raw is None:
+            raise ValueError("layer='raw' but adata.raw is None; pass layer='X' or the name of a layer of counts.")
+        return adata.raw.X, adata.raw.var, "raw.X"
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} not found; adata.layers has {sorted(adata.layers.keys()) or 'no layers'}. "
+            "Pass layer=None (raw if present, else X), 'X', 'raw' or one of those."
+        )
+    return adata.layers[layer], adata.var, f"layers[{layer!r}]"
+
+
+def _gene_ids(var: pd.DataFrame, gene_key: str | None, where: str) -> tuple[np.ndarray, str]:
+    if gene_key is None:
+        return np.asarray(var.index, dtype=object), "var_names"
+    if gene_key in var.columns:
+        return np.asarray(var[gene_key].tolist(), dtype=object), f"var[{gene_key!r}]"
+    if gene_key == DEFAULT_GENE_KEY and _looks_like_ensembl(var.index):
+        logger.info("var has no %r column; using var_names, which look like Ensembl ids.", gene_key)
+        return np.asarray(var.index, dtype=object), "var_names"
+    raise KeyError(
+        f"gene id column {gene_key!r} not found in the var of {where}; its columns are "
+        f"{list(var.columns) or 'none'} and var_names look like {list(var.index[:3])}. "
+        "Pass gene_key=<column with Ensembl ids>, or gene_key=None to use var_names."
+    )
+
+
+def _describe_no_match(ids: np.ndarray, source: str, vocab: GeneVocab, model_name: str) -> str:
+    data_examples = [s for s in ids if s][:3]
+    vocab_examples = list(vocab.genes[:3])
+    msg = (
+        f"none of the {len(ids):,} genes in {source} is in the vocabulary of {model_name} "
+        f"({len(vocab.genes):,} genes). Data ids look like {data_examples}; vocabulary ids look like {vocab_examples}."
+    )
+    if _looks_like_symbols(list(ids)) and _looks_like_ensembl(list(vocab.genes)):
+        msg += (
+            " The data ids look like gene symbols, but the model expects Ensembl gene ids: pass gene_key=<var "
+            "column with Ensembl ids> or map symbols to Ensembl ids first (e.g. with the data's feature table)."
+        )
+    else:
+        msg += " Pass gene_key=<var column holding ids of this kind>, or check the species of the data and the model."
+    return msg
+
+
+def _is_backed_sparse(m: Any) -> bool:
+    return hasattr(m, "format") and not sp.issparse(m) and hasattr(m, "shape") and not isinstance(m, np.ndarray)
+
+
+class CellSource:
+    """An AnnData's counts, validated and ready to be tokenised one window of cells at a time.
+
+    Built by :func:`prepare_cells`; holds references to the data (not copies), so reading a window
+    reads only those rows.
+    """
+
+    def __init__(
+        self,
+        matrix: Any,
+        *,
+        columns: np.ndarray,
+        column_tokens: np.ndarray,
+        aux: np.ndarray,
+        vocab: GeneVocab,
+        seq_len: int,
+        pad_zeros: bool,
+        options: TokenizeOptions,
+        source: str,
+        n_genes: int,
+        n_matched: int,
+        check_values: bool,
+    ):
+        self.matrix = matrix
+        self.columns = columns
+        self.column_tokens = column_tokens.astype(np.int32)
+        self.all_columns = len(columns) == matrix.shape[1] and bool(np.all(columns == np.arange(len(columns))))
+        self.aux = aux
+        self.vocab = vocab
+        self.seq_len = seq_len
+        self.pad_zeros = pad_zeros
+        self.options = options
+        self.source = source
+        self.n_genes = n_genes
+        self.n_matched = n_matched
+        self._check_values = check_values
+        self._checked_raw_counts = False
+
+    @property
+    def n_obs(self) -> int:
+        """Number of cells."""
+        return int(self.matrix.shape[0])
+
+    def _read_block(self, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
+        block = self.matrix[start:stop]
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            if not self.all_columns:
+                block = block[:, self.columns]
+            block.sort_indices()
+            return block
+        block = np.asarray(block)
+        return block if self.all_columns else block[:, self.columns]
+
+    def _check_block(self, values: np.ndarray, start: int) -> None:
+        """Refuse negative / NaN counts (backed data only: in-memory data was checked up front); warn once
+        when the values do not look like raw counts."""
+        if self._check_values:
+            _refuse_bad_values(values, self.source, f" (cells from row {start})")
+        if not self._checked_raw_counts:
+            self._checked_raw_counts = True
+            sample = values[values != 0][:1000]
+            frac = sample[np.abs(sample - np.round(sample)) > 1e-6]
+            if frac.size:
+                warnings.warn(
+                    f"the counts in {self.source} do not look like raw counts (non-integer values such as "
+                    f"{frac[0]:g}). TranscriptFormer was trained on raw UMI counts; pass layer=<layer of raw counts> "
+                    "if you have them.",
+                    TranscriptFormerWarning,
+                    stacklevel=4,
+                )
+
+    def read(self, start: int, stop: int) -> TokenWindow:
+        """Tokenise cells ``[start, stop)``."""
+        block = self._read_block(start, stop)
+        n = block.shape[0]
+        S = self.seq_len
+        if sp.issparse(block):
+            self._check_block(block.data, start)
+            keep = block.data != 0
+            row_of = np.repeat(np.arange(n), np.diff(block.indptr))[keep]
+            cols, vals = block.indices[keep], block.data[keep]
+        else:
+            self._check_block(block.ravel(), start)
+            row_of, cols = np.nonzero(block)
+            vals = block[row_of, cols]
+        # entries are sorted by row, then column: the rank within the row is the sequence slot
+        n_nonzero = np.bincount(row_of, minlength=n)
+        first = np.cumsum(n_nonzero) - n_nonzero
+        slot = np.arange(len(row_of)) - first[row_of]
+        if self.pad_zeros:
+            lengths = np.minimum(n_nonzero, S)
+        else:  # zero-count genes stay as tokens, after the non-zero ones
+            lengths = np.full(n, min(len(self.columns), S), dtype=np.int64)
+        width = max(1, min(int(lengths.max(initial=0)) + 1, S))
+        tokens = np.full((n, width), self.vocab.pad, dtype=np.int32)
+        counts = np.zeros((n, width), dtype=np.float32)
+        fits = slot < width
+        tokens[row_of[fits], slot[fits]] = self.column_tokens[cols[fits]]
+        counts[row_of[fits], slot[fits]] = vals[fits]
+        if not self.pad_zeros:
+            dense = block.toarray() if sp.issparse(block) else block
+            for i in np.flatnonzero(n_nonzero < lengths):
+                zeros = np.flatnonzero(dense[i] == 0)[: lengths[i] - n_nonzero[i]]
+                tokens[i, n_nonzero[i] : lengths[i]] = self.column_tokens[zeros]
+        scale = self.options.normalize_to_scale
+        if scale:
+            total = counts.sum(axis=1, keepdims=True, dtype=np.float32)
+            np.divide(counts, np.where(total > 0, total, 1).astype(np.float32), out=counts)
+            counts *= np.float32(scale)
+        if self.options.clip_counts is not None:
+            np.clip(counts, 0, self.options.clip_counts, out=counts)
+        return TokenWindow(start, tokens, counts, lengths.astype(np.int64), self.aux[start:stop])
+
+
+def _aux_tokens(obs: pd.DataFrame, aux_vocabs: Sequence[AuxVocab], model_name: str) -> np.ndarray:
+    columns = []
+    for voc in aux_vocabs:
+        if voc.column in obs.columns:
+            columns.append(voc.encode(obs[voc.column].tolist()))
+        else:
+            warnings.warn(
+                f"obs has no {voc.column!r} column, which {model_name} uses as an auxiliary token; every cell is "
+                f"treated as {voc.column} 'unknown' (what an unlabelled {voc.column} means to the model). Add "
+                f"adata.obs[{voc.column!r}] with labels such as {sorted(voc.labels)[:3]} to use it.",
+                TranscriptFormerWarning,
+                stacklevel=3,
+            )
+            columns.append(np.full(len(obs), voc.unknown, dtype=np.int64))
+    if not columns:
+        return np.zeros((len(obs), 0), dtype=np.int64)
+    return np.stack(columns, axis=1)
+
+
+def _refuse_bad_values(values: np.ndarray, source: str, where: str = "") -> None:
+    bad = ~(values >= 0)  # negative or NaN
+    if bad.any():
+        v = values[bad].ravel()[0]
+        kind = "NaN values" if np.isnan(v) else f"negative values (e.g. {v:g})"
+        raise ValueError(
+            f"the counts in {source} contain {kind}{where}. TranscriptFormer needs raw, non-negative counts: "
+            "pass layer=<layer of raw counts> (or 'raw')."
+        )
+
+
+def _check_in_memory_values(matrix: Any, columns: np.ndarray, source: str, chunk: int = 4096) -> None:
+    if sp.issparse(matrix):
+        _refuse_bad_values(matrix.data, source)
+    elif isinstance(matrix, np.ndarray):
+        for start in range(0, matrix.shape[0], chunk):
+            _refuse_bad_values(matrix[start : start + chunk, columns], source)
+
+
+def prepare_cells(
+    adata,
+    vocab: GeneVocab,
+    aux_vocabs: Sequence[AuxVocab],
+    *,
+    seq_len: int,
+    pad_zeros: bool = True,
+    options: TokenizeOptions = TokenizeOptions(),
+    model_name: str = "the model",
+) -> CellSource:
+    """Validate an AnnData and map its genes to the vocabulary.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, in memory, a view or backed.
+    vocab, aux_vocabs
+        The model's vocabularies.
+    seq_len
+        Gene slots per cell.
+    pad_zeros
+        Turn zero-count genes into ``[PAD]`` (``data_config.pad_zeros``).
+    options
+        Tokenisation options.
+    model_name
+        Used in messages.
+
+    Returns
+    -------
+    The cells, ready to be read window by window.
+    """
+    matrix, var, source = _select_matrix(adata, options.layer)
+    if matrix is None:
+        raise ValueError(f"adata.{source} is empty.")
+    if matrix.shape[0] != adata.n_obs or matrix.shape[1] != len(var):
+        raise ValueError(f"adata.{source} has shape {matrix.shape}, which does not match obs/var.")
+    raw_ids, id_source = _gene_ids(var, options.gene_key, source)
+    ids = strip_version(raw_ids)
+    first = ~pd.Index(ids).duplicated(keep="first") | (ids == "")
+    if not first.all():
+        dups = pd.unique(ids[~first])
+        if options.duplicate_genes == "raise":
+            raise ValueError(
+                f"{len(dups)} gene id(s) in {id_source} appear more than once after removing version suffixes, "
+                f"e.g. {list(dups[:3])}. Pass duplicate_genes='first' to keep the first column of each."
+            )
+        logger.info("dropping %d duplicate gene column(s), keeping the first of each id.", int((~first).sum()))
+    tokens = vocab.lookup(list(ids))
+    in_vocab = (tokens >= 0) & first
+    n_matched = int(in_vocab.sum())
+    if n_matched == 0:
+        raise ValueError(_describe_no_match(ids, id_source, vocab, model_name))
+    if options.filter_to_vocab:
+        columns = np.flatnonzero(in_vocab)
+    else:
+        columns = np.flatnonzero(first & (ids != ""))
+        tokens = np.where(tokens >= 0, tokens, vocab.unknown)
+    logger.info("matched %s of %s genes to the vocabulary of %s", f"{n_matched:,}", f"{len(ids):,}", model_name)
+    if sp.issparse(matrix) and matrix.format == "csc":
+        logger.info("converting the CSC matrix to CSR for row-wise reading")
+        matrix = matrix.tocsr()
+    backed = not (sp.issparse(matrix) or isinstance(matrix, np.ndarray))
+    if backed and _is_backed_sparse(matrix) and getattr(matrix, "format", "csr") == "csc":
+        logger.warning("the backed matrix is CSC: reading it row by row is slow; store it as CSR for large data.")
+    if not backed:
+        _check_in_memory_values(matrix, columns, source)
+    aux = _aux_tokens(adata.obs, aux_vocabs, model_name)
+    return CellSource(
+        matrix,
+        columns=columns,
+        column_tokens=tokens[columns],
+        aux=aux,
+        vocab=vocab,
+        seq_len=seq_len,
+        pad_zeros=pad_zeros,
+        options=options,
+        source=source,
+        n_genes=len(ids),
+        n_matched=n_matched,
+        check_values=backed,
+    )

@@ -1,0 +1,216 @@
+"""Gene and auxiliary vocabularies, and the ESM2 gene tables they are read from.
+
+A gene table is an HDF5 file with a dataset ``keys`` (gene ids, in vocabulary order) and a
+group ``arrays`` holding one vector per key. The gene vocabulary of a checkpoint is its
+special tokens (in ``special_tokens`` order), then the genes of each table named in
+``esm2_mappings`` (in list order, each file in ``keys`` order), the first occurrence of an id
+winning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AuxVocab", "GeneTable", "GeneVocab", "read_aux_vocab", "read_gene_tables"]
+
+
+@dataclass(frozen=True)
+class GeneTable:
+    """Gene ids and their ESM2 vectors, in file order, duplicates removed (first occurrence wins)."""
+
+    ids: tuple[str, ...]
+    vectors: np.ndarray  # (n, D) float32
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.ids):
+            raise ValueError(f"gene table: {len(self.ids)} ids but vectors of shape {self.vectors.shape}.")
+
+    @property
+    def dim(self) -> int:
+        """Width ``D`` of the gene vectors."""
+        return int(self.vectors.shape[1])
+
+
+def _decode(key: bytes | str) -> str:
+    return key.decode() if isinstance(key, bytes) else str(key)
+
+
+def _read_one_table(path: Path) -> tuple[list[str], np.ndarray]:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable HDF5 gene table: {e}") from None
+    with f:
+        if "keys" not in f or "arrays" not in f:
+            raise ValueError(
+                f"{path} is not a gene table in the published format: expected a dataset 'keys' and a "
+                f"group 'arrays', found {sorted(f.keys())}."
+            )
+        keys = [_decode(k) for k in f["keys"][:]]
+        arrays = f["arrays"]
+        if not keys:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        missing = [k for k in keys[:1000] if k not in arrays]
+        if missing:
+            raise ValueError(f"{path}: 'arrays' has no vector for keys such as {missing[:3]}.")
+        vectors = np.stack([np.asarray(arrays[k][:], dtype=np.float32).reshape(-1) for k in keys])
+    return keys, vectors
+
+
+def read_gene_tables(paths: Iterable[str | Path]) -> GeneTable:
+    """Read gene tables in order and concatenate them; an id seen before keeps its first vector.
+
+    Parameters
+    ----------
+    paths
+        HDF5 gene-table files, in vocabulary order.
+
+    Returns
+    -------
+    The combined table.
+    """
+    ids: list[str] = []
+    vectors: list[np.ndarray] = []
+    seen: set[str] = set()
+    dim = None
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"gene table {path} does not exist.")
+        keys, vecs = _read_one_table(path)
+        if keys:
+            if dim is None:
+                dim = vecs.shape[1]
+            elif vecs.shape[1] != dim:
+                raise ValueError(f"{path}: vectors have width {vecs.shape[1]}, earlier tables have {dim}.")
+        keep = []
+        n_dup = 0
+        for i, k in enumerate(keys):
+            if k in seen:
+                n_dup += 1
+                continue
+            seen.add(k)
+            keep.append(i)
+        if n_dup:
+            logger.info("%s: %d gene id(s) already in an earlier table; keeping the first occurrence.", path.name, n_dup)
+        ids.extend(keys[i] for i in keep)
+        if keep:
+            vectors.append(vecs[keep])
+    if not ids:
+        raise ValueError("the gene tables hold no gene.")
+    return GeneTable(tuple(ids), np.concatenate(vectors).astype(np.float32, copy=False))
+
+
+@dataclass(frozen=True)
+class GeneVocab:
+    """Token ids of a model: special tokens first, then genes.
+
+    Parameters
+    ----------
+    special_tokens
+        Special token names in index order.
+    genes
+        Gene ids in index order (indices start at ``len(special_tokens)``).
+    pad_token
+        Name of the padding token.
+    """
+
+    special_tokens: tuple[str, ...]
+    genes: tuple[str, ...]
+    pad_token: str = "[PAD]"
+    index: Mapping[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = {name: i for i, name in enumerate(self.special_tokens)}
+        offset = len(self.special_tokens)
+        for j, g in enumerate(self.genes):
+            index.setdefault(g, offset + j)
+        object.__setattr__(self, "index", index)
+
+    def __len__(self) -> int:
+        return len(self.special_tokens) + len(self.genes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
+
+    @property
+    def pad(self) -> int:
+        """Index of the padding token."""
+        return self.index[self.pad_token]
+
+    @property
+    def start(self) -> int:
+        """Index of ``[START]``."""
+        return self.index["[START]"]
+
+    @property
+    def end(self) -> int:
+        """Index of ``[END]``."""
+        return self.index["[END]"]
+
+    @property
+    def unknown(self) -> int:
+        """Index of ``unknown``."""
+        return self.index["unknown"]
+
+    @property
+    def n_special(self) -> int:
+        """Number of special tokens."""
+        return len(self.special_tokens)
+
+    def names(self) -> np.ndarray:
+        """All token names in index order."""
+        return np.asarray(list(self.special_tokens) + list(self.genes), dtype=object)
+
+    def lookup(self, ids: Sequence[str], default: int = -1) -> np.ndarray:
+        """Token index of each id, ``default`` where an id is not in the vocabulary."""
+        get = self.index.get
+        return np.fromiter((get(i, default) for i in ids), dtype=np.int64, count=len(ids))
+
+
+@dataclass(frozen=True)
+class AuxVocab:
+    """An auxiliary vocabulary (``<column>_vocab.json``): ``obs`` label -> token index."""
+
+    column: str
+    labels: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        if "unknown" not in self.labels:
+            raise ValueError(f"{self.column}_vocab.json must contain the label 'unknown'.")
+
+    def __len__(self) -> int:
+        return max(self.labels.values()) + 1
+
+    @property
+    def unknown(self) -> int:
+        """Index of the label ``unknown`` (also the index given to labels not in the vocabulary)."""
+        return int(self.labels["unknown"])
+
+    def encode(self, values: Iterable[object]) -> np.ndarray:
+        """Map labels to indices; labels not in the vocabulary and missing values map to ``unknown``."""
+        get = self.labels.get
+        unk = self.unknown
+        return np.fromiter((get(v, unk) if isinstance(v, str) else unk for v in values), dtype=np.int64)
+
+
+def read_aux_vocab(path: str | Path) -> AuxVocab:
+    """Read ``<column>_vocab.json``; indices are taken from the values, not the key order."""
+    path = Path(path)
+    column = path.name.removesuffix("_vocab.json")
+    try:
+        labels = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(labels, dict) or not all(isinstance(v, int) for v in labels.values()):
+        raise ValueError(f"{path} must map labels to integer indices.")
+    return AuxVocab(column, {str(k): int(v) for k, v in labels.items()})
