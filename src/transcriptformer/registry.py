@@ -24,6 +24,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -144,31 +145,59 @@ def _record_hash(root: Path, fname: str, digest: str) -> None:
     _write_json_atomic(path, data)
 
 
+def _refuse(tarball: Path, what: str) -> ValueError:
+    return ValueError(f"refusing to extract {tarball.name}: {what}")
+
+
+def _check_member(m: tarfile.TarInfo, tarball: Path, expected_top: str) -> None:
+    """Raise unless ``m`` stays inside ``expected_top/`` (links included) and is a plain file, folder or link."""
+    name = m.name
+    parts = Path(name).parts
+    if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in parts:
+        raise _refuse(tarball, f"member {name!r} points outside the target folder.")
+    if m.isdev() or m.ischr() or m.isblk() or m.isfifo():
+        raise _refuse(tarball, f"member {name!r} is a device or pipe.")
+    if not parts:  # "." or "./": only harmless as a folder
+        if not m.isdir():
+            raise _refuse(tarball, f"member {name!r} is not a folder.")
+        return
+    if parts[0] != expected_top:
+        raise _refuse(tarball, f"member {name!r} is outside the expected folder {expected_top!r}/.")
+    if m.issym() or m.islnk():
+        if len(parts) == 1:
+            raise _refuse(tarball, f"the folder {expected_top!r} itself is a link.")
+        # a symlink's target is relative to the link's folder, a hard link's to the archive root
+        target = os.path.normpath(os.path.join(os.path.dirname(name), m.linkname)) if m.issym() else m.linkname
+        tparts = Path(target).parts
+        if os.path.isabs(m.linkname) or not tparts or ".." in tparts or tparts[0] != expected_top:
+            raise _refuse(tarball, f"link {name!r} -> {m.linkname!r} points outside the folder {expected_top!r}/.")
+
+
 def _safe_extract(tarball: Path, target: Path, expected_top: str, progress: bool) -> None:
-    """Unpack ``tarball`` into ``target`` refusing anything that would land outside it."""
+    """Unpack ``tarball`` into ``target`` refusing anything that would land outside ``target/expected_top``.
+
+    Raises
+    ------
+    ValueError
+        A member leaves the folder ("refusing ..."), or the archive is damaged or cut short.
+
+    """
     from tqdm.auto import tqdm
 
-    with tarfile.open(tarball, "r:*") as tar:
-        members = tar.getmembers()
-        for m in members:
-            name = m.name
-            parts = Path(name).parts
-            if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in parts:
-                raise ValueError(f"refusing to extract {tarball.name}: member {name!r} points outside the target folder.")
-            if m.issym() or m.islnk():
-                link = Path(os.path.normpath(Path(name).parent / m.linkname)) if m.issym() else Path(m.linkname)
-                if os.path.isabs(m.linkname) or ".." in link.parts:
-                    raise ValueError(
-                        f"refusing to extract {tarball.name}: link {name!r} -> {m.linkname!r} points outside the folder."
-                    )
-            if m.isdev() or m.ischr() or m.isblk() or m.isfifo():
-                raise ValueError(f"refusing to extract {tarball.name}: member {name!r} is a device or pipe.")
-            if parts and parts[0] not in (expected_top, "."):
-                raise ValueError(
-                    f"refusing to extract {tarball.name}: member {name!r} is outside the expected folder {expected_top!r}/."
-                )
-        for m in tqdm(members, desc=f"extracting {tarball.name}", unit="file", disable=not progress):
-            tar.extract(m, target, filter="data")
+    try:
+        with tarfile.open(tarball, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                _check_member(m, tarball, expected_top)
+            for m in tqdm(members, desc=f"extracting {tarball.name}", unit="file", disable=not progress):
+                tar.extract(m, target, filter="data")
+    except tarfile.FilterError as e:  # our checks should have caught it first
+        raise _refuse(tarball, str(e)) from e
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(
+            f"{tarball.name} is not a complete tar.gz archive ({e}); the download was probably cut short. "
+            "Nothing was cached: download it again."
+        ) from e
 
 
 def fetch(
@@ -194,6 +223,7 @@ def fetch(
     Returns
     -------
     The unpacked folder, e.g. ``<cache>/tf_sapiens``.
+
     """
     name = canonical_name(name)
     folder_name = FOLDERS[name]
@@ -206,9 +236,13 @@ def fetch(
     url = base_url() + fname
     logger.info("downloading %s from %s", fname, url)
     downloads = root / ".downloads"
+    tarball = downloads / fname
     known = REGISTRY.get(fname) or _recorded_hash(root, fname)
+    if known is None:
+        # pooch reuses an existing file when it has no hash to check it against: never trust a leftover
+        tarball.unlink(missing_ok=True)
     try:
-        tarball = Path(
+        try:
             pooch.retrieve(
                 url,
                 known_hash=f"sha256:{known}" if known else None,
@@ -216,33 +250,34 @@ def fetch(
                 path=downloads,
                 progressbar=progress,
             )
-        )
-    except ValueError as e:
-        if "hash" in str(e).lower():
-            raise ValueError(
-                f"the downloaded {fname} does not match the sha256 recorded for it ({known}). The file at {url} "
-                f"changed or the download was corrupted. Retry; if the publisher really replaced it, delete "
-                f"{root / KNOWN_HASHES_FILE} (or its {fname!r} entry) and download again."
-            ) from None
-        raise
-    digest = sha256_file(tarball)
-    if known is None:
-        _record_hash(root, fname, digest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}-", dir=root))
-    try:
-        _safe_extract(tarball, tmp, folder_name, progress)
-        unpacked = tmp / folder_name
-        if not unpacked.is_dir():
-            raise ValueError(f"{fname} did not unpack to a folder named {folder_name!r}.")
-        manifest = {"source": url, "tarball_sha256": digest, "files": _hash_tree(unpacked)}
-        if folder.exists():
-            shutil.rmtree(folder)
-        _manifest_path(folder).unlink(missing_ok=True)
-        os.replace(unpacked, folder)
-        _write_json_atomic(_manifest_path(folder), manifest)
+        except ValueError as e:
+            if "hash" in str(e).lower():
+                raise ValueError(
+                    f"the downloaded {fname} does not match the sha256 recorded for it ({known}). The file at "
+                    f"{url} changed or the download was corrupted. Retry; if the publisher really replaced it, "
+                    f"delete {root / KNOWN_HASHES_FILE} (or its {fname!r} entry) and download again."
+                ) from None
+            raise
+        digest = sha256_file(tarball)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}-", dir=root))
+        try:
+            _safe_extract(tarball, tmp, folder_name, progress)
+            unpacked = tmp / folder_name
+            if not unpacked.is_dir():
+                raise ValueError(f"{fname} did not unpack to a folder named {folder_name!r}.")
+            manifest = {"source": url, "tarball_sha256": digest, "files": _hash_tree(unpacked)}
+            if known is None:  # only a download that unpacked cleanly is recorded
+                _record_hash(root, fname, digest)
+            if folder.exists():
+                shutil.rmtree(folder)
+            _manifest_path(folder).unlink(missing_ok=True)
+            os.replace(unpacked, folder)
+            _write_json_atomic(_manifest_path(folder), manifest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    tarball.unlink(missing_ok=True)  # the folder is what is used; its hashes are recorded
+        # the folder is what is used (its hashes are recorded); a tarball that failed must not be reused
+        tarball.unlink(missing_ok=True)
     logger.info("%s ready in %s", name, folder)
     return folder
 
@@ -254,6 +289,7 @@ def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = N
     ------
     ValueError
         A file is missing or differs; the message names it and how to recover.
+
     """
     folder = Path(folder)
     manifest_path = _manifest_path(folder)
@@ -269,6 +305,8 @@ def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = N
         )
         if not path.is_file():
             raise ValueError(f"cached file {path} is missing. {hint}")
+        if rel not in recorded:
+            raise ValueError(f"{path} is not among the files recorded when {folder.name} was downloaded. {hint}")
         digest = sha256_file(path)
         if digest != recorded[rel]:
             raise ValueError(
@@ -280,11 +318,11 @@ def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = N
 def species_table(species: str, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """The gene table of ``species`` (e.g. ``"mus_musculus"``) from the ``all-embeddings`` download."""
     folder = fetch("all-embeddings", cache_dir=cache_dir, progress=progress)
+    have = sorted(p.name.removesuffix("_gene.h5") for p in folder.glob("*_gene.h5"))
     key = species.strip().lower().replace(" ", "_")
-    path = folder / f"{key}_gene.h5"
-    if not path.is_file():
-        have = sorted(p.name.removesuffix("_gene.h5") for p in folder.glob("*_gene.h5"))
+    if key not in have:  # also keeps names such as "../x" from reaching files outside the folder
         raise KeyError(f"no gene table for species {species!r}; available: {', '.join(have)}.")
+    path = folder / f"{key}_gene.h5"
     verify_checkpoint(folder, [path.name])
     return path
 
@@ -295,6 +333,7 @@ def available(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     Returns
     -------
     One row per name: ``description``, ``url``, ``cached`` (bool), ``path`` (the folder, if cached).
+
     """
     root = cache_path(cache_dir)
     rows = []

@@ -1,0 +1,664 @@
+"""Throughput, efficiency, memory and agreement of the inference engine; prints a table, writes JSON.
+
+Workload (a), CPU float32 (``--device cpu``, the default): a random checkpoint of the ``medium``
+shape (E=256, F=1024, L=4, H=8, S=2047, ESM width 2560, 20,000 genes) on ``--cells`` synthetic cells
+with realistic lengths (``synthetic.py``). Configurations, each in a fresh subprocess so that peak
+RSS is per configuration:
+
+* ``engine``        -- our engine as shipped (chunked attention, length-sorted batches under a token
+  budget, batches trimmed to their longest cell, only the heads asked for): embeddings only;
+* ``engine+llh``    -- the same, embeddings and likelihood;
+* ``naive``         -- our own code configured like the published implementation: every cell padded
+  to ``seq_len``, fixed batches of 8 in input order, dense attention (materialises the score matrix
+  like the published eager flex_attention), and the count head and gene-id head computed for every
+  batch (``Outputs(embeddings, llh, gene_llh)``);
+* ``published``     -- with ``--published-cli PYTHON``: the published ``transcriptformer inference``
+  (0.6.1) of another venv (see PUBLISHED.md), ``--precision 32 --batch-size 8 --device cpu``.
+
+Reported: cells/s, real tokens/s, achieved FLOP/s on the FLOPs the cells need
+(``engine.estimate_flops`` on real tokens, no padding), the fp32 matmul rate measured in the same run,
+their ratio, peak RSS, and max |diff| / cosine of the embeddings between configurations.
+
+Workload (b), CUDA (``--device cuda``): a random checkpoint of the TF-Sapiens shape (E=F=2048, L=12,
+H=16, S=2047, D=2560, V=23,830), created on the machine in a temp dir, in bf16 with attention
+``auto`` (flex) and ``chunked``: cells/s, tokens/s, FLOP/s against a measured bf16 matmul rate, peak
+GPU memory, bf16-vs-fp32 embedding deviation on a subset; and fp32 CUDA-vs-CPU agreement for the
+packaged tiny checkpoint. Needs only torch, numpy, scipy, pandas, h5py and tqdm (anndata is not needed
+there). One command::
+
+    PYTHONPATH=src python benchmarks/bench.py --device cuda --json $OUT/gpu.json
+
+``--smoke`` shrinks every size and runs both workloads' code paths on the CPU in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT_DIR = HERE / "out"
+sys.path.insert(0, str(HERE))
+if (ROOT / "src").is_dir():
+    sys.path.insert(0, str(ROOT / "src"))
+
+import make_checkpoint as mc  # noqa: E402
+import synthetic  # noqa: E402
+
+
+def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        info["cpu_simd"] = sorted({f for f in flags.split() if f.startswith(("avx512f", "avx2", "amx", "avx512_bf16"))})
+    except (OSError, StopIteration):
+        pass
+    try:
+        info["mem_total_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_mem_gb=round(p.total_memory / 2**30, 1), gpu_sms=p.multi_processor_count,
+                    cuda=torch.version.cuda)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# matmul reference rates
+
+
+def matmul_rate(m: int, k: int, n: int, *, dtype: str = "float32", device: str = "cpu", reps: int = 10) -> dict:
+    """Median FLOP/s of ``(m,k) @ (k,n)`` (``torch.mm`` into a preallocated output)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(device=device, dtype=dt)
+    b = torch.randn(k, n, generator=g).to(device=device, dtype=dt)
+    c = torch.empty(m, n, device=device, dtype=dt)
+    times = []
+    if device.startswith("cuda"):
+        for _ in range(3):
+            torch.mm(a, b, out=c)
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            torch.mm(a, b, out=c)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+    else:
+        for _ in range(2):
+            torch.mm(a, b, out=c)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            times.append(time.perf_counter() - t0)
+    med = float(np.median(times))
+    return {"shape": [m, k, n], "dtype": dtype, "median_s": med, "flops_per_s": 2.0 * m * k * n / med,
+            "threads": torch.get_num_threads()}
+
+
+def cpu_matmul_reference(smoke: bool, E: int, F: int, D: int) -> dict:
+    """fp32 CPU matmul rates: a 2048^3 square and the model's own GEMM shapes (8192 tokens)."""
+    reps = 3 if smoke else 10
+    sq = 512 if smoke else 2048
+    tok = 1024 if smoke else 8192
+    res = {
+        "square": matmul_rate(sq, sq, sq, reps=reps),
+        "ffn_up": matmul_rate(tok, E, F, reps=reps),  # tokens x E @ E x F
+        "gene_mlp": matmul_rate(tok, D, E, reps=reps),  # tokens x D @ D x E
+    }
+    res["reference_flops_per_s"] = max(v["flops_per_s"] for v in res.values() if isinstance(v, dict))
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# workload (a): one configuration per subprocess
+
+
+def _naive_engine_class():
+    from transcriptformer.engine import Engine
+
+    class NaiveEngine(Engine):
+        """Our code run like the published implementation: pad to seq_len, batches of 8 in input order."""
+
+        naive_batch = 8
+
+        def _width(self, longest: int) -> int:
+            return self.loaded.seq_len
+
+        def plan_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
+            n = len(lengths)
+            return [np.arange(i, min(i + self.naive_batch, n)) for i in range(0, n, self.naive_batch)]
+
+    return NaiveEngine
+
+
+def _flops(n_genes: np.ndarray, loaded, llh: bool) -> tuple[int, float]:
+    from transcriptformer.engine import estimate_flops
+
+    tokens = np.minimum(n_genes + 1, loaded.seq_len)  # START + genes, at most S slots
+    return int(tokens.sum()), float(estimate_flops(tokens, loaded, llh=llh))
+
+
+def worker_engine(spec: dict) -> dict:
+    """Run one configuration of our engine over the first ``cells`` cells of ``data``."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    import anndata as ad
+
+    from transcriptformer.checkpoint import build_model
+    from transcriptformer.engine import Engine, Outputs
+    from transcriptformer.tokenize import prepare_cells
+
+    t0 = time.perf_counter()
+    loaded = build_model(spec["checkpoint"])
+    t_load = time.perf_counter() - t0
+    adata = ad.read_h5ad(spec["data"])
+    adata = adata[: spec["cells"]]
+    source = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
+    naive = spec["mode"] == "naive"
+    cls = _naive_engine_class() if naive else Engine
+    kwargs = dict(device="cpu", precision="32", attention=spec.get("attention", "auto"), progress=False)
+    if spec.get("max_tokens"):
+        kwargs["max_tokens"] = spec["max_tokens"]
+    engine = cls(loaded, **kwargs)
+    outputs = Outputs(embeddings=True, llh=spec.get("llh", False), gene_llh=spec.get("gene_llh", False))
+    # warm-up on a few cells (not timed)
+    warm = prepare_cells(adata[: min(4, spec["cells"])], loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
+    engine.run(warm, outputs)
+    rss_before = _peak_rss_mb()
+    res = engine.run(source, outputs)
+    n_tokens, flops = _flops(res.n_genes, loaded, llh=spec.get("llh", False))
+    np.savez(spec["out"], embeddings=res.embeddings, llh=res.llh if res.llh is not None else np.zeros(0),
+             n_genes=res.n_genes)
+    return {
+        "config": spec["name"],
+        "cells": int(source.n_obs),
+        "seconds": res.seconds,
+        "load_seconds": t_load,
+        "cells_per_s": source.n_obs / res.seconds,
+        "tokens": n_tokens,
+        "tokens_per_s": n_tokens / res.seconds,
+        "model_flops": flops,
+        "flops_per_s": flops / res.seconds,
+        "stats": res.stats,
+        "attention": engine.attention,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb_after_load": rss_before,
+    }
+
+
+def worker_published(spec: dict) -> dict:
+    """Run the published CLI (another venv) once; wall time, peak RSS of that process, embeddings."""
+    py = spec["python"]
+    exe = Path(py).with_name("transcriptformer")
+    cmd = [str(exe)] if exe.exists() else [py, "-c", "from transcriptformer.cli import main; main()"]
+    work = Path(tempfile.mkdtemp(prefix="tf-published-", dir=spec.get("tmp")))
+    cmd += [
+        "inference", "--checkpoint-path", spec["checkpoint"], "--data-file", spec["data"],
+        "--batch-size", "8", "--precision", "32", "--device", "cpu",
+        "--output-path", str(work), "--output-filename", "out.h5ad",
+    ]
+    if not spec.get("compile", False):
+        cmd.append("--disable-compile-block-mask")
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"published CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    import h5py
+
+    with h5py.File(work / "out.h5ad", "r") as f:
+        emb = f["obsm"]["embeddings"][:]
+    np.savez(spec["out"], embeddings=emb.astype(np.float32))
+    return {
+        "config": spec["name"],
+        "cells": int(emb.shape[0]),
+        "wall_seconds": wall,
+        "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
+        "command": " ".join(cmd),
+        "compile_block_mask": bool(spec.get("compile", False)),
+    }
+
+
+def run_worker(spec: dict, timeout: float | None = None) -> dict:
+    """Run ``spec`` in a fresh Python process; returns its JSON result."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec['name']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    if a.ndim == 1:
+        ok = np.isfinite(a) & np.isfinite(b)
+        d = np.abs(a[ok] - b[ok])
+        return {"n": int(n), "max_abs": float(d.max(initial=0)),
+                "max_rel": float((d / np.maximum(np.abs(b[ok]), 1e-30)).max(initial=0)),
+                "nan_mismatch": int((np.isfinite(a) != np.isfinite(b)).sum())}
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return {"n": int(n), "max_abs": float(np.abs(a - b).max(initial=0)),
+            "max_abs_ref": float(np.abs(b).max(initial=0)),
+            "cos_min": float(cos.min(initial=1)), "cos_mean": float(cos.mean()) if n else 1.0}
+
+
+def workload_a(args, report: dict, save) -> None:
+    shape = mc.PRESETS["smoke" if args.smoke else "medium"]
+    ckpt = mc.ensure_checkpoint(Path(args.outdir) / f"ckpt_{'smoke' if args.smoke else 'medium'}", shape)
+    ids = mc.gene_ids(shape.n_genes)
+    n_cells = args.cells
+    n_naive = min(args.naive_cells or n_cells, n_cells)
+    prof = synthetic.Profile(median_genes=120, small_median=40, min_genes=5) if args.smoke else synthetic.Profile()
+    data = Path(args.outdir) / f"data_a_{'smoke' if args.smoke else 'medium'}_{n_cells}_s{args.seed}.h5ad"
+    if not data.exists():
+        synthetic.write_h5ad_chunked(data, n_cells, ids, seed=args.seed, profile=prof, verbose=False)
+    import anndata as ad
+
+    X = ad.read_h5ad(data).X
+    rep = report.setdefault("workload_a", {})
+    rep.update({"checkpoint": str(ckpt), "shape": mc.asdict(shape), "data": str(data),
+                "data_stats": synthetic.describe(X), "cells": n_cells, "naive_cells": n_naive})
+    rep["matmul"] = cpu_matmul_reference(args.smoke, shape.E, shape.F, shape.D)
+    save()
+    tmp = Path(tempfile.mkdtemp(prefix="tf-bench-", dir=args.outdir))
+    configs = [
+        dict(name="engine", mode="engine", cells=n_cells),
+        dict(name="engine+llh", mode="engine", cells=n_cells, llh=True),
+    ]
+    if not args.skip_naive:
+        configs.append(dict(name="naive", mode="naive", cells=n_naive, llh=True, gene_llh=True, attention="dense"))
+    results = rep.setdefault("configs", {})
+    for c in configs:
+        spec = dict(c, checkpoint=str(ckpt), data=str(data), out=str(tmp / f"{c['name']}.npz"), threads=args.threads)
+        print(f"[a] {c['name']} on {c['cells']} cells ...", file=sys.stderr, flush=True)
+        results[c["name"]] = run_worker(spec)
+        results[c["name"]]["npz"] = spec["out"]
+        save()
+    if args.published_cli:
+        for label, cells in (("published", n_cells), ("published_startup", 8)):
+            if label == "published_startup" and n_cells <= 8:
+                continue
+            pdata = data
+            if cells != n_cells:
+                pdata = Path(args.outdir) / f"data_a_{'smoke' if args.smoke else 'medium'}_{cells}_s{args.seed}.h5ad"
+                if not pdata.exists():
+                    synthetic.write_h5ad_chunked(pdata, cells, ids, seed=args.seed, profile=prof, verbose=False)
+            spec = dict(name=label, python=args.published_cli, checkpoint=str(ckpt), data=str(pdata),
+                        out=str(tmp / f"{label}.npz"), threads=args.threads, tmp=str(tmp),
+                        compile=args.published_compile)
+            print(f"[a] {label} (published CLI) on {cells} cells ...", file=sys.stderr, flush=True)
+            results[label] = run_worker(spec)
+            results[label]["npz"] = spec["out"]
+            save()
+        p = results["published"]
+        p["cells_per_s_wall"] = p["cells"] / p["wall_seconds"]
+        if "published_startup" in results:
+            # wall(N) = startup + N * t_cell, wall(8) = startup + 8 * t_cell
+            s = results["published_startup"]
+            t_cell = (p["wall_seconds"] - s["wall_seconds"]) / (p["cells"] - s["cells"])
+            p["startup_seconds_est"] = s["wall_seconds"] - s["cells"] * t_cell
+            p["seconds_excl_startup_est"] = p["cells"] * t_cell
+            p["cells_per_s"] = 1.0 / t_cell if t_cell > 0 else float("nan")
+        else:
+            p["cells_per_s"] = p["cells_per_s_wall"]
+        loaded_tokens = results["engine"]["tokens"] * p["cells"] / results["engine"]["cells"]
+        p["flops_per_s"] = results["engine"]["model_flops"] / results["engine"]["cells"] * p["cells_per_s"]
+        p["tokens_per_s"] = loaded_tokens / p["cells"] * p["cells_per_s"]
+    # derived numbers and agreement
+    ref = rep["matmul"]["reference_flops_per_s"]
+    for r in results.values():
+        if "flops_per_s" in r:
+            r["fraction_of_matmul"] = r["flops_per_s"] / ref
+            r["fraction_of_square_matmul"] = r["flops_per_s"] / rep["matmul"]["square"]["flops_per_s"]
+    if "naive" in results:
+        # the naive configuration's useful work is the embedding (what the user asked for)
+        nv = results["naive"]
+        nv["useful_flops_per_s"] = results["engine"]["model_flops"] / results["engine"]["cells"] * nv["cells_per_s"]
+        nv["fraction_of_matmul_useful"] = nv["useful_flops_per_s"] / ref
+    arrays = {k: np.load(v["npz"]) for k, v in results.items() if "npz" in v}
+    agree = rep.setdefault("agreement", {})
+    e = arrays["engine"]
+    agree["engine+llh_vs_engine_embeddings"] = compare(arrays["engine+llh"]["embeddings"], e["embeddings"])
+    if "naive" in arrays:
+        agree["engine_vs_naive_embeddings"] = compare(e["embeddings"], arrays["naive"]["embeddings"])
+        agree["engine_vs_naive_llh"] = compare(arrays["engine+llh"]["llh"], arrays["naive"]["llh"])
+    if "published" in arrays:
+        agree["engine_vs_published_embeddings"] = compare(e["embeddings"], arrays["published"]["embeddings"])
+        if "naive" in arrays:
+            agree["naive_vs_published_embeddings"] = compare(arrays["naive"]["embeddings"], arrays["published"]["embeddings"])
+    # targets
+    tg = rep.setdefault("targets", {})
+    eng = results["engine"]
+    tg["fraction_of_matmul_engine"] = eng["fraction_of_matmul"]
+    tg["fraction_of_matmul_met_40pct"] = eng["fraction_of_matmul"] >= 0.40
+    if "published" in results:
+        tg["speedup_vs_published_steady"] = eng["cells_per_s"] / results["published"]["cells_per_s"]
+        tg["speedup_vs_published_wall"] = eng["cells_per_s"] / results["published"]["cells_per_s_wall"]
+        tg["speedup_met_5x"] = tg["speedup_vs_published_steady"] >= 5
+        tg["identical_to_published_1e-5"] = agree["engine_vs_published_embeddings"]["max_abs"] <= 1e-5
+    if "naive" in results:
+        tg["speedup_vs_naive"] = eng["cells_per_s"] / results["naive"]["cells_per_s"]
+        tg["identical_to_naive_1e-5"] = agree["engine_vs_naive_embeddings"]["max_abs"] <= 1e-5
+    save()
+
+
+# ------------------------------------------------------------------------------------------------
+# workload (b): the TF-Sapiens shape on CUDA (or on the CPU at tiny size for --smoke)
+
+
+def _result_arrays(res):
+    return {"embeddings": res.embeddings, "llh": res.llh}
+
+
+def workload_b(args, report: dict, save) -> None:
+    import torch
+
+    from transcriptformer.checkpoint import build_model
+    from transcriptformer.engine import Engine, Outputs
+    from transcriptformer.tokenize import prepare_cells
+
+    dev = "cuda" if (args.device == "cuda" and not args.smoke) else "cpu"
+    if args.device == "cuda" and args.smoke and torch.cuda.is_available():
+        dev = "cuda"
+    t_start = time.perf_counter()
+    budget = args.gpu_budget_s
+
+    def left() -> float:
+        return budget - (time.perf_counter() - t_start)
+
+    # fp32 means fp32 (no TF32) unless asked otherwise
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rep = report.setdefault("workload_b", {"device": dev})
+    rep["skipped"] = []
+    # 1. matmul reference
+    if dev == "cuda":
+        rep["matmul_bf16"] = matmul_rate(8192, 8192, 8192, dtype="bfloat16", device=dev, reps=10)
+        rep["matmul_fp32"] = matmul_rate(8192, 8192, 8192, dtype="float32", device=dev, reps=5)
+        rep["matmul_bf16_model_shape"] = matmul_rate(131072, 2048, 2048, dtype="bfloat16", device=dev, reps=5)
+    else:
+        rep["matmul_bf16"] = matmul_rate(512, 512, 512, dtype="bfloat16", device=dev, reps=3)
+        rep["matmul_fp32"] = matmul_rate(512, 512, 512, dtype="float32", device=dev, reps=3)
+    save()
+
+    # 2. tiny checkpoint: fp32 on the device (each backend) vs fp32 chunked on the CPU
+    tiny_path = ROOT / "src" / "transcriptformer" / "_data" / "tf_tiny"
+    tiny = build_model(tiny_path)
+    tprof = synthetic.Profile(median_genes=45, sigma=0.4, small_median=12, min_genes=1)
+    tids = list(tiny.vocab.genes)
+    tad = synthetic.MiniAnnData(synthetic.synthetic_counts(64, len(tids), seed=args.seed, profile=tprof),
+                                synthetic.synthetic_obs(64, args.seed), synthetic.synthetic_var(tids))
+    tsrc = prepare_cells(tad, tiny.vocab, tiny.aux_vocabs, seq_len=tiny.seq_len)
+    outs = Outputs(embeddings=True, llh=True, gene_llh=True)
+    cpu_ref = Engine(tiny, device="cpu", precision="32", attention="chunked", progress=False).run(tsrc, outs)
+    tiny_rep = rep.setdefault("tiny_fp32_vs_cpu", {})
+    for att in ("chunked", "dense", "flex", "auto"):
+        if dev == "cpu" and att == "flex":
+            continue
+        try:
+            r = Engine(tiny, device=dev, precision="32", attention=att, progress=False).run(tsrc, outs)
+            tiny_rep[att] = {
+                "attention": r.stats["attention"],
+                "embeddings": compare(r.embeddings, cpu_ref.embeddings),
+                "llh": compare(r.llh, cpu_ref.llh),
+                "gene_llh_max_abs": float(np.abs(r.gene_llh - cpu_ref.gene_llh).max()),
+            }
+        except Exception as e:  # noqa: BLE001 - report, go on
+            tiny_rep[att] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    save()
+
+    # 3. the Sapiens-shape checkpoint, created here (temp dir)
+    shape = mc.PRESETS["smoke_sapiens" if args.smoke else "sapiens"]
+    tmp = Path(tempfile.mkdtemp(prefix="tf-sapiens-"))
+    t0 = time.perf_counter()
+    mc.make_checkpoint(tmp / "ckpt", shape, device=dev, verify=False)
+    rep["checkpoint_write_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loaded = build_model(tmp / "ckpt")
+    loaded.on(dev)
+    rep["checkpoint_load_seconds"] = time.perf_counter() - t0
+    rep["shape"] = mc.asdict(shape)
+    n = args.gpu_cells if not args.smoke else 24
+    t0 = time.perf_counter()
+    prof = synthetic.Profile(median_genes=120, small_median=40, min_genes=5) if args.smoke else synthetic.Profile()
+    ids = mc.gene_ids(shape.n_genes)
+    adata = synthetic.MiniAnnData(synthetic.synthetic_counts(n, len(ids), seed=args.seed, profile=prof),
+                                  synthetic.synthetic_obs(n, args.seed), synthetic.synthetic_var(ids))
+    rep["data_seconds"] = time.perf_counter() - t0
+    rep["data_stats"] = synthetic.describe(adata.X)
+    source = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
+    save()
+
+    ref_flops = rep["matmul_bf16"]["flops_per_s"]
+    runs = rep.setdefault("configs", {})
+    embs = {}
+    for att in ("auto", "chunked"):
+        name = f"bf16_{att}"
+        if left() < 60:
+            rep["skipped"].append(name)
+            continue
+        try:
+            eng = Engine(loaded, device=dev, precision="bf16", attention=att, progress=False)
+            plan_shapes = set()
+            lengths = np.diff(adata.X.indptr).clip(max=loaded.seq_len)
+            for b in eng.plan_batches(lengths):
+                plan_shapes.add((len(b), eng._width(int(lengths[b].max()))))
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            cold = eng.run(source, Outputs(embeddings=True))
+            entry = {"attention": eng.attention, "cold_seconds": cold.seconds, "distinct_batch_shapes": len(plan_shapes),
+                     "n_batches": len(eng.plan_batches(lengths)), "max_tokens": eng.max_tokens}
+            if dev == "cuda":
+                entry["peak_gpu_mem_gb_cold"] = torch.cuda.max_memory_allocated() / 2**30
+            runs[name] = entry
+            save()
+            if left() < cold.seconds * 1.3 + 30:
+                entry["warm"] = "skipped (time budget)"
+                res = cold
+            else:
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                res = eng.run(source, Outputs(embeddings=True))
+            n_tokens, flops = _flops(res.n_genes, loaded, llh=False)
+            entry.update({
+                "seconds": res.seconds, "cells": n, "cells_per_s": n / res.seconds, "tokens": n_tokens,
+                "tokens_per_s": n_tokens / res.seconds, "model_flops": flops, "flops_per_s": flops / res.seconds,
+                "fraction_of_bf16_matmul": flops / res.seconds / ref_flops, "stats": res.stats,
+            })
+            if dev == "cuda":
+                entry["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            embs[name] = res.embeddings
+        except Exception as e:  # noqa: BLE001
+            runs[name] = {"error": f"{type(e).__name__}: {e}"[:3000]}
+        save()
+
+    # 4. bf16 vs fp32 on a subset
+    k = min(args.fp32_cells if not args.smoke else 8, n)
+    if left() > 40 and embs:
+        sub_ad = synthetic.MiniAnnData(adata.X[:k], adata.obs.iloc[:k], adata.var)
+        sub = prepare_cells(sub_ad, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
+        r32 = Engine(loaded, device=dev, precision="32", attention="chunked", progress=False).run(sub, Outputs(embeddings=True))
+        dev_rep = rep.setdefault("bf16_vs_fp32", {"cells": k, "fp32_seconds": r32.seconds})
+        for name, e in embs.items():
+            dev_rep[name] = compare(e[:k], r32.embeddings)
+        if "bf16_auto" in embs and "bf16_chunked" in embs:
+            dev_rep["auto_vs_chunked_bf16"] = compare(embs["bf16_auto"], embs["bf16_chunked"])
+    else:
+        rep["skipped"].append("bf16_vs_fp32")
+    rep["total_seconds"] = time.perf_counter() - t_start
+    save()
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(x, spec=".3g"):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def print_table(report: dict) -> None:
+    a = report.get("workload_a")
+    if a:
+        mm = a["matmul"]
+        print(f"\nWorkload (a): {a['shape']['E']}/{a['shape']['F']}/L{a['shape']['L']}/S{a['shape']['seq_len']} checkpoint, "
+              f"{a['cells']} cells (median {a['data_stats']['expressed_median']:.0f} genes), CPU fp32, "
+              f"{mm['square']['threads']} threads")
+        print(f"  fp32 matmul: square {mm['square']['flops_per_s'] / 1e9:.1f} GFLOP/s, ffn-shape "
+              f"{mm['ffn_up']['flops_per_s'] / 1e9:.1f}, gene-mlp-shape {mm['gene_mlp']['flops_per_s'] / 1e9:.1f}; "
+              f"reference {mm['reference_flops_per_s'] / 1e9:.1f} GFLOP/s")
+        hdr = f"  {'config':<18}{'cells':>6}{'sec':>9}{'cells/s':>9}{'tok/s':>10}{'GFLOP/s':>9}{'%matmul':>8}{'RSS MB':>8}"
+        print(hdr)
+        for name, r in a.get("configs", {}).items():
+            sec = r.get("seconds", r.get("wall_seconds"))
+            frac = r.get("fraction_of_matmul", r.get("fraction_of_matmul_useful"))
+            gf = r.get("flops_per_s", r.get("useful_flops_per_s"))
+            print(f"  {name:<18}{r['cells']:>6}{_fmt(sec, '.1f'):>9}{_fmt(r.get('cells_per_s'), '.2f'):>9}"
+                  f"{_fmt(r.get('tokens_per_s'), '.0f'):>10}{_fmt(gf / 1e9 if gf else None, '.1f'):>9}"
+                  f"{_fmt(100 * frac if frac else None, '.1f'):>8}{_fmt(r.get('peak_rss_mb'), '.0f'):>8}")
+        for k, v in a.get("agreement", {}).items():
+            print(f"  {k}: " + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in v.items()))
+        for k, v in a.get("targets", {}).items():
+            print(f"  target {k}: {_fmt(v)}")
+    b = report.get("workload_b")
+    if b:
+        print(f"\nWorkload (b) on {b['device']}: bf16 matmul {b['matmul_bf16']['flops_per_s'] / 1e12:.1f} TFLOP/s, "
+              f"fp32 {b['matmul_fp32']['flops_per_s'] / 1e12:.2f} TFLOP/s")
+        for name, r in b.get("configs", {}).items():
+            if "error" in r:
+                print(f"  {name}: ERROR {r['error'][:300]}")
+                continue
+            print(f"  {name:<14} attention={r.get('attention')} cells={r.get('cells')} sec={_fmt(r.get('seconds'), '.2f')} "
+                  f"(cold {_fmt(r.get('cold_seconds'), '.1f')}) cells/s={_fmt(r.get('cells_per_s'), '.1f')} "
+                  f"tok/s={_fmt(r.get('tokens_per_s'), '.3g')} TFLOP/s={_fmt((r.get('flops_per_s') or 0) / 1e12, '.1f')} "
+                  f"({_fmt(100 * (r.get('fraction_of_bf16_matmul') or 0), '.1f')}% of bf16 matmul) "
+                  f"peak GPU {_fmt(r.get('peak_gpu_mem_gb'), '.1f')} GB, shapes={r.get('distinct_batch_shapes')}")
+        for k, v in b.get("bf16_vs_fp32", {}).items():
+            print(f"  bf16 vs fp32 {k}: {v}")
+        for k, v in b.get("tiny_fp32_vs_cpu", {}).items():
+            print(f"  tiny fp32 {b['device']} vs cpu [{k}]: {v}")
+        if b.get("skipped"):
+            print(f"  skipped: {b['skipped']}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--cells", type=int, default=256, help="cells for workload (a)")
+    p.add_argument("--naive-cells", type=int, help="cells for the naive configuration (default: --cells)")
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--published-cli", metavar="PYTHON", help="python of a venv with the published transcriptformer 0.6.1")
+    p.add_argument("--published-compile", action="store_true", help="let the published CLI compile flex_attention")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    p.add_argument("--gpu-cells", type=int, default=4096, help="cells for workload (b)")
+    p.add_argument("--fp32-cells", type=int, default=256, help="cells for the bf16-vs-fp32 comparison")
+    p.add_argument("--gpu-budget-s", type=float, default=420.0, help="stop starting new GPU steps after this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes; runs both workloads' code on the CPU")
+    p.add_argument("--outdir", default=str(OUT_DIR))
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._worker:
+        spec = json.loads(args._worker)
+        fn = worker_published if spec["name"].startswith("published") else worker_engine
+        print(json.dumps(_jsonable(fn(spec))))
+        return
+    if args.published_cli:
+        args.published_cli = os.path.abspath(args.published_cli)  # not resolve(): keep the venv's symlink
+    if args.smoke:
+        args.cells = min(args.cells, 16)
+        args.gpu_budget_s = min(args.gpu_budget_s, 120)
+    Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {"machine": machine_info(), "args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(_jsonable(report), indent=1))
+
+    t0 = time.perf_counter()
+    if args.device == "cpu" or args.smoke:
+        workload_a(args, report, save)
+    if args.device == "cuda" or args.smoke:
+        workload_b(args, report, save)
+    report["total_seconds"] = time.perf_counter() - t0
+    save()
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()

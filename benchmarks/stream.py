@@ -1,0 +1,226 @@
+"""Memory and time scaling of embedding backed h5ad files (CPU): is peak RSS bounded, is time/cell flat?
+
+For each size (default 10k, 50k, 200k cells) a synthetic h5ad is written in chunks
+(``synthetic.write_h5ad_chunked``; never held in memory), then embedded in a fresh subprocess from
+``anndata.read_h5ad(path, backed="r")`` with either
+
+* ``--mode embed`` (default): ``transcriptformer.scanpy.tl.embed(adata, model=<checkpoint>)``, the
+  public API (the embeddings, ``n_obs x E`` float32, are held in memory and written to ``obsm``), or
+* ``--mode memmap``: ``Engine.run(..., embeddings_out=np.memmap)`` (nothing of size ``n_obs`` in memory).
+
+Each worker reports its peak RSS (``getrusage``), an RSS trace sampled every 0.25 s, the wall time,
+and the time of every window of cells (from the timestamps at which the engine asks for windows), so
+that flatness of time/cell is visible within a run as well as across sizes.
+
+The model is small (``stream`` preset: E=32, F=64, L=1, H=2, D=16) but has the released sequence
+length 2047 and a 20,000-gene vocabulary, so tokenisation, batching and I/O are those of a real run
+while the arithmetic stays affordable on a 2-core CPU. ``--scale-genes`` shrinks the number of
+expressed genes per cell (default 0.2: median ~300) to make 200k cells finish in minutes; the
+data pipeline (reading CSR rows, tokenising, windows) is exercised all the same.
+
+Usage::
+
+    python benchmarks/stream.py --json benchmarks/out/stream.json
+    python benchmarks/stream.py --probe 2000        # measure cells/s on 2k cells first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT_DIR = HERE / "out"
+sys.path.insert(0, str(HERE))
+if (ROOT / "src").is_dir():
+    sys.path.insert(0, str(ROOT / "src"))
+
+import make_checkpoint as mc  # noqa: E402
+import synthetic  # noqa: E402
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+    t_start = time.perf_counter()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append((time.perf_counter() - t_start, _rss_mb()))
+            stop.wait(0.25)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    import anndata as ad
+
+    import transcriptformer
+    from transcriptformer import tokenize as tk
+
+    reads: list[tuple[float, int, int]] = []
+    orig_read = tk.CellSource.read
+
+    def timed_read(self, start, stop_):
+        reads.append((time.perf_counter() - t_start, int(start), int(stop_)))
+        return orig_read(self, start, stop_)
+
+    tk.CellSource.read = timed_read
+    rss_import = _rss_mb()
+    loaded = transcriptformer.load_model(spec["checkpoint"])
+    rss_model = _rss_mb()
+    adata = ad.read_h5ad(spec["data"], backed="r")
+    n = adata.n_obs
+    t0 = time.perf_counter()
+    if spec["mode"] == "embed":
+        import transcriptformer.scanpy as tfs
+
+        tfs.tl.embed(adata, model=loaded, device="cpu", progress=False)
+        emb = adata.obsm["X_transcriptformer"]
+    else:
+        from transcriptformer.engine import Engine, Outputs
+        from transcriptformer.tokenize import prepare_cells
+
+        source = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
+        out = np.lib.format.open_memmap(spec["memmap"], mode="w+", dtype=np.float32, shape=(n, loaded.embed_dim))
+        Engine(loaded, device="cpu", progress=False).run(source, Outputs(embeddings=True), embeddings_out=out)
+        out.flush()
+        emb = out
+    seconds = time.perf_counter() - t0
+    t_end = time.perf_counter() - t_start
+    stop.set()
+    th.join()
+    emb_check = {"finite": bool(np.isfinite(emb[: min(n, 1000)]).all()), "row0_norm": float(np.linalg.norm(emb[0])),
+                 "last_norm": float(np.linalg.norm(emb[n - 1]))}
+    # per-window time: the engine asks for window k+1 when it starts computing window k, so the
+    # interval between consecutive requests is the time window k-1 took
+    win = []
+    for (t_a, s_a, e_a), (t_b, _, _) in zip(reads[:-1], reads[1:]):
+        win.append({"start": s_a, "cells": e_a - s_a, "t": t_a})
+    per_cell = []
+    for i in range(1, len(reads)):
+        cells = reads[i - 1][2] - reads[i - 1][1]
+        per_cell.append((reads[i][0] - reads[i - 1][0]) / cells)
+    if reads:
+        cells = reads[-1][2] - reads[-1][1]
+        per_cell.append((t_end - reads[-1][0]) / cells)
+    rss = np.array([s[1] for s in samples]) if samples else np.zeros(1)
+    q = len(rss)
+    return {
+        "cells": n,
+        "mode": spec["mode"],
+        "seconds": seconds,
+        "seconds_per_cell": seconds / n,
+        "cells_per_s": n / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_imports_mb": rss_import,
+        "rss_after_model_mb": rss_model,
+        "rss_trace_quartiles_mb": [float(rss[min(q - 1, int(f * q))]) for f in (0.1, 0.25, 0.5, 0.75, 0.99)],
+        "rss_trace_max_mb": float(rss.max()),
+        "windows": len(reads),
+        "window_seconds_per_cell": per_cell,
+        "embeddings_check": emb_check,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def flatness(per_cell: list[float]) -> dict:
+    """Time/cell over the run: first vs last fifth (windows are in file order), and spread."""
+    a = np.asarray(per_cell[1:-1] if len(per_cell) > 4 else per_cell)  # first window includes warm-up
+    if len(a) == 0:
+        return {}
+    k = max(1, len(a) // 5)
+    return {
+        "first_fifth_ms": float(a[:k].mean() * 1e3),
+        "last_fifth_ms": float(a[-k:].mean() * 1e3),
+        "last_over_first": float(a[-k:].mean() / a[:k].mean()),
+        "cv": float(a.std() / a.mean()),
+    }
+
+
+def run_worker(spec: dict) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="10000,50000,200000")
+    p.add_argument("--probe", type=int, help="only embed this many cells and report cells/s")
+    p.add_argument("--mode", choices=["embed", "memmap"], default="embed")
+    p.add_argument("--also-memmap-largest", action="store_true", help="also run the largest size with --mode memmap")
+    p.add_argument("--scale-genes", type=float, default=0.2)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-data", action="store_true", help="keep the h5ad files (default: delete after use)")
+    p.add_argument("--outdir", default=str(OUT_DIR))
+    p.add_argument("--json")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a._worker:
+        print(json.dumps(worker(json.loads(a._worker))))
+        return
+    out = Path(a.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = mc.PRESETS["stream"]
+    ckpt = mc.ensure_checkpoint(out / "ckpt_stream", shape)
+    ids = mc.gene_ids(shape.n_genes)
+    profile = synthetic.Profile(scale_genes=a.scale_genes)
+    sizes = [a.probe] if a.probe else [int(s) for s in a.sizes.split(",")]
+    report = {"checkpoint": str(ckpt), "shape": mc.asdict(shape), "scale_genes": a.scale_genes, "runs": []}
+
+    def save():
+        if a.json:
+            Path(a.json).write_text(json.dumps(report, indent=1))
+
+    for n in sizes:
+        data = out / f"stream_{n}_g{a.scale_genes}_s{a.seed}.h5ad"
+        if not data.exists():
+            print(f"writing {data.name} ...", file=sys.stderr, flush=True)
+            stats = synthetic.write_h5ad_chunked(data, n, ids, seed=a.seed, profile=profile, verbose=False)
+        else:
+            stats = {"file_bytes": data.stat().st_size}
+        modes = [a.mode] + (["memmap"] if a.also_memmap_largest and n == max(sizes) and a.mode != "memmap" else [])
+        for mode in modes:
+            print(f"embedding {n:,} cells ({mode}) ...", file=sys.stderr, flush=True)
+            spec = {"checkpoint": str(ckpt), "data": str(data), "mode": mode, "threads": a.threads,
+                    "memmap": str(out / f"stream_{n}.npy")}
+            r = run_worker(spec)
+            r["data"] = stats
+            r["flatness"] = flatness(r["window_seconds_per_cell"])
+            report["runs"].append(r)
+            save()
+            print(f"  {n:>8,} cells {mode:<7} {r['seconds']:8.1f} s  {r['seconds_per_cell'] * 1e3:7.3f} ms/cell  "
+                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  windows {r['windows']}  flatness {r['flatness']}",
+                  flush=True)
+            if mode == "memmap":
+                Path(spec["memmap"]).unlink(missing_ok=True)
+        if not a.keep_data and not a.probe:
+            data.unlink(missing_ok=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()

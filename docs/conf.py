@@ -1,0 +1,177 @@
+"""Sphinx configuration of the transcriptformer documentation.
+
+Build locally (from the repository root)::
+
+    pip install -e ".[doc]"
+    sphinx-build -W --keep-going -b html docs docs/_build/html
+
+Notebooks under ``tutorials/`` are stored without outputs and executed by myst-nb at build time
+(cached in ``docs/_build/.jupyter_cache``). They use the tiny bundled checkpoint, so the build
+needs neither a GPU nor the published weights.
+
+Environment variables:
+
+``TRANSCRIPTFORMER_DOCS_OFFLINE``
+    ``1`` disables intersphinx (no inventories are fetched), ``0`` forces it on. Unset: intersphinx
+    is used when ``docs.python.org`` can be reached, so an offline ``-W`` build does not fail on the
+    inventory downloads.
+``TRANSCRIPTFORMER_DOCS_EXECUTE``
+    myst-nb execution mode (``cache`` by default; ``force`` re-runs every notebook, ``off`` skips
+    execution).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import warnings
+from datetime import datetime
+from importlib.metadata import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "_ext"))
+
+# sphinx-autodoc-typehints still calls an API that Sphinx 10 removes; not our concern here
+warnings.filterwarnings("ignore", message=".*sphinx_autodoc_typehints", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=".*sphinx_autodoc_typehints", category=PendingDeprecationWarning)
+
+# -- project information -----------------------------------------------------------------------
+
+_meta = metadata("transcriptformer")
+project = "transcriptformer"
+author = _meta.get("Author") or "transcriptformer developers"
+copyright = f"{datetime.now():%Y}, {author}"
+release = _meta["Version"]
+version = release
+
+repository_url = "https://github.com/transcriptformer/transcriptformer"
+
+# -- general configuration ---------------------------------------------------------------------
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "prose_returns",  # local (_ext/): after napoleon, before sphinx_autodoc_typehints
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "sphinx_autodoc_typehints",  # after napoleon, so it sees the converted docstrings
+    "sphinx_copybutton",
+]
+
+templates_path = ["_templates"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "generated/*.inc"]
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+master_doc = "index"
+default_role = "literal"
+pygments_style = "default"
+nitpicky = False
+
+# -- autodoc / autosummary / napoleon / typehints ---------------------------------------------
+
+autosummary_generate = True
+autodoc_member_order = "bysource"
+
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_include_init_with_doc = False
+napoleon_use_rtype = True
+napoleon_use_param = True
+napoleon_use_ivar = True
+napoleon_custom_sections = [("Params", "Parameters")]
+
+typehints_defaults = "braces"
+typehints_use_signature = False
+typehints_use_signature_return = False
+always_document_param_types = False
+typehints_document_rtype = True
+# postponed annotations (``from __future__ import annotations``) are resolved by the extension;
+# names it cannot resolve are shown as written instead of failing
+typehints_fully_qualified = False
+
+# -- MyST / myst-nb ----------------------------------------------------------------------------
+
+myst_enable_extensions = [
+    "amsmath",
+    "colon_fence",
+    "deflist",
+    "dollarmath",
+    "html_image",
+    "html_admonition",
+    "substitution",
+]
+myst_heading_anchors = 3
+myst_url_schemes = ("http", "https", "mailto")
+
+nb_execution_mode = os.environ.get("TRANSCRIPTFORMER_DOCS_EXECUTE", "cache")
+nb_execution_timeout = 120
+nb_execution_raise_on_error = True  # a failing tutorial fails the build
+nb_execution_show_tb = True
+nb_execution_excludepatterns: list[str] = []
+nb_merge_streams = True
+nb_output_stderr = "show"
+
+# -- intersphinx (tolerant of an offline build) ------------------------------------------------
+
+_INTERSPHINX = {
+    "python": ("https://docs.python.org/3", None),
+    "numpy": ("https://numpy.org/doc/stable/", None),
+    "pandas": ("https://pandas.pydata.org/pandas-docs/stable/", None),
+    "scipy": ("https://docs.scipy.org/doc/scipy/", None),
+    "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
+    "scanpy": ("https://scanpy.readthedocs.io/en/stable/", None),
+    "torch": ("https://docs.pytorch.org/docs/stable/", None),
+    "matplotlib": ("https://matplotlib.org/stable/", None),
+    "h5py": ("https://docs.h5py.org/en/stable/", None),
+    "pooch": ("https://www.fatiando.org/pooch/latest/", None),
+}
+
+
+def _online(host: str = "docs.python.org", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+_offline_env = os.environ.get("TRANSCRIPTFORMER_DOCS_OFFLINE")
+if _offline_env is not None:
+    _use_intersphinx = _offline_env.strip().lower() in ("0", "false", "no", "")
+else:
+    _use_intersphinx = _online()
+if not _use_intersphinx:
+    print("transcriptformer docs: offline, intersphinx disabled (links to other projects are plain text).")
+intersphinx_mapping = _INTERSPHINX if _use_intersphinx else {}
+intersphinx_timeout = 10
+
+# -- HTML output -------------------------------------------------------------------------------
+
+html_theme = "sphinx_book_theme"
+html_title = "transcriptformer"
+html_theme_options = {
+    "repository_url": repository_url,
+    "repository_branch": "main",
+    "path_to_docs": "docs/",
+    "use_repository_button": True,
+    "use_issues_button": True,
+    "use_download_button": True,
+    "navigation_with_keys": False,
+    "show_toc_level": 2,
+    "launch_buttons": {},
+}
+html_show_sphinx = False
+html_context = {
+    "display_github": True,
+    "github_user": "transcriptformer",
+    "github_repo": "transcriptformer",
+    "github_version": "main",
+    "conf_py_path": "/docs/",
+}
+
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+

@@ -1,0 +1,150 @@
+"""The installed `transcriptformer` command, run as a subprocess, against the published outputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+from conftest import DATA
+
+import transcriptformer
+
+ATOL = 1e-5
+EXE = shutil.which("transcriptformer") or str(Path(sys.executable).parent / "transcriptformer")
+
+
+def run_cli(*args: str, cwd=None, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def human_h5ad(tmp_path_factory):
+    import transcriptformer.scanpy as tfs
+
+    path = tmp_path_factory.mktemp("data") / "tiny_human.h5ad"
+    tfs.datasets.tiny_human().write_h5ad(path)
+    return path
+
+
+def _infer(tmp_path, tiny_path, data, *extra) -> ad.AnnData:
+    files = data if isinstance(data, list) else [data]
+    run_cli(
+        "inference", "--checkpoint-path", tiny_path, "--data-file", *files, "--output-path", tmp_path / "out",
+        "--output-filename", "result.h5ad", "--precision", "32", "--no-progress", *extra,
+    )
+    out = ad.read_h5ad(tmp_path / "out" / "result.h5ad")
+    assert not list((tmp_path / "out").glob("*.tmp")), "temporary file left behind"
+    return out
+
+
+def _same_obs(out, ref):
+    assert list(out.obs_names) == [str(i) for i in range(ref.n_obs)]
+    for col in ref.obs.columns:
+        np.testing.assert_array_equal(out.obs[col].astype(str).to_numpy(), ref.obs[col].astype(str).to_numpy())
+
+
+def test_cell_embeddings(tmp_path, tiny_path, human_h5ad, reference):
+    out = _infer(tmp_path, tiny_path, human_h5ad)
+    ref = reference["cell"]
+    assert out.n_vars == 0 and set(out.obsm) == {"embeddings"} and not out.uns
+    np.testing.assert_allclose(out.obsm["embeddings"], ref.obsm["embeddings"], atol=ATOL, rtol=0)
+    assert out.obsm["embeddings"].dtype == np.float32
+    _same_obs(out, ref)
+
+
+def test_raw_input(tmp_path, tiny_path, reference):
+    out = _infer(tmp_path, tiny_path, DATA / "tiny_human_raw.h5ad", "--use-raw", "auto")
+    np.testing.assert_allclose(out.obsm["embeddings"], reference["raw_cell"].obsm["embeddings"], atol=ATOL, rtol=0)
+    _same_obs(out, reference["raw_cell"])
+
+
+def test_llh_published_override_and_flag(tmp_path, tiny_path, human_h5ad, reference):
+    ref = reference["llh"]
+    # the published way: only llh
+    out = _infer(tmp_path, tiny_path, human_h5ad, "--config-override", "model.inference_config.output_keys.0=llh")
+    assert "embeddings" not in out.obsm
+    np.testing.assert_allclose(out.uns["llh"]["llh"].to_numpy(), ref.uns["llh"]["llh"].to_numpy(), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(out.obsm["llh"], ref.obsm["llh"], atol=ATOL, rtol=0)
+    assert out.obsm["llh"].shape == (21, 1)
+    # ours: embeddings and llh in one run
+    out = _infer(tmp_path, tiny_path, human_h5ad, "--llh")
+    np.testing.assert_allclose(out.obsm["embeddings"], reference["cell"].obsm["embeddings"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(out.uns["llh"]["llh"].to_numpy(), ref.uns["llh"]["llh"].to_numpy(), atol=ATOL, rtol=0)
+
+
+def test_gene_llh(tmp_path, tiny_path, human_h5ad, reference):
+    out = _infer(tmp_path, tiny_path, human_h5ad, "--config-override", "model.inference_config.output_keys.0=gene_llh")
+    np.testing.assert_allclose(out.obsm["gene_llh"], reference["gene_llh"].obsm["gene_llh"], atol=ATOL, rtol=0)
+
+
+def test_cge(tmp_path, tiny_path, human_h5ad, reference):
+    out = _infer(tmp_path, tiny_path, human_h5ad, "--emb-type", "cge", "--batch-size", "3")
+    ref = reference["cge"].uns
+    assert not out.obsm
+    np.testing.assert_array_equal(out.uns["cge_cell_indices"], ref["cge_cell_indices"])
+    np.testing.assert_array_equal(out.uns["cge_gene_names"].astype(str), ref["cge_gene_names"].astype(str))
+    np.testing.assert_allclose(out.uns["cge_embeddings"], ref["cge_embeddings"], atol=ATOL, rtol=0)
+
+
+def test_several_data_files_are_concatenated(tmp_path, tiny_path, human_h5ad, reference):
+    out = _infer(tmp_path, tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"])
+    assert out.n_obs == 42
+    np.testing.assert_allclose(out.obsm["embeddings"][21:], reference["raw_cell"].obsm["embeddings"], atol=ATOL)
+    assert list(out.obs_names) == [str(i) for i in range(42)]
+
+
+def test_obs_keys_override_and_normalize(tmp_path, tiny_path, human_h5ad):
+    out = _infer(
+        tmp_path, tiny_path, human_h5ad,
+        "--config-override", "model.inference_config.obs_keys.0=cell_type",
+        "--config-override", "model.data_config.normalize_to_scale=100",
+    )
+    assert list(out.obs.columns) == ["cell_type"]
+    import transcriptformer.scanpy as tfs
+
+    expected = tfs.tl.embed(tfs.datasets.tiny_human(), model=tiny_path, normalize_to_scale=100, copy=True)
+    np.testing.assert_allclose(out.obsm["embeddings"], expected.obsm["X_transcriptformer"], atol=1e-6)
+
+
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_path, human_h5ad):
+    cases = [
+        ("--checkpoint-path", tmp_path / "missing", "--data-file", human_h5ad),
+        ("--checkpoint-path", tiny_path, "--data-file", tmp_path / "missing.h5ad"),
+        ("--checkpoint-path", tiny_path, "--data-file", human_h5ad, "--gene-col-name", "nope"),
+        ("--checkpoint-path", tiny_path, "--data-file", human_h5ad, "--config-override", "model.data_config.sort_genes=true"),
+        ("--checkpoint-path", tiny_path, "--data-file", human_h5ad, "--config-override", "nonsense"),
+    ]
+    for args in cases:
+        proc = run_cli("inference", *args, "--output-path", tmp_path / "o", check=False)
+        assert proc.returncode == 1, proc.stderr
+        err = [line for line in proc.stderr.splitlines() if line.startswith("transcriptformer: error:")]
+        assert len(err) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "embeddings.h5ad").exists()
+
+
+def test_version_and_help():
+    proc = run_cli("--version")
+    assert transcriptformer.__version__ in proc.stdout
+    for args in (["--help"], ["inference", "--help"], ["download", "--help"]):
+        proc = run_cli(*args)
+        assert "usage: transcriptformer" in proc.stdout
+    assert "--checkpoint-path" in run_cli("inference", "--help").stdout
+    assert "--checkpoint-dir" in run_cli("download", "--help").stdout
+    proc = run_cli("download", "tf-unknown", check=False)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    proc = run_cli(check=False)
+    assert proc.returncode == 2
+
+
+def test_python_dash_m(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "transcriptformer", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and transcriptformer.__version__ in proc.stdout

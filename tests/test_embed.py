@@ -1,0 +1,346 @@
+"""`tfs.tl.embed`: scanpy conventions, input kinds, and bad input (clear error, AnnData unchanged)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+from conftest import assert_unchanged, snapshot
+
+import transcriptformer
+import transcriptformer.scanpy as tfs
+from transcriptformer.tokenize import TranscriptFormerWarning
+
+
+@pytest.fixture(scope="module")
+def ref_embedding(tiny_path):
+    a = tfs.datasets.tiny_human()
+    tfs.tl.embed(a, model=tiny_path, llh=True)
+    return a.obsm["X_transcriptformer"], a.obs["transcriptformer_llh"].to_numpy()
+
+
+def test_outputs_and_params(tiny_path, tiny_adata, tiny_model, tmp_path):
+    assert tfs.tl.embed(tiny_adata, model=tiny_path, llh=True) is None
+    emb = tiny_adata.obsm["X_transcriptformer"]
+    assert emb.shape == (tiny_adata.n_obs, 32)
+    assert emb.dtype == np.float32
+    entry = tiny_adata.uns["transcriptformer"]
+    params = entry["params"]
+    assert params["weights_sha256"] == tiny_model.weights_sha256
+    assert params["model_path"] == str(tiny_path)
+    assert params["transcriptformer_version"] == transcriptformer.__version__
+    assert params["clip_counts"] == 30
+    assert params["n_genes_matched"] == 165
+    assert params["precision"] == "32"
+    assert params["llh"] is True
+    assert entry["llh"].shape == (tiny_adata.n_obs,)
+    np.testing.assert_array_equal(entry["llh"], tiny_adata.obs["transcriptformer_llh"].to_numpy())
+    # everything written is h5ad-serialisable
+    tiny_adata.write_h5ad(tmp_path / "out.h5ad")
+    back = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert back.uns["transcriptformer"]["params"]["weights_sha256"] == tiny_model.weights_sha256
+
+
+def test_alias_and_key_added_and_copy(tiny_path, tiny_adata, ref_embedding):
+    assert tfs.tl.transcriptformer is tfs.tl.embed
+    before = snapshot(tiny_adata)
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, llh=True, key_added="X_tf2", copy=True)
+    assert_unchanged(tiny_adata, before)
+    np.testing.assert_allclose(out.obsm["X_tf2"], ref_embedding[0], atol=1e-6)
+    assert "X_tf2" in out.uns and "params" in out.uns["X_tf2"]
+    assert "X_tf2_llh" in out.obs
+
+
+def test_neighbors_downstream(tiny_path, tiny_adata):
+    tfs.tl.embed(tiny_adata, model=tiny_path)
+    sc.pp.neighbors(tiny_adata, use_rep="X_transcriptformer", n_neighbors=5)
+    assert tiny_adata.obsp["connectivities"].shape == (21, 21)
+
+
+def test_keyword_only_options(tiny_path, tiny_adata):
+    with pytest.raises(TypeError):
+        tfs.tl.embed(tiny_adata, tiny_path, "ensembl_id")
+
+
+def test_loaded_models_are_cached(tiny_path):
+    a = transcriptformer.load_model(tiny_path)
+    b = transcriptformer.load_model(str(tiny_path))
+    assert a is b
+    assert transcriptformer.load_model(a) is a
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr", "csc"])
+def test_matrix_kinds(tiny_path, tiny_adata, ref_embedding, kind):
+    X = tiny_adata.X
+    tiny_adata.X = {"dense": X.toarray(), "csr": sp.csr_matrix(X), "csc": sp.csc_matrix(X)}[kind]
+    tfs.tl.embed(tiny_adata, model=tiny_path)
+    np.testing.assert_allclose(tiny_adata.obsm["X_transcriptformer"], ref_embedding[0], atol=1e-6)
+
+
+def test_explicit_zeros_in_sparse_are_zero_counts(tiny_path, tiny_adata, ref_embedding):
+    X = tiny_adata.X.tocoo()
+    rows = np.r_[X.row, np.arange(10)]
+    cols = np.r_[X.col, np.full(10, 7)]
+    data = np.r_[X.data, np.zeros(10, np.float32)]
+    keep = ~pd.DataFrame({"r": rows, "c": cols}).duplicated(keep="first").to_numpy()
+    M = sp.csr_matrix((data[keep], (rows[keep], cols[keep])), shape=X.shape)
+    M.sum_duplicates()
+    M2 = sp.csr_matrix((M.data, M.indices, M.indptr), shape=M.shape)  # explicit zeros kept
+    assert M2.nnz > X.nnz and (M2.data == 0).sum() > 0
+    tiny_adata.X = M2
+    tfs.tl.embed(tiny_adata, model=tiny_path)
+    np.testing.assert_allclose(tiny_adata.obsm["X_transcriptformer"], ref_embedding[0], atol=1e-6)
+
+
+def test_view_input(tiny_path, tiny_adata, ref_embedding):
+    view = tiny_adata[::2]
+    out = tfs.tl.embed(view, model=tiny_path, copy=True)
+    assert not out.is_view
+    np.testing.assert_allclose(out.obsm["X_transcriptformer"], ref_embedding[0][::2], atol=1e-6)
+
+
+def test_backed_input(tiny_path, tiny_adata, ref_embedding, tmp_path):
+    path = tmp_path / "backed.h5ad"
+    tiny_adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    tfs.tl.embed(backed, model=tiny_path)
+    np.testing.assert_allclose(backed.obsm["X_transcriptformer"], ref_embedding[0], atol=1e-6)
+    backed.file.close()
+
+
+def test_backed_dense_input_is_read_in_windows(tiny_path, tiny_adata, ref_embedding, tmp_path, monkeypatch):
+    tiny_adata.X = tiny_adata.X.toarray()
+    path = tmp_path / "dense.h5ad"
+    tiny_adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    reads = []
+    from transcriptformer.tokenize import CellSource
+
+    original = CellSource._read_block
+
+    def spy(self, start, stop):
+        reads.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(CellSource, "_read_block", spy)
+    from transcriptformer.engine import Engine, Outputs
+    from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+
+    m = transcriptformer.load_model(tiny_path)
+    src = prepare_cells(backed, m.vocab, m.aux_vocabs, seq_len=m.seq_len, options=TokenizeOptions())
+    res = Engine(m, window=5).run(src, Outputs())
+    assert max(reads) == 5 and sum(reads) == 21
+    np.testing.assert_allclose(res.embeddings, ref_embedding[0], atol=1e-6)
+    backed.file.close()
+
+
+def test_layer_choice(tiny_path, tiny_adata, ref_embedding):
+    tiny_adata.layers["counts"] = tiny_adata.X.copy()
+    tiny_adata.X = tiny_adata.X * 0.5  # not counts
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, layer="counts", copy=True)
+    np.testing.assert_allclose(out.obsm["X_transcriptformer"], ref_embedding[0], atol=1e-6)
+    assert out.uns["transcriptformer"]["params"]["counts_source"] == "layers['counts']"
+
+
+def test_raw_rule(tiny_path, tiny_raw_adata, ref_embedding):
+    # layer=None prefers .raw; layer="X" refuses X here because var has no id column
+    out = tfs.tl.embed(tiny_raw_adata, model=tiny_path, layer="raw", copy=True)
+    np.testing.assert_allclose(out.obsm["X_transcriptformer"], ref_embedding[0], atol=1e-6)
+    with pytest.raises(KeyError, match="ensembl_id"):
+        tfs.tl.embed(tiny_raw_adata, model=tiny_path, layer="X")
+
+
+def test_var_names_as_ids(tiny_path, tiny_adata, ref_embedding):
+    tiny_adata.var_names = tiny_adata.var["ensembl_id"].to_numpy()
+    del tiny_adata.var["ensembl_id"]
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, copy=True)  # default column absent, var_names are Ensembl ids
+    np.testing.assert_allclose(out.obsm["X_transcriptformer"], ref_embedding[0], atol=1e-6)
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, gene_key=None, copy=True)
+    np.testing.assert_allclose(out.obsm["X_transcriptformer"], ref_embedding[0], atol=1e-6)
+
+
+def test_normalize_to_scale_and_clip(tiny_path, tiny_adata, tiny_model):
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, normalize_to_scale=100, llh=True, copy=True)
+    base = tfs.tl.embed(tiny_adata, model=tiny_path, llh=True, copy=True)
+    assert not np.allclose(out.obsm["X_transcriptformer"], base.obsm["X_transcriptformer"])
+    from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+
+    w = prepare_cells(
+        tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63,
+        options=TokenizeOptions(normalize_to_scale=100, clip_counts=None),
+    ).read(0, 21)
+    np.testing.assert_allclose(w.counts.sum(1), 100, rtol=1e-5)
+    w = prepare_cells(
+        tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions(clip_counts=5)
+    ).read(0, 21)
+    assert w.counts.max() == 5
+
+
+def test_counts_not_raw_warns(tiny_path, tiny_adata):
+    tiny_adata.X = sc.pp.log1p(tiny_adata.X.copy(), copy=True)
+    with pytest.warns(TranscriptFormerWarning, match="do not look like raw counts"):
+        tfs.tl.embed(tiny_adata, model=tiny_path)
+
+
+def test_progress_bar(tiny_path, tiny_adata, capsys):
+    tfs.tl.embed(tiny_adata, model=tiny_path, progress=True)
+    assert "cell" in capsys.readouterr().err
+
+
+def test_logs_matched_genes(tiny_path, tiny_adata, caplog):
+    with caplog.at_level("INFO", logger="transcriptformer"):
+        tfs.tl.embed(tiny_adata, model=tiny_path)
+    assert "matched 165 of 205 genes" in caplog.text
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def _fails(adata, exc, match, **kwargs):
+    before = snapshot(adata)
+    with pytest.raises(exc, match=match):
+        tfs.tl.embed(adata, **kwargs)
+    assert_unchanged(adata, before)
+
+
+def test_missing_gene_column(tiny_path, tiny_adata):
+    _fails(tiny_adata, KeyError, r"'gene_id'.*ensembl_id.*feature_name", model=tiny_path, gene_key="gene_id")
+
+
+def test_no_gene_in_vocabulary_symbols(tiny_path, tiny_adata):
+    tiny_adata.var["symbol"] = [f"CD{i}" for i in range(tiny_adata.n_vars)]
+    _fails(
+        tiny_adata,
+        ValueError,
+        r"none of the 205 genes.*CD0.*ENSG00000900100.*look like gene symbols",
+        model=tiny_path,
+        gene_key="symbol",
+    )
+
+
+def test_no_gene_in_vocabulary_other_ids(tiny_path, tiny_adata):
+    tiny_adata.var["other"] = [f"ENSDARG{i:011d}" for i in range(tiny_adata.n_vars)]
+    before = snapshot(tiny_adata)
+    with pytest.raises(ValueError, match="none of the 205 genes") as e:
+        tfs.tl.embed(tiny_adata, model=tiny_path, gene_key="other")
+    assert "symbols" not in str(e.value)
+    assert_unchanged(tiny_adata, before)
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan])
+@pytest.mark.parametrize("kind", ["csr", "dense"])
+def test_negative_or_nan_counts(tiny_path, tiny_adata, bad, kind):
+    X = tiny_adata.X.toarray()
+    X[3, 0] = bad
+    tiny_adata.X = X if kind == "dense" else sp.csr_matrix(X)
+    _fails(tiny_adata, ValueError, "NaN" if np.isnan(bad) else "negative", model=tiny_path)
+
+
+def test_negative_counts_backed(tiny_path, tiny_adata, tmp_path):
+    X = tiny_adata.X.toarray()
+    X[20, 0] = -3
+    tiny_adata.X = sp.csr_matrix(X)
+    tiny_adata.write_h5ad(tmp_path / "neg.h5ad")
+    backed = ad.read_h5ad(tmp_path / "neg.h5ad", backed="r")
+    with pytest.raises(ValueError, match="negative"):
+        tfs.tl.embed(backed, model=tiny_path)
+    assert "X_transcriptformer" not in backed.obsm
+    backed.file.close()
+
+
+def test_duplicate_ids(tiny_path, tiny_adata, ref_embedding):
+    ids = tiny_adata.var["ensembl_id"].astype(str).to_numpy().copy()
+    ids[-1] = ids[0] + ".2"  # the same id once the version is cut
+    tiny_adata.var["ensembl_id"] = ids
+    _fails(tiny_adata, ValueError, r"1 gene id\(s\).*more than once.*duplicate_genes='first'", model=tiny_path)
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, duplicate_genes="first", copy=True)
+    assert out.obsm["X_transcriptformer"].shape == (21, 32)
+
+
+def test_missing_assay_column_warns_and_means_unknown(tiny_path, tiny_adata):
+    unknown = tiny_adata.copy()
+    unknown.obs["assay"] = "unknown"
+    expected = tfs.tl.embed(unknown, model=tiny_path, copy=True).obsm["X_transcriptformer"]
+    del tiny_adata.obs["assay"]
+    with pytest.warns(TranscriptFormerWarning, match="no 'assay' column"):
+        tfs.tl.embed(tiny_adata, model=tiny_path)
+    np.testing.assert_allclose(tiny_adata.obsm["X_transcriptformer"], expected, atol=1e-6)
+
+
+def test_cells_without_genes(tiny_path, tiny_adata, ref_embedding):
+    X = tiny_adata.X.toarray()
+    X[[2, 5]] = 0
+    tiny_adata.X = sp.csr_matrix(X)
+    with pytest.warns(TranscriptFormerWarning, match="2 of 21 cells have no expressed gene"):
+        tfs.tl.embed(tiny_adata, model=tiny_path, llh=True)
+    emb = tiny_adata.obsm["X_transcriptformer"]
+    assert np.isfinite(emb).all()
+    llh = tiny_adata.obs["transcriptformer_llh"].to_numpy()
+    assert np.isnan(llh[[2, 5]]).all() and np.isfinite(np.delete(llh, [2, 5])).all()
+    others = np.setdiff1d(np.arange(21), [2, 5])
+    np.testing.assert_allclose(emb[others], ref_embedding[0][others], atol=1e-6)
+
+
+def test_checkpoint_folder_missing_files(tiny_path, tiny_adata, tmp_path):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_path, broken)
+    (broken / "vocabs" / "mus_musculus_gene.h5").unlink()
+    _fails(tiny_adata, FileNotFoundError, r"incomplete: missing vocabs/mus_musculus_gene.h5", model=broken)
+    (broken / "model_weights.pt").unlink()
+    _fails(tiny_adata, FileNotFoundError, r"incomplete: missing model_weights.pt", model=broken)
+    _fails(tiny_adata, FileNotFoundError, r"does not exist", model=tmp_path / "nowhere")
+
+
+def test_weights_do_not_fit_config(tiny_path, tiny_adata, tmp_path):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_path, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["model"]["model_config"]["model_dim"] = 128
+    (broken / "config.json").write_text(json.dumps(cfg))
+    _fails(tiny_adata, ValueError, r"do not fit.*shape differences.*linear1.weight", model=broken)
+    shutil.copy(tiny_path / "config.json", broken / "config.json")
+    state = torch.load(broken / "model_weights.pt", weights_only=True)
+    state["extra.weight"] = state.pop("mu.gene_embedding.weight")
+    torch.save(state, broken / "model_weights.pt")
+    _fails(tiny_adata, ValueError, r"missing keys \(1\): mu.gene_embedding.weight.*unexpected keys \(1\): extra.weight", model=broken)
+
+
+def test_bad_options(tiny_path, tiny_adata):
+    _fails(tiny_adata, ValueError, "precision", model=tiny_path, precision="8")
+    if not torch.cuda.is_available():
+        _fails(tiny_adata, ValueError, "CUDA is not available", model=tiny_path, device="cuda")
+    _fails(tiny_adata, KeyError, "layer 'nope' not found", model=tiny_path, layer="nope")
+    _fails(tiny_adata, ValueError, "duplicate_genes", model=tiny_path, duplicate_genes="last")
+    _fails(tiny_adata, ValueError, "batch_size", model=tiny_path, batch_size=0)
+    with pytest.raises(TypeError, match="AnnData"):
+        tfs.tl.embed(np.zeros((3, 3)), model=tiny_path)
+
+
+def test_input_unchanged_when_model_fails_midway(tiny_path, tiny_adata, monkeypatch):
+    from transcriptformer.engine import Engine
+
+    calls = {"n": 0}
+    original = Engine._forward
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_forward", flaky)
+    _fails(tiny_adata, RuntimeError, "boom", model=tiny_path, batch_size=4, llh=True)
+
+
+def test_no_warning_on_clean_input(tiny_path, tiny_adata):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TranscriptFormerWarning)
+        tfs.tl.embed(tiny_adata, model=tiny_path)

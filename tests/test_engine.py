@@ -1,0 +1,200 @@
+"""Engine: ordering, batching strategies, streaming, out-of-memory retry, torch.distributed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import transcriptformer.scanpy as tfs
+from transcriptformer.engine import Engine, Outputs, resolve_device, resolve_precision
+from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+
+
+@pytest.fixture(scope="module")
+def big_adata():
+    """105 cells: the tiny data five times, rows shuffled, so windows and batches mix lengths."""
+    reps = ad.concat([tfs.datasets.tiny_human()] * 5, index_unique="-", merge="same")
+    perm = np.random.default_rng(1).permutation(reps.n_obs)
+    return reps[perm].copy()
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tiny_model, big_adata):
+    src = prepare_cells(big_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
+    return Engine(tiny_model, batch_size=1, window=1).run(src, Outputs(embeddings=True, llh=True, cge=True))
+
+
+def _src(tiny_model, adata):
+    return prepare_cells(adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"batch_size": 7, "window": 16},
+        {"max_tokens": 300, "window": 1000},
+        {"max_tokens": 10**6, "window": 33},
+        {"batch_size": 1000, "max_tokens": 10**6, "window": 105},
+    ],
+)
+def test_batching_strategies_are_exact_and_keep_input_order(tiny_model, big_adata, one_at_a_time, settings):
+    res = Engine(tiny_model, **settings).run(_src(tiny_model, big_adata), Outputs(embeddings=True, llh=True, cge=True))
+    np.testing.assert_allclose(res.embeddings, one_at_a_time.embeddings, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(res.llh, one_at_a_time.llh, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(res.cge_cell_indices, one_at_a_time.cge_cell_indices)
+    np.testing.assert_array_equal(res.cge_tokens, one_at_a_time.cge_tokens)
+    # unpooled hidden states reach |x| ~ 3: a few float32 ulps of that is 1e-6
+    np.testing.assert_allclose(res.cge_embeddings, one_at_a_time.cge_embeddings, atol=2e-6, rtol=0)
+    assert np.all(np.diff(res.cge_cell_indices) >= 0)
+
+
+def test_plan_batches_sorts_by_length_under_budget(tiny_model):
+    eng = Engine(tiny_model, max_tokens=100)
+    lengths = np.array([5, 60, 3, 62, 30, 0, 62])
+    batches = eng.plan_batches(lengths)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for b in batches:
+        width = min(int(lengths[b].max()) + 1, 63)
+        assert len(b) == 1 or len(b) * width <= 100
+    firsts = [int(lengths[b].max()) for b in batches]
+    assert firsts == sorted(firsts, reverse=True)
+
+
+def test_out_of_memory_halves_and_retries_without_losing_cells(tiny_model, big_adata, one_at_a_time, monkeypatch):
+    """Simulated memory budget: a batch holding more than 40 tokens raises torch.OutOfMemoryError."""
+    original = Engine._forward
+    seen = []
+
+    def budgeted(self, window, idx, *args, **kwargs):
+        width = self._width(int(window.lengths[idx].max()))
+        seen.append(len(idx))
+        if len(idx) > 1 and len(idx) * width > 40:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return original(self, window, idx, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_forward", budgeted)
+    eng = Engine(tiny_model, max_tokens=4000)
+    res = eng.run(_src(tiny_model, big_adata), Outputs(embeddings=True, llh=True))
+    assert eng.oom_retries > 0 and eng.max_tokens < 4000
+    np.testing.assert_allclose(res.embeddings, one_at_a_time.embeddings, atol=1e-6)
+    np.testing.assert_allclose(res.llh, one_at_a_time.llh, atol=1e-6)
+    assert res.stats["oom_retries"] == eng.oom_retries
+
+
+def test_out_of_memory_on_a_single_cell_is_raised(tiny_model, tiny_adata, monkeypatch):
+    def always(self, *a, **k):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(Engine, "_forward", always)
+    with pytest.raises(torch.OutOfMemoryError):
+        Engine(tiny_model).run(_src(tiny_model, tiny_adata), Outputs())
+
+
+@pytest.mark.parametrize("sink", ["memmap", "h5py"])
+def test_streaming_backed_input_to_disk_output(tiny_model, big_adata, one_at_a_time, tmp_path, sink):
+    path = tmp_path / "cells.h5ad"
+    big_adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    if sink == "memmap":
+        out = np.lib.format.open_memmap(tmp_path / "emb.npy", mode="w+", dtype=np.float32, shape=(backed.n_obs, 32))
+    else:
+        f = h5py.File(tmp_path / "emb.h5", "w")
+        out = f.create_dataset("emb", shape=(backed.n_obs, 32), dtype="f4")
+    res = Engine(tiny_model, window=10).run(_src(tiny_model, backed), Outputs(), embeddings_out=out)
+    assert res.embeddings is out
+    np.testing.assert_allclose(np.asarray(out[:]), one_at_a_time.embeddings, atol=1e-6)
+    if sink == "h5py":
+        f.close()
+    backed.file.close()
+
+
+def test_background_reader_overlaps_windows(tiny_model, big_adata, monkeypatch):
+    """The next window is read on another thread while the current one is computed."""
+    import threading
+
+    from transcriptformer.tokenize import CellSource
+
+    threads = set()
+    original = CellSource.read
+
+    def spy(self, start, stop):
+        threads.add(threading.current_thread().name)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(CellSource, "read", spy)
+    Engine(tiny_model, window=10).run(_src(tiny_model, big_adata), Outputs())
+    assert threads and all(t.startswith("transcriptformer-reader") for t in threads)
+
+
+def test_device_and_precision_resolution():
+    cuda = torch.cuda.is_available()
+    assert resolve_device("auto").type == ("cuda" if cuda else "cpu")
+    assert resolve_precision("auto", torch.device("cpu")) == "32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("16-mixed", torch.device("cpu")) == "16"
+    assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("64", torch.device("cpu"))
+
+
+def test_bf16_on_cpu_is_close_to_fp32(tiny_path, tiny_adata, reference):
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, precision="bf16", copy=True)
+    ref = reference["cell"].obsm["embeddings"]
+    emb = out.obsm["X_transcriptformer"]
+    cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.999
+    assert np.abs(emb - ref).max() < 1e-2
+
+
+DIST_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import torch.distributed as dist
+    import transcriptformer.scanpy as tfs
+    import anndata as ad
+    dist.init_process_group("gloo")
+    adata = ad.read_h5ad(sys.argv[1])
+    tfs.tl.embed(adata, model=tfs.datasets.tiny_model_path(), llh=True, batch_size=4)
+    assert adata.uns["transcriptformer"]["params"]["device"] == "cpu"
+    np.save(f"{sys.argv[2]}.rank{dist.get_rank()}.npy", np.c_[adata.obsm["X_transcriptformer"], adata.obs["transcriptformer_llh"]])
+    dist.destroy_process_group()
+    """
+)
+
+
+def _torchrun(*args, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_distributed_two_processes_gloo_python_api(tmp_path, big_adata, one_at_a_time):
+    big_adata.write_h5ad(tmp_path / "cells.h5ad")
+    (tmp_path / "job.py").write_text(DIST_SCRIPT)
+    _torchrun(tmp_path / "job.py", tmp_path / "cells.h5ad", tmp_path / "out", cwd=tmp_path)
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"out.rank{rank}.npy")
+        np.testing.assert_allclose(got[:, :32], one_at_a_time.embeddings, atol=1e-6)
+        np.testing.assert_allclose(got[:, 32], one_at_a_time.llh, atol=1e-6)
+
+
+def test_distributed_two_processes_gloo_cli(tmp_path, tiny_path, big_adata, one_at_a_time):
+    big_adata.write_h5ad(tmp_path / "cells.h5ad")
+    _torchrun(
+        "-m", "transcriptformer.cli", "inference", "--checkpoint-path", tiny_path, "--data-file", tmp_path / "cells.h5ad",
+        "--output-path", tmp_path / "out", "--llh", "--no-progress", "--device", "cpu", cwd=tmp_path,
+    )
+    out = ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad")
+    assert out.n_obs == big_adata.n_obs
+    np.testing.assert_allclose(out.obsm["embeddings"], one_at_a_time.embeddings, atol=1e-6)
+    np.testing.assert_allclose(out.uns["llh"]["llh"], one_at_a_time.llh, atol=1e-6)
+    np.testing.assert_array_equal(out.obs["cell_type"].astype(str), big_adata.obs["cell_type"].astype(str))

@@ -1,0 +1,483 @@
+"""The weights registry against a real local HTTP server (no internet, no user cache).
+
+A :class:`http.server.ThreadingHTTPServer` on 127.0.0.1 serves tarballs built from the bundled
+tiny checkpoint under the published file names; ``TRANSCRIPTFORMER_BASE_URL`` points the registry
+at it and every test uses its own cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+import transcriptformer
+from transcriptformer import registry
+from transcriptformer.engine import resolve_species_tables
+
+TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
+PREFIX = "/weights/"
+
+
+# --------------------------------------------------------------------------- tarballs
+
+
+def _tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for info, data in entries:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.mode = 0o644
+    return info, data
+
+
+def _dir(name: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    return info, None
+
+
+def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    return info, None
+
+
+def _checkpoint_entries(top: str = "tf_sapiens") -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """The tiny checkpoint as tar entries under ``top/``."""
+    entries: list[tuple[tarfile.TarInfo, bytes | None]] = [_dir(top)]
+    for path in sorted(TINY.rglob("*")):
+        rel = path.relative_to(TINY).as_posix()
+        entries.append(_dir(f"{top}/{rel}") if path.is_dir() else _file(f"{top}/{rel}", path.read_bytes()))
+    return entries
+
+
+@pytest.fixture(scope="session")
+def registry_tarballs() -> dict[str, bytes]:
+    """``<folder>.tar.gz`` -> bytes, for ``tf-sapiens`` and ``all-embeddings``."""
+    embeddings = [_dir("all_embeddings")] + [
+        _file(f"all_embeddings/{sp}_gene.h5", (TINY / "vocabs" / f"{sp}_gene.h5").read_bytes())
+        for sp in ("homo_sapiens", "mus_musculus")
+    ]
+    return {
+        "tf_sapiens.tar.gz": _tar_bytes(_checkpoint_entries()),
+        "all_embeddings.tar.gz": _tar_bytes(embeddings),
+    }
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _RegistryServer:
+    """A tiny file server; ``mode`` makes it misbehave on purpose."""
+
+    def __init__(self, files: dict[str, bytes], prefix: str = PREFIX) -> None:
+        self.files = dict(files)
+        self.prefix = prefix
+        self.mode = "ok"  # "ok" | "short" (Content-Length > bytes sent) | "short-unsized" (no Content-Length)
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.requests.append(self.path)
+                name = self.path.removeprefix(owner.prefix) if self.path.startswith(owner.prefix) else None
+                data = owner.files.get(name) if name else None
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("Content-Type", "application/gzip")
+                if owner.mode != "short-unsized":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data if owner.mode == "ok" else data[: len(data) // 2])
+                self.wfile.flush()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}{prefix}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        self._thread.start()
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self._thread.join(5)
+            self.closed = True
+
+
+@pytest.fixture(autouse=True)
+def _registry_isolation(monkeypatch, tmp_path_factory):
+    """Never the user's cache or a proxy; no model kept in memory across tests."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("TRANSCRIPTFORMER_CACHE", str(tmp_path_factory.mktemp("env-cache")))
+    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", "http://127.0.0.1:9/unreachable/")
+    transcriptformer.clear_cache()
+    yield
+    transcriptformer.clear_cache()
+
+
+@pytest.fixture
+def registry_server(registry_tarballs, monkeypatch):
+    server = _RegistryServer(registry_tarballs)
+    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", server.url)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    """A cache folder that is the only thing inside ``tmp_path`` (so stray writes show)."""
+    path = tmp_path / "cache"
+    path.mkdir()
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _nothing_cached(cache: Path, folder: str = "tf_sapiens") -> None:
+    """No folder, no manifest, no recorded hash, no tarball left for pooch to reuse."""
+    assert not (cache / folder).exists()
+    assert not (cache / f"{folder}.sha256.json").exists()
+    known = cache / "known_hashes.json"
+    assert not known.exists() or f"{folder}.tar.gz" not in json.loads(known.read_text())
+    downloads = cache / ".downloads"
+    assert not downloads.exists() or list(downloads.iterdir()) == []
+    assert [p.name for p in cache.iterdir() if p.name.startswith(f".{folder}-")] == []  # extraction temp folders
+
+
+# --------------------------------------------------------------------------- 1. first download
+
+
+def test_first_download_unpacks_records_hashes_and_loads(registry_server, registry_tarballs, cache, capfd):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=True)
+
+    assert folder == cache / "tf_sapiens"
+    for rel in ("config.json", "model_weights.pt", "vocabs/assay_vocab.json", "vocabs/homo_sapiens_gene.h5"):
+        assert (folder / rel).read_bytes() == (TINY / rel).read_bytes()
+    assert registry_server.requests == [PREFIX + "tf_sapiens.tar.gz"]
+
+    known = json.loads((cache / "known_hashes.json").read_text())
+    assert known == {"tf_sapiens.tar.gz": hashlib.sha256(registry_tarballs["tf_sapiens.tar.gz"]).hexdigest()}
+
+    manifest = json.loads((cache / "tf_sapiens.sha256.json").read_text())
+    assert manifest["tarball_sha256"] == known["tf_sapiens.tar.gz"]
+    assert manifest["source"] == registry_server.url + "tf_sapiens.tar.gz"
+    on_disk = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == set(on_disk)
+    assert len(on_disk) == 5
+    for rel, path in on_disk.items():
+        assert manifest["files"][rel] == _sha(path)
+
+    # no tarball or temporary folder left behind
+    assert not (cache / ".downloads" / "tf_sapiens.tar.gz").exists()
+    assert sorted(p.name for p in cache.iterdir() if p.name != ".downloads") == [
+        "known_hashes.json",
+        "tf_sapiens",
+        "tf_sapiens.sha256.json",
+    ]
+
+    err = capfd.readouterr().err
+    assert "extracting tf_sapiens.tar.gz" in err  # tqdm bar of the extraction
+    assert "100%" in err
+
+    model = transcriptformer.load_model("tf-sapiens", cache_dir=cache)
+    assert model.name == "tf-sapiens"
+    assert model.path == folder.resolve()
+    assert registry_server.requests == [PREFIX + "tf_sapiens.tar.gz"]  # the load used the cache
+
+
+def test_no_progress_bar_when_disabled(registry_server, cache, capfd):
+    registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    err = capfd.readouterr().err
+    assert "extracting" not in err
+    assert "100%" not in err
+
+
+# --------------------------------------------------------------------------- 2. cached, offline
+
+
+def test_cached_load_works_without_network(registry_server, cache):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    registry_server.close()
+    transcriptformer.clear_cache()
+
+    assert registry.fetch("tf-sapiens", cache_dir=cache) == folder
+    model = transcriptformer.load_model("TF_Sapiens", cache_dir=cache)
+    assert model.name == "tf-sapiens"
+    assert model.path == folder.resolve()
+    assert registry_server.requests == [PREFIX + "tf_sapiens.tar.gz"]
+
+    # the server really is gone: anything not cached now fails to download
+    with pytest.raises(requests.exceptions.ConnectionError):
+        registry.fetch("all-embeddings", cache_dir=cache, progress=False)
+    _nothing_cached(cache, "all_embeddings")
+
+
+# --------------------------------------------------------------------------- 3. corrupted cache
+
+
+@pytest.mark.parametrize("rel", ["model_weights.pt", "config.json"])
+def test_corrupted_cached_file_is_detected(registry_server, cache, rel):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    transcriptformer.load_model("tf-sapiens", cache_dir=cache)  # fine before the damage
+    path = folder / rel
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    transcriptformer.clear_cache()
+
+    with pytest.raises(ValueError, match="corrupted") as info:
+        transcriptformer.load_model("tf-sapiens", cache_dir=cache)
+    msg = str(info.value)
+    assert rel in msg
+    assert str(folder.resolve() / rel) in msg
+    assert "--force" in msg
+    assert "Delete" in msg
+    with pytest.raises(ValueError, match="corrupted"):
+        registry.verify_checkpoint(folder)
+
+    # the recovery the message gives works
+    registry.fetch("tf-sapiens", cache_dir=cache, progress=False, force=True)
+    registry.verify_checkpoint(folder)
+    assert transcriptformer.load_model("tf-sapiens", cache_dir=cache).name == "tf-sapiens"
+
+
+def test_missing_cached_file_is_detected(registry_server, cache):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    (folder / "vocabs" / "assay_vocab.json").unlink()
+    with pytest.raises(ValueError, match="missing") as info:
+        registry.verify_checkpoint(folder)
+    assert "assay_vocab.json" in str(info.value)
+    (folder / "added.txt").write_text("not from the download")
+    with pytest.raises(ValueError, match="not among the files recorded"):
+        registry.verify_checkpoint(folder, ["added.txt"])
+
+
+# --------------------------------------------------------------------------- 4. interrupted download
+
+
+def test_interrupted_download_is_not_cached(registry_server, cache):
+    registry_server.mode = "short"  # Content-Length larger than what is sent, then the connection closes
+    with pytest.raises(requests.exceptions.RequestException, match=r"Connection broken|IncompleteRead"):
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    _nothing_cached(cache)
+    assert not registry.available(cache).loc["tf-sapiens", "cached"]
+
+    registry_server.mode = "ok"
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    registry.verify_checkpoint(folder)
+    assert len(registry_server.requests) == 2  # nothing half-downloaded was reused
+
+
+def test_truncated_download_without_length_is_not_cached(registry_server, cache):
+    # No Content-Length: the HTTP layer cannot tell the body is short, the tarball check must.
+    registry_server.mode = "short-unsized"
+    with pytest.raises(ValueError, match=r"tf_sapiens\.tar\.gz is not a complete"):
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    _nothing_cached(cache)
+
+    registry_server.mode = "ok"
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    registry.verify_checkpoint(folder)
+    assert (folder / "model_weights.pt").read_bytes() == (TINY / "model_weights.pt").read_bytes()
+    assert len(registry_server.requests) == 2
+
+
+# --------------------------------------------------------------------------- 5. malicious tarballs
+
+
+def _malicious(kind: str, outside: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    good = _checkpoint_entries()
+    if kind == "dotdot":
+        return [*good, _file("../evil", b"x")]
+    if kind == "dotdot-deep":  # from <cache>/.tf_sapiens-xxx/ this lands in the cache's parent
+        return [*good, _file("tf_sapiens/../../../evil", b"x")]
+    if kind == "absolute":
+        return [*good, _file(str(outside / "evil_abs"), b"x")]
+    if kind == "symlink":  # then write through it
+        return [*good, _symlink("tf_sapiens/link", "../../etc"), _file("tf_sapiens/link/evil", b"x")]
+    if kind == "symlink-up":  # a link to the extraction folder's root (leaves tf_sapiens/ once moved)
+        return [*good, _symlink("tf_sapiens/link", ".."), _file("tf_sapiens/link/evil", b"x")]
+    if kind == "symlink-absolute":
+        return [*good, _symlink("tf_sapiens/link", str(outside))]
+    if kind == "other-top":
+        return [*good, _dir("other_folder"), _file("other_folder/evil", b"x")]
+    if kind == "top-level-file":
+        return [*good, _file("evil", b"x")]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["dotdot", "dotdot-deep", "absolute", "symlink", "symlink-up", "symlink-absolute", "other-top", "top-level-file"],
+)
+def test_malicious_tarball_is_refused(registry_server, registry_tarballs, cache, tmp_path, kind):
+    entries = _malicious(kind, tmp_path)
+    if kind == "absolute":
+        assert entries[-1][0].name.startswith("/")
+    registry_server.files["tf_sapiens.tar.gz"] = _tar_bytes(entries)
+
+    with pytest.raises(ValueError, match="refusing"):
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+
+    assert sorted(os.listdir(tmp_path)) == ["cache"]  # nothing written beside the cache
+    assert not (cache / "evil").exists()
+    _nothing_cached(cache)  # and nothing that poisons the next download
+
+    registry_server.files["tf_sapiens.tar.gz"] = registry_tarballs["tf_sapiens.tar.gz"]
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    assert not (folder / "link").exists()
+    registry.verify_checkpoint(folder)
+
+
+def test_tarball_without_expected_folder_is_refused(registry_server, cache):
+    registry_server.files["tf_sapiens.tar.gz"] = _tar_bytes(_checkpoint_entries(top="tf_exemplar"))
+    with pytest.raises(ValueError, match="refusing"):
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    _nothing_cached(cache)
+
+
+# --------------------------------------------------------------------------- 6. environment variables, available()
+
+
+def test_environment_variables_are_honoured(registry_tarballs, monkeypatch, tmp_path):
+    server = _RegistryServer(registry_tarballs, prefix="/mirror/sub/")
+    try:
+        monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", server.url.rstrip("/"))  # no trailing slash
+        env_cache = tmp_path / "env"
+        monkeypatch.setenv("TRANSCRIPTFORMER_CACHE", str(env_cache))
+        assert registry.cache_path() == env_cache
+        assert registry.cache_path(tmp_path / "arg") == tmp_path / "arg"
+
+        before = registry.available()
+        assert list(before.index) == ["tf-sapiens", "tf-exemplar", "tf-metazoa", "all-embeddings"]
+        assert not before["cached"].any()
+        assert before["path"].isna().all()
+        assert before.loc["tf-sapiens", "url"] == server.url + "tf_sapiens.tar.gz"
+
+        folder = registry.fetch("tf-sapiens", progress=False)
+        assert server.requests == ["/mirror/sub/tf_sapiens.tar.gz"]
+        assert folder == env_cache / "tf_sapiens"
+        assert (env_cache / "tf_sapiens.sha256.json").is_file()
+        assert (env_cache / "known_hashes.json").is_file()
+        assert not (tmp_path / "arg").exists()
+
+        after = registry.available()
+        assert after["cached"].to_dict() == {
+            "tf-sapiens": True,
+            "tf-exemplar": False,
+            "tf-metazoa": False,
+            "all-embeddings": False,
+        }
+        assert after.loc["tf-sapiens", "path"] == str(env_cache / "tf_sapiens")
+        assert not registry.available(tmp_path / "arg")["cached"].any()  # cache_dir wins over the variable
+
+        assert transcriptformer.load_model("tf-sapiens").path == folder.resolve()
+    finally:
+        server.close()
+
+
+# --------------------------------------------------------------------------- 7. recorded tarball hash enforced
+
+
+def test_recorded_tarball_hash_is_enforced(registry_server, registry_tarballs, cache):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    recorded = json.loads((cache / "known_hashes.json").read_text())["tf_sapiens.tar.gz"]
+    shutil.rmtree(folder)
+
+    entries = _checkpoint_entries()
+    entries.append(_file("tf_sapiens/extra.txt", b"the publisher changed something"))
+    registry_server.files["tf_sapiens.tar.gz"] = _tar_bytes(entries)
+    with pytest.raises(ValueError, match="sha256") as info:
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    msg = str(info.value)
+    assert recorded in msg
+    assert "known_hashes.json" in msg
+    assert not folder.exists()
+    assert json.loads((cache / "known_hashes.json").read_text()) == {"tf_sapiens.tar.gz": recorded}
+    assert list((cache / ".downloads").iterdir()) == []
+
+    # the original tarball is accepted again
+    registry_server.files["tf_sapiens.tar.gz"] = registry_tarballs["tf_sapiens.tar.gz"]
+    assert registry.fetch("tf-sapiens", cache_dir=cache, progress=False) == folder
+    assert not (folder / "extra.txt").exists()
+
+
+# --------------------------------------------------------------------------- 8. species tables
+
+
+def test_species_table(registry_server, cache):
+    path = registry.species_table("mus_musculus", cache_dir=cache, progress=False)
+    assert path == cache / "all_embeddings" / "mus_musculus_gene.h5"
+    assert path.read_bytes() == (TINY / "vocabs" / "mus_musculus_gene.h5").read_bytes()
+    assert registry_server.requests == [PREFIX + "all_embeddings.tar.gz"]
+    assert registry.species_table("Mus musculus", cache_dir=cache) == path
+    assert resolve_species_tables("mus_musculus", cache_dir=cache) == [path]
+    assert len(registry_server.requests) == 1
+
+    with pytest.raises(KeyError, match="danio_rerio") as info:
+        registry.species_table("danio_rerio", cache_dir=cache)
+    assert "homo_sapiens" in str(info.value)
+    assert "mus_musculus" in str(info.value)
+
+    # a species name cannot reach files outside the gene tables
+    (cache / "secret_gene.h5").write_bytes(b"x")
+    for bad in ("../secret", "../tf_sapiens/vocabs/mus_musculus", "/etc/passwd"):
+        with pytest.raises(KeyError, match="available"):
+            registry.species_table(bad, cache_dir=cache)
+
+
+# --------------------------------------------------------------------------- 9. names
+
+
+def test_names():
+    assert registry.canonical_name("TF_Sapiens") == "tf-sapiens"
+    assert registry.canonical_name(" tf_metazoa ") == "tf-metazoa"
+    assert registry.canonical_name("all_embeddings") == "all-embeddings"
+    with pytest.raises(KeyError, match="tf-foo"):
+        registry.canonical_name("tf-foo")
+    assert registry.is_registered("tf-exemplar")
+    assert not registry.is_registered("tf-foo")
+    assert not registry.is_registered("./tf_sapiens/")
+    assert set(registry.MODEL_NAMES) < set(registry.FOLDERS)
+    assert set(registry.REGISTRY) == {f"{f}.tar.gz" for f in registry.FOLDERS.values()}
+
+
+def test_unknown_name_does_not_touch_network_or_cache(registry_server, cache):
+    with pytest.raises(KeyError, match="tf-foo"):
+        registry.fetch("tf-foo", cache_dir=cache)
+    assert registry_server.requests == []
+    assert list(cache.iterdir()) == []
