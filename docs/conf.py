@@ -63,7 +63,7 @@ extensions = [
 ]
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "generated/*.inc"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 master_doc = "index"
 default_role = "literal"
@@ -81,15 +81,12 @@ napoleon_include_init_with_doc = False
 napoleon_use_rtype = True
 napoleon_use_param = True
 napoleon_use_ivar = True
-napoleon_custom_sections = [("Params", "Parameters")]
 
 typehints_defaults = "braces"
 typehints_use_signature = False
 typehints_use_signature_return = False
 always_document_param_types = False
 typehints_document_rtype = True
-# postponed annotations (``from __future__ import annotations``) are resolved by the extension;
-# names it cannot resolve are shown as written instead of failing
 typehints_fully_qualified = False
 
 # -- MyST / myst-nb ----------------------------------------------------------------------------
@@ -110,7 +107,6 @@ nb_execution_mode = os.environ.get("TRANSCRIPTFORMER_DOCS_EXECUTE", "cache")
 nb_execution_timeout = 120
 nb_execution_raise_on_error = True  # a failing tutorial fails the build
 nb_execution_show_tb = True
-nb_execution_excludepatterns: list[str] = []
 nb_merge_streams = True
 nb_output_stderr = "show"
 
@@ -174,4 +170,3 @@ html_context = {
 
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
-

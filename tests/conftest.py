@@ -42,7 +42,9 @@ def stages() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def reference():
-    return {name: ad.read_h5ad(REFERENCE / f"human_{name}.h5ad") for name in ("cell", "llh", "gene_llh", "cge", "raw_cell")}
+    return {
+        name: ad.read_h5ad(REFERENCE / f"human_{name}.h5ad") for name in ("cell", "llh", "gene_llh", "cge", "raw_cell")
+    }
 
 
 def snapshot(adata: ad.AnnData) -> dict:

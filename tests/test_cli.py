@@ -10,9 +10,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-from conftest import DATA
 
 import transcriptformer
+from conftest import DATA
 
 ATOL = 1e-5
 EXE = shutil.which("transcriptformer") or str(Path(sys.executable).parent / "transcriptformer")
@@ -37,8 +37,19 @@ def human_h5ad(tmp_path_factory):
 def _infer(tmp_path, tiny_path, data, *extra) -> ad.AnnData:
     files = data if isinstance(data, list) else [data]
     run_cli(
-        "inference", "--checkpoint-path", tiny_path, "--data-file", *files, "--output-path", tmp_path / "out",
-        "--output-filename", "result.h5ad", "--precision", "32", "--no-progress", *extra,
+        "inference",
+        "--checkpoint-path",
+        tiny_path,
+        "--data-file",
+        *files,
+        "--output-path",
+        tmp_path / "out",
+        "--output-filename",
+        "result.h5ad",
+        "--precision",
+        "32",
+        "--no-progress",
+        *extra,
     )
     out = ad.read_h5ad(tmp_path / "out" / "result.h5ad")
     assert not list((tmp_path / "out").glob("*.tmp")), "temporary file left behind"
@@ -103,9 +114,13 @@ def test_several_data_files_are_concatenated(tmp_path, tiny_path, human_h5ad, re
 
 def test_obs_keys_override_and_normalize(tmp_path, tiny_path, human_h5ad):
     out = _infer(
-        tmp_path, tiny_path, human_h5ad,
-        "--config-override", "model.inference_config.obs_keys.0=cell_type",
-        "--config-override", "model.data_config.normalize_to_scale=100",
+        tmp_path,
+        tiny_path,
+        human_h5ad,
+        "--config-override",
+        "model.inference_config.obs_keys.0=cell_type",
+        "--config-override",
+        "model.data_config.normalize_to_scale=100",
     )
     assert list(out.obs.columns) == ["cell_type"]
     import transcriptformer.scanpy as tfs
@@ -119,7 +134,14 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_path, human_h5ad):
         ("--checkpoint-path", tmp_path / "missing", "--data-file", human_h5ad),
         ("--checkpoint-path", tiny_path, "--data-file", tmp_path / "missing.h5ad"),
         ("--checkpoint-path", tiny_path, "--data-file", human_h5ad, "--gene-col-name", "nope"),
-        ("--checkpoint-path", tiny_path, "--data-file", human_h5ad, "--config-override", "model.data_config.sort_genes=true"),
+        (
+            "--checkpoint-path",
+            tiny_path,
+            "--data-file",
+            human_h5ad,
+            "--config-override",
+            "model.data_config.sort_genes=true",
+        ),
         ("--checkpoint-path", tiny_path, "--data-file", human_h5ad, "--config-override", "nonsense"),
     ]
     for args in cases:

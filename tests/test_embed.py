@@ -13,10 +13,10 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
-from conftest import assert_unchanged, snapshot
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
+from conftest import assert_unchanged, snapshot
 from transcriptformer.tokenize import TranscriptFormerWarning
 
 
@@ -174,7 +174,10 @@ def test_normalize_to_scale_and_clip(tiny_path, tiny_adata, tiny_model):
     from transcriptformer.tokenize import TokenizeOptions, prepare_cells
 
     w = prepare_cells(
-        tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63,
+        tiny_adata,
+        tiny_model.vocab,
+        tiny_model.aux_vocabs,
+        seq_len=63,
         options=TokenizeOptions(normalize_to_scale=100, clip_counts=None),
     ).read(0, 21)
     np.testing.assert_allclose(w.counts.sum(1), 100, rtol=1e-5)
@@ -310,7 +313,12 @@ def test_weights_do_not_fit_config(tiny_path, tiny_adata, tmp_path):
     state = torch.load(broken / "model_weights.pt", weights_only=True)
     state["extra.weight"] = state.pop("mu.gene_embedding.weight")
     torch.save(state, broken / "model_weights.pt")
-    _fails(tiny_adata, ValueError, r"missing keys \(1\): mu.gene_embedding.weight.*unexpected keys \(1\): extra.weight", model=broken)
+    _fails(
+        tiny_adata,
+        ValueError,
+        r"missing keys \(1\): mu.gene_embedding.weight.*unexpected keys \(1\): extra.weight",
+        model=broken,
+    )
 
 
 def test_bad_options(tiny_path, tiny_adata):

@@ -164,7 +164,8 @@ DIST_SCRIPT = textwrap.dedent(
     adata = ad.read_h5ad(sys.argv[1])
     tfs.tl.embed(adata, model=tfs.datasets.tiny_model_path(), llh=True, batch_size=4)
     assert adata.uns["transcriptformer"]["params"]["device"] == "cpu"
-    np.save(f"{sys.argv[2]}.rank{dist.get_rank()}.npy", np.c_[adata.obsm["X_transcriptformer"], adata.obs["transcriptformer_llh"]])
+    result = np.c_[adata.obsm["X_transcriptformer"], adata.obs["transcriptformer_llh"]]
+    np.save(f"{sys.argv[2]}.rank{dist.get_rank()}.npy", result)
     dist.destroy_process_group()
     """
 )
@@ -190,8 +191,20 @@ def test_distributed_two_processes_gloo_python_api(tmp_path, big_adata, one_at_a
 def test_distributed_two_processes_gloo_cli(tmp_path, tiny_path, big_adata, one_at_a_time):
     big_adata.write_h5ad(tmp_path / "cells.h5ad")
     _torchrun(
-        "-m", "transcriptformer.cli", "inference", "--checkpoint-path", tiny_path, "--data-file", tmp_path / "cells.h5ad",
-        "--output-path", tmp_path / "out", "--llh", "--no-progress", "--device", "cpu", cwd=tmp_path,
+        "-m",
+        "transcriptformer.cli",
+        "inference",
+        "--checkpoint-path",
+        tiny_path,
+        "--data-file",
+        tmp_path / "cells.h5ad",
+        "--output-path",
+        tmp_path / "out",
+        "--llh",
+        "--no-progress",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
     )
     out = ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad")
     assert out.n_obs == big_adata.n_obs

@@ -91,6 +91,7 @@ def test_memory_stays_bounded_for_full_length_sequences():
         print((after - before) / 1024)
         """
     )
+
     def peak(backend):
         out = subprocess.run([sys.executable, "-c", script, backend], capture_output=True, text=True, check=True)
         return float(out.stdout.strip().splitlines()[-1])

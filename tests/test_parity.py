@@ -20,7 +20,12 @@ ATOL = 1e-5
 
 def _source(model, adata, **options):
     return prepare_cells(
-        adata, model.vocab, model.aux_vocabs, seq_len=model.seq_len, options=TokenizeOptions(**options), model_name=model.name
+        adata,
+        model.vocab,
+        model.aux_vocabs,
+        seq_len=model.seq_len,
+        options=TokenizeOptions(**options),
+        model_name=model.name,
     )
 
 
@@ -103,7 +108,9 @@ def test_engine_outputs_match_references(tiny_model, tiny_adata, reference, atte
     np.testing.assert_allclose(res.gene_llh, reference["gene_llh"].obsm["gene_llh"], atol=ATOL, rtol=0)
     cge = reference["cge"].uns
     np.testing.assert_array_equal(res.cge_cell_indices, cge["cge_cell_indices"])
-    np.testing.assert_array_equal(tiny_model.vocab.names()[res.cge_tokens].astype(str), cge["cge_gene_names"].astype(str))
+    np.testing.assert_array_equal(
+        tiny_model.vocab.names()[res.cge_tokens].astype(str), cge["cge_gene_names"].astype(str)
+    )
     np.testing.assert_allclose(res.cge_embeddings, cge["cge_embeddings"], atol=ATOL, rtol=0)
 
 
@@ -111,7 +118,9 @@ def test_embed_from_X_and_from_raw(tiny_path, tiny_adata, tiny_raw_adata, refere
     tfs.tl.embed(tiny_adata, model=tiny_path, llh=True)
     np.testing.assert_allclose(tiny_adata.obsm["X_transcriptformer"], reference["cell"].obsm["embeddings"], atol=ATOL)
     np.testing.assert_allclose(tiny_adata.obs["transcriptformer_llh"], reference["llh"].obsm["llh"].ravel(), atol=ATOL)
-    np.testing.assert_allclose(tiny_adata.uns["transcriptformer"]["llh"], reference["llh"].obsm["llh"].ravel(), atol=ATOL)
+    np.testing.assert_allclose(
+        tiny_adata.uns["transcriptformer"]["llh"], reference["llh"].obsm["llh"].ravel(), atol=ATOL
+    )
     # counts in .raw (layer=None picks raw automatically; X holds log-normalised values and no id column)
     tfs.tl.embed(tiny_raw_adata, model=tiny_path)
     assert tiny_raw_adata.uns["transcriptformer"]["params"]["counts_source"] == "raw.X"
@@ -140,5 +149,7 @@ def test_shuffled_cell_order(tiny_path, tiny_adata):
     shuffled = tiny_adata[perm].copy()
     tfs.tl.embed(shuffled, model=tiny_path, llh=True, batch_size=8)
     np.testing.assert_allclose(shuffled.obsm["X_transcriptformer"], ref.obsm["X_transcriptformer"][perm], atol=1e-6)
-    np.testing.assert_allclose(shuffled.obs["transcriptformer_llh"], ref.obs["transcriptformer_llh"].to_numpy()[perm], atol=1e-6)
+    np.testing.assert_allclose(
+        shuffled.obs["transcriptformer_llh"], ref.obs["transcriptformer_llh"].to_numpy()[perm], atol=1e-6
+    )
     assert list(shuffled.obs_names) == list(tiny_adata.obs_names[perm])

@@ -103,7 +103,9 @@ def _check_layout(path: Path, config: TranscriptFormerConfig | None = None) -> N
     if config is not None:
         missing += [f"{VOCAB_DIR}/{f}" for f in config.data.esm2_mappings if not (path / VOCAB_DIR / f).is_file()]
         missing += [
-            f"{VOCAB_DIR}/{c}_vocab.json" for c in config.data.aux_cols if not (path / VOCAB_DIR / f"{c}_vocab.json").is_file()
+            f"{VOCAB_DIR}/{c}_vocab.json"
+            for c in config.data.aux_cols
+            if not (path / VOCAB_DIR / f"{c}_vocab.json").is_file()
         ]
     if missing:
         raise FileNotFoundError(
@@ -135,7 +137,9 @@ def _describe_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
     return "; ".join(parts)
 
 
-def build_model(path: str | Path, *, name: str | None = None, config: TranscriptFormerConfig | None = None) -> LoadedModel:
+def build_model(
+    path: str | Path, *, name: str | None = None, config: TranscriptFormerConfig | None = None
+) -> LoadedModel:
     """Load a checkpoint folder without the in-memory cache (see :func:`load_model`)."""
     path = Path(path).expanduser().resolve()
     _check_layout(path)

@@ -159,10 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="published config keys, e.g. model.data_config.normalize_to_scale=10000 (repeatable)",
     )
-    inf.add_argument("--attention", choices=["auto", "chunked", "flex", "dense"], default="auto", help=argparse.SUPPRESS)
+    inf.add_argument(
+        "--attention", choices=["auto", "chunked", "flex", "dense"], default="auto", help=argparse.SUPPRESS
+    )
     for flag in ("--oom-dataloader", "--disable-compile-block-mask"):
         inf.add_argument(flag, action="store_true", help="accepted for compatibility; no effect")
-    inf.add_argument("--num-gpus", type=int, default=None, help="accepted for compatibility; use torchrun for several GPUs")
+    inf.add_argument(
+        "--num-gpus", type=int, default=None, help="accepted for compatibility; use torchrun for several GPUs"
+    )
     inf.add_argument("--model-type", choices=["transcriptformer"], default="transcriptformer", help="model type")
     inf.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -215,7 +219,9 @@ def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
             setattr(args, dest, value)
         elif section == "data_config" and name in _DEFAULT_ONLY:
             if value not in (None, _DEFAULT_ONLY[name], False, 0):
-                raise CLIError(f"--config-override {key}={text}: only the default ({_DEFAULT_ONLY[name]}) is supported.")
+                raise CLIError(
+                    f"--config-override {key}={text}: only the default ({_DEFAULT_ONLY[name]}) is supported."
+                )
         elif section in ("model_config", "data_config", "loss_config") and len(parts) == 3:
             model_overrides[f"{section}.{name}"] = value
         else:
@@ -321,7 +327,9 @@ def run_inference(args: argparse.Namespace) -> Path | None:
     if args.gene_llh:
         keys.add("gene_llh")
     cge = args.emb_type == "cge"
-    outputs = Outputs(embeddings="embeddings" in keys and not cge, llh="llh" in keys, gene_llh="gene_llh" in keys, cge=cge)
+    outputs = Outputs(
+        embeddings="embeddings" in keys and not cge, llh="llh" in keys, gene_llh="gene_llh" in keys, cge=cge
+    )
     rank, world = _init_distributed()
     device = args.device
     if world > 1 and device in ("auto", "cuda") and _cuda():
@@ -348,9 +356,9 @@ def run_inference(args: argparse.Namespace) -> Path | None:
         out.uns["cge_cell_indices"] = np.concatenate(
             [r.cge_cell_indices + off for r, off in zip(results, offsets, strict=True)]
         ).astype(np.int64)
-        out.uns["cge_gene_names"] = np.concatenate(
-            [p["vocab"].names()[p["result"].cge_tokens] for p in parts]
-        ).astype(str)
+        out.uns["cge_gene_names"] = np.concatenate([p["vocab"].names()[p["result"].cge_tokens] for p in parts]).astype(
+            str
+        )
     path = Path(args.output_path) / args.output_filename
     _write_atomic(out, path)
     logger.info("wrote %s (%d cells)", path, out.n_obs)
@@ -400,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("transcriptformer: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - every failure becomes a one-line message
+    except Exception as e:
         if args.verbose:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -105,11 +105,11 @@ class ModelConfig:
             )
         for name in ("embed_dim", "model_dim", "num_layers", "num_heads", "seq_len"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"config.json: model_config.{name} must be a positive integer, got {getattr(self, name)}.")
+                raise ValueError(
+                    f"config.json: model_config.{name} must be a positive integer, got {getattr(self, name)}."
+                )
         if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"config.json: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}."
-            )
+            raise ValueError(f"config.json: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}.")
         if self.softcap < 0 or not math.isfinite(self.softcap):
             raise ValueError(f"config.json: softcap must be a finite number >= 0, got {self.softcap}.")
 

@@ -366,7 +366,7 @@ class Engine:
                 win_emb = np.zeros((len(window), E), dtype=np.float32) if embeddings_out is not None else None
                 win_cge: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-                def sink(idx: np.ndarray, res: dict[str, torch.Tensor], base=base, win_emb=win_emb, win_cge=win_cge):
+                def sink(idx, res, base=base, window=window, win_emb=win_emb, win_cge=win_cge):
                     rows = base + idx
                     if "embeddings" in res:
                         target = emb if win_emb is None else win_emb
@@ -441,7 +441,10 @@ def _gather(result: InferenceResult, n: int, external_embeddings: bool) -> Infer
 
     world = dist.get_world_size()
     shards: list[Any] = [None] * world
-    payload = {k: getattr(result, k) for k in ("llh", "gene_llh", "n_genes", "cge_embeddings", "cge_cell_indices", "cge_tokens")}
+    payload = {
+        k: getattr(result, k)
+        for k in ("llh", "gene_llh", "n_genes", "cge_embeddings", "cge_cell_indices", "cge_tokens")
+    }
     if not external_embeddings:
         payload["embeddings"] = result.embeddings
     dist.all_gather_object(shards, payload)

@@ -49,9 +49,7 @@ DEFAULT_MAX_SCORES = 1 << 23
 # attention
 
 
-def dense_attention(
-    q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float
-) -> Tensor:
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float) -> Tensor:
     """Reference attention: the full score matrix, as the published (eager flex) kernel computes it.
 
     Parameters
@@ -133,16 +131,14 @@ def chunked_attention(
 _compiled_flex = None
 
 
-def flex_attention_fn(
-    q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float
-) -> Tensor:
+def flex_attention_fn(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float) -> Tensor:
     """The same function through ``torch.nn.attention.flex_attention`` (compiled; for CUDA)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    B, H, T, _ = q.shape
+    B, _, T, _ = q.shape
     bias = key_bias.float()
 
     def score_mod(score, b, h, q_idx, kv_idx):

@@ -237,8 +237,10 @@ class CellSource:
         return block if self.all_columns else block[:, self.columns]
 
     def _check_block(self, values: np.ndarray, start: int) -> None:
-        """Refuse negative / NaN counts (backed data only: in-memory data was checked up front); warn once
-        when the values do not look like raw counts."""
+        """Refuse negative or NaN counts, and warn once if the values do not look like raw counts.
+
+        In-memory data was checked up front, so only backed data is checked here.
+        """
         if self._check_values:
             _refuse_bad_values(values, self.source, f" (cells from row {start})")
         if not self._checked_raw_counts:

@@ -101,7 +101,9 @@ def read_gene_tables(paths: Iterable[str | Path]) -> GeneTable:
             seen.add(k)
             keep.append(i)
         if n_dup:
-            logger.info("%s: %d gene id(s) already in an earlier table; keeping the first occurrence.", path.name, n_dup)
+            logger.info(
+                "%s: %d gene id(s) already in an earlier table; keeping the first occurrence.", path.name, n_dup
+            )
         ids.extend(keys[i] for i in keep)
         if keep:
             vectors.append(vecs[keep])

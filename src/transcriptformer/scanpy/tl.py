@@ -180,7 +180,9 @@ def embed(
     if copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     uns_key, obs_key = (
-        ("transcriptformer", "transcriptformer_llh") if key_added == "X_transcriptformer" else (key_added, f"{key_added}_llh")
+        ("transcriptformer", "transcriptformer_llh")
+        if key_added == "X_transcriptformer"
+        else (key_added, f"{key_added}_llh")
     )
     params = _params(run, loaded, options, llh=llh, batch_size=batch_size, max_tokens=run.engine.max_tokens)
     entry: dict[str, Any] = {"params": params}
@@ -222,7 +224,9 @@ def contextual_gene_embeddings(
 
     Parameters
     ----------
-    adata, model, gene_key, layer, batch_size, max_tokens, device, precision, clip_counts, normalize_to_scale, species_embedding, duplicate_genes, progress, cache_dir
+    adata, model, gene_key, layer, batch_size, max_tokens, device, precision
+        As in :func:`embed`.
+    clip_counts, normalize_to_scale, species_embedding, duplicate_genes, progress, cache_dir
         As in :func:`embed`.
     genes
         Keep only these gene ids (the output for a whole atlas is large: one row per expressed gene
@@ -273,7 +277,9 @@ def contextual_gene_embeddings(
     obs.index = obs.index.astype(str)
     out = AnnData(X=res.cge_embeddings[keep], obs=obs)
     out.var_names = [f"tf_{i}" for i in range(out.n_vars)]
-    out.uns["transcriptformer_cge"] = {"params": _params(run, loaded, options, genes=None if genes is None else list(genes))}
+    out.uns["transcriptformer_cge"] = {
+        "params": _params(run, loaded, options, genes=None if genes is None else list(genes))
+    }
     return out
 
 
