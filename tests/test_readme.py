@@ -1,0 +1,33 @@
+"""The README's quickstart really runs, and .ci/run runs the README's install and test commands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_quickstart_runs(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", _section("Quickstart"), flags=re.S)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README-quickstart", "exec"), namespace)
+    adata = namespace["adata"]
+    assert adata.obsm["X_transcriptformer"].shape == (21, 32)
+    assert "X_umap" in adata.obsm
+    assert namespace["cge"].n_obs == 767
+    assert "n_genes_matched" in capsys.readouterr().out
+
+
+def test_ci_runs_the_readme_commands():
+    commands = re.findall(r"```bash\n(.*?)```", _section("Development: install and test on a fresh machine"), flags=re.S)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in commands:
+        assert command.strip() in ci, f"{command.strip()!r} is not in .ci/run"
