@@ -27,7 +27,9 @@ def test_quickstart_runs(capsys, monkeypatch, tmp_path):
 
 
 def test_ci_runs_the_readme_commands():
-    commands = re.findall(r"```bash\n(.*?)```", _section("Development: install and test on a fresh machine"), flags=re.S)
+    commands = re.findall(
+        r"```bash\n(.*?)```", _section("Development: install and test on a fresh machine"), flags=re.S
+    )
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for command in commands:
         assert command.strip() in ci, f"{command.strip()!r} is not in .ci/run"
