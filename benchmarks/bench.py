@@ -646,7 +646,7 @@ def main(argv=None) -> None:
     p.add_argument("--published-cli", metavar="PYTHON", help="python of a venv with the published transcriptformer 0.6.1")
     p.add_argument("--published-compile", action="store_true", help="let the published CLI compile flex_attention")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
-    p.add_argument("--gpu-cells", type=int, default=4096, help="cells for workload (b)")
+    p.add_argument("--gpu-cells", type=int, default=2048, help="cells for workload (b)")
     p.add_argument("--fp32-cells", type=int, default=256, help="cells for the bf16-vs-fp32 comparison")
     p.add_argument("--gpu-budget-s", type=float, default=420.0, help="stop starting new GPU steps after this")
     p.add_argument("--seed", type=int, default=0)

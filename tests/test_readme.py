@@ -33,3 +33,14 @@ def test_ci_runs_the_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for command in commands:
         assert command.strip() in ci, f"{command.strip()!r} is not in .ci/run"
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import transcriptformer.checkpoint
+    import transcriptformer.scanpy.tl
+
+    for module in (transcriptformer.checkpoint, transcriptformer.scanpy.tl):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

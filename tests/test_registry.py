@@ -201,9 +201,9 @@ def test_first_download_unpacks_records_hashes_and_loads(registry_server, regist
     for rel, path in on_disk.items():
         assert manifest["files"][rel] == _sha(path)
 
-    # no tarball or temporary folder left behind
+    # no tarball or temporary folder left behind (the inter-process lock file stays, empty)
     assert not (cache / ".downloads" / "tf_sapiens.tar.gz").exists()
-    assert sorted(p.name for p in cache.iterdir() if p.name != ".downloads") == [
+    assert sorted(p.name for p in cache.iterdir() if p.name not in (".downloads", ".tf_sapiens.lock")) == [
         "known_hashes.json",
         "tf_sapiens",
         "tf_sapiens.sha256.json",
@@ -481,3 +481,25 @@ def test_unknown_name_does_not_touch_network_or_cache(registry_server, cache):
         registry.fetch("tf-foo", cache_dir=cache)
     assert registry_server.requests == []
     assert list(cache.iterdir()) == []
+
+
+def test_concurrent_fetches_download_once(registry_server, cache):
+    """Several processes (e.g. torchrun ranks) asking for the same model: one download, all get the folder."""
+    import threading
+
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(registry.fetch("tf-sapiens", cache_dir=cache, progress=False))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(results)) == 1 and results[0] == cache / "tf_sapiens"
+    assert registry_server.requests == [PREFIX + "tf_sapiens.tar.gz"]

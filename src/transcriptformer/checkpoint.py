@@ -62,8 +62,8 @@ class LoadedModel:
     path: Path
     name: str
     weights_sha256: str
-    _device_copies: dict[str, TranscriptFormer] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _device_copies: dict[str, TranscriptFormer] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def seq_len(self) -> int:
@@ -210,14 +210,16 @@ def load_model(model: str | os.PathLike | LoadedModel, *, cache_dir: str | os.Pa
 
     Returns
     -------
-    The loaded model. Loaded models are kept in memory per folder, so calling this again with the
-    same checkpoint (unchanged on disk) returns the same object.
+    LoadedModel
+        The loaded model. Loaded models are kept in memory per folder, so calling this again with the
+        same checkpoint (unchanged on disk) returns the same object.
 
     Examples
     --------
     >>> import transcriptformer
-    >>> m = transcriptformer.load_model("tests/data/tf_tiny")  # doctest: +SKIP
-    >>> m.embed_dim  # doctest: +SKIP
+    >>> import transcriptformer.scanpy as tfs
+    >>> m = transcriptformer.load_model(tfs.datasets.tiny_model_path())
+    >>> m.embed_dim
     32
     """
     if isinstance(model, LoadedModel):
@@ -281,7 +283,8 @@ def species_vocabulary(
 
     Returns
     -------
-    The new vocabulary, its ESM matrix ``(V', D)`` and its count-head bias ``(V', 1)`` (float32, CPU).
+    tuple[GeneVocab, torch.Tensor, torch.Tensor]
+        The new vocabulary, its ESM matrix ``(V', D)`` and its count-head bias ``(V', 1)`` (float32, CPU).
     """
     table = read_gene_tables(tables)
     weight = loaded.model.gene_embeddings.embedding.weight.detach()

@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--data-file", required=True, nargs="+", help="input h5ad file(s); several are concatenated")
     inf.add_argument("--output-path", default="./inference_results", help="output folder")
     inf.add_argument("--output-filename", default="embeddings.h5ad", help="output file name")
-    inf.add_argument("--batch-size", type=int, default=None, help="most cells per batch (default: token budget only)")
+    inf.add_argument(
+        "--batch-size", type=int, default=None, help="most cells per batch; unset: limited by --max-tokens"
+    )
     inf.add_argument("--max-tokens", type=int, default=None, help="token budget per batch")
     inf.add_argument("--gene-col-name", default="ensembl_id", help="var column with Ensembl gene ids")
     inf.add_argument(
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument(
         "--use-raw",
         type=_bool_or_auto,
-        default=None,
+        default="auto",
         metavar="{True,False,auto}",
         help="counts from .raw (True), from X (False), or .raw if present (auto)",
     )

@@ -126,6 +126,35 @@ class _Tables:
     bias: torch.Tensor
 
 
+class GeneEmbeddingCache:
+    """The gene-embedding MLP's output per token id, computed the first time a token is seen.
+
+    A gene's input embedding depends on nothing but its token, so every later batch only gathers
+    rows. Exact up to float32 round-off (the MLP runs on other shapes). Used when the table fits in
+    ``max_bytes``.
+    """
+
+    def __init__(self, model: TranscriptFormer, table: torch.Tensor | None, device: torch.device, max_bytes: int):
+        self.model = model
+        self.table = table
+        V = model.gene_embeddings.embedding.num_embeddings if table is None else table.shape[0]
+        E = model.config.embed_dim
+        self.enabled = V * E * 4 <= max_bytes
+        if self.enabled:
+            self.values = torch.empty(V, E, dtype=torch.float32, device=device)
+            self.ready = torch.zeros(V, dtype=torch.bool, device=device)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.model.gene_embeddings(tokens, self.table)
+        seen = torch.unique(tokens)
+        missing = seen[~self.ready[seen]]
+        if missing.numel():
+            self.values[missing] = self.model.gene_embeddings(missing, self.table).float()
+            self.ready[missing] = True
+        return self.values[tokens]
+
+
 def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -189,6 +218,7 @@ class Engine:
         # CUDA kernels (flex in particular) like sequence lengths on a coarse grid; padding is exact
         self._pad_multiple = 128 if self.attention == "flex" else 1
         self.oom_retries = 0
+        self._embed: GeneEmbeddingCache | None = None
 
     # -- batching ---------------------------------------------------------------------------
 
@@ -253,6 +283,7 @@ class Engine:
                 with_targets=outputs.llh,
                 gene_table=None if tables is None else tables.esm,
                 attention=self.attention,
+                embed=self._embed,
             )
             if outputs.embeddings:
                 out["embeddings"] = model.cell_embedding(hidden, tok)
@@ -334,7 +365,8 @@ class Engine:
 
         Returns
         -------
-        Results in input order. Under ``torch.distributed`` every rank returns the full result.
+        InferenceResult
+            Results in input order. Under ``torch.distributed`` every rank returns the full result.
         """
         t0 = time.perf_counter()
         n = source.n_obs
@@ -350,6 +382,10 @@ class Engine:
         dev_tables = None
         if tables is not None:
             dev_tables = _Tables(tables[0].to(self.device), tables[1].to(self.device))
+        cache_bytes = (4 << 30) if self.device.type == "cuda" else (1 << 30)
+        self._embed = GeneEmbeddingCache(
+            self.model, None if dev_tables is None else dev_tables.esm, self.device, cache_bytes
+        )
         clip = source.options.clip_counts
         show = self.progress if self.progress is not None else n >= 2000
         from tqdm.auto import tqdm

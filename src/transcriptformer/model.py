@@ -23,7 +23,7 @@ over query blocks (keys only up to the block's end, since attention is causal). 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -65,7 +65,8 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid
 
     Returns
     -------
-    ``(B, H, T, dk)``; query rows with no allowed key are zero.
+    torch.Tensor
+        ``(B, H, T, dk)``; query rows with no allowed key are zero.
     """
     T = q.shape[-2]
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -346,6 +347,7 @@ class TranscriptFormer(nn.Module):
         with_targets: bool = False,
         gene_table: Tensor | None = None,
         attention: AttentionBackend = "chunked",
+        embed: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Run the encoder.
 
@@ -365,18 +367,22 @@ class TranscriptFormer(nn.Module):
             Replacement ESM matrix for out-of-distribution vocabularies.
         attention
             Attention implementation.
+        embed
+            Replaces the gene-embedding module (token ids -> ``E``-wide vectors), e.g. a cache of its
+            outputs; it must compute the same function.
 
         Returns
         -------
-        ``hidden`` ``(B, L, E)``: position ``j`` is the prediction slot of gene ``t_j`` (it has seen
-        ``t_0 .. t_{j-1}``); and the target embeddings ``(B, L, E)`` or None.
+        tuple[torch.Tensor, torch.Tensor | None]
+            ``hidden`` ``(B, L, E)``: position ``j`` is the prediction slot of gene ``t_j`` (it has seen
+            ``t_0 .. t_{j-1}``); and the target embeddings ``(B, L, E)`` or None.
         """
         B, L = tokens.shape
         A = self.num_aux
         # published: inputs are right-shifted with [START]; counts with a leading 1
         start = tokens.new_full((B, 1), self.start_idx)
         seq = torch.cat([start, tokens if with_targets else tokens[:, : L - 1]], dim=1)
-        ge = self.gene_embeddings(seq, gene_table)
+        ge = embed(seq) if embed is not None else self.gene_embeddings(seq, gene_table)
         shifted = seq[:, :L]
         one = counts.new_ones(B, 1)
         counts_in = torch.cat([one.expand(B, A), one, counts[:, : L - 1]], dim=1).float()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import pooch
+from filelock import FileLock
 
 from ._hash import sha256_file
 
@@ -222,7 +223,8 @@ def fetch(
 
     Returns
     -------
-    The unpacked folder, e.g. ``<cache>/tf_sapiens``.
+    pathlib.Path
+        The unpacked folder, e.g. ``<cache>/tf_sapiens``.
 
     """
     name = canonical_name(name)
@@ -233,6 +235,18 @@ def fetch(
     if _is_cached(folder) and not force:
         return folder
     root.mkdir(parents=True, exist_ok=True)
+    # one download per cache folder at a time (several torchrun processes may ask at once)
+    with FileLock(str(root / f".{folder_name}.lock")):
+        if _is_cached(folder) and not force:
+            return folder
+        _download_and_unpack(name, root, folder, progress)
+    logger.info("%s ready in %s", name, folder)
+    return folder
+
+
+def _download_and_unpack(name: str, root: Path, folder: Path, progress: bool) -> None:
+    folder_name = FOLDERS[name]
+    fname = f"{folder_name}.tar.gz"
     url = base_url() + fname
     logger.info("downloading %s from %s", fname, url)
     downloads = root / ".downloads"
@@ -241,6 +255,9 @@ def fetch(
     if known is None:
         # pooch reuses an existing file when it has no hash to check it against: never trust a leftover
         tarball.unlink(missing_ok=True)
+    pooch_logger = pooch.get_logger()
+    level = pooch_logger.level
+    pooch_logger.setLevel(logging.WARNING)  # its "use this as known_hash" advice does not apply here
     try:
         try:
             pooch.retrieve(
@@ -276,10 +293,9 @@ def fetch(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
+        pooch_logger.setLevel(level)
         # the folder is what is used (its hashes are recorded); a tarball that failed must not be reused
         tarball.unlink(missing_ok=True)
-    logger.info("%s ready in %s", name, folder)
-    return folder
 
 
 def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = None) -> None:
@@ -332,7 +348,8 @@ def available(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
 
     Returns
     -------
-    One row per name: ``description``, ``url``, ``cached`` (bool), ``path`` (the folder, if cached).
+    pandas.DataFrame
+        One row per name: ``description``, ``url``, ``cached`` (bool), ``path`` (the folder, if cached).
 
     """
     root = cache_path(cache_dir)

@@ -366,7 +366,8 @@ def prepare_cells(
 
     Returns
     -------
-    The cells, ready to be read window by window.
+    CellSource
+        The cells, ready to be read window by window.
     """
     matrix, var, source = _select_matrix(adata, options.layer)
     if matrix is None:

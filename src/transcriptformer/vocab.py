@@ -76,7 +76,8 @@ def read_gene_tables(paths: Iterable[str | Path]) -> GeneTable:
 
     Returns
     -------
-    The combined table.
+    GeneTable
+        The combined table.
     """
     ids: list[str] = []
     vectors: list[np.ndarray] = []

@@ -100,6 +100,7 @@ def species_umap(
     ax=None,
     show: bool | None = None,
     return_fig: bool = False,
+    **kwargs: Any,
 ):
     """Joint UMAP of cells from several species embedded by the same cross-species model.
 
@@ -120,6 +121,8 @@ def species_umap(
         One axis (species panel only) or a sequence of two.
     show, return_fig
         As in scanpy's plotting functions.
+    **kwargs
+        Passed to :func:`scanpy.pl.embedding` (e.g. ``size``).
     """
     import matplotlib.pyplot as plt
     import scanpy as sc
@@ -147,7 +150,10 @@ def species_umap(
     basis = _umap_coordinates(joint, rep, n_neighbors, random_state)
     panels = ["species"] + ([color] if color else [])
     if ax is None:
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+        # room on the right of each panel for its legend
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, gridspec_kw={"wspace": 0.7}
+        )
         axes = list(axes[0])
     else:
         axes = list(ax) if isinstance(ax, Sequence) else [ax]
@@ -155,7 +161,7 @@ def species_umap(
             raise ValueError(f"pass {len(panels)} axes (one per panel: {panels}).")
         fig = axes[0].figure
     for a, key in zip(axes, panels, strict=False):
-        sc.pl.embedding(joint, basis=basis, color=key, ax=a, show=False)
+        sc.pl.embedding(joint, basis=basis, color=key, ax=a, show=False, **kwargs)
     return _finish(fig, show, return_fig)
 
 

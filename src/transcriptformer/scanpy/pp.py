@@ -38,11 +38,12 @@ def check_input(
 
     Returns
     -------
-    A summary: ``counts_source``, ``n_obs``, ``n_genes``, ``n_genes_matched``, ``genes_per_cell``
-    (min / median / max genes each cell is given), ``n_cells_without_genes``, ``n_cells_truncated``
-    (cells with more expressed genes than ``seq_len``; the model sees the first ``seq_len`` in column
-    order) and ``aux_labels`` (per auxiliary column, the fraction of cells whose label is unknown to
-    the model).
+    dict
+        A summary: ``model``, ``counts_source``, ``n_obs``, ``n_genes``, ``n_genes_matched``,
+        ``genes_per_cell`` (min / median / max genes each cell is given), ``n_cells_without_genes``,
+        ``n_cells_truncated`` (cells with more expressed genes than ``seq_len``; the model sees the first
+        ``seq_len`` in column order) and ``fraction_unknown_aux`` (per auxiliary column, the fraction of
+        cells whose label is unknown to the model).
     """
     loaded = load_model(model, cache_dir=cache_dir)
     options = TokenizeOptions(
@@ -111,8 +112,9 @@ def match_genes(
 
     Returns
     -------
-    ``None`` or a copy, with ``adata.var[key_added]`` (bool): whether the gene id (version suffix
-    removed) is in the vocabulary.
+    anndata.AnnData | None
+        ``None`` or a copy, with ``adata.var[key_added]`` (bool): whether the gene id (version suffix
+        removed) is in the vocabulary.
     """
     from ..tokenize import _gene_ids  # the id-column resolution rules of tokenisation
 

@@ -100,7 +100,7 @@ def embed(
     batch_size
         Most cells per batch. By default batches are limited by ``max_tokens`` only.
     max_tokens
-        Token budget per batch (cells x longest cell). Default 16,384 on CPU, 131,072 on GPU.
+        Token budget per batch: cells x (longest cell + 1). Default 16,384 on CPU, 131,072 on GPU.
         On a CUDA out-of-memory error the batch is halved and retried.
     device
         ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
@@ -234,10 +234,11 @@ def contextual_gene_embeddings(
 
     Returns
     -------
-    A new AnnData with one observation per (cell, gene): ``X`` holds the embeddings (float32),
-    ``obs`` has ``cell`` (the input's obs name), ``cell_index`` (its position), ``gene_id`` and
-    ``position`` (slot in the cell's sequence); ``uns["transcriptformer_cge"]["params"]`` the run's
-    parameters. ``adata`` is not modified.
+    anndata.AnnData
+        A new AnnData with one observation per (cell, gene): ``X`` holds the embeddings (float32),
+        ``obs`` has ``cell`` (the input's obs name), ``cell_index`` (its position), ``gene_id`` and
+        ``position`` (slot in the cell's sequence); ``uns["transcriptformer_cge"]["params"]`` the run's
+        parameters. ``adata`` is not modified.
     """
     _check_adata(adata)
     loaded = load_model(model, cache_dir=cache_dir)
