@@ -229,7 +229,6 @@ def fetch(
     """
     name = canonical_name(name)
     folder_name = FOLDERS[name]
-    fname = f"{folder_name}.tar.gz"
     root = cache_path(cache_dir)
     folder = root / folder_name
     if _is_cached(folder) and not force:
