@@ -352,3 +352,32 @@ def test_no_warning_on_clean_input(tiny_path, tiny_adata):
     with warnings.catch_warnings():
         warnings.simplefilter("error", TranscriptFormerWarning)
         tfs.tl.embed(tiny_adata, model=tiny_path)
+
+
+@pytest.mark.parametrize("method", ["knn", "logreg"])
+def test_transfer_labels(tiny_path, tiny_adata, method):
+    tfs.tl.embed(tiny_adata, model=tiny_path)
+    ref, query = tiny_adata[::2].copy(), tiny_adata[1::2].copy()
+    before = snapshot(ref)
+    tfs.tl.transfer_labels(query, ref, key="cell_type", method=method, n_neighbors=3)
+    assert_unchanged(ref, before)
+    pred = query.obs["cell_type_transferred"]
+    assert set(pred.cat.categories) <= set(tiny_adata.obs["cell_type"].astype(str))
+    conf = query.obs["cell_type_transferred_confidence"].to_numpy()
+    assert ((conf > 0) & (conf <= 1)).all()
+    assert query.uns["cell_type_transferred"]["params"]["method"] == method
+    # a reference transferred onto itself with one neighbour recovers its own labels
+    self_copy = tfs.tl.transfer_labels(ref, ref, key="cell_type", n_neighbors=1, key_added="again", copy=True)
+    np.testing.assert_array_equal(self_copy.obs["again"].astype(str), ref.obs["cell_type"].astype(str))
+
+
+def test_transfer_labels_errors(tiny_path, tiny_adata):
+    with pytest.raises(KeyError, match="embed it first"):
+        tfs.tl.transfer_labels(tiny_adata, tiny_adata, key="cell_type")
+    tfs.tl.embed(tiny_adata, model=tiny_path)
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        tfs.tl.transfer_labels(tiny_adata, tiny_adata, key="nope")
+    other = tiny_adata.copy()
+    other.obsm["X_transcriptformer"] = other.obsm["X_transcriptformer"][:, :5]
+    with pytest.raises(ValueError, match="differ in width"):
+        tfs.tl.transfer_labels(tiny_adata, other, key="cell_type")

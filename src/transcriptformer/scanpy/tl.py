@@ -15,7 +15,7 @@ from ..checkpoint import LoadedModel, load_model
 from ..engine import Inference, Outputs, infer
 from ..tokenize import TokenizeOptions
 
-__all__ = ["contextual_gene_embeddings", "embed", "transcriptformer"]
+__all__ = ["contextual_gene_embeddings", "embed", "transcriptformer", "transfer_labels"]
 
 ModelArg = str | os.PathLike | LoadedModel
 SpeciesArg = str | os.PathLike | Sequence[str | os.PathLike] | None
@@ -291,3 +291,96 @@ def _positions(cells: np.ndarray) -> np.ndarray:
     starts = np.r_[0, np.flatnonzero(np.diff(cells)) + 1]
     lengths = np.diff(np.r_[starts, len(cells)])
     return np.arange(len(cells)) - np.repeat(starts, lengths)
+
+
+def transfer_labels(
+    adata: AnnData,
+    reference: AnnData,
+    *,
+    key: str,
+    rep: str = "X_transcriptformer",
+    method: Literal["knn", "logreg"] = "knn",
+    n_neighbors: int = 15,
+    key_added: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Transfer ``obs`` labels from an annotated reference to ``adata`` through their embeddings.
+
+    Both datasets must be embedded with the same model (e.g. :func:`embed` on each). ``"knn"`` votes
+    among the ``n_neighbors`` nearest reference cells by cosine similarity, weighted by similarity;
+    ``"logreg"`` fits a multinomial logistic regression on the reference embeddings.
+
+    Parameters
+    ----------
+    adata
+        Query cells with ``obsm[rep]``.
+    reference
+        Reference cells with ``obsm[rep]`` and ``obs[key]``.
+    key
+        Label column of ``reference.obs`` (e.g. ``"cell_type"``).
+    rep
+        The embedding (same model, same width, in both).
+    method
+        ``"knn"`` or ``"logreg"``.
+    n_neighbors
+        Neighbours for ``"knn"``.
+    key_added
+        ``obs`` column for the labels (default ``f"{key}_transferred"``); the confidence (share of the
+        vote, or the class probability) goes to ``f"{key_added}_confidence"``, parameters to
+        ``uns[key_added]["params"]``.
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    anndata.AnnData | None
+        ``None``, or a copy of ``adata`` if ``copy=True``.
+    """
+    _check_adata(adata)
+    _check_adata(reference)
+    for name, a in (("adata", adata), ("reference", reference)):
+        if rep not in a.obsm:
+            raise KeyError(f"{name}.obsm has no {rep!r}; embed it first with tfs.tl.embed(...).")
+    if key not in reference.obs:
+        raise KeyError(f"reference.obs has no column {key!r}; its columns are {list(reference.obs.columns)}.")
+    X_ref = np.asarray(reference.obsm[rep], dtype=np.float32)
+    X_query = np.asarray(adata.obsm[rep], dtype=np.float32)
+    if X_ref.shape[1] != X_query.shape[1]:
+        raise ValueError(
+            f"the embeddings differ in width ({X_ref.shape[1]} vs {X_query.shape[1]}): embed both with one model."
+        )
+    labels = reference.obs[key]
+    known = labels.notna().to_numpy()
+    if known.sum() == 0:
+        raise ValueError(f"reference.obs[{key!r}] has no label.")
+    y = labels[known].astype(str).to_numpy()
+    X_ref = X_ref[known]
+    if method == "knn":
+        from sklearn.neighbors import KNeighborsClassifier
+
+        k = min(n_neighbors, len(y))
+        clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
+    elif method == "logreg":
+        from sklearn.linear_model import LogisticRegression
+
+        clf = LogisticRegression(max_iter=1000)
+    else:
+        raise ValueError(f"method={method!r}; expected 'knn' or 'logreg'.")
+    if len(np.unique(y)) == 1:
+        predicted = np.full(adata.n_obs, y[0], dtype=object)
+        confidence = np.ones(adata.n_obs, dtype=np.float32)
+    else:
+        clf.fit(X_ref, y)
+        proba = clf.predict_proba(X_query)
+        predicted = clf.classes_[proba.argmax(axis=1)]
+        confidence = proba.max(axis=1).astype(np.float32)
+    key_added = key_added or f"{key}_transferred"
+    if copy:
+        adata = adata.copy()
+    categories = pd.unique(labels.dropna().astype(str))
+    adata.obs[key_added] = pd.Categorical(predicted, categories=categories)
+    adata.obs[f"{key_added}_confidence"] = confidence
+    adata.uns[key_added] = {
+        "params": {"key": key, "rep": rep, "method": method, "n_neighbors": n_neighbors, "n_reference": len(y)}
+    }
+    return adata if copy else None
