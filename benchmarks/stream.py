@@ -8,7 +8,7 @@ For each size (default 10k, 50k, 200k cells) a synthetic h5ad is written in chun
   public API (the embeddings, ``n_obs x E`` float32, are held in memory and written to ``obsm``), or
 * ``--mode memmap``: ``Engine.run(..., embeddings_out=np.memmap)`` (nothing of size ``n_obs`` in memory).
 
-Each worker reports its peak RSS (``getrusage``), an RSS trace sampled every 0.25 s, the wall time,
+Each worker reports its peak RSS (``getrusage``), an RSS trace sampled every 20 ms, the wall time,
 and the time of every window of cells (from the timestamps at which the engine asks for windows), so
 that flatness of time/cell is visible within a run as well as across sizes.
 
@@ -66,7 +66,7 @@ def worker(spec: dict) -> dict:
     def sample() -> None:
         while not stop.is_set():
             samples.append((time.perf_counter() - t_start, _rss_mb()))
-            stop.wait(0.25)
+            stop.wait(0.02)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -109,18 +109,16 @@ def worker(spec: dict) -> dict:
     th.join()
     emb_check = {"finite": bool(np.isfinite(emb[: min(n, 1000)]).all()), "row0_norm": float(np.linalg.norm(emb[0])),
                  "last_norm": float(np.linalg.norm(emb[n - 1]))}
-    # per-window time: the engine asks for window k+1 when it starts computing window k, so the
-    # interval between consecutive requests is the time window k-1 took
-    win = []
-    for (t_a, s_a, e_a), (t_b, _, _) in zip(reads[:-1], reads[1:]):
-        win.append({"start": s_a, "cells": e_a - s_a, "t": t_a})
-    per_cell = []
-    for i in range(1, len(reads)):
-        cells = reads[i - 1][2] - reads[i - 1][1]
-        per_cell.append((reads[i][0] - reads[i - 1][0]) / cells)
-    if reads:
-        cells = reads[-1][2] - reads[-1][1]
-        per_cell.append((t_end - reads[-1][0]) / cells)
+    # per-window compute time: the engine asks for window k+1 (prefetch) right when it starts computing
+    # window k, so request k+2 minus request k+1 is the compute time of window k; the last two windows
+    # share the interval from the last request to the end
+    t = [r[0] for r in reads] + [t_end]
+    cells = [r[2] - r[1] for r in reads]
+    per_cell = [(t[k + 2] - t[k + 1]) / cells[k] for k in range(len(reads) - 2)]
+    if len(reads) >= 2:
+        per_cell.append((t_end - t[-2]) / (cells[-2] + cells[-1]))
+    elif reads:
+        per_cell.append((t_end - t[0]) / cells[0])
     rss = np.array([s[1] for s in samples]) if samples else np.zeros(1)
     q = len(rss)
     return {
@@ -134,6 +132,10 @@ def worker(spec: dict) -> dict:
         "rss_after_model_mb": rss_model,
         "rss_trace_quartiles_mb": [float(rss[min(q - 1, int(f * q))]) for f in (0.1, 0.25, 0.5, 0.75, 0.99)],
         "rss_trace_max_mb": float(rss.max()),
+        "rss_trace_argmax_s": float(samples[int(np.argmax(rss))][0]) if samples else 0.0,
+        "embed_start_s": t0 - t_start,
+        "embed_end_s": t_end,
+        "read_times_s": [r[0] for r in reads],
         "windows": len(reads),
         "window_seconds_per_cell": per_cell,
         "embeddings_check": emb_check,
@@ -143,7 +145,7 @@ def worker(spec: dict) -> dict:
 
 def flatness(per_cell: list[float]) -> dict:
     """Time/cell over the run: first vs last fifth (windows are in file order), and spread."""
-    a = np.asarray(per_cell[1:-1] if len(per_cell) > 4 else per_cell)  # first window includes warm-up
+    a = np.asarray(per_cell[1:-1] if len(per_cell) > 4 else per_cell)  # first: warm-up; last: two windows
     if len(a) == 0:
         return {}
     k = max(1, len(a) // 5)
@@ -189,7 +191,10 @@ def main(argv=None) -> None:
     ids = mc.gene_ids(shape.n_genes)
     profile = synthetic.Profile(scale_genes=a.scale_genes)
     sizes = [a.probe] if a.probe else [int(s) for s in a.sizes.split(",")]
-    report = {"checkpoint": str(ckpt), "shape": mc.asdict(shape), "scale_genes": a.scale_genes, "runs": []}
+    from bench import git_state, machine_info
+
+    report = {"checkpoint": str(ckpt), "shape": mc.asdict(shape), "scale_genes": a.scale_genes, "runs": [],
+              "machine": machine_info()}
 
     def save():
         if a.json:
@@ -219,6 +224,7 @@ def main(argv=None) -> None:
                 Path(spec["memmap"]).unlink(missing_ok=True)
         if not a.keep_data and not a.probe:
             data.unlink(missing_ok=True)
+    report["git_state_at_end"] = git_state()
     save()
 
 

@@ -33,13 +33,18 @@ def _inputs(B=3, H=2, T=150, dk=16, seed=0):
 
 @pytest.mark.parametrize("softcap", [10.0, 0.0, 2.5])
 @pytest.mark.parametrize("max_scores", [1 << 23, 16 * 6 * 150, 1])
-def test_chunked_attention_equals_dense(softcap, max_scores):
+@pytest.mark.parametrize("num_aux", [None, 1])
+def test_chunked_attention_equals_dense(softcap, max_scores, num_aux):
     q, k, v, bias, valid = _inputs()
     ref = dense_attention(q, k, v, bias, valid, softcap)
-    out = chunked_attention(q, k, v, bias, valid, softcap, max_scores=max_scores)
+    out = chunked_attention(q, k, v, bias, valid, softcap, num_aux=num_aux, max_scores=max_scores)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
     assert torch.all(out[0, :, 0] == 0)  # fully masked query row: zeros, not NaN
+    if num_aux is None:  # every row exact
+        torch.testing.assert_close(out, ref, atol=3e-6, rtol=1e-5)
+    else:  # rows inside each sequence's valid prefix exact (cell 1 is padding from position 90)
+        torch.testing.assert_close(out[[0, 2]], ref[[0, 2]], atol=3e-6, rtol=1e-5)
+        torch.testing.assert_close(out[1, :, :90], ref[1, :, :90], atol=3e-6, rtol=1e-5)
 
 
 def test_attention_masks_are_honoured():
@@ -253,3 +258,14 @@ def test_weights_load_with_weights_only(tiny_path, monkeypatch):
 def test_load_model_unknown_name():
     with pytest.raises(FileNotFoundError, match="neither a checkpoint folder nor a known model"):
         transcriptformer.load_model("tf-nonexistent")
+
+
+def test_fast_path_masks_unknown_aux_keys():
+    q, k, v, bias, valid = _inputs()
+    out = chunked_attention(q, k, v, bias, valid, 10.0, num_aux=1)
+    v2 = v.clone()
+    v2[0, :, 0] += 100.0  # cell 0's aux key is invalid: no query may read it
+    v2[2, :, 0] += 100.0  # cell 2's aux key is valid: every query reads it
+    out2 = chunked_attention(q, k, v2, bias, valid, 10.0, num_aux=1)
+    torch.testing.assert_close(out2[0], out[0])
+    assert (out2[2] - out[2]).abs().amin() > 0
