@@ -211,3 +211,33 @@ def test_distributed_two_processes_gloo_cli(tmp_path, tiny_path, big_adata, one_
     np.testing.assert_allclose(out.obsm["embeddings"], one_at_a_time.embeddings, atol=1e-6)
     np.testing.assert_allclose(out.uns["llh"]["llh"], one_at_a_time.llh, atol=1e-6)
     np.testing.assert_array_equal(out.obs["cell_type"].astype(str), big_adata.obs["cell_type"].astype(str))
+
+
+def test_flex_failure_falls_back_to_chunked(tiny_model, tiny_adata, reference, monkeypatch, caplog):
+    import transcriptformer.model as model_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compiled kernel failed for this shape")
+
+    monkeypatch.setattr(model_module, "flex_attention_fn", broken)
+    eng = Engine(tiny_model, attention="flex")
+    with caplog.at_level("WARNING", logger="transcriptformer"):
+        res = eng.run(_src(tiny_model, tiny_adata), Outputs())
+    assert eng.attention == "chunked" and "continuing with chunked attention" in caplog.text
+    np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["flex", "flex-dynamic"])
+def test_compiled_flex_matches_references(tiny_model, tiny_adata, reference, attention):
+    """Compiled flex_attention (CPU inductor here; the CUDA path in tests/test_gpu.py): same numbers."""
+    try:
+        res = Engine(tiny_model, attention=attention, batch_size=8).run(
+            _src(tiny_model, tiny_adata), Outputs(embeddings=True, llh=True)
+        )
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"torch.compile of flex_attention unavailable here: {type(e).__name__}")
+    if res.stats["attention"] != attention:
+        pytest.skip(f"{attention} did not compile here (the engine fell back to {res.stats['attention']})")
+    np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
+    np.testing.assert_allclose(res.llh, reference["llh"].obsm["llh"].ravel(), atol=1e-5)

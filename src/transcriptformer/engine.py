@@ -207,18 +207,27 @@ class Engine:
         self.max_tokens = int(max_tokens or (131072 if gpu else 16384))
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}.")
-        if attention not in ("auto", "chunked", "flex", "dense"):
-            raise ValueError(f"attention={attention!r}; expected 'auto', 'chunked', 'flex' or 'dense'.")
+        if attention not in ("auto", "chunked", "flex", "flex-dynamic", "dense"):
+            raise ValueError(f"attention={attention!r}; expected 'auto', 'chunked', 'flex', 'flex-dynamic' or 'dense'.")
         if attention == "auto":
-            attention = "flex" if gpu and _flex_works(self.device) else "chunked"
+            attention = (_flex_mode(self.device) if gpu else None) or "chunked"
         self.attention: AttentionBackend = attention  # type: ignore[assignment]
         self.window = int(window)
         self.progress = progress
         self.model: TranscriptFormer = loaded.on(self.device)
-        # CUDA kernels (flex in particular) like sequence lengths on a coarse grid; padding is exact
-        self._pad_multiple = 128 if self.attention == "flex" else 1
         self.oom_retries = 0
+        self._set_shapes()
         self._embed: GeneEmbeddingCache | None = None
+
+    def _set_shapes(self) -> None:
+        """Padding policy of the attention kernel (exact: padded positions and rows are never read).
+
+        Compiled flex kernels like lengths on a coarse grid; one compiled for fixed shapes also gets a
+        fixed number of cells per length (short batches are filled with copies of a cell), so that
+        at most ``seq_len / 256`` shapes are ever compiled.
+        """
+        self._pad_multiple = {"flex": 256, "flex-dynamic": 128}.get(self.attention, 1)
+        self._fixed_batches = self.attention == "flex"
 
     # -- batching ---------------------------------------------------------------------------
 
@@ -263,6 +272,12 @@ class Engine:
     ) -> dict[str, torch.Tensor]:
         S = self.loaded.seq_len
         width = self._width(int(window.lengths[idx].max()))
+        n = len(idx)
+        if self._fixed_batches:  # fill short batches up to the usual size of their width
+            rows = max(1, self.max_tokens // width)
+            if self.batch_size:
+                rows = min(rows, self.batch_size)
+            idx = np.concatenate([idx, np.repeat(idx[:1], max(0, rows - n))])
         tokens = np.full((len(idx), width), self.model.pad_idx, dtype=np.int64)
         counts = np.zeros((len(idx), width), dtype=np.float32)
         w = min(width, window.tokens.shape[1])
@@ -302,7 +317,7 @@ class Engine:
             if outputs.cge:
                 out["cge"] = hidden.float()
                 out["tokens"] = tok
-        return out
+        return {key: value[:n] for key, value in out.items()}
 
     def _run_batch(self, window, idx, outputs, tables, clip_counts, sink) -> None:
         """Run one batch; on out-of-memory halve it (and the token budget) and retry, losing no cell."""
@@ -311,20 +326,28 @@ class Engine:
         except torch.OutOfMemoryError:
             if len(idx) == 1:
                 raise
-            self.oom_retries += 1
-            self.max_tokens = max(1, self.max_tokens // 2)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            logger.warning(
-                "out of memory on a batch of %d cells; retrying in halves (token budget now %d).",
-                len(idx),
-                self.max_tokens,
-            )
+            self._halve(len(idx))
             half = len(idx) // 2
             self._run_batch(window, idx[:half], outputs, tables, clip_counts, sink)
             self._run_batch(window, idx[half:], outputs, tables, clip_counts, sink)
             return
+        except Exception as e:  # a compiled kernel that fails on a new shape: fall back (re-raised otherwise)
+            if not self.attention.startswith("flex"):
+                raise
+            logger.warning("flex_attention failed (%s: %s); continuing with chunked attention.", type(e).__name__, e)
+            self.attention = "chunked"
+            self._set_shapes()
+            result = self._forward(window, idx, outputs, tables, clip_counts)
         sink(idx, result)
+
+    def _halve(self, n_cells: int) -> None:
+        self.oom_retries += 1
+        self.max_tokens = max(1, self.max_tokens // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning(
+            "out of memory on a batch of %d cells; retrying in halves (token budget now %d).", n_cells, self.max_tokens
+        )
 
     def _windows(self, source: CellSource, start: int, stop: int) -> Iterator[TokenWindow]:
         """Tokenised windows of ``[start, stop)``, the next one prepared on a background thread."""
@@ -492,31 +515,46 @@ def _gather(result: InferenceResult, n: int, external_embeddings: bool) -> Infer
     return merged
 
 
-_FLEX_OK: dict[str, bool] = {}
+_FLEX_MODE: dict[str, str | None] = {}
 
 
-def _flex_works(device: torch.device) -> bool:
-    """Whether compiled flex_attention runs here and matches the chunked implementation (checked once)."""
+def _flex_mode(device: torch.device) -> str | None:
+    """``"flex-dynamic"`` or ``"flex"`` if compiled flex_attention runs here and matches the chunked kernel.
+
+    Checked once per device: the dynamic-shape compile is tried first (on three shapes), then the
+    fixed-shape compile; any failure or disagreement means chunked attention.
+    """
     key = str(device)
-    if key not in _FLEX_OK:
-        from .model import chunked_attention, flex_attention_fn
+    if key in _FLEX_MODE:
+        return _FLEX_MODE[key]
+    from .model import chunked_attention, flex_attention_fn
 
+    def agrees(B: int, T: int, dynamic: bool) -> bool:
+        g = torch.Generator(device="cpu").manual_seed(B * T)
+        q, k, v = (torch.randn(B, 2, T, 64, generator=g).to(device) for _ in range(3))
+        bias = torch.rand(B, T, generator=g).to(device)
+        valid = torch.ones(B, T, dtype=torch.bool, device=device)
+        valid[0, 0] = False  # unknown aux token
+        valid[1, T // 2 :] = False  # padding
+        a = flex_attention_fn(q, k, v, bias, valid, 10.0, num_aux=1, dynamic=dynamic)
+        b = chunked_attention(q, k, v, bias, valid, 10.0, num_aux=1)
+        return bool(
+            torch.allclose(a[0], b[0], atol=1e-4, rtol=1e-4)
+            and torch.allclose(a[1, :, : T // 2], b[1, :, : T // 2], atol=1e-4, rtol=1e-4)
+        )
+
+    mode = None
+    for name, shapes in (("flex-dynamic", [(2, 256), (3, 256), (2, 384)]), ("flex", [(2, 256)])):
         try:
-            g = torch.Generator(device="cpu").manual_seed(0)
-            q, k, v = (torch.randn(2, 2, 256, 64, generator=g).to(device) for _ in range(3))
-            bias = torch.rand(2, 256, generator=g).to(device)
-            valid = torch.ones(2, 256, dtype=torch.bool, device=device)
-            valid[1, 100:] = False
-            valid[0, 0] = False
-            a = flex_attention_fn(q, k, v, bias, valid, 10.0)
-            b = chunked_attention(q, k, v, bias, valid, 10.0)
-            _FLEX_OK[key] = bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
-            if not _FLEX_OK[key]:
-                logger.warning("flex_attention disagrees with the reference here; using chunked attention.")
-        except Exception as e:  # noqa: BLE001 - any compile failure means: fall back
-            logger.info("flex_attention is not usable on %s (%s); using chunked attention.", device, type(e).__name__)
-            _FLEX_OK[key] = False
-    return _FLEX_OK[key]
+            if all(agrees(B, T, name == "flex-dynamic") for B, T in shapes):
+                mode = name
+                break
+            logger.warning("%s disagrees with the chunked kernel on %s.", name, device)
+        except Exception as e:  # noqa: BLE001 - any compile failure means: try the next
+            logger.info("%s is not usable on %s (%s: %s).", name, device, type(e).__name__, str(e)[:200])
+    _FLEX_MODE[key] = mode
+    logger.info("attention on %s: %s", device, mode or "chunked")
+    return mode
 
 
 def estimate_flops(n_tokens_per_cell: np.ndarray, loaded: LoadedModel, *, llh: bool = False) -> float:

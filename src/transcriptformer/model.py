@@ -40,7 +40,7 @@ __all__ = [
     "dense_attention",
 ]
 
-AttentionBackend = Literal["chunked", "dense", "flex"]
+AttentionBackend = Literal["chunked", "dense", "flex", "flex-dynamic"]
 
 #: Score elements held at once by :func:`chunked_attention` (8 MiB in float32: blocks stay in cache).
 DEFAULT_MAX_SCORES = 1 << 21
@@ -186,30 +186,63 @@ def chunked_attention(
     return out.view(B, H, T, dk)
 
 
-_compiled_flex = None
+_compiled_flex: dict[bool, Callable] = {}
+_causal_masks: dict[tuple[int, str], object] = {}
 
 
-def flex_attention_fn(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float) -> Tensor:
-    """The same function through ``torch.nn.attention.flex_attention`` (compiled; for CUDA)."""
-    global _compiled_flex
+def flex_attention_fn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_bias: Tensor,
+    key_valid: Tensor,
+    softcap: float,
+    *,
+    num_aux: int | None = None,
+    dynamic: bool = False,
+) -> Tensor:
+    """The same function through ``torch.nn.attention.flex_attention``, compiled (for CUDA).
+
+    With ``num_aux`` (see :func:`chunked_attention`) the block mask is the causal mask alone, shared by
+    every batch of the same length, and unknown auxiliary keys are masked in the score modification.
+    ``dynamic`` compiles for varying shapes (``torch.compile(dynamic=None)``, which recompiles once
+    with symbolic sizes); otherwise each new shape compiles anew.
+    """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    if dynamic not in _compiled_flex:
+        _compiled_flex[dynamic] = torch.compile(flex_attention, dynamic=None if dynamic else False)
     B, _, T, _ = q.shape
     bias = key_bias.float()
+    if num_aux is None:
+        blocked = None
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & key_valid[b, kv_idx]
+
+        block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    else:
+        blocked = torch.zeros_like(key_valid)
+        blocked[:, :num_aux] = ~key_valid[:, :num_aux]
+        key = (T, str(q.device))
+        if key not in _causal_masks:
+
+            def causal(b, h, q_idx, kv_idx):
+                return q_idx >= kv_idx
+
+            _causal_masks[key] = create_block_mask(causal, None, None, T, T, device=q.device)
+        block_mask = _causal_masks[key]
 
     def score_mod(score, b, h, q_idx, kv_idx):
         s = score + bias[b, kv_idx]
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
+        if blocked is not None:
+            s = torch.where(blocked[b, kv_idx], -float("inf"), s)
         return s
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & key_valid[b, kv_idx]
-
-    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
-    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    out = _compiled_flex[dynamic](q, k, v, score_mod=score_mod, block_mask=block_mask)
+    return out.nan_to_num_(0.0) if blocked is not None else out  # a row whose only key is masked: 0
 
 
 def attention(
@@ -222,14 +255,18 @@ def attention(
     backend: AttentionBackend,
     num_aux: int | None = None,
 ) -> Tensor:
-    """Dispatch to one of the attention implementations (all compute the same function)."""
+    """Dispatch to one of the attention implementations (all compute the same function).
+
+    ``"flex"`` compiles for each new shape, ``"flex-dynamic"`` once for varying shapes.
+    """
     if backend == "chunked":
         return chunked_attention(q, k, v, key_bias, key_valid, softcap, num_aux=num_aux)
-    if backend == "flex":
-        return flex_attention_fn(q, k, v, key_bias, key_valid, softcap)
+    if backend in ("flex", "flex-dynamic"):
+        dynamic = backend == "flex-dynamic"
+        return flex_attention_fn(q, k, v, key_bias, key_valid, softcap, num_aux=num_aux, dynamic=dynamic)
     if backend == "dense":
         return dense_attention(q, k, v, key_bias, key_valid, softcap)
-    raise ValueError(f"unknown attention backend {backend!r}; expected 'chunked', 'flex' or 'dense'.")
+    raise ValueError(f"unknown attention backend {backend!r}; expected 'chunked', 'flex', 'flex-dynamic' or 'dense'.")
 
 
 Attend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]

@@ -1,0 +1,69 @@
+"""CUDA checks (run with `pytest -m gpu` on a machine with a GPU; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import transcriptformer.scanpy as tfs
+from transcriptformer.engine import Engine, Outputs
+from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("attention", ["chunked", "dense", "flex", "flex-dynamic"])
+def test_cuda_fp32_matches_published_outputs(tiny_model, tiny_adata, reference, attention):
+    src = prepare_cells(tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
+    eng = Engine(tiny_model, device="cuda", precision="32", attention=attention, batch_size=8)
+    res = eng.run(src, Outputs(embeddings=True, llh=True, gene_llh=True, cge=True))
+    if res.stats["attention"] != attention:
+        pytest.skip(f"{attention} did not compile here (fell back to {res.stats['attention']})")
+    np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
+    np.testing.assert_allclose(res.llh, reference["llh"].obsm["llh"].ravel(), atol=1e-5)
+    np.testing.assert_allclose(res.gene_llh, reference["gene_llh"].obsm["gene_llh"], atol=1e-5)
+    np.testing.assert_allclose(res.cge_embeddings, reference["cge"].uns["cge_embeddings"], atol=2e-5)
+
+
+def test_cuda_auto_is_bf16_and_close(tiny_path, tiny_adata, reference):
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, llh=True, copy=True)
+    params = out.uns["transcriptformer"]["params"]
+    assert params["device"].startswith("cuda") and params["precision"] == "bf16"
+    emb, ref = out.obsm["X_transcriptformer"], reference["cell"].obsm["embeddings"]
+    cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.999, cos.min()
+    llh = out.obs["transcriptformer_llh"].to_numpy()
+    np.testing.assert_allclose(llh, reference["llh"].obsm["llh"].ravel(), rtol=2e-2)
+
+
+def test_cuda_real_out_of_memory_is_retried(tiny_model, tiny_adata, reference, monkeypatch):
+    """A real CUDA OOM: cap this process's GPU memory so that the first (big) batch cannot fit."""
+    from transcriptformer.model import TranscriptFormer
+
+    original = TranscriptFormer.encode
+    calls = {"n": 0}
+
+    def greedy(self, tokens, *args, **kwargs):
+        calls["n"] += 1
+        if tokens.shape[0] > 2:  # a batch bigger than two cells asks for far more memory than exists
+            torch.empty(1 << 50, dtype=torch.uint8, device=tokens.device)
+        return original(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(TranscriptFormer, "encode", greedy)
+    src = prepare_cells(tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
+    eng = Engine(tiny_model, device="cuda", precision="32", attention="chunked", batch_size=16)
+    res = eng.run(src, Outputs())
+    assert eng.oom_retries > 0
+    np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
