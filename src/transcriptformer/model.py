@@ -42,8 +42,10 @@ __all__ = [
 
 AttentionBackend = Literal["chunked", "dense", "flex", "flex-dynamic"]
 
-#: Score elements held at once by :func:`chunked_attention` (8 MiB in float32: blocks stay in cache).
+#: Score elements held at once by :func:`chunked_attention` on CPU (8 MiB in float32: blocks stay in
+#: cache) and on GPUs (1 GiB: few, large kernels).
 DEFAULT_MAX_SCORES = 1 << 21
+DEFAULT_MAX_SCORES_GPU = 1 << 28
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def chunked_attention(
     softcap: float,
     *,
     num_aux: int | None = None,
-    max_scores: int = DEFAULT_MAX_SCORES,
+    max_scores: int | None = None,
 ) -> Tensor:
     """Causal attention with count bias and soft cap, computed in blocks of query rows.
 
@@ -129,7 +131,7 @@ def chunked_attention(
         columns and the causal triangle are masked. Query rows inside their sequence's valid prefix
         are exact; rows after it (padding, never read) are computed without the padding mask.
     max_scores
-        Scores held at once.
+        Scores held at once (default: :data:`DEFAULT_MAX_SCORES`, or :data:`DEFAULT_MAX_SCORES_GPU` on a GPU).
 
     Returns
     -------
@@ -158,6 +160,8 @@ def chunked_attention(
         aux_rows = torch.nonzero(bad_aux.any(dim=-1)).flatten()
     causal_off = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
     fill = 0.0 if capped else float("-inf")
+    if max_scores is None:
+        max_scores = DEFAULT_MAX_SCORES if q.device.type == "cpu" else DEFAULT_MAX_SCORES_GPU
     heads, rows = _chunks(BH, T, max_scores)
     out = torch.empty(BH, T, dk, dtype=q.dtype, device=q.device)
     for h0 in range(0, BH, heads):
