@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel, species_vocabulary
-from .model import AttentionBackend, TranscriptFormer
+from .model import AttentionBackend, TranscriptFormer, fused
 from .tokenize import CellSource, TokenizeOptions, TokenWindow, TranscriptFormerWarning, prepare_cells
 from .vocab import GeneVocab
 
@@ -183,6 +183,9 @@ class Engine:
         Cells read and tokenised at a time (and sorted by length within).
     progress
         Show a progress bar; ``None`` shows one for runs of 2,000 cells or more.
+    fuse
+        Run the code around attention through ``torch.compile`` (:func:`~transcriptformer.model.fused`).
+        ``None``: only where flex_attention compiled with dynamic shapes (CUDA).
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class Engine:
         attention: str = "auto",
         window: int = 4096,
         progress: bool | None = None,
+        fuse: bool | None = None,
     ):
         self.loaded = loaded
         self.device = resolve_device(device)
@@ -217,6 +221,7 @@ class Engine:
         self.model: TranscriptFormer = loaded.on(self.device)
         self.oom_retries = 0
         self._set_shapes()
+        self.fuse = self.attention == "flex-dynamic" if fuse is None else bool(fuse)
         self._embed: GeneEmbeddingCache | None = None
 
     def _set_shapes(self) -> None:
@@ -290,7 +295,7 @@ class Engine:
         model = self.model
         full = width == S
         out: dict[str, torch.Tensor] = {}
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), fused(self.fuse):
             hidden, target = model.encode(
                 tok,
                 cnt,

@@ -22,6 +22,7 @@ over query blocks (keys only up to the block's end, since attention is causal). 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -321,11 +322,21 @@ class SelfAttention(nn.Module):
         self.linears = nn.ModuleList([nn.Linear(embed_dim, embed_dim, bias=bias) for _ in range(4)])
 
     def forward(self, x: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float, attend: Attend):
-        B, T, E = x.shape
-        H = self.num_heads
-        q, k, v = (lin(x).view(B, T, H, E // H).transpose(1, 2) for lin in self.linears[:3])
-        out = attend(q, k, v, key_bias, key_valid, softcap)
-        return self.linears[3](out.transpose(1, 2).reshape(B, T, E))
+        q, k, v = _heads(self, x)
+        return _merge(self, attend(q, k, v, key_bias, key_valid, softcap))
+
+
+def _heads(attn: SelfAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, K, V projections split into heads: ``(B, H, T, dk)`` each."""
+    B, T, E = x.shape
+    H = attn.num_heads
+    return tuple(lin(x).view(B, T, H, E // H).transpose(1, 2) for lin in attn.linears[:3])
+
+
+def _merge(attn: SelfAttention, out: Tensor) -> Tensor:
+    """Concatenate the heads and apply the output projection."""
+    B, H, T, dk = out.shape
+    return attn.linears[3](out.transpose(1, 2).reshape(B, T, H * dk))
 
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -347,10 +358,46 @@ class EncoderLayer(nn.Module):
         self.softcap = float(config.softcap)
 
     def forward(self, x: Tensor, key_bias: Tensor, key_valid: Tensor, attend: Attend) -> Tensor:
-        h = self.norm1(x)
-        x = h + self.self_attn(h, key_bias, key_valid, self.softcap, attend)  # published: adds LN(x), not x
-        h = self.norm2(x)
-        return h + self.linear2(self.dropout(self.activation(self.linear1(h))))
+        before, after = _FUSED.get("before", _before_attention), _FUSED.get("after", _after_attention)
+        h, q, k, v = before(self, x)
+        return after(self, h, attend(q, k, v, key_bias, key_valid, self.softcap))
+
+
+def _before_attention(layer: EncoderLayer, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    h = layer.norm1(x)
+    return (h, *_heads(layer.self_attn, h))
+
+
+def _after_attention(layer: EncoderLayer, h: Tensor, attended: Tensor) -> Tensor:
+    x = h + _merge(layer.self_attn, attended)  # published: adds LN(x), not x
+    h = layer.norm2(x)
+    return h + layer.linear2(layer.dropout(layer.activation(layer.linear1(h))))
+
+
+#: Compiled versions of the code around attention, installed by :func:`fused` (empty: eager).
+_FUSED: dict[str, Callable] = {}
+_FUSED_COMPILED: dict[str, Callable] = {}
+
+
+@contextlib.contextmanager
+def fused(enabled: bool = True):
+    """Within this context the layers' code around attention runs through ``torch.compile``.
+
+    Optional speed-up for CUDA: inductor fuses the layer norms, casts, activation and residual
+    additions into few kernels (dynamic shapes: compiled once for all batch sizes and lengths). It
+    computes the same function; nothing requires it.
+    """
+    if not enabled:
+        yield
+        return
+    if not _FUSED_COMPILED:
+        _FUSED_COMPILED["before"] = torch.compile(_before_attention, dynamic=True)
+        _FUSED_COMPILED["after"] = torch.compile(_after_attention, dynamic=True)
+    _FUSED.update(_FUSED_COMPILED)
+    try:
+        yield
+    finally:
+        _FUSED.clear()
 
 
 class Encoder(nn.Module):
