@@ -58,6 +58,26 @@ import make_checkpoint as mc  # noqa: E402
 import synthetic  # noqa: E402
 
 
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(wall s, CPU-seconds busy on the whole machine, CPU-seconds of this process) for contention checks."""
+    busy = float("nan")
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def contention(a: tuple[float, float, float], b: tuple[float, float, float]) -> dict:
+    """CPU used by other processes between two snapshots (noise from outside the measured process)."""
+    wall, busy, own = (b[i] - a[i] for i in range(3))
+    return {"wall_s": wall, "own_cpu_s": own, "other_cpu_s": max(0.0, busy - own),
+            "other_cpu_fraction_of_machine": max(0.0, busy - own) / max(wall * (os.cpu_count() or 1), 1e-9)}
+
+
 def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -246,7 +266,9 @@ def worker_engine(spec: dict) -> dict:
     rss_before = _peak_rss_mb()
     # the machine's matmul rate right before and after the timed run, in this process (same threads)
     mm_before = matmul_rate(*spec["mm_shape"]) if spec.get("mm_shape") else None
+    snap = cpu_snapshot()
     res = engine.run(source, outputs)
+    load = contention(snap, cpu_snapshot())
     mm_after = matmul_rate(*spec["mm_shape"]) if spec.get("mm_shape") else None
     n_tokens, flops = _flops(res.n_genes, loaded, llh=spec.get("llh", False))
     np.savez(spec["out"], embeddings=res.embeddings, llh=res.llh if res.llh is not None else np.zeros(0),
@@ -269,6 +291,7 @@ def worker_engine(spec: dict) -> dict:
         "peak_rss_mb": _peak_rss_mb(),
         "peak_rss_mb_after_load": rss_before,
         "matmul_flops_per_s_before_after": [m["flops_per_s"] for m in (mm_before, mm_after) if m],
+        "contention": load,
     }
 
 
@@ -290,10 +313,25 @@ def worker_published(spec: dict) -> dict:
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    snap = cpu_snapshot()
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log: list[bytes] = []
+    t_loaded = None
+    for line in proc.stdout:  # timestamps of its log lines: when were the weights loaded?
+        log.append(line)
+        if t_loaded is None and b"Model weights loaded" in line:
+            t_loaded = time.perf_counter() - t0
+    proc.wait()
     wall = time.perf_counter() - t0
+    after = cpu_snapshot()
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = contention(snap, after)
+    # the CLI is a child: its CPU time counts as "other" above; take it out
+    load["other_cpu_s"] = max(0.0, load["other_cpu_s"] - (ch.ru_utime + ch.ru_stime))
+    load["other_cpu_fraction_of_machine"] = load["other_cpu_s"] / max(load["wall_s"] * (os.cpu_count() or 1), 1e-9)
     if proc.returncode != 0:
-        raise RuntimeError(f"published CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"published CLI failed ({proc.returncode}):\n{b''.join(log)[-5000:].decode(errors='replace')}")
     import h5py
 
     with h5py.File(work / "out.h5ad", "r") as f:
@@ -303,9 +341,11 @@ def worker_published(spec: dict) -> dict:
         "config": spec["name"],
         "cells": int(emb.shape[0]),
         "wall_seconds": wall,
+        "seconds_to_weights_loaded": t_loaded,
         "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
         "command": " ".join(cmd),
         "compile_block_mask": bool(spec.get("compile", False)),
+        "contention": load,
     }
 
 
@@ -318,6 +358,32 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec['name']} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_quiet(spec: dict, args) -> dict:
+    """Run a worker; while other processes used more than ``--max-other-cpu`` of the machine during its
+    timed part (a shared machine), run it again (at most ``--retries`` times) and keep the quietest run."""
+    best = None
+    for attempt in range(1 + max(0, args.retries)):
+        r = run_worker(spec)
+        r["attempt"] = attempt
+        other = r.get("contention", {}).get("other_cpu_fraction_of_machine", 0.0)
+        if best is None or other < best.get("contention", {}).get("other_cpu_fraction_of_machine", 0.0):
+            if best is not None:
+                r["noisier_attempts"] = best.get("noisier_attempts", []) + [_summary(best)]
+            best = r
+        else:
+            best.setdefault("noisier_attempts", []).append(_summary(r))
+        if other <= args.max_other_cpu:
+            break
+        print(f"    other processes used {100 * other:.0f}% of the machine; running {spec['name']} again",
+              file=sys.stderr, flush=True)
+    return best
+
+
+def _summary(r: dict) -> dict:
+    return {k: r.get(k) for k in ("seconds", "wall_seconds", "cells_per_s")} | {
+        "other_cpu_fraction_of_machine": r.get("contention", {}).get("other_cpu_fraction_of_machine")}
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> dict:
@@ -378,13 +444,13 @@ def workload_a(args, report: dict, save) -> None:
     results = rep.setdefault("configs", {})
     for c in configs:
         old = results.get(c["name"])
-        if old and old.get("cells") == c["cells"] and Path(old.get("npz", "")).is_file():
+        if old and c["name"] not in args.rerun and old.get("cells") == c["cells"] and Path(old.get("npz", "")).is_file():
             print(f"[a] {c['name']}: reusing the result in {args.json}", file=sys.stderr)
             continue
         spec = dict(c, checkpoint=str(ckpt), data=str(data), out=str(tmp / f"{c['name']}.npz"), threads=args.threads,
                     mm_shape=rep["matmul"]["square"]["shape"])
         print(f"[a] {c['name']} on {c['cells']} cells ...", file=sys.stderr, flush=True)
-        results[c["name"]] = run_worker(spec)
+        results[c["name"]] = run_quiet(spec, args)
         results[c["name"]]["npz"] = spec["out"]
         save()
     if args.published_cli:
@@ -392,7 +458,7 @@ def workload_a(args, report: dict, save) -> None:
             if label == "published_startup" and n_naive <= 8:
                 continue
             old = results.get(label)
-            if old and old.get("cells") == cells and Path(old.get("npz", "")).is_file():
+            if old and label not in args.rerun and old.get("cells") == cells and Path(old.get("npz", "")).is_file():
                 print(f"[a] {label}: reusing the result in {args.json}", file=sys.stderr)
                 continue
             pdata = subset_file(data, cells, tmp)
@@ -400,11 +466,15 @@ def workload_a(args, report: dict, save) -> None:
                         out=str(tmp / f"{label}.npz"), threads=args.threads, tmp=str(tmp),
                         compile=args.published_compile)
             print(f"[a] {label} (published CLI) on {cells} cells ...", file=sys.stderr, flush=True)
-            results[label] = run_worker(spec)
+            results[label] = run_quiet(spec, args)
             results[label]["npz"] = spec["out"]
             save()
         p = results["published"]
         p["cells_per_s_wall"] = p["cells"] / p["wall_seconds"]
+        if p.get("seconds_to_weights_loaded"):
+            # start-up = imports, config, model construction and weight loading (from its own log);
+            # what follows (reading + tokenising the h5ad, the forward passes, writing) is its pipeline
+            p["cells_per_s_after_load"] = p["cells"] / (p["wall_seconds"] - p["seconds_to_weights_loaded"])
         if "published_startup" in results:
             # wall(N) = startup + N * t_cell, wall(8) = startup + 8 * t_cell
             s = results["published_startup"]
@@ -460,6 +530,8 @@ def workload_a(args, report: dict, save) -> None:
     if "published" in results:
         # same cells: our engine on the published run's cells vs the published steady-state rate
         tg["speedup_vs_published_steady"] = same["cells_per_s"] / results["published"]["cells_per_s"]
+        if results["published"].get("cells_per_s_after_load"):
+            tg["speedup_vs_published_after_load"] = same["cells_per_s"] / results["published"]["cells_per_s_after_load"]
         tg["speedup_vs_published_wall"] = same["cells_per_s"] / results["published"]["cells_per_s_wall"]
         tg["speedup_met_5x"] = tg["speedup_vs_published_steady"] >= 5
         tg["identical_to_published_1e-5"] = agree["engine_vs_published_embeddings"]["max_abs"] <= 1e-5
@@ -661,6 +733,9 @@ def print_table(report: dict) -> None:
         hdr = f"  {'config':<18}{'cells':>6}{'sec':>9}{'cells/s':>9}{'tok/s':>10}{'GFLOP/s':>9}{'%matmul':>8}{'RSS MB':>8}"
         print(hdr)
         for name, r in a.get("configs", {}).items():
+            other = r.get("contention", {}).get("other_cpu_fraction_of_machine")
+            if other is not None and other > 0.05:
+                print(f"  WARNING: {name}: other processes used {100 * other:.0f}% of the machine during its run")
             sec = r.get("seconds", r.get("wall_seconds"))
             frac = r.get("fraction_of_matmul", r.get("fraction_of_matmul_useful"))
             gf = r.get("flops_per_s", r.get("useful_flops_per_s"))
@@ -709,6 +784,10 @@ def main(argv=None) -> None:
     p.add_argument("--outdir", default=str(OUT_DIR))
     p.add_argument("--json", help="write the report here")
     p.add_argument("--resume", action="store_true", help="reuse finished workload-(a) configurations found in --json")
+    p.add_argument("--rerun", default="", help="with --resume: comma-separated configurations to run again")
+    p.add_argument("--max-other-cpu", type=float, default=0.05,
+                   help="rerun a configuration if other processes used more than this fraction of the machine")
+    p.add_argument("--retries", type=int, default=2, help="reruns allowed per configuration for --max-other-cpu")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
@@ -716,6 +795,7 @@ def main(argv=None) -> None:
         fn = worker_published if spec["name"].startswith("published") else worker_engine
         print(json.dumps(_jsonable(fn(spec))))
         return
+    args.rerun = [x for x in args.rerun.split(",") if x]
     if args.published_cli:
         args.published_cli = os.path.abspath(args.published_cli)  # not resolve(): keep the venv's symlink
     if args.smoke:

@@ -75,11 +75,15 @@ def worker(spec: dict) -> dict:
     import transcriptformer
     from transcriptformer import tokenize as tk
 
+    from bench import contention, cpu_snapshot
+
     reads: list[tuple[float, int, int]] = []
+    snaps: list[tuple[float, float, float]] = []
     orig_read = tk.CellSource.read
 
     def timed_read(self, start, stop_):
         reads.append((time.perf_counter() - t_start, int(start), int(stop_)))
+        snaps.append(cpu_snapshot())
         return orig_read(self, start, stop_)
 
     tk.CellSource.read = timed_read
@@ -105,6 +109,10 @@ def worker(spec: dict) -> dict:
         emb = out
     seconds = time.perf_counter() - t0
     t_end = time.perf_counter() - t_start
+    snaps.append(cpu_snapshot())
+    # CPU used by other processes while each window was computed (same indexing as per_cell below)
+    other = [contention(snaps[k + 1], snaps[k + 2])["other_cpu_fraction_of_machine"] for k in range(len(snaps) - 2)]
+    whole = contention(snaps[0], snaps[-1]) if snaps else {}
     stop.set()
     th.join()
     emb_check = {"finite": bool(np.isfinite(emb[: min(n, 1000)]).all()), "row0_norm": float(np.linalg.norm(emb[0])),
@@ -138,22 +146,37 @@ def worker(spec: dict) -> dict:
         "read_times_s": [r[0] for r in reads],
         "windows": len(reads),
         "window_seconds_per_cell": per_cell,
+        "window_other_cpu_fraction": other,
+        "contention": whole,
         "embeddings_check": emb_check,
         "threads": torch.get_num_threads(),
     }
 
 
-def flatness(per_cell: list[float]) -> dict:
-    """Time/cell over the run: first vs last fifth (windows are in file order), and spread."""
+def flatness(per_cell: list[float], other: list[float] | None = None) -> dict:
+    """Time/cell over the run: first vs last fifth (windows are in file order), spread, and the same
+    over the windows during which other processes used < 5% of the machine."""
     a = np.asarray(per_cell[1:-1] if len(per_cell) > 4 else per_cell)  # first: warm-up; last: two windows
     if len(a) == 0:
         return {}
+    if other is not None and len(other) >= len(per_cell):
+        o = np.asarray(other[1 : len(per_cell) - 1] if len(per_cell) > 4 else other[: len(per_cell)])
+        quiet = a[o < 0.05]
+        extra = {"windows": int(len(a)), "quiet_windows": int(len(quiet)),
+                 "quiet_median_ms": float(np.median(quiet) * 1e3) if len(quiet) else None,
+                 "median_ms": float(np.median(a) * 1e3), "max_ms": float(a.max() * 1e3)}
+        if len(quiet) >= 5:
+            kq = max(1, len(quiet) // 5)
+            extra["quiet_last_over_first"] = float(quiet[-kq:].mean() / quiet[:kq].mean())
+    else:
+        extra = {"median_ms": float(np.median(a) * 1e3), "max_ms": float(a.max() * 1e3)}
     k = max(1, len(a) // 5)
     return {
         "first_fifth_ms": float(a[:k].mean() * 1e3),
         "last_fifth_ms": float(a[-k:].mean() * 1e3),
         "last_over_first": float(a[-k:].mean() / a[:k].mean()),
         "cv": float(a.std() / a.mean()),
+        **extra,
     }
 
 
@@ -214,7 +237,7 @@ def main(argv=None) -> None:
                     "memmap": str(out / f"stream_{n}.npy")}
             r = run_worker(spec)
             r["data"] = stats
-            r["flatness"] = flatness(r["window_seconds_per_cell"])
+            r["flatness"] = flatness(r["window_seconds_per_cell"], r.get("window_other_cpu_fraction"))
             report["runs"].append(r)
             save()
             print(f"  {n:>8,} cells {mode:<7} {r['seconds']:8.1f} s  {r['seconds_per_cell'] * 1e3:7.3f} ms/cell  "
