@@ -34,6 +34,7 @@ there). One command::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -74,8 +75,12 @@ def cpu_snapshot() -> tuple[float, float, float]:
 def contention(a: tuple[float, float, float], b: tuple[float, float, float]) -> dict:
     """CPU used by other processes between two snapshots (noise from outside the measured process)."""
     wall, busy, own = (b[i] - a[i] for i in range(3))
-    return {"wall_s": wall, "own_cpu_s": own, "other_cpu_s": max(0.0, busy - own),
-            "other_cpu_fraction_of_machine": max(0.0, busy - own) / max(wall * (os.cpu_count() or 1), 1e-9)}
+    return {
+        "wall_s": wall,
+        "own_cpu_s": own,
+        "other_cpu_s": max(0.0, busy - own),
+        "other_cpu_fraction_of_machine": max(0.0, busy - own) / max(wall * (os.cpu_count() or 1), 1e-9),
+    }
 
 
 def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
@@ -105,8 +110,11 @@ def git_state() -> dict:
             return ""
 
     diff = git("diff", "HEAD", "--", "src")
-    return {"git_head": git("rev-parse", "HEAD").strip(), "src_dirty": bool(diff),
-            "src_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None}
+    return {
+        "git_head": git("rev-parse", "HEAD").strip(),
+        "src_dirty": bool(diff),
+        "src_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None,
+    }
 
 
 def machine_info() -> dict:
@@ -134,15 +142,17 @@ def machine_info() -> dict:
         info["cpu_simd"] = sorted({f for f in flags.split() if f.startswith(("avx512f", "avx2", "amx", "avx512_bf16"))})
     except (OSError, StopIteration):
         pass
-    try:
+    with contextlib.suppress(ValueError, OSError):
         info["mem_total_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
     info.update(git_state())
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_mem_gb=round(p.total_memory / 2**30, 1), gpu_sms=p.multi_processor_count,
-                    cuda=torch.version.cuda)
+        info.update(
+            gpu=p.name,
+            gpu_mem_gb=round(p.total_memory / 2**30, 1),
+            gpu_sms=p.multi_processor_count,
+            cuda=torch.version.cuda,
+        )
     return info
 
 
@@ -179,8 +189,13 @@ def matmul_rate(m: int, k: int, n: int, *, dtype: str = "float32", device: str =
             torch.mm(a, b, out=c)
             times.append(time.perf_counter() - t0)
     med = float(np.median(times))
-    return {"shape": [m, k, n], "dtype": dtype, "median_s": med, "flops_per_s": 2.0 * m * k * n / med,
-            "threads": torch.get_num_threads()}
+    return {
+        "shape": [m, k, n],
+        "dtype": dtype,
+        "median_s": med,
+        "flops_per_s": 2.0 * m * k * n / med,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def cpu_matmul_reference(smoke: bool, E: int, F: int, D: int) -> dict:
@@ -271,8 +286,9 @@ def worker_engine(spec: dict) -> dict:
     load = contention(snap, cpu_snapshot())
     mm_after = matmul_rate(*spec["mm_shape"]) if spec.get("mm_shape") else None
     n_tokens, flops = _flops(res.n_genes, loaded, llh=spec.get("llh", False))
-    np.savez(spec["out"], embeddings=res.embeddings, llh=res.llh if res.llh is not None else np.zeros(0),
-             n_genes=res.n_genes)
+    np.savez(
+        spec["out"], embeddings=res.embeddings, llh=res.llh if res.llh is not None else np.zeros(0), n_genes=res.n_genes
+    )
     return {
         "config": spec["name"],
         "cells": int(source.n_obs),
@@ -302,9 +318,21 @@ def worker_published(spec: dict) -> dict:
     cmd = [str(exe)] if exe.exists() else [py, "-c", "from transcriptformer.cli import main; main()"]
     work = Path(tempfile.mkdtemp(prefix="tf-published-", dir=spec.get("tmp")))
     cmd += [
-        "inference", "--checkpoint-path", spec["checkpoint"], "--data-file", spec["data"],
-        "--batch-size", "8", "--precision", "32", "--device", "cpu",
-        "--output-path", str(work), "--output-filename", "out.h5ad",
+        "inference",
+        "--checkpoint-path",
+        spec["checkpoint"],
+        "--data-file",
+        spec["data"],
+        "--batch-size",
+        "8",
+        "--precision",
+        "32",
+        "--device",
+        "cpu",
+        "--output-path",
+        str(work),
+        "--output-filename",
+        "out.h5ad",
     ]
     if not spec.get("compile", False):
         cmd.append("--disable-compile-block-mask")
@@ -331,7 +359,9 @@ def worker_published(spec: dict) -> dict:
     load["other_cpu_s"] = max(0.0, load["other_cpu_s"] - (ch.ru_utime + ch.ru_stime))
     load["other_cpu_fraction_of_machine"] = load["other_cpu_s"] / max(load["wall_s"] * (os.cpu_count() or 1), 1e-9)
     if proc.returncode != 0:
-        raise RuntimeError(f"published CLI failed ({proc.returncode}):\n{b''.join(log)[-5000:].decode(errors='replace')}")
+        raise RuntimeError(
+            f"published CLI failed ({proc.returncode}):\n{b''.join(log)[-5000:].decode(errors='replace')}"
+        )
     import h5py
 
     with h5py.File(work / "out.h5ad", "r") as f:
@@ -352,9 +382,16 @@ def worker_published(spec: dict) -> dict:
 def run_worker(spec: dict, timeout: float | None = None) -> dict:
     """Run ``spec`` in a fresh Python process; returns its JSON result."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec['name']} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -370,20 +407,24 @@ def run_quiet(spec: dict, args) -> dict:
         other = r.get("contention", {}).get("other_cpu_fraction_of_machine", 0.0)
         if best is None or other < best.get("contention", {}).get("other_cpu_fraction_of_machine", 0.0):
             if best is not None:
-                r["noisier_attempts"] = best.get("noisier_attempts", []) + [_summary(best)]
+                r["noisier_attempts"] = [*best.get("noisier_attempts", []), _summary(best)]
             best = r
         else:
             best.setdefault("noisier_attempts", []).append(_summary(r))
         if other <= args.max_other_cpu:
             break
-        print(f"    other processes used {100 * other:.0f}% of the machine; running {spec['name']} again",
-              file=sys.stderr, flush=True)
+        print(
+            f"    other processes used {100 * other:.0f}% of the machine; running {spec['name']} again",
+            file=sys.stderr,
+            flush=True,
+        )
     return best
 
 
 def _summary(r: dict) -> dict:
     return {k: r.get(k) for k in ("seconds", "wall_seconds", "cells_per_s")} | {
-        "other_cpu_fraction_of_machine": r.get("contention", {}).get("other_cpu_fraction_of_machine")}
+        "other_cpu_fraction_of_machine": r.get("contention", {}).get("other_cpu_fraction_of_machine")
+    }
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> dict:
@@ -393,13 +434,20 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
     if a.ndim == 1:
         ok = np.isfinite(a) & np.isfinite(b)
         d = np.abs(a[ok] - b[ok])
-        return {"n": int(n), "max_abs": float(d.max(initial=0)),
-                "max_rel": float((d / np.maximum(np.abs(b[ok]), 1e-30)).max(initial=0)),
-                "nan_mismatch": int((np.isfinite(a) != np.isfinite(b)).sum())}
+        return {
+            "n": int(n),
+            "max_abs": float(d.max(initial=0)),
+            "max_rel": float((d / np.maximum(np.abs(b[ok]), 1e-30)).max(initial=0)),
+            "nan_mismatch": int((np.isfinite(a) != np.isfinite(b)).sum()),
+        }
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return {"n": int(n), "max_abs": float(np.abs(a - b).max(initial=0)),
-            "max_abs_ref": float(np.abs(b).max(initial=0)),
-            "cos_min": float(cos.min(initial=1)), "cos_mean": float(cos.mean()) if n else 1.0}
+    return {
+        "n": int(n),
+        "max_abs": float(np.abs(a - b).max(initial=0)),
+        "max_abs_ref": float(np.abs(b).max(initial=0)),
+        "cos_min": float(cos.min(initial=1)),
+        "cos_mean": float(cos.mean()) if n else 1.0,
+    }
 
 
 def subset_file(data: Path, k: int, where: Path) -> Path:
@@ -428,8 +476,16 @@ def workload_a(args, report: dict, save) -> None:
     rep = report.setdefault("workload_a", {})
     if rep.get("configs") and not all(Path(r.get("npz", "")).is_file() for r in rep["configs"].values()):
         rep["configs"] = {}
-    rep.update({"checkpoint": str(ckpt), "shape": mc.asdict(shape), "data": str(data),
-                "data_stats": synthetic.describe(X), "cells": n_cells, "naive_cells": n_naive})
+    rep.update(
+        {
+            "checkpoint": str(ckpt),
+            "shape": mc.asdict(shape),
+            "data": str(data),
+            "data_stats": synthetic.describe(X),
+            "cells": n_cells,
+            "naive_cells": n_naive,
+        }
+    )
     rep["matmul"] = cpu_matmul_reference(args.smoke, shape.E, shape.F, shape.D)
     save()
     tmp = Path(tempfile.mkdtemp(prefix="tf-bench-", dir=args.outdir))
@@ -444,11 +500,22 @@ def workload_a(args, report: dict, save) -> None:
     results = rep.setdefault("configs", {})
     for c in configs:
         old = results.get(c["name"])
-        if old and c["name"] not in args.rerun and old.get("cells") == c["cells"] and Path(old.get("npz", "")).is_file():
+        if (
+            old
+            and c["name"] not in args.rerun
+            and old.get("cells") == c["cells"]
+            and Path(old.get("npz", "")).is_file()
+        ):
             print(f"[a] {c['name']}: reusing the result in {args.json}", file=sys.stderr)
             continue
-        spec = dict(c, checkpoint=str(ckpt), data=str(data), out=str(tmp / f"{c['name']}.npz"), threads=args.threads,
-                    mm_shape=rep["matmul"]["square"]["shape"])
+        spec = dict(
+            c,
+            checkpoint=str(ckpt),
+            data=str(data),
+            out=str(tmp / f"{c['name']}.npz"),
+            threads=args.threads,
+            mm_shape=rep["matmul"]["square"]["shape"],
+        )
         print(f"[a] {c['name']} on {c['cells']} cells ...", file=sys.stderr, flush=True)
         results[c["name"]] = run_quiet(spec, args)
         results[c["name"]]["npz"] = spec["out"]
@@ -462,9 +529,16 @@ def workload_a(args, report: dict, save) -> None:
                 print(f"[a] {label}: reusing the result in {args.json}", file=sys.stderr)
                 continue
             pdata = subset_file(data, cells, tmp)
-            spec = dict(name=label, python=args.published_cli, checkpoint=str(ckpt), data=str(pdata),
-                        out=str(tmp / f"{label}.npz"), threads=args.threads, tmp=str(tmp),
-                        compile=args.published_compile)
+            spec = dict(
+                name=label,
+                python=args.published_cli,
+                checkpoint=str(ckpt),
+                data=str(pdata),
+                out=str(tmp / f"{label}.npz"),
+                threads=args.threads,
+                tmp=str(tmp),
+                compile=args.published_compile,
+            )
             print(f"[a] {label} (published CLI) on {cells} cells ...", file=sys.stderr, flush=True)
             results[label] = run_quiet(spec, args)
             results[label]["npz"] = spec["out"]
@@ -520,7 +594,9 @@ def workload_a(args, report: dict, save) -> None:
     if "published" in arrays:
         agree["engine_vs_published_embeddings"] = compare(e["embeddings"], arrays["published"]["embeddings"])
         if "naive" in arrays:
-            agree["naive_vs_published_embeddings"] = compare(arrays["naive"]["embeddings"], arrays["published"]["embeddings"])
+            agree["naive_vs_published_embeddings"] = compare(
+                arrays["naive"]["embeddings"], arrays["published"]["embeddings"]
+            )
     # targets
     tg = rep.setdefault("targets", {})
     eng = results["engine"]
@@ -588,8 +664,11 @@ def workload_b(args, report: dict, save) -> None:
     tiny = build_model(tiny_path)
     tprof = synthetic.Profile(median_genes=45, sigma=0.4, small_median=12, min_genes=1)
     tids = list(tiny.vocab.genes)
-    tad = synthetic.MiniAnnData(synthetic.synthetic_counts(64, len(tids), seed=args.seed, profile=tprof),
-                                synthetic.synthetic_obs(64, args.seed), synthetic.synthetic_var(tids))
+    tad = synthetic.MiniAnnData(
+        synthetic.synthetic_counts(64, len(tids), seed=args.seed, profile=tprof),
+        synthetic.synthetic_obs(64, args.seed),
+        synthetic.synthetic_var(tids),
+    )
     tsrc = prepare_cells(tad, tiny.vocab, tiny.aux_vocabs, seq_len=tiny.seq_len)
     outs = Outputs(embeddings=True, llh=True, gene_llh=True)
     cpu_ref = Engine(tiny, device="cpu", precision="32", attention="chunked", progress=False).run(tsrc, outs)
@@ -624,8 +703,11 @@ def workload_b(args, report: dict, save) -> None:
     t0 = time.perf_counter()
     prof = synthetic.Profile(median_genes=120, small_median=40, min_genes=5) if args.smoke else synthetic.Profile()
     ids = mc.gene_ids(shape.n_genes)
-    adata = synthetic.MiniAnnData(synthetic.synthetic_counts(n, len(ids), seed=args.seed, profile=prof),
-                                  synthetic.synthetic_obs(n, args.seed), synthetic.synthetic_var(ids))
+    adata = synthetic.MiniAnnData(
+        synthetic.synthetic_counts(n, len(ids), seed=args.seed, profile=prof),
+        synthetic.synthetic_obs(n, args.seed),
+        synthetic.synthetic_var(ids),
+    )
     rep["data_seconds"] = time.perf_counter() - t0
     rep["data_stats"] = synthetic.describe(adata.X)
     source = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
@@ -641,7 +723,9 @@ def workload_b(args, report: dict, save) -> None:
     def fp32_reference():
         sub_ad = synthetic.MiniAnnData(adata.X[:k], adata.obs.iloc[:k], adata.var)
         sub = prepare_cells(sub_ad, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
-        r = Engine(loaded, device=dev, precision="32", attention="chunked", progress=False).run(sub, Outputs(embeddings=True))
+        r = Engine(loaded, device=dev, precision="32", attention="chunked", progress=False).run(
+            sub, Outputs(embeddings=True)
+        )
         cmp_rep.update({"cells": k, "fp32_seconds": r.seconds, "fp32_attention": "chunked", "tf32": False})
         return r
 
@@ -660,8 +744,13 @@ def workload_b(args, report: dict, save) -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             cold = eng.run(source, Outputs(embeddings=True))
-            entry = {"attention": eng.attention, "cold_seconds": cold.seconds, "distinct_batch_shapes": len(plan_shapes),
-                     "n_batches": len(plan), "max_tokens": eng.max_tokens}
+            entry = {
+                "attention": eng.attention,
+                "cold_seconds": cold.seconds,
+                "distinct_batch_shapes": len(plan_shapes),
+                "n_batches": len(plan),
+                "max_tokens": eng.max_tokens,
+            }
             if dev == "cuda":
                 entry["peak_gpu_mem_gb_cold"] = torch.cuda.max_memory_allocated() / 2**30
             runs[name] = entry
@@ -675,11 +764,19 @@ def workload_b(args, report: dict, save) -> None:
                     torch.cuda.reset_peak_memory_stats()
                 res = eng.run(source, Outputs(embeddings=True))
             n_tokens, flops = _flops(res.n_genes, loaded, llh=False)
-            entry.update({
-                "seconds": res.seconds, "cells": n, "cells_per_s": n / res.seconds, "tokens": n_tokens,
-                "tokens_per_s": n_tokens / res.seconds, "model_flops": flops, "flops_per_s": flops / res.seconds,
-                "fraction_of_bf16_matmul": flops / res.seconds / ref_flops, "stats": res.stats,
-            })
+            entry.update(
+                {
+                    "seconds": res.seconds,
+                    "cells": n,
+                    "cells_per_s": n / res.seconds,
+                    "tokens": n_tokens,
+                    "tokens_per_s": n_tokens / res.seconds,
+                    "model_flops": flops,
+                    "flops_per_s": flops / res.seconds,
+                    "fraction_of_bf16_matmul": flops / res.seconds / ref_flops,
+                    "stats": res.stats,
+                }
+            )
             if dev == "cuda":
                 entry["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             embs[name] = res.embeddings
@@ -723,15 +820,22 @@ def print_table(report: dict) -> None:
     a = report.get("workload_a")
     if a:
         mm = a["matmul"]
-        print(f"\nWorkload (a): E/F {a['shape']['E']}/{a['shape']['F']}/L{a['shape']['L']}/S{a['shape']['seq_len']} checkpoint, "
-              f"{a['cells']} cells (median {a['data_stats']['expressed_median']:.0f} genes), CPU fp32, "
-              f"{mm['square']['threads']} threads")
-        print(f"  fp32 matmul: square {mm['square']['flops_per_s'] / 1e9:.1f} GFLOP/s, ffn-shape "
-              f"{mm['ffn_up']['flops_per_s'] / 1e9:.1f}, gene-mlp-shape {mm['gene_mlp']['flops_per_s'] / 1e9:.1f}; "
-              f"in workers before/after their run {[round(x / 1e9) for x in mm.get('reference_flops_per_s_all_seen', [])[1:]]}; "
-              f"reference (best seen) {mm.get('reference_used_flops_per_s', mm['reference_flops_per_s']) / 1e9:.1f} GFLOP/s")
-        hdr = f"  {'config':<18}{'cells':>6}{'sec':>9}{'cells/s':>9}{'tok/s':>10}{'GFLOP/s':>9}{'%matmul':>8}{'RSS MB':>8}"
-        print(hdr)
+        seen = mm.get("reference_flops_per_s_all_seen", [])
+        print(
+            f"\nWorkload (a): E/F {a['shape']['E']}/{a['shape']['F']}/L{a['shape']['L']}/S{a['shape']['seq_len']} "
+            "checkpoint, "
+            f"{a['cells']} cells (median {a['data_stats']['expressed_median']:.0f} genes), CPU fp32, "
+            f"{mm['square']['threads']} threads"
+        )
+        print(
+            f"  fp32 matmul: square {mm['square']['flops_per_s'] / 1e9:.1f} GFLOP/s, ffn-shape "
+            f"{mm['ffn_up']['flops_per_s'] / 1e9:.1f}, gene-mlp-shape {mm['gene_mlp']['flops_per_s'] / 1e9:.1f}; "
+            f"in workers before/after their run {[round(x / 1e9) for x in seen[1:]]}; "
+            f"reference (best seen) {mm.get('reference_used_flops_per_s', mm['reference_flops_per_s']) / 1e9:.1f} "
+            "GFLOP/s"
+        )
+        print(f"  {'config':<18}{'cells':>6}{'sec':>9}{'cells/s':>9}{'tok/s':>10}{'GFLOP/s':>9}{'%matmul':>8}", end="")
+        print(f"{'RSS MB':>8}")
         for name, r in a.get("configs", {}).items():
             other = r.get("contention", {}).get("other_cpu_fraction_of_machine")
             if other is not None and other > 0.05:
@@ -739,26 +843,34 @@ def print_table(report: dict) -> None:
             sec = r.get("seconds", r.get("wall_seconds"))
             frac = r.get("fraction_of_matmul", r.get("fraction_of_matmul_useful"))
             gf = r.get("flops_per_s", r.get("useful_flops_per_s"))
-            print(f"  {name:<18}{r['cells']:>6}{_fmt(sec, '.1f'):>9}{_fmt(r.get('cells_per_s'), '.2f'):>9}"
-                  f"{_fmt(r.get('tokens_per_s'), '.0f'):>10}{_fmt(gf / 1e9 if gf else None, '.1f'):>9}"
-                  f"{_fmt(100 * frac if frac else None, '.1f'):>8}{_fmt(r.get('peak_rss_mb'), '.0f'):>8}")
+            print(
+                f"  {name:<18}{r['cells']:>6}{_fmt(sec, '.1f'):>9}{_fmt(r.get('cells_per_s'), '.2f'):>9}"
+                f"{_fmt(r.get('tokens_per_s'), '.0f'):>10}{_fmt(gf / 1e9 if gf else None, '.1f'):>9}"
+                f"{_fmt(100 * frac if frac else None, '.1f'):>8}{_fmt(r.get('peak_rss_mb'), '.0f'):>8}"
+            )
         for k, v in a.get("agreement", {}).items():
             print(f"  {k}: " + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in v.items()))
         for k, v in a.get("targets", {}).items():
             print(f"  target {k}: {_fmt(v)}")
     b = report.get("workload_b")
     if b:
-        print(f"\nWorkload (b) on {b['device']}: bf16 matmul {b['matmul_bf16']['flops_per_s'] / 1e12:.1f} TFLOP/s, "
-              f"fp32 {b['matmul_fp32']['flops_per_s'] / 1e12:.2f} TFLOP/s")
+        print(
+            f"\nWorkload (b) on {b['device']}: bf16 matmul {b['matmul_bf16']['flops_per_s'] / 1e12:.1f} TFLOP/s, "
+            f"fp32 {b['matmul_fp32']['flops_per_s'] / 1e12:.2f} TFLOP/s"
+        )
         for name, r in b.get("configs", {}).items():
             if "error" in r:
                 print(f"  {name}: ERROR {r['error'][:300]}")
                 continue
-            print(f"  {name:<14} attention={r.get('attention')} cells={r.get('cells')} sec={_fmt(r.get('seconds'), '.2f')} "
-                  f"(cold {_fmt(r.get('cold_seconds'), '.1f')}) cells/s={_fmt(r.get('cells_per_s'), '.1f')} "
-                  f"tok/s={_fmt(r.get('tokens_per_s'), '.3g')} TFLOP/s={_fmt((r.get('flops_per_s') or 0) / 1e12, '.1f')} "
-                  f"({_fmt(100 * (r.get('fraction_of_bf16_matmul') or 0), '.1f')}% of bf16 matmul) "
-                  f"peak GPU {_fmt(r.get('peak_gpu_mem_gb'), '.1f')} GB, shapes={r.get('distinct_batch_shapes')}")
+            print(
+                f"  {name:<14} attention={r.get('attention')} cells={r.get('cells')} "
+                f"sec={_fmt(r.get('seconds'), '.2f')} "
+                f"(cold {_fmt(r.get('cold_seconds'), '.1f')}) cells/s={_fmt(r.get('cells_per_s'), '.1f')} "
+                f"tok/s={_fmt(r.get('tokens_per_s'), '.3g')} "
+                f"TFLOP/s={_fmt((r.get('flops_per_s') or 0) / 1e12, '.1f')} "
+                f"({_fmt(100 * (r.get('fraction_of_bf16_matmul') or 0), '.1f')}% of bf16 matmul) "
+                f"peak GPU {_fmt(r.get('peak_gpu_mem_gb'), '.1f')} GB, shapes={r.get('distinct_batch_shapes')}"
+            )
         for k, v in b.get("bf16_vs_fp32", {}).items():
             print(f"  bf16 vs fp32 {k}: {v}")
         for k, v in b.get("tiny_fp32_vs_cpu", {}).items():
@@ -773,7 +885,9 @@ def main(argv=None) -> None:
     p.add_argument("--cells", type=int, default=256, help="cells for workload (a)")
     p.add_argument("--naive-cells", type=int, help="cells for the naive configuration (default: --cells)")
     p.add_argument("--skip-naive", action="store_true")
-    p.add_argument("--published-cli", metavar="PYTHON", help="python of a venv with the published transcriptformer 0.6.1")
+    p.add_argument(
+        "--published-cli", metavar="PYTHON", help="python of a venv with the published transcriptformer 0.6.1"
+    )
     p.add_argument("--published-compile", action="store_true", help="let the published CLI compile flex_attention")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--gpu-cells", type=int, default=2048, help="cells for workload (b)")
@@ -785,8 +899,12 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write the report here")
     p.add_argument("--resume", action="store_true", help="reuse finished workload-(a) configurations found in --json")
     p.add_argument("--rerun", default="", help="with --resume: comma-separated configurations to run again")
-    p.add_argument("--max-other-cpu", type=float, default=0.05,
-                   help="rerun a configuration if other processes used more than this fraction of the machine")
+    p.add_argument(
+        "--max-other-cpu",
+        type=float,
+        default=0.05,
+        help="rerun a configuration if other processes used more than this fraction of the machine",
+    )
     p.add_argument("--retries", type=int, default=2, help="reruns allowed per configuration for --max-other-cpu")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -799,6 +917,7 @@ def main(argv=None) -> None:
     if args.published_cli:
         args.published_cli = os.path.abspath(args.published_cli)  # not resolve(): keep the venv's symlink
     if args.smoke:
+        args.retries = 0
         args.cells = min(args.cells, 16)
         args.gpu_budget_s = min(args.gpu_budget_s, 120)
     Path(args.outdir).mkdir(parents=True, exist_ok=True)

@@ -231,7 +231,7 @@ def verify_checkpoint(folder: str | os.PathLike, shape: Shape) -> None:
     loaded = build_model(folder)
     assert len(loaded.vocab) == shape.V, (len(loaded.vocab), shape.V)
     assert loaded.seq_len == shape.seq_len
-    assert loaded.vocab.pad == 1 and loaded.vocab.start == 2 and loaded.vocab.end == 3
+    assert (loaded.vocab.pad, loaded.vocab.start, loaded.vocab.end) == (1, 2, 3)
 
 
 def ensure_checkpoint(folder: str | os.PathLike, shape: Shape, *, device: str = "cpu") -> Path:

@@ -71,11 +71,10 @@ def worker(spec: dict) -> dict:
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     import anndata as ad
+    from bench import contention, cpu_snapshot
 
     import transcriptformer
     from transcriptformer import tokenize as tk
-
-    from bench import contention, cpu_snapshot
 
     reads: list[tuple[float, int, int]] = []
     snaps: list[tuple[float, float, float]] = []
@@ -115,8 +114,11 @@ def worker(spec: dict) -> dict:
     whole = contention(snaps[0], snaps[-1]) if snaps else {}
     stop.set()
     th.join()
-    emb_check = {"finite": bool(np.isfinite(emb[: min(n, 1000)]).all()), "row0_norm": float(np.linalg.norm(emb[0])),
-                 "last_norm": float(np.linalg.norm(emb[n - 1]))}
+    emb_check = {
+        "finite": bool(np.isfinite(emb[: min(n, 1000)]).all()),
+        "row0_norm": float(np.linalg.norm(emb[0])),
+        "last_norm": float(np.linalg.norm(emb[n - 1])),
+    }
     # per-window compute time: the engine asks for window k+1 (prefetch) right when it starts computing
     # window k, so request k+2 minus request k+1 is the compute time of window k; the last two windows
     # share the interval from the last request to the end
@@ -162,9 +164,13 @@ def flatness(per_cell: list[float], other: list[float] | None = None) -> dict:
     if other is not None and len(other) >= len(per_cell):
         o = np.asarray(other[1 : len(per_cell) - 1] if len(per_cell) > 4 else other[: len(per_cell)])
         quiet = a[o < 0.05]
-        extra = {"windows": int(len(a)), "quiet_windows": int(len(quiet)),
-                 "quiet_median_ms": float(np.median(quiet) * 1e3) if len(quiet) else None,
-                 "median_ms": float(np.median(a) * 1e3), "max_ms": float(a.max() * 1e3)}
+        extra = {
+            "windows": len(a),
+            "quiet_windows": len(quiet),
+            "quiet_median_ms": float(np.median(quiet) * 1e3) if len(quiet) else None,
+            "median_ms": float(np.median(a) * 1e3),
+            "max_ms": float(a.max() * 1e3),
+        }
         if len(quiet) >= 5:
             kq = max(1, len(quiet) // 5)
             extra["quiet_last_over_first"] = float(quiet[-kq:].mean() / quiet[:kq].mean())
@@ -182,9 +188,15 @@ def flatness(per_cell: list[float], other: list[float] | None = None) -> dict:
 
 def run_worker(spec: dict) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -216,8 +228,13 @@ def main(argv=None) -> None:
     sizes = [a.probe] if a.probe else [int(s) for s in a.sizes.split(",")]
     from bench import git_state, machine_info
 
-    report = {"checkpoint": str(ckpt), "shape": mc.asdict(shape), "scale_genes": a.scale_genes, "runs": [],
-              "machine": machine_info()}
+    report = {
+        "checkpoint": str(ckpt),
+        "shape": mc.asdict(shape),
+        "scale_genes": a.scale_genes,
+        "runs": [],
+        "machine": machine_info(),
+    }
 
     def save():
         if a.json:
@@ -233,16 +250,23 @@ def main(argv=None) -> None:
         modes = [a.mode] + (["memmap"] if a.also_memmap_largest and n == max(sizes) and a.mode != "memmap" else [])
         for mode in modes:
             print(f"embedding {n:,} cells ({mode}) ...", file=sys.stderr, flush=True)
-            spec = {"checkpoint": str(ckpt), "data": str(data), "mode": mode, "threads": a.threads,
-                    "memmap": str(out / f"stream_{n}.npy")}
+            spec = {
+                "checkpoint": str(ckpt),
+                "data": str(data),
+                "mode": mode,
+                "threads": a.threads,
+                "memmap": str(out / f"stream_{n}.npy"),
+            }
             r = run_worker(spec)
             r["data"] = stats
             r["flatness"] = flatness(r["window_seconds_per_cell"], r.get("window_other_cpu_fraction"))
             report["runs"].append(r)
             save()
-            print(f"  {n:>8,} cells {mode:<7} {r['seconds']:8.1f} s  {r['seconds_per_cell'] * 1e3:7.3f} ms/cell  "
-                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  windows {r['windows']}  flatness {r['flatness']}",
-                  flush=True)
+            print(
+                f"  {n:>8,} cells {mode:<7} {r['seconds']:8.1f} s  {r['seconds_per_cell'] * 1e3:7.3f} ms/cell  "
+                f"peak RSS {r['peak_rss_mb']:7.0f} MB  windows {r['windows']}  flatness {r['flatness']}",
+                flush=True,
+            )
             if mode == "memmap":
                 Path(spec["memmap"]).unlink(missing_ok=True)
         if not a.keep_data and not a.probe:

@@ -98,14 +98,19 @@ def synthetic_counts(
 ) -> sp.csr_matrix:
     """``n_cells x n_genes`` CSR float32 counts (in memory)."""
     gm = GeneModel(n_genes, profile, seed)
-    parts = [_chunk(gm, np.random.default_rng([seed, 1, i]), min(chunk, n_cells - s)) for i, s in enumerate(range(0, n_cells, chunk))]
+    parts = [
+        _chunk(gm, np.random.default_rng([seed, 1, i]), min(chunk, n_cells - s))
+        for i, s in enumerate(range(0, n_cells, chunk))
+    ]
     return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, n_genes), dtype=np.float32)
 
 
 def synthetic_obs(n_cells: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng([seed, 2])
     assay = ASSAY_LABELS[rng.choice(len(ASSAY_LABELS), n_cells, p=ASSAY_P)]
-    return pd.DataFrame({"assay": pd.Categorical(assay, categories=list(ASSAY_LABELS))}, index=[f"cell{i}" for i in range(n_cells)])
+    return pd.DataFrame(
+        {"assay": pd.Categorical(assay, categories=list(ASSAY_LABELS))}, index=[f"cell{i}" for i in range(n_cells)]
+    )
 
 
 def synthetic_var(gene_ids: list[str]) -> pd.DataFrame:
@@ -185,7 +190,9 @@ def _write_df(f: h5py.File, key: str, df: pd.DataFrame) -> None:
         if isinstance(s.dtype, pd.CategoricalDtype):
             c = g.create_group(col)
             c.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
-            cats = c.create_dataset("categories", data=np.array(s.cat.categories.astype(str), dtype=object), dtype=str_dt)
+            cats = c.create_dataset(
+                "categories", data=np.array(s.cat.categories.astype(str), dtype=object), dtype=str_dt
+            )
             cats.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
             codes = c.create_dataset("codes", data=s.cat.codes.to_numpy())
             codes.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
