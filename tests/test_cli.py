@@ -170,3 +170,15 @@ def test_version_and_help():
 def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "transcriptformer", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and transcriptformer.__version__ in proc.stdout
+
+
+def test_stream_output_writes_the_same_file(tmp_path, tiny_path, human_h5ad, reference):
+    """--stream-output fills obsm['embeddings'] in the output file window by window: same file contents."""
+    streamed = _infer(tmp_path / "s", tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"], "--llh", "--stream-output")
+    plain = _infer(tmp_path / "p", tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"], "--llh")
+    assert set(streamed.obsm) == set(plain.obsm) == {"embeddings", "llh"}
+    np.testing.assert_array_equal(streamed.obsm["embeddings"], plain.obsm["embeddings"])
+    np.testing.assert_allclose(streamed.obsm["embeddings"][:21], reference["cell"].obsm["embeddings"], atol=ATOL)
+    np.testing.assert_array_equal(streamed.obsm["llh"], plain.obsm["llh"])
+    np.testing.assert_array_equal(streamed.uns["llh"]["llh"], plain.uns["llh"]["llh"])
+    assert streamed.obs.equals(plain.obs)

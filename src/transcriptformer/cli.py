@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inf.add_argument("--model-type", choices=["transcriptformer"], default="transcriptformer", help="model type")
     inf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inf.add_argument(
+        "--stream-output",
+        action="store_true",
+        help="write embeddings to the output file window by window (automatic above 2 GiB of embeddings)",
+    )
     return parser
 
 
@@ -272,7 +277,9 @@ def _write_atomic(adata, path: Path) -> None:
         raise
 
 
-def _run_file(path: str, loaded, args: argparse.Namespace, outputs, device: str) -> dict[str, Any]:
+def _run_file(
+    path: str, loaded, args: argparse.Namespace, outputs, device: str, embeddings_out: Any = None
+) -> dict[str, Any]:
     import anndata as ad
 
     from .engine import infer
@@ -302,6 +309,7 @@ def _run_file(path: str, loaded, args: argparse.Namespace, outputs, device: str)
         max_tokens=args.max_tokens,
         attention=args.attention,
         progress=False if args.no_progress else None,
+        embeddings_out=embeddings_out,
     )
     obs = adata.obs.copy()
     if args.obs_keys != ["all"]:
@@ -316,8 +324,6 @@ def _run_file(path: str, loaded, args: argparse.Namespace, outputs, device: str)
 
 def run_inference(args: argparse.Namespace) -> Path | None:
     """Run the ``inference`` command; returns the output path (None on ranks other than 0)."""
-    from anndata import AnnData
-
     from .engine import Outputs
 
     overrides = _apply_overrides(args)
@@ -337,14 +343,27 @@ def run_inference(args: argparse.Namespace) -> Path | None:
     if world > 1 and device in ("auto", "cuda") and _cuda():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     loaded = _load(args.checkpoint_path, overrides)
+    path = Path(args.output_path) / args.output_filename
+    if outputs.embeddings and world == 1 and _stream_output(args, loaded):
+        return _run_streaming(args, loaded, outputs, device, path)
     parts = [_run_file(p, loaded, args, outputs, device) for p in args.data_file]
     if rank != 0:
         return None
-    obs = pd.concat([p["obs"] for p in parts], ignore_index=True) if len(parts) > 1 else parts[0]["obs"]
+    out = _output_adata(parts, outputs)
+    _write_atomic(out, path)
+    logger.info("wrote %s (%d cells)", path, out.n_obs)
+    return path
+
+
+def _output_adata(parts: list[dict[str, Any]], outputs, embeddings: bool = True):
+    """The published output layout; ``embeddings=False`` leaves ``obsm['embeddings']`` out (streamed)."""
+    from anndata import AnnData
+
+    obs = pd.concat([p["obs"] for p in parts], ignore_index=True) if len(parts) > 1 else parts[0]["obs"].copy()
     obs.index = pd.RangeIndex(len(obs)).astype(str)
     out = AnnData(obs=obs)
     results = [p["result"] for p in parts]
-    if outputs.embeddings:
+    if outputs.embeddings and embeddings:
         out.obsm["embeddings"] = np.concatenate([r.embeddings for r in results]).astype(np.float32)
     if outputs.llh:
         llh = np.concatenate([r.llh for r in results]).astype(np.float32)
@@ -352,18 +371,90 @@ def run_inference(args: argparse.Namespace) -> Path | None:
         out.obsm["llh"] = llh[:, None]
     if outputs.gene_llh:
         out.obsm["gene_llh"] = np.concatenate([r.gene_llh for r in results]).astype(np.float32)
-    if cge:
+    if outputs.cge:
         offsets = np.cumsum([0] + [len(r.n_genes) for r in results[:-1]])
         out.uns["cge_embeddings"] = np.concatenate([r.cge_embeddings for r in results]).astype(np.float32)
         out.uns["cge_cell_indices"] = np.concatenate(
             [r.cge_cell_indices + off for r, off in zip(results, offsets, strict=True)]
         ).astype(np.int64)
-        out.uns["cge_gene_names"] = np.concatenate([p["vocab"].names()[p["result"].cge_tokens] for p in parts]).astype(
-            str
-        )
-    path = Path(args.output_path) / args.output_filename
-    _write_atomic(out, path)
-    logger.info("wrote %s (%d cells)", path, out.n_obs)
+        names = [p["vocab"].names()[p["result"].cge_tokens] for p in parts]
+        out.uns["cge_gene_names"] = np.concatenate(names).astype(str)
+    return out
+
+
+#: Above this size the embeddings go straight to the output file instead of through memory.
+STREAM_BYTES = 2 << 30
+
+
+def _stream_output(args: argparse.Namespace, loaded) -> bool:
+    if args.stream_output:
+        return True
+    import h5py
+
+    n = 0
+    for f in args.data_file:
+        if Path(f).is_file():
+            with h5py.File(f, "r") as h:
+                index = h["obs"].attrs.get("_index", "_index")
+                n += len(h["obs"][index]) if index in h["obs"] else 0
+    return n * loaded.embed_dim * 4 > STREAM_BYTES
+
+
+class _Rows:
+    """``dataset[offset + i]`` seen as ``view[i]``: one input file's rows of the output matrix."""
+
+    def __init__(self, dataset, offset: int):
+        self.dataset, self.offset = dataset, offset
+
+    def __setitem__(self, rows: slice, values: np.ndarray) -> None:
+        self.dataset[self.offset + rows.start : self.offset + rows.stop] = values
+
+
+def _run_streaming(args: argparse.Namespace, loaded, outputs, device: str, path: Path) -> Path:
+    """Write the embeddings into the output file window by window (memory does not grow with the data)."""
+    import anndata as ad
+    import h5py
+
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+
+    sizes = []
+    for f in args.data_file:
+        if not Path(f).is_file():
+            raise CLIError(f"data file {f!r} does not exist.")
+        backed = ad.read_h5ad(f, backed="r")
+        sizes.append(backed.n_obs)
+        backed.file.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".h5ad.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(sum(sizes)).astype(str))).write_h5ad(tmp)
+        with h5py.File(tmp, "r+") as h:
+            E = loaded.embed_dim
+            ds = h["obsm"].create_dataset(
+                "embeddings", shape=(sum(sizes), E), dtype="f4", chunks=(max(1, min(sum(sizes), 1 << 20 // E)), E)
+            )
+            ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
+            offsets = np.cumsum([0, *sizes[:-1]])
+            parts = [
+                _run_file(f, loaded, args, outputs, device, embeddings_out=_Rows(ds, int(off)))
+                for f, off in zip(args.data_file, offsets, strict=True)
+            ]
+            rest = _output_adata(parts, outputs, embeddings=False)
+            del h["obs"]
+            write_elem(h, "obs", rest.obs)
+            for key, value in rest.obsm.items():
+                write_elem(h["obsm"], key, value)
+            for key, value in rest.uns.items():
+                write_elem(h["uns"], key, value)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s (%d cells, embeddings streamed)", path, sum(sizes))
     return path
 
 
