@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import pooch
+import requests
 from filelock import FileLock
 
 from ._hash import sha256_file
@@ -40,6 +41,7 @@ __all__ = [
     "BASE_URL",
     "MODEL_NAMES",
     "REGISTRY",
+    "DownloadError",
     "available",
     "cache_path",
     "canonical_name",
@@ -75,6 +77,10 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 KNOWN_HASHES_FILE = "known_hashes.json"
+
+
+class DownloadError(requests.exceptions.RequestException):
+    """A download failed (network, server, or cut short); nothing was cached."""
 
 
 def canonical_name(name: str) -> str:
@@ -266,6 +272,16 @@ def _download_and_unpack(name: str, root: Path, folder: Path, progress: bool) ->
                 path=downloads,
                 progressbar=progress,
             )
+        except requests.exceptions.RequestException as e:
+            root_cause = e
+            while root_cause.__cause__ or root_cause.__context__:
+                root_cause = root_cause.__cause__ or root_cause.__context__
+            reason = f"{type(root_cause).__name__}: {str(root_cause).splitlines()[0][:200] if str(root_cause) else ''}"
+            raise DownloadError(
+                f"could not download {url} ({reason}). Nothing was cached. Check the connection and retry, "
+                f"point TRANSCRIPTFORMER_BASE_URL at a mirror, or fetch {fname} on a machine that can reach it, "
+                "unpack it and pass the folder itself (model=<folder> / --checkpoint-path <folder>)."
+            ) from e
         except ValueError as e:
             if "hash" in str(e).lower():
                 raise ValueError(
