@@ -44,3 +44,14 @@ def test_docstring_examples_run():
     for module in (transcriptformer.checkpoint, transcriptformer.scanpy.tl):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_show_versions(capsys):
+    import transcriptformer
+
+    info = transcriptformer.versions()
+    assert info["transcriptformer"] == transcriptformer.__version__
+    assert info["torch"].startswith("2.")
+    transcriptformer.show_versions()
+    out = capsys.readouterr().out
+    assert "anndata" in out and "cuda" in out

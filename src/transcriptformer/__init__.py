@@ -12,8 +12,18 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
+from ._versions import show_versions, versions
 from .checkpoint import LoadedModel, clear_cache, load_model
 from .config import TranscriptFormerConfig
 from .model import TranscriptFormer
 
-__all__ = ["LoadedModel", "TranscriptFormer", "TranscriptFormerConfig", "__version__", "clear_cache", "load_model"]
+__all__ = [
+    "LoadedModel",
+    "TranscriptFormer",
+    "TranscriptFormerConfig",
+    "__version__",
+    "clear_cache",
+    "load_model",
+    "show_versions",
+    "versions",
+]
