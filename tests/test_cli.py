@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -182,3 +183,14 @@ def test_stream_output_writes_the_same_file(tmp_path, tiny_path, human_h5ad, ref
     np.testing.assert_array_equal(streamed.obsm["llh"], plain.obsm["llh"])
     np.testing.assert_array_equal(streamed.uns["llh"]["llh"], plain.uns["llh"]["llh"])
     assert streamed.obs.equals(plain.obs)
+
+
+def test_output_permissions_and_use_raw_override(tmp_path, tiny_path, reference):
+    umask = os.umask(0)
+    os.umask(umask)
+    out = _infer(
+        tmp_path, tiny_path, DATA / "tiny_human_raw.h5ad", "--config-override", "model.data_config.use_raw=auto"
+    )
+    np.testing.assert_allclose(out.obsm["embeddings"], reference["raw_cell"].obsm["embeddings"], atol=ATOL)
+    mode = (tmp_path / "out" / "result.h5ad").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask  # like any file the user writes, not mkstemp's 0600

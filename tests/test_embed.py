@@ -381,3 +381,91 @@ def test_transfer_labels_errors(tiny_path, tiny_adata):
     other.obsm["X_transcriptformer"] = other.obsm["X_transcriptformer"][:, :5]
     with pytest.raises(ValueError, match="differ in width"):
         tfs.tl.transfer_labels(tiny_adata, other, key="cell_type")
+
+
+def test_non_canonical_csr_and_float64_are_read_like_dense(tiny_path, tiny_adata, ref_embedding):
+    X = tiny_adata.X.tocsr()
+    # split every stored value into two duplicate entries (a non-canonical CSR whose dense form is X)
+    indptr = X.indptr * 2
+    indices = np.repeat(X.indices, 2)
+    data = np.repeat(X.data / 2, 2)
+    dup = sp.csr_matrix((data, indices, indptr), shape=X.shape)
+    assert not dup.has_canonical_format
+    np.testing.assert_array_equal(dup.toarray(), X.toarray())
+    tiny_adata.X = dup
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, llh=True, copy=True)
+    np.testing.assert_allclose(out.obsm["X_transcriptformer"], ref_embedding[0], atol=1e-6)
+    # float64 values that are 0 in float32 are zero counts (the published pipeline casts first)
+    dense = X.toarray().astype(np.float64)
+    dense[dense == 0] = 1e-50
+    tiny_adata.X = dense
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, copy=True)
+    np.testing.assert_allclose(out.obsm["X_transcriptformer"], ref_embedding[0], atol=1e-6)
+
+
+def test_bad_values_outside_the_vocabulary_are_ignored_for_every_input_kind(tiny_path, tiny_adata, tiny_model):
+    oov = np.flatnonzero(tiny_model.vocab.lookup([i.split(".")[0] for i in tiny_adata.var["ensembl_id"]]) < 0)[0]
+    X = tiny_adata.X.toarray()
+    X[0, oov] = -1.0  # a column the model never reads
+    for M in (X, sp.csr_matrix(X), sp.csc_matrix(X)):
+        tiny_adata.X = M
+        out = tfs.tl.embed(tiny_adata, model=tiny_path, copy=True)
+        assert np.isfinite(out.obsm["X_transcriptformer"]).all()
+
+
+def test_pad_zeros_false_sparse_equals_dense(tiny_path, tiny_adata, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_path, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model"]["data_config"]["pad_zeros"] = False
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    sparse = tfs.tl.embed(tiny_adata, model=ckpt, llh=True, copy=True)
+    tiny_adata.X = tiny_adata.X.toarray()
+    dense = tfs.tl.embed(tiny_adata, model=ckpt, llh=True, copy=True)
+    np.testing.assert_allclose(sparse.obsm["X_transcriptformer"], dense.obsm["X_transcriptformer"], atol=1e-6)
+    np.testing.assert_allclose(sparse.obs["transcriptformer_llh"], dense.obs["transcriptformer_llh"], atol=1e-6)
+    from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+
+    m = transcriptformer.load_model(ckpt)
+    w = prepare_cells(tiny_adata, m.vocab, m.aux_vocabs, seq_len=63, pad_zeros=False, options=TokenizeOptions()).read(
+        0, 21
+    )
+    assert (w.lengths == 63).all()  # 165 genes in the vocabulary: every cell fills its 63 slots
+    assert w.tokens.shape[1] == 63
+    assert (w.tokens != m.vocab.pad).all()  # zero-count genes stay tokens ...
+    assert (w.counts == 0).any()  # ... with count 0
+
+
+def test_check_input_summary(tiny_path, tiny_adata):
+    before = snapshot(tiny_adata)
+    info = tfs.pp.check_input(tiny_adata, tiny_path)
+    assert_unchanged(tiny_adata, before)
+    assert info["n_genes_matched"] == 165 and info["n_obs"] == 21
+    assert info["genes_per_cell"] == {"min": 1, "median": 37.0, "max": 63}
+    assert info["n_cells_truncated"] == 5  # cells with more than seq_len=63 expressed genes
+    assert info["fraction_unknown_aux"]["assay"] == pytest.approx(6 / 21)  # 3 'unknown' + 3 'MERFISH'
+    with pytest.raises(ValueError, match="no cells"):
+        tfs.pp.check_input(tiny_adata[:0], tiny_path)
+    tfs.pp.match_genes(tiny_adata, tiny_path)
+    assert tiny_adata.var["transcriptformer_in_vocab"].sum() == 165
+
+
+def test_contextual_gene_embeddings_gene_filter(tiny_path, tiny_adata, reference):
+    ref = reference["cge"].uns
+    full = tfs.tl.contextual_gene_embeddings(tiny_adata, tiny_path)
+    assert full.n_obs == len(ref["cge_cell_indices"])
+    np.testing.assert_allclose(full.X, ref["cge_embeddings"], atol=2e-6)
+    np.testing.assert_array_equal(full.obs["gene_id"].astype(str), ref["cge_gene_names"].astype(str))
+    # the slot of each gene in its cell's sequence
+    for cell in (1, 7):
+        rows = full.obs["cell_index"].to_numpy() == cell
+        np.testing.assert_array_equal(full.obs["position"].to_numpy()[rows], np.arange(rows.sum()))
+    wanted = ["ENSG00000900164", "ENSG00000900109.4"]  # a version suffix is ignored
+    with pytest.warns(TranscriptFormerWarning, match="1 requested gene"):
+        some = tfs.tl.contextual_gene_embeddings(tiny_adata, tiny_path, genes=[*wanted, "nonsense"])
+    expected = np.isin(full.obs["gene_id"].astype(str), ["ENSG00000900164", "ENSG00000900109"])
+    assert some.n_obs == expected.sum() > 0
+    np.testing.assert_allclose(some.X, full.X[expected], atol=1e-6)
+    np.testing.assert_array_equal(some.obs["position"], full.obs["position"].to_numpy()[expected])
+    with pytest.raises(ValueError, match="none of the 1 requested genes"):
+        tfs.tl.contextual_gene_embeddings(tiny_adata, tiny_path, genes=["nonsense"])

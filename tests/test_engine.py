@@ -138,7 +138,8 @@ def test_device_and_precision_resolution():
     assert resolve_device("auto").type == ("cuda" if cuda else "cpu")
     assert resolve_precision("auto", torch.device("cpu")) == "32"
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
-    assert resolve_precision("16-mixed", torch.device("cpu")) == "16"
+    assert resolve_precision("16-mixed", torch.device("cpu")) == "bf16"  # as Lightning does on CPU
+    assert resolve_precision("16-mixed", torch.device("cuda")) == "16"
     assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("64", torch.device("cpu"))
@@ -241,3 +242,19 @@ def test_compiled_flex_matches_references(tiny_model, tiny_adata, reference, att
         pytest.skip(f"{attention} did not compile here (the engine fell back to {res.stats['attention']})")
     np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
     np.testing.assert_allclose(res.llh, reference["llh"].obsm["llh"].ravel(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_attention_is_finite_and_close(dtype):
+    """Soft-capped weights reach e^20: float16 needs them relative to the row maximum (no inf, no NaN)."""
+    from transcriptformer.model import chunked_attention, dense_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(3, 2, 150, 16, generator=g) for _ in range(3))
+    bias = torch.log1p(torch.rand(3, 150, generator=g) * 30)
+    valid = torch.ones(3, 150, dtype=torch.bool)
+    valid[0, 0] = False
+    ref = dense_attention(q, k, v, bias, valid, 10.0)
+    out = chunked_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid, 10.0, num_aux=1).float()
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < (2e-2 if dtype == torch.float16 else 1e-1)

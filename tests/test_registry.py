@@ -205,7 +205,7 @@ def test_first_download_unpacks_records_hashes_and_loads(registry_server, regist
 
     # no tarball or temporary folder left behind (the inter-process lock file stays, empty)
     assert not (cache / ".downloads" / "tf_sapiens.tar.gz").exists()
-    assert sorted(p.name for p in cache.iterdir() if p.name not in (".downloads", ".tf_sapiens.lock")) == [
+    assert sorted(p.name for p in cache.iterdir() if p.name not in (".downloads", ".locks")) == [
         "known_hashes.json",
         "tf_sapiens",
         "tf_sapiens.sha256.json",

@@ -88,10 +88,6 @@ class LoadedModel:
                 self._device_copies[key] = copy.deepcopy(self.model).to(device).eval()
             return self._device_copies[key]
 
-    def gene_table_path(self, filename: str) -> Path:
-        """Path of a gene table of this checkpoint."""
-        return self.path / VOCAB_DIR / filename
-
 
 def _check_layout(path: Path, config: TranscriptFormerConfig | None = None) -> None:
     if not path.is_dir():
@@ -138,9 +134,16 @@ def _describe_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
 
 
 def build_model(
-    path: str | Path, *, name: str | None = None, config: TranscriptFormerConfig | None = None
+    path: str | Path,
+    *,
+    name: str | None = None,
+    config: TranscriptFormerConfig | None = None,
+    weights_sha256: str | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint folder without the in-memory cache (see :func:`load_model`)."""
+    """Load a checkpoint folder without the in-memory cache (see :func:`load_model`).
+
+    ``weights_sha256``, if already known (verified), saves hashing ``model_weights.pt`` again.
+    """
     path = Path(path).expanduser().resolve()
     _check_layout(path)
     config = config or TranscriptFormerConfig.from_json(path / CONFIG_FILE)
@@ -182,7 +185,7 @@ def build_model(
         aux_vocabs=aux_vocabs,
         path=path,
         name=name or path.name,
-        weights_sha256=sha256_file(path / WEIGHTS_FILE),
+        weights_sha256=weights_sha256 or sha256_file(path / WEIGHTS_FILE),
     )
 
 
@@ -246,9 +249,8 @@ def load_model(model: str | os.PathLike | LoadedModel, *, cache_dir: str | os.Pa
         hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    if verify is not None:
-        verify(path)
-    loaded = build_model(path, name=name)
+    digests = verify(path) if verify is not None else {}
+    loaded = build_model(path, name=name, weights_sha256=digests.get(WEIGHTS_FILE))
     with _CACHE_LOCK:
         for k in [k for k in _CACHE if k[0] == key[0]]:
             del _CACHE[k]  # the folder changed on disk: drop the stale copy

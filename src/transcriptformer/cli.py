@@ -54,6 +54,16 @@ _DEFAULT_ONLY = {
 }
 
 
+#: How the library's error messages name options, and the flags that set them here.
+_FLAG_NAMES = {
+    "gene_key=None to use var_names": "a var column of Ensembl ids",
+    "gene_key=<": "--gene-col-name <",
+    "duplicate_genes='first'": "--remove-duplicate-genes",
+    "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
+    "layer=<layer of raw counts>": "an input with raw counts in X or .raw (--use-raw)",
+}
+
+
 class CLIError(Exception):
     """A user error: printed as one line, exit status 1."""
 
@@ -222,8 +232,9 @@ def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "use_raw",
             "remove_duplicate_genes",
         ):
-            dest = {"gene_col_name": "gene_col_name", "filter_to_vocabs": "filter_to_vocabs"}.get(name, name)
-            setattr(args, dest, value)
+            if name == "use_raw":
+                value = _bool_or_auto(str(value))
+            setattr(args, name, value)
         elif section == "data_config" and name in _DEFAULT_ONLY:
             if value not in (None, _DEFAULT_ONLY[name], False, 0):
                 raise CLIError(
@@ -265,10 +276,19 @@ def _init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _write_atomic(adata, path: Path) -> None:
+def _temporary_beside(path: Path) -> str:
+    """A new empty file next to ``path`` with the permissions a plain ``open(path, "w")`` would give."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".h5ad.tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
+    return tmp
+
+
+def _write_atomic(adata, path: Path) -> None:
+    tmp = _temporary_beside(path)
     try:
         adata.write_h5ad(tmp)
         os.replace(tmp, path)
@@ -427,15 +447,13 @@ def _run_streaming(args: argparse.Namespace, loaded, outputs, device: str, path:
         backed = ad.read_h5ad(f, backed="r")
         sizes.append(backed.n_obs)
         backed.file.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".h5ad.tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary_beside(path)
     try:
         ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(sum(sizes)).astype(str))).write_h5ad(tmp)
         with h5py.File(tmp, "r+") as h:
             E = loaded.embed_dim
             ds = h["obsm"].create_dataset(
-                "embeddings", shape=(sum(sizes), E), dtype="f4", chunks=(max(1, min(sum(sizes), 1 << 20 // E)), E)
+                "embeddings", shape=(sum(sizes), E), dtype="f4", chunks=(max(1, min(sum(sizes), (1 << 20) // E)), E)
             )
             ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
             offsets = np.cumsum([0, *sizes[:-1]])
@@ -507,6 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, KeyError):
             msg = msg.strip("\"'")
+        for api, flag in _FLAG_NAMES.items():  # the library's advice, in the command line's words
+            msg = msg.replace(api, flag)
         print(f"transcriptformer: error: {msg}", file=sys.stderr)
         return 1
     return 0

@@ -67,12 +67,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"auto"``: float32 on CPU and MPS, bfloat16 autocast on CUDA. Returns ``"32"``, ``"bf16"`` or ``"16"``."""
+    """Returns ``"32"``, ``"bf16"`` or ``"16"``.
+
+    ``"auto"`` is float32 on CPU and MPS and bfloat16 autocast on CUDA. ``"16"`` on CPU runs as
+    bfloat16, as the published tool (Lightning) does for its default ``16-mixed``.
+    """
     p = _PRECISION_ALIASES.get(str(precision).lower())
     if p is None:
         raise ValueError(f"precision={precision!r}; expected 'auto', '32', 'bf16' or '16'.")
     if p == "auto":
         return "bf16" if device.type == "cuda" else "32"
+    if p == "16" and device.type == "cpu":
+        logger.info("float16 autocast on CPU runs as bfloat16 (as the published tool does).")
+        return "bf16"
     return p
 
 
@@ -98,9 +105,9 @@ class InferenceResult:
         ``(n_obs,)`` float32 mean negative log-likelihood per gene (NaN for cells without genes).
     gene_llh
         ``(n_obs, S)`` float32 per-position gene-identity cross-entropy.
-    cge_embeddings, cge_cell_indices, cge_tokens
+    cge_embeddings, cge_cell_indices, cge_tokens, cge_positions
         Contextual gene embeddings: one row per (cell, gene), cells in input order, genes in
-        sequence order; the gene's token id.
+        sequence order; the gene's token id; the gene's slot in the cell's sequence.
     n_genes
         ``(n_obs,)`` number of gene tokens each cell was given (``<= S``).
     seconds
@@ -113,6 +120,7 @@ class InferenceResult:
     cge_embeddings: np.ndarray | None = None
     cge_cell_indices: np.ndarray | None = None
     cge_tokens: np.ndarray | None = None
+    cge_positions: np.ndarray | None = None
     n_genes: np.ndarray | None = None
     seconds: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
@@ -374,6 +382,7 @@ class Engine:
         *,
         tables: tuple[torch.Tensor, torch.Tensor] | None = None,
         embeddings_out: Any | None = None,
+        cge_tokens: np.ndarray | None = None,
     ) -> InferenceResult:
         """Run the model over every cell of ``source``.
 
@@ -390,6 +399,9 @@ class Engine:
             Optional array-like of shape ``(n_obs, E)`` (``np.memmap``, h5py dataset, zarr array)
             that receives the embeddings window by window instead of an in-memory array, for
             inputs too large to hold. The result's ``embeddings`` is then this object.
+        cge_tokens
+            Boolean mask over the vocabulary: keep contextual gene embeddings of these tokens only
+            (the others are never copied off the device).
 
         Returns
         -------
@@ -421,8 +433,9 @@ class Engine:
         bar = tqdm(total=m, unit="cell", desc=f"TranscriptFormer ({self.loaded.name})", disable=not show or rank > 0)
         n_tokens = 0
         n_padded = 0
-        specials = np.zeros(len(source.vocab), dtype=bool)
-        specials[: source.vocab.n_special] = True
+        # contextual gene embeddings: real genes only (never special tokens), optionally a chosen few
+        cge_keep = np.ones(len(source.vocab), dtype=bool) if cge_tokens is None else np.asarray(cge_tokens, bool).copy()
+        cge_keep[: source.vocab.n_special] = False
         try:
             for window in self._windows(source, lo, hi):
                 base = window.start - lo
@@ -443,7 +456,7 @@ class Engine:
                     if "cge" in res:
                         tok = res["tokens"].cpu().numpy()
                         L = tok.shape[1]
-                        keep = (np.arange(L)[None, :] < window.lengths[idx][:, None]) & ~specials[tok]
+                        keep = (np.arange(L)[None, :] < window.lengths[idx][:, None]) & cge_keep[tok]
                         b, j = np.nonzero(keep)
                         hidden = res["cge"][torch.from_numpy(b), torch.from_numpy(j)].cpu().numpy()
                         win_cge.append((rows[b], j, tok[b, j], hidden))
@@ -470,10 +483,12 @@ class Engine:
         )
         if outputs.cge:
             if cge_parts:
-                cells, _, tok, hid = (np.concatenate(p) for p in zip(*cge_parts, strict=True))
+                cells, pos, tok, hid = (np.concatenate(p) for p in zip(*cge_parts, strict=True))
             else:
-                cells, tok, hid = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, E), np.float32)
-            result.cge_cell_indices, result.cge_tokens, result.cge_embeddings = cells + lo, tok.astype(np.int64), hid
+                cells, pos, tok = (np.zeros(0, np.int64) for _ in range(3))
+                hid = np.zeros((0, E), np.float32)
+            result.cge_cell_indices, result.cge_tokens = cells + lo, tok.astype(np.int64)
+            result.cge_positions, result.cge_embeddings = pos.astype(np.int64), hid
         if world > 1:
             result = _gather(result, n, embeddings_out is not None)
         result.seconds = time.perf_counter() - t0
@@ -507,7 +522,7 @@ def _gather(result: InferenceResult, n: int, external_embeddings: bool) -> Infer
     shards: list[Any] = [None] * world
     payload = {
         k: getattr(result, k)
-        for k in ("llh", "gene_llh", "n_genes", "cge_embeddings", "cge_cell_indices", "cge_tokens")
+        for k in ("llh", "gene_llh", "n_genes", "cge_embeddings", "cge_cell_indices", "cge_tokens", "cge_positions")
     }
     if not external_embeddings:
         payload["embeddings"] = result.embeddings
@@ -581,6 +596,30 @@ def estimate_flops(n_tokens_per_cell: np.ndarray, loaded: LoadedModel, *, llh: b
     return total
 
 
+def _gene_mask(vocab: GeneVocab, genes: Sequence[str]) -> np.ndarray:
+    """Boolean mask over the vocabulary for gene ids (version suffixes ignored); unknown ids warned about."""
+    from .tokenize import strip_version
+
+    ids = strip_version(list(genes))
+    tokens = vocab.lookup(list(ids))
+    known = tokens >= vocab.n_special
+    if not known.any():
+        raise ValueError(
+            f"none of the {len(ids)} requested genes is in the vocabulary (e.g. {list(ids[:3])}; vocabulary ids "
+            f"look like {list(vocab.genes[:3])})."
+        )
+    if not known.all():
+        warnings.warn(
+            f"{int((~known).sum())} requested gene(s) are not in the vocabulary and are skipped, "
+            f"e.g. {list(ids[~known][:3])}.",
+            TranscriptFormerWarning,
+            stacklevel=3,
+        )
+    mask = np.zeros(len(vocab), dtype=bool)
+    mask[tokens[known]] = True
+    return mask
+
+
 def resolve_species_tables(
     species_embedding: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -630,6 +669,7 @@ def infer(
     progress: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     embeddings_out: Any | None = None,
+    cge_genes: Sequence[str] | None = None,
 ) -> Inference:
     """AnnData -> tokens -> model -> arrays: the pipeline shared by the scanpy tools and the CLI.
 
@@ -666,7 +706,10 @@ def infer(
         attention=attention,
         progress=progress,
     )
-    result = engine.run(source, outputs, tables=tables, embeddings_out=embeddings_out)
+    cge_tokens = None
+    if cge_genes is not None:
+        cge_tokens = _gene_mask(vocab, cge_genes)
+    result = engine.run(source, outputs, tables=tables, embeddings_out=embeddings_out, cge_tokens=cge_tokens)
     empty = int((result.n_genes == 0).sum())
     if empty:
         warnings.warn(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Literal
@@ -96,6 +97,21 @@ def _chunks(BH: int, T: int, max_scores: int, rows: int = 128) -> tuple[int, int
     return heads, rows
 
 
+def _mask(sc: Tensor, blocked, value: float, s: int, num_aux: int | None) -> None:
+    """Fill the disallowed scores of a block of query rows starting at ``s``.
+
+    ``blocked`` is a full boolean mask, or (fast path) the causal triangle of the diagonal sub-block,
+    the rows whose auxiliary keys are unknown, and those keys' mask.
+    """
+    if num_aux is None:
+        sc.masked_fill_(blocked, value)
+        return
+    triangle, rows, aux_blocked = blocked
+    sc[:, :, s:].masked_fill_(triangle, value)
+    if aux_blocked is not None:
+        sc[rows, :, :num_aux] = sc[rows, :, :num_aux].masked_fill(aux_blocked, value)
+
+
 def chunked_attention(
     q: Tensor,
     k: Tensor,
@@ -116,7 +132,8 @@ def chunked_attention(
     With a soft cap ``c`` the attention weight of a score ``x`` is ``exp(c·tanh(x/c))``, which is
     ``exp(2c·σ(2x/c))`` up to a constant factor that the softmax cancels. Sigmoid and ``exp2`` have
     fast vectorised CPU kernels (``tanh`` does not), and the result is bounded, so no
-    max-subtraction is needed. In float32 the count bias rides along in the first product
+    max-subtraction is needed in float32 (for reduced precision, or a cap above ~40, the weights are
+    taken relative to each row's largest). In float32 the count bias rides along in the first product
     (``[α·q, 1]·[k, β·bias]``); under autocast the scores, the bias and the normaliser are float32 and
     only the products use the reduced type.
 
@@ -147,6 +164,8 @@ def chunked_attention(
     alpha = 2.0 / (math.sqrt(dk) * softcap) if capped else 1.0 / math.sqrt(dk)
     beta = 2.0 / softcap if capped else 1.0
     gain = 2.0 * softcap / math.log(2.0)  # exp(2c·σ) = exp2(gain·σ)
+    # weights up to exp2(gain) fit float32 (with room for the sum over keys), not float16
+    stable = capped and (not exact_fp32 or gain > 100)
     vx = v.reshape(BH, T, dk)
     if exact_fp32 and capped:
         qx = torch.cat([q * alpha, q.new_ones(B, H, T, 1)], dim=-1).reshape(BH, T, dk + 1)
@@ -160,7 +179,6 @@ def chunked_attention(
         bad_aux = blocked_key[:, :num_aux]
         aux_rows = torch.nonzero(bad_aux.any(dim=-1)).flatten()
     causal_off = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
-    fill = 0.0 if capped else float("-inf")
     if max_scores is None:
         max_scores = DEFAULT_MAX_SCORES if q.device.type == "cpu" else DEFAULT_MAX_SCORES_GPU
     heads, rows = _chunks(BH, T, max_scores)
@@ -174,16 +192,20 @@ def chunked_attention(
             sc = torch.bmm(qx[h0:h1, s:e], kx[h0:h1, :e].transpose(1, 2))
             if bias is not None:
                 sc = sc.float().mul_(alpha).add_(bias[h0:h1, :, :e])
-            if capped:
-                sc = sc.sigmoid_().mul_(gain).exp2_()
             if num_aux is None:
-                sc.masked_fill_(causal_off[s:e, :e] | blocked_key[h0:h1, None, :e], fill)
+                blocked = causal_off[s:e, :e] | blocked_key[h0:h1, None, :e]
             else:
-                sc[:, :, s:e].masked_fill_(causal_off[s:e, s:e], fill)
-                if len(mine):
-                    blocked_aux = bad_aux[h0:h1][mine][:, None, :]
-                    sc[mine, :, :num_aux] = sc[mine, :, :num_aux].masked_fill(blocked_aux, fill)
-            if not capped:
+                blocked = (causal_off[s:e, s:e], mine, bad_aux[h0:h1][mine][:, None, :] if len(mine) else None)
+            if capped and not stable:
+                sc = sc.sigmoid_().mul_(gain).exp2_()
+                _mask(sc, blocked, 0.0, s, num_aux)
+            elif capped:  # weights relative to the row's largest allowed one (float16 tops out at 65504)
+                sc = sc.sigmoid_()
+                _mask(sc, blocked, 0.0, s, num_aux)  # σ >= 0, so a masked 0 never raises the row maximum
+                sc = sc.sub_(sc.amax(-1, keepdim=True)).mul_(gain).exp2_()
+                _mask(sc, blocked, 0.0, s, num_aux)
+            else:
+                _mask(sc, blocked, float("-inf"), s, num_aux)
                 sc = sc.sub_(sc.amax(-1, keepdim=True).clamp_min_(-1e30)).exp_()
             denom = sc.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
             o = torch.bmm(sc.to(vx.dtype), vx[h0:h1, :e]).float().div_(denom)  # all-masked rows: 0 / tiny = 0
@@ -358,7 +380,7 @@ class EncoderLayer(nn.Module):
         self.softcap = float(config.softcap)
 
     def forward(self, x: Tensor, key_bias: Tensor, key_valid: Tensor, attend: Attend) -> Tensor:
-        before, after = _FUSED.get("before", _before_attention), _FUSED.get("after", _after_attention)
+        before, after = getattr(_FUSED, "functions", None) or (_before_attention, _after_attention)
         h, q, k, v = before(self, x)
         return after(self, h, attend(q, k, v, key_bias, key_valid, self.softcap))
 
@@ -374,14 +396,14 @@ def _after_attention(layer: EncoderLayer, h: Tensor, attended: Tensor) -> Tensor
     return h + layer.linear2(layer.dropout(layer.activation(layer.linear1(h))))
 
 
-#: Compiled versions of the code around attention, installed by :func:`fused` (empty: eager).
-_FUSED: dict[str, Callable] = {}
-_FUSED_COMPILED: dict[str, Callable] = {}
+#: This thread's compiled versions of the code around attention, set by :func:`fused` (unset: eager).
+_FUSED = threading.local()
+_FUSED_COMPILED: list[Callable] = []
 
 
 @contextlib.contextmanager
 def fused(enabled: bool = True):
-    """Within this context the layers' code around attention runs through ``torch.compile``.
+    """Within this context (in this thread) the layers' code around attention runs through ``torch.compile``.
 
     Optional speed-up for CUDA: inductor fuses the layer norms, casts, activation and residual
     additions into few kernels (dynamic shapes: compiled once for all batch sizes and lengths). It
@@ -391,13 +413,15 @@ def fused(enabled: bool = True):
         yield
         return
     if not _FUSED_COMPILED:
-        _FUSED_COMPILED["before"] = torch.compile(_before_attention, dynamic=True)
-        _FUSED_COMPILED["after"] = torch.compile(_after_attention, dynamic=True)
-    _FUSED.update(_FUSED_COMPILED)
+        _FUSED_COMPILED.extend(
+            [torch.compile(_before_attention, dynamic=True), torch.compile(_after_attention, dynamic=True)]
+        )
+    previous = getattr(_FUSED, "functions", None)
+    _FUSED.functions = tuple(_FUSED_COMPILED)
     try:
         yield
     finally:
-        _FUSED.clear()
+        _FUSED.functions = previous
 
 
 class Encoder(nn.Module):

@@ -125,8 +125,9 @@ def _is_cached(folder: Path) -> bool:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 
@@ -145,11 +146,18 @@ def _recorded_hash(root: Path, fname: str) -> str | None:
     return json.loads(path.read_text()).get(fname)
 
 
+def _lock(root: Path, name: str) -> FileLock:
+    """An inter-process lock in ``<cache>/.locks/`` (the lock files stay, empty)."""
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    return FileLock(str(root / ".locks" / f"{name}.lock"))
+
+
 def _record_hash(root: Path, fname: str, digest: str) -> None:
     path = root / KNOWN_HASHES_FILE
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[fname] = digest
-    _write_json_atomic(path, data)
+    with _lock(root, KNOWN_HASHES_FILE):  # shared by every model's download
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[fname] = digest
+        _write_json_atomic(path, data)
 
 
 def _refuse(tarball: Path, what: str) -> ValueError:
@@ -241,7 +249,7 @@ def fetch(
         return folder
     root.mkdir(parents=True, exist_ok=True)
     # one download per cache folder at a time (several torchrun processes may ask at once)
-    with FileLock(str(root / f".{folder_name}.lock")):
+    with _lock(root, folder_name):
         if _is_cached(folder) and not force:
             return folder
         _download_and_unpack(name, root, folder, progress)
@@ -313,8 +321,13 @@ def _download_and_unpack(name: str, root: Path, folder: Path, progress: bool) ->
         tarball.unlink(missing_ok=True)
 
 
-def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = None) -> None:
+def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = None) -> dict[str, str]:
     """Check the files of a downloaded folder against the sha256 recorded when it was unpacked.
+
+    Returns
+    -------
+    dict[str, str]
+        The verified files' sha256 by relative path (empty for a folder that was not downloaded).
 
     Raises
     ------
@@ -325,9 +338,10 @@ def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = N
     folder = Path(folder)
     manifest_path = _manifest_path(folder)
     if not manifest_path.is_file():
-        return
+        return {}
     manifest = json.loads(manifest_path.read_text())
     recorded = manifest.get("files", {})
+    checked = {}
     for rel in files if files is not None else recorded:
         path = folder / rel
         hint = (
@@ -344,6 +358,8 @@ def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = N
                 f"cached file {path} is corrupted: sha256 {digest[:16]}... differs from {recorded[rel][:16]}... "
                 f"recorded at download. {hint}"
             )
+        checked[rel] = digest
+    return checked
 
 
 def species_table(species: str, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:

@@ -83,7 +83,9 @@ class TokenizeOptions:
         if self.clip_counts is not None and not self.clip_counts > 0:
             raise ValueError(f"clip_counts must be positive or None, got {self.clip_counts!r}.")
         if self.normalize_to_scale is not None and not self.normalize_to_scale >= 0:
-            raise ValueError(f"normalize_to_scale must be positive or None, got {self.normalize_to_scale!r}.")
+            raise ValueError(
+                f"normalize_to_scale must be >= 0 or None (0 and None: off), got {self.normalize_to_scale!r}."
+            )
         if self.duplicate_genes not in ("raise", "first"):
             raise ValueError(f"duplicate_genes must be 'raise' or 'first', got {self.duplicate_genes!r}.")
 
@@ -226,14 +228,19 @@ class CellSource:
         return int(self.matrix.shape[0])
 
     def _read_block(self, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
+        """Rows ``[start, stop)`` of the used columns as float32, canonical CSR if sparse.
+
+        The published pipeline casts to float32 before anything else, and densifies (which sums
+        duplicate entries of a non-canonical CSR).
+        """
         block = self.matrix[start:stop]
         if sp.issparse(block):
-            block = sp.csr_matrix(block)
+            block = sp.csr_matrix(block, dtype=np.float32)
             if not self.all_columns:
                 block = block[:, self.columns]
-            block.sort_indices()
+            block.sum_duplicates()
             return block
-        block = np.asarray(block)
+        block = np.asarray(block, dtype=np.float32)
         return block if self.all_columns else block[:, self.columns]
 
     def _check_block(self, values: np.ndarray, start: int) -> None:
@@ -284,10 +291,11 @@ class CellSource:
         fits = slot < width
         tokens[row_of[fits], slot[fits]] = self.column_tokens[cols[fits]]
         counts[row_of[fits], slot[fits]] = vals[fits]
-        if not self.pad_zeros:
-            dense = block.toarray() if sp.issparse(block) else block
+        if not self.pad_zeros:  # fill with the zero-count genes in column order, one row at a time
             for i in np.flatnonzero(n_nonzero < lengths):
-                zeros = np.flatnonzero(dense[i] == 0)[: lengths[i] - n_nonzero[i]]
+                is_zero = np.ones(block.shape[1], dtype=bool)
+                is_zero[cols[first[i] : first[i] + n_nonzero[i]]] = False
+                zeros = np.flatnonzero(is_zero)[: lengths[i] - n_nonzero[i]]
                 tokens[i, n_nonzero[i] : lengths[i]] = self.column_tokens[zeros]
         scale = self.options.normalize_to_scale
         if scale:
@@ -330,8 +338,11 @@ def _refuse_bad_values(values: np.ndarray, source: str, where: str = "") -> None
 
 
 def _check_in_memory_values(matrix: Any, columns: np.ndarray, source: str, chunk: int = 4096) -> None:
+    """Refuse negative / NaN values in the columns the model reads (the same columns for every input kind)."""
     if sp.issparse(matrix):
-        _refuse_bad_values(matrix.data, source)
+        used = np.zeros(matrix.shape[1], dtype=bool)
+        used[columns] = True
+        _refuse_bad_values(matrix.data[used[matrix.indices]], source)
     elif isinstance(matrix, np.ndarray):
         for start in range(0, matrix.shape[0], chunk):
             _refuse_bad_values(matrix[start : start + chunk, columns], source)
@@ -396,8 +407,8 @@ def prepare_cells(
         columns = np.flatnonzero(first & (ids != ""))
         tokens = np.where(tokens >= 0, tokens, vocab.unknown)
     logger.info("matched %s of %s genes to the vocabulary of %s", f"{n_matched:,}", f"{len(ids):,}", model_name)
-    if sp.issparse(matrix) and matrix.format == "csc":
-        logger.info("converting the CSC matrix to CSR for row-wise reading")
+    if sp.issparse(matrix) and matrix.format != "csr":
+        logger.info("converting the %s matrix to CSR for row-wise reading", matrix.format.upper())
         matrix = matrix.tocsr()
     backed = not (sp.issparse(matrix) or isinstance(matrix, np.ndarray))
     if backed and _is_backed_sparse(matrix) and getattr(matrix, "format", "csr") == "csc":

@@ -59,10 +59,14 @@ def _read_one_table(path: Path) -> tuple[list[str], np.ndarray]:
         arrays = f["arrays"]
         if not keys:
             return [], np.zeros((0, 0), dtype=np.float32)
-        missing = [k for k in keys[:1000] if k not in arrays]
+        missing = [k for k in keys if k not in arrays]
         if missing:
-            raise ValueError(f"{path}: 'arrays' has no vector for keys such as {missing[:3]}.")
-        vectors = np.stack([np.asarray(arrays[k][:], dtype=np.float32).reshape(-1) for k in keys])
+            raise ValueError(f"{path}: 'arrays' has no vector for {len(missing)} key(s), e.g. {missing[:3]}.")
+        vectors = [np.asarray(arrays[k][:], dtype=np.float32).reshape(-1) for k in keys]
+        widths = {v.shape[0] for v in vectors}
+        if len(widths) > 1:
+            raise ValueError(f"{path}: the vectors have different widths {sorted(widths)}.")
+        vectors = np.stack(vectors)
     return keys, vectors
 
 

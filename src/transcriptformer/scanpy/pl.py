@@ -30,17 +30,32 @@ def _require(adata: AnnData, rep: str) -> None:
         )
 
 
+def _fingerprint(X) -> str:
+    """A cheap digest of an embedding (shape and a sample of rows), to notice that it changed."""
+    import hashlib
+
+    X = np.asarray(X)
+    sample = np.ascontiguousarray(X[:: max(1, len(X) // 1000)], dtype=np.float32)
+    return hashlib.sha1(repr(X.shape).encode() + sample.tobytes()).hexdigest()
+
+
 def _umap_coordinates(adata: AnnData, rep: str, n_neighbors: int, random_state: int) -> str:
-    """Compute (once per ``rep``) neighbours and a UMAP of ``obsm[rep]``; return the UMAP's obsm key."""
+    """Neighbours and a UMAP of ``obsm[rep]``, recomputed when the embedding or the settings changed.
+
+    Returns the UMAP's ``obsm`` key.
+    """
     import scanpy as sc
 
     basis = f"X_umap_{rep.removeprefix('X_')}"
     key = f"{rep.removeprefix('X_')}_neighbors"
-    stale = adata.uns.get(key, {}).get("params", {}).get("use_rep") != rep
-    if basis not in adata.obsm or key not in adata.uns or stale:
+    wanted = {"use_rep": rep, "n_neighbors": n_neighbors, "random_state": random_state}
+    wanted["fingerprint"] = _fingerprint(adata.obsm[rep])
+    params = adata.uns.get(key, {}).get("params", {})
+    if basis not in adata.obsm or any(params.get(k) != v for k, v in wanted.items()):
         sc.pp.neighbors(adata, use_rep=rep, n_neighbors=n_neighbors, key_added=key, random_state=random_state)
         coords = sc.tl.umap(adata, neighbors_key=key, random_state=random_state, copy=True).obsm["X_umap"]
         adata.obsm[basis] = coords
+        adata.uns[key]["params"]["fingerprint"] = wanted["fingerprint"]
     return basis
 
 

@@ -6,10 +6,12 @@ import os
 from typing import Any, Literal
 
 import numpy as np
+import scipy.sparse as sp
 from anndata import AnnData
 
 from ..checkpoint import LoadedModel, load_model
 from ..tokenize import TokenizeOptions, prepare_cells, strip_version
+from .tl import _check_adata
 
 __all__ = ["check_input", "match_genes"]
 
@@ -45,6 +47,7 @@ def check_input(
         ``seq_len`` in column order) and ``fraction_unknown_aux`` (per auxiliary column, the fraction of
         cells whose label is unknown to the model).
     """
+    _check_adata(adata)
     loaded = load_model(model, cache_dir=cache_dir)
     options = TokenizeOptions(
         gene_key=gene_key, layer=layer, duplicate_genes=duplicate_genes, filter_to_vocab=filter_to_vocab
@@ -58,8 +61,9 @@ def check_input(
         options=options,
         model_name=loaded.name,
     )
-    lengths = np.concatenate([src.read(s, min(s + window, src.n_obs)).lengths for s in range(0, src.n_obs, window)])
     expressed = _expressed_counts(src, window)
+    S = loaded.seq_len
+    lengths = np.minimum(expressed, S) if src.pad_zeros else np.full(len(expressed), min(len(src.columns), S))
     unknown = {
         voc.column: float(np.mean(src.aux[:, i] == voc.unknown)) if len(src.aux) else 0.0
         for i, voc in enumerate(loaded.aux_vocabs)
@@ -82,10 +86,11 @@ def check_input(
 
 
 def _expressed_counts(src, window: int) -> np.ndarray:
-    """Number of expressed vocabulary genes per cell before truncation."""
+    """Number of expressed genes the model can use, per cell, before truncation (one pass over the counts)."""
     out = []
     for s in range(0, src.n_obs, window):
         block = src._read_block(s, min(s + window, src.n_obs))
+        src._check_block(block.data if sp.issparse(block) else block.ravel(), s)  # bad values, raw-count warning
         out.append(np.asarray((block != 0).sum(axis=1)).ravel())
     return np.concatenate(out)
 

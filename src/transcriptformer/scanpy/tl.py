@@ -214,6 +214,7 @@ def contextual_gene_embeddings(
     normalize_to_scale: float | None = None,
     species_embedding: SpeciesArg = None,
     duplicate_genes: Literal["raise", "first"] = "raise",
+    filter_to_vocab: bool = True,
     progress: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> AnnData:
@@ -226,11 +227,12 @@ def contextual_gene_embeddings(
     ----------
     adata, model, gene_key, layer, batch_size, max_tokens, device, precision
         As in :func:`embed`.
-    clip_counts, normalize_to_scale, species_embedding, duplicate_genes, progress, cache_dir
+    clip_counts, normalize_to_scale, species_embedding, duplicate_genes, filter_to_vocab, progress, cache_dir
         As in :func:`embed`.
     genes
-        Keep only these gene ids (the output for a whole atlas is large: one row per expressed gene
-        per cell).
+        Keep only these gene ids (version suffixes ignored); the others are dropped as the batches
+        are computed, so memory holds only what is kept. The output for a whole atlas is large: one
+        row per expressed gene per cell.
 
     Returns
     -------
@@ -248,12 +250,14 @@ def contextual_gene_embeddings(
         clip_counts=clip_counts,
         normalize_to_scale=normalize_to_scale,
         duplicate_genes=duplicate_genes,
+        filter_to_vocab=filter_to_vocab,
     )
     run = infer(
         adata,
         loaded,
         tokenize=options,
         outputs=Outputs(embeddings=False, cge=True),
+        cge_genes=genes,
         species_embedding=species_embedding,
         device=device,
         precision=precision,
@@ -265,32 +269,21 @@ def contextual_gene_embeddings(
     res = run.result
     names = run.vocab.names()[res.cge_tokens]
     cells = res.cge_cell_indices
-    positions = _positions(cells)
-    keep = np.ones(len(cells), dtype=bool) if genes is None else np.isin(names, np.asarray(list(genes), dtype=object))
     obs = pd.DataFrame(
         {
-            "cell": pd.Categorical(np.asarray(adata.obs_names)[cells[keep]]),
-            "cell_index": cells[keep],
-            "gene_id": pd.Categorical(names[keep]),
-            "position": positions[keep],
+            "cell": pd.Categorical(np.asarray(adata.obs_names)[cells]),
+            "cell_index": cells,
+            "gene_id": pd.Categorical(names),
+            "position": res.cge_positions,
         }
     )
     obs.index = obs.index.astype(str)
-    out = AnnData(X=res.cge_embeddings[keep], obs=obs)
+    out = AnnData(X=res.cge_embeddings, obs=obs)
     out.var_names = [f"tf_{i}" for i in range(out.n_vars)]
     out.uns["transcriptformer_cge"] = {
         "params": _params(run, loaded, options, genes=None if genes is None else list(genes))
     }
     return out
-
-
-def _positions(cells: np.ndarray) -> np.ndarray:
-    """Rank of each row within its (contiguous) cell."""
-    if len(cells) == 0:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.r_[0, np.flatnonzero(np.diff(cells)) + 1]
-    lengths = np.diff(np.r_[starts, len(cells)])
-    return np.arange(len(cells)) - np.repeat(starts, lengths)
 
 
 def transfer_labels(
