@@ -57,6 +57,7 @@ if (ROOT / "src").is_dir():
 
 import make_checkpoint as mc  # noqa: E402
 import synthetic  # noqa: E402
+from _worker import run_worker as _run_worker  # noqa: E402
 
 
 def cpu_snapshot() -> tuple[float, float, float]:
@@ -381,20 +382,7 @@ def worker_published(spec: dict) -> dict:
 
 def run_worker(spec: dict, timeout: float | None = None) -> dict:
     """Run ``spec`` in a fresh Python process; returns its JSON result."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec['name']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_worker(__file__, spec, timeout)
 
 
 def run_quiet(spec: dict, args) -> dict:

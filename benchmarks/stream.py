@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import threading
 import time
@@ -47,6 +46,7 @@ if (ROOT / "src").is_dir():
 
 import make_checkpoint as mc  # noqa: E402
 import synthetic  # noqa: E402
+from _worker import run_worker as _run_worker  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -187,19 +187,8 @@ def flatness(per_cell: list[float], other: list[float] | None = None) -> dict:
 
 
 def run_worker(spec: dict) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run ``spec`` in a fresh Python process; returns its JSON result."""
+    return _run_worker(__file__, spec)
 
 
 def main(argv=None) -> None:
