@@ -28,6 +28,15 @@ def _check_adata(adata: Any) -> None:
         raise ValueError("adata has no cells.")
 
 
+def _run(
+    adata: AnnData, model: ModelArg, outputs: Outputs, options: TokenizeOptions, *, cache_dir=None, **engine: Any
+) -> tuple[Inference, LoadedModel, TokenizeOptions]:
+    """Validate, load the model and run the shared pipeline (nothing is written to ``adata``)."""
+    _check_adata(adata)
+    loaded = load_model(model, cache_dir=cache_dir)
+    return infer(adata, loaded, tokenize=options, outputs=outputs, cache_dir=cache_dir, **engine), loaded, options
+
+
 def _params(run: Inference, loaded: LoadedModel, options: TokenizeOptions, **extra: Any) -> dict[str, Any]:
     """Everything needed to reproduce a run (h5ad-writable: no None values)."""
     src = run.source
@@ -153,21 +162,18 @@ def embed(
     >>> tfs.tl.embed(adata, model=tfs.datasets.tiny_model_path())
     >>> sc.pp.neighbors(adata, use_rep="X_transcriptformer")
     """
-    _check_adata(adata)
-    loaded = load_model(model, cache_dir=cache_dir)
-    options = TokenizeOptions(
-        gene_key=gene_key,
-        layer=layer,
-        clip_counts=clip_counts,
-        normalize_to_scale=normalize_to_scale,
-        filter_to_vocab=filter_to_vocab,
-        duplicate_genes=duplicate_genes,
-    )
-    run = infer(
+    run, loaded, options = _run(
         adata,
-        loaded,
-        tokenize=options,
-        outputs=Outputs(embeddings=True, llh=llh),
+        model,
+        Outputs(embeddings=True, llh=llh),
+        TokenizeOptions(
+            gene_key=gene_key,
+            layer=layer,
+            clip_counts=clip_counts,
+            normalize_to_scale=normalize_to_scale,
+            filter_to_vocab=filter_to_vocab,
+            duplicate_genes=duplicate_genes,
+        ),
         species_embedding=species_embedding,
         device=device,
         precision=precision,
@@ -242,21 +248,18 @@ def contextual_gene_embeddings(
         ``position`` (slot in the cell's sequence); ``uns["transcriptformer_cge"]["params"]`` the run's
         parameters. ``adata`` is not modified.
     """
-    _check_adata(adata)
-    loaded = load_model(model, cache_dir=cache_dir)
-    options = TokenizeOptions(
-        gene_key=gene_key,
-        layer=layer,
-        clip_counts=clip_counts,
-        normalize_to_scale=normalize_to_scale,
-        duplicate_genes=duplicate_genes,
-        filter_to_vocab=filter_to_vocab,
-    )
-    run = infer(
+    run, loaded, options = _run(
         adata,
-        loaded,
-        tokenize=options,
-        outputs=Outputs(embeddings=False, cge=True),
+        model,
+        Outputs(embeddings=False, cge=True),
+        TokenizeOptions(
+            gene_key=gene_key,
+            layer=layer,
+            clip_counts=clip_counts,
+            normalize_to_scale=normalize_to_scale,
+            filter_to_vocab=filter_to_vocab,
+            duplicate_genes=duplicate_genes,
+        ),
         cge_genes=genes,
         species_embedding=species_embedding,
         device=device,
