@@ -185,8 +185,9 @@ class Engine:
     max_tokens
         Token budget of one batch: cells x (longest cell + 1). Default 16,384 on CPU, 131,072 on GPU.
     attention
-        ``"auto"`` (flex_attention on CUDA when it compiles, else chunked), ``"chunked"``, ``"flex"``,
-        ``"dense"`` (reference; materialises the score matrix).
+        ``"auto"`` (flex_attention on CUDA when it compiles, else chunked), ``"chunked"``, ``"flex"``
+        (compiled per shape), ``"flex-dynamic"`` (compiled for varying shapes), ``"dense"`` (reference;
+        materialises the score matrix).
     window
         Cells read and tokenised at a time (and sorted by length within).
     progress
@@ -249,13 +250,16 @@ class Engine:
         order = np.argsort(-lengths, kind="stable")
         batches = []
         i = 0
-        cap = self.batch_size or len(order)
         while i < len(order):
-            width = self._width(int(lengths[order[i]]))
-            n = max(1, min(cap, self.max_tokens // width))
+            n = self._cells_per_batch(self._width(int(lengths[order[i]])))
             batches.append(order[i : i + n])
             i += n
         return batches
+
+    def _cells_per_batch(self, width: int) -> int:
+        """Cells in a full batch running at ``width``: the token budget, capped by ``batch_size``."""
+        n = max(1, self.max_tokens // width)
+        return min(n, self.batch_size) if self.batch_size else n
 
     def _width(self, longest: int) -> int:
         """Sequence length a batch whose longest cell has ``longest`` genes runs at."""
@@ -287,10 +291,7 @@ class Engine:
         width = self._width(int(window.lengths[idx].max()))
         n = len(idx)
         if self._fixed_batches:  # fill short batches up to the usual size of their width
-            rows = max(1, self.max_tokens // width)
-            if self.batch_size:
-                rows = min(rows, self.batch_size)
-            idx = np.concatenate([idx, np.repeat(idx[:1], max(0, rows - n))])
+            idx = np.concatenate([idx, np.repeat(idx[:1], max(0, self._cells_per_batch(width) - n))])
         tokens = np.full((len(idx), width), self.model.pad_idx, dtype=np.int64)
         counts = np.zeros((len(idx), width), dtype=np.float32)
         w = min(width, window.tokens.shape[1])
