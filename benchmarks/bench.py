@@ -261,7 +261,7 @@ def worker_engine(spec: dict) -> dict:
 
     from transcriptformer.checkpoint import build_model
     from transcriptformer.engine import Engine, Outputs
-    from transcriptformer.tokenize import prepare_cells
+    from transcriptformer.tokenizer import prepare_cells
 
     t0 = time.perf_counter()
     loaded = build_model(spec["checkpoint"])
@@ -614,7 +614,7 @@ def workload_b(args, report: dict, save) -> None:
 
     from transcriptformer.checkpoint import build_model
     from transcriptformer.engine import Engine, Outputs
-    from transcriptformer.tokenize import prepare_cells
+    from transcriptformer.tokenizer import prepare_cells
 
     dev = "cuda" if (args.device == "cuda" and not args.smoke) else "cpu"
     if args.device == "cuda" and args.smoke and torch.cuda.is_available():

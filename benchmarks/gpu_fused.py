@@ -25,7 +25,7 @@ from bench import _flops, compare, matmul_rate  # noqa: E402
 
 from transcriptformer.checkpoint import build_model  # noqa: E402
 from transcriptformer.engine import Engine, Outputs  # noqa: E402
-from transcriptformer.tokenize import prepare_cells  # noqa: E402
+from transcriptformer.tokenizer import prepare_cells  # noqa: E402
 
 
 def main() -> None:

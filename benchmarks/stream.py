@@ -99,7 +99,7 @@ def worker(spec: dict) -> dict:
         emb = adata.obsm["X_transcriptformer"]
     else:
         from transcriptformer.engine import Engine, Outputs
-        from transcriptformer.tokenize import prepare_cells
+        from transcriptformer.tokenizer import prepare_cells
 
         source = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
         out = np.lib.format.open_memmap(spec["memmap"], mode="w+", dtype=np.float32, shape=(n, loaded.embed_dim))

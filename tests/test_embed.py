@@ -17,7 +17,7 @@ import torch
 import transcriptformer
 import transcriptformer.scanpy as tfs
 from conftest import assert_unchanged, snapshot
-from transcriptformer.tokenize import TranscriptFormerWarning
+from transcriptformer.tokenizer import TranscriptFormerWarning
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,9 @@ def test_outputs_and_params(tiny_path, tiny_adata, tiny_model, tmp_path):
     assert params["clip_counts"] == 30
     assert params["n_genes_matched"] == 165
     assert params["precision"] == "32"
-    assert params["llh"] is True
-    assert entry["llh"].shape == (tiny_adata.n_obs,)
-    np.testing.assert_array_equal(entry["llh"], tiny_adata.obs["transcriptformer_llh"].to_numpy())
+    assert params["llh"] is True and params["tool"] == "embed"
+    assert tiny_adata.obs["transcriptformer_llh"].shape == (tiny_adata.n_obs,)
+    assert tiny_adata.uns["transcriptformer_llh"]["params"]["level"] == "cell"
     # everything written is h5ad-serialisable
     tiny_adata.write_h5ad(tmp_path / "out.h5ad")
     back = ad.read_h5ad(tmp_path / "out.h5ad")
@@ -55,8 +55,8 @@ def test_alias_and_key_added_and_copy(tiny_path, tiny_adata, ref_embedding):
     out = tfs.tl.embed(tiny_adata, model=tiny_path, llh=True, key_added="X_tf2", copy=True)
     assert_unchanged(tiny_adata, before)
     np.testing.assert_allclose(out.obsm["X_tf2"], ref_embedding[0], atol=1e-6)
-    assert "X_tf2" in out.uns and "params" in out.uns["X_tf2"]
-    assert "X_tf2_llh" in out.obs
+    assert "tf2" in out.uns and "params" in out.uns["tf2"]  # keys derive from the base name "tf2"
+    assert "tf2_llh" in out.obs and "tf2_llh" in out.uns
 
 
 def test_neighbors_downstream(tiny_path, tiny_adata):
@@ -122,7 +122,7 @@ def test_backed_dense_input_is_read_in_windows(tiny_path, tiny_adata, ref_embedd
     tiny_adata.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
     reads = []
-    from transcriptformer.tokenize import CellSource
+    from transcriptformer.tokenizer import CellSource
 
     original = CellSource._read_block
 
@@ -131,12 +131,12 @@ def test_backed_dense_input_is_read_in_windows(tiny_path, tiny_adata, ref_embedd
         return original(self, start, stop)
 
     monkeypatch.setattr(CellSource, "_read_block", spy)
-    from transcriptformer.engine import Engine, Outputs
-    from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+    from transcriptformer.engine import Engine
+    from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
     m = transcriptformer.load_model(tiny_path)
     src = prepare_cells(backed, m.vocab, m.aux_vocabs, seq_len=m.seq_len, options=TokenizeOptions())
-    res = Engine(m, window=5).run(src, Outputs())
+    res = Engine(m, window=5).run(src, ("embeddings",))
     assert max(reads) == 5 and sum(reads) == 21
     np.testing.assert_allclose(res.embeddings, ref_embedding[0], atol=1e-6)
     backed.file.close()
@@ -171,7 +171,7 @@ def test_normalize_to_scale_and_clip(tiny_path, tiny_adata, tiny_model):
     out = tfs.tl.embed(tiny_adata, model=tiny_path, normalize_to_scale=100, llh=True, copy=True)
     base = tfs.tl.embed(tiny_adata, model=tiny_path, llh=True, copy=True)
     assert not np.allclose(out.obsm["X_transcriptformer"], base.obsm["X_transcriptformer"])
-    from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+    from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
     w = prepare_cells(
         tiny_adata,
@@ -424,7 +424,7 @@ def test_pad_zeros_false_sparse_equals_dense(tiny_path, tiny_adata, tmp_path):
     dense = tfs.tl.embed(tiny_adata, model=ckpt, llh=True, copy=True)
     np.testing.assert_allclose(sparse.obsm["X_transcriptformer"], dense.obsm["X_transcriptformer"], atol=1e-6)
     np.testing.assert_allclose(sparse.obs["transcriptformer_llh"], dense.obs["transcriptformer_llh"], atol=1e-6)
-    from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+    from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
     m = transcriptformer.load_model(ckpt)
     w = prepare_cells(tiny_adata, m.vocab, m.aux_vocabs, seq_len=63, pad_zeros=False, options=TokenizeOptions()).read(
@@ -461,7 +461,7 @@ def test_contextual_gene_embeddings_gene_filter(tiny_path, tiny_adata, reference
         rows = full.obs["cell_index"].to_numpy() == cell
         np.testing.assert_array_equal(full.obs["position"].to_numpy()[rows], np.arange(rows.sum()))
     wanted = ["ENSG00000900164", "ENSG00000900109.4"]  # a version suffix is ignored
-    with pytest.warns(TranscriptFormerWarning, match="1 requested gene"):
+    with pytest.warns(TranscriptFormerWarning, match="1 of the requested genes"):
         some = tfs.tl.contextual_gene_embeddings(tiny_adata, tiny_path, genes=[*wanted, "nonsense"])
     expected = np.isin(full.obs["gene_id"].astype(str), ["ENSG00000900164", "ENSG00000900109"])
     assert some.n_obs == expected.sum() > 0

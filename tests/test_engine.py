@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import transcriptformer.scanpy as tfs
-from transcriptformer.engine import Engine, Outputs, resolve_device, resolve_precision
-from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+from transcriptformer.engine import Engine, resolve_device, resolve_precision
+from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def big_adata():
 @pytest.fixture(scope="module")
 def one_at_a_time(tiny_model, big_adata):
     src = prepare_cells(big_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
-    return Engine(tiny_model, batch_size=1, window=1).run(src, Outputs(embeddings=True, llh=True, cge=True))
+    return Engine(tiny_model, batch_size=1, window=1).run(src, ("embeddings", "llh", "cge"))
 
 
 def _src(tiny_model, adata):
@@ -45,14 +45,14 @@ def _src(tiny_model, adata):
     ],
 )
 def test_batching_strategies_are_exact_and_keep_input_order(tiny_model, big_adata, one_at_a_time, settings):
-    res = Engine(tiny_model, **settings).run(_src(tiny_model, big_adata), Outputs(embeddings=True, llh=True, cge=True))
+    res = Engine(tiny_model, **settings).run(_src(tiny_model, big_adata), ("embeddings", "llh", "cge"))
     np.testing.assert_allclose(res.embeddings, one_at_a_time.embeddings, atol=1e-6, rtol=0)
     np.testing.assert_allclose(res.llh, one_at_a_time.llh, atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(res.cge_cell_indices, one_at_a_time.cge_cell_indices)
-    np.testing.assert_array_equal(res.cge_tokens, one_at_a_time.cge_tokens)
+    np.testing.assert_array_equal(res.genes["cell"], one_at_a_time.genes["cell"])
+    np.testing.assert_array_equal(res.genes["token"], one_at_a_time.genes["token"])
     # unpooled hidden states reach |x| ~ 3: a few float32 ulps of that is 1e-6
-    np.testing.assert_allclose(res.cge_embeddings, one_at_a_time.cge_embeddings, atol=2e-6, rtol=0)
-    assert np.all(np.diff(res.cge_cell_indices) >= 0)
+    np.testing.assert_allclose(res.genes["cge"], one_at_a_time.genes["cge"], atol=2e-6, rtol=0)
+    assert np.all(np.diff(res.genes["cell"]) >= 0)
 
 
 def test_plan_batches_sorts_by_length_under_budget(tiny_model):
@@ -65,6 +65,21 @@ def test_plan_batches_sorts_by_length_under_budget(tiny_model):
         assert len(b) == 1 or len(b) * width <= 100
     firsts = [int(lengths[b].max()) for b in batches]
     assert firsts == sorted(firsts, reverse=True)
+
+
+def test_plan_batches_splits_where_padding_costs_more_than_a_batch(tiny_model):
+    """The cost model: few cells of very different lengths run apart, many similar cells share a batch."""
+    eng = Engine(tiny_model, max_tokens=10**6)
+    overhead, per_token, per_pair = eng._cost_model()
+    # a batch costs as much as 10 tokens: three cells of very different lengths run separately
+    eng._cost_model = lambda: (10 * per_token, per_token, per_pair)
+    batches = eng.plan_batches(np.array([5, 62, 30]))
+    assert [len(b) for b in batches] == [1, 1, 1]
+    # similar lengths (3 padded tokens in all): one batch
+    assert len(eng.plan_batches(np.array([60, 61, 62, 62]))) == 1
+    # with the real (CPU) overhead the tiny model's batches are cheap to pad: one batch
+    eng._cost_model = lambda: (overhead, per_token, per_pair)
+    assert len(eng.plan_batches(np.array([5, 62, 30]))) == 1
 
 
 def test_out_of_memory_halves_and_retries_without_losing_cells(tiny_model, big_adata, one_at_a_time, monkeypatch):
@@ -81,11 +96,11 @@ def test_out_of_memory_halves_and_retries_without_losing_cells(tiny_model, big_a
 
     monkeypatch.setattr(Engine, "_forward", budgeted)
     eng = Engine(tiny_model, max_tokens=4000)
-    res = eng.run(_src(tiny_model, big_adata), Outputs(embeddings=True, llh=True))
-    assert eng.oom_retries > 0 and eng.max_tokens < 4000
+    res = eng.run(_src(tiny_model, big_adata), ("embeddings", "llh"))
+    assert res.stats["oom_retries"] > 0 and res.stats["max_tokens"] < 4000
+    assert eng.max_tokens == 4000  # the engine's own settings do not change; the next run starts afresh
     np.testing.assert_allclose(res.embeddings, one_at_a_time.embeddings, atol=1e-6)
     np.testing.assert_allclose(res.llh, one_at_a_time.llh, atol=1e-6)
-    assert res.stats["oom_retries"] == eng.oom_retries
 
 
 def test_out_of_memory_on_a_single_cell_is_raised(tiny_model, tiny_adata, monkeypatch):
@@ -94,7 +109,7 @@ def test_out_of_memory_on_a_single_cell_is_raised(tiny_model, tiny_adata, monkey
 
     monkeypatch.setattr(Engine, "_forward", always)
     with pytest.raises(torch.OutOfMemoryError):
-        Engine(tiny_model).run(_src(tiny_model, tiny_adata), Outputs())
+        Engine(tiny_model).run(_src(tiny_model, tiny_adata), ("embeddings",))
 
 
 @pytest.mark.parametrize("sink", ["memmap", "h5py"])
@@ -107,7 +122,7 @@ def test_streaming_backed_input_to_disk_output(tiny_model, big_adata, one_at_a_t
     else:
         f = h5py.File(tmp_path / "emb.h5", "w")
         out = f.create_dataset("emb", shape=(backed.n_obs, 32), dtype="f4")
-    res = Engine(tiny_model, window=10).run(_src(tiny_model, backed), Outputs(), embeddings_out=out)
+    res = Engine(tiny_model, window=10).run(_src(tiny_model, backed), ("embeddings",), embeddings_out=out)
     assert res.embeddings is out
     np.testing.assert_allclose(np.asarray(out[:]), one_at_a_time.embeddings, atol=1e-6)
     if sink == "h5py":
@@ -119,7 +134,7 @@ def test_background_reader_overlaps_windows(tiny_model, big_adata, monkeypatch):
     """The next window is read on another thread while the current one is computed."""
     import threading
 
-    from transcriptformer.tokenize import CellSource
+    from transcriptformer.tokenizer import CellSource
 
     threads = set()
     original = CellSource.read
@@ -129,7 +144,7 @@ def test_background_reader_overlaps_windows(tiny_model, big_adata, monkeypatch):
         return original(self, start, stop)
 
     monkeypatch.setattr(CellSource, "read", spy)
-    Engine(tiny_model, window=10).run(_src(tiny_model, big_adata), Outputs())
+    Engine(tiny_model, window=10).run(_src(tiny_model, big_adata), ("embeddings",))
     assert threads and all(t.startswith("transcriptformer-reader") for t in threads)
 
 
@@ -220,11 +235,13 @@ def test_flex_failure_falls_back_to_chunked(tiny_model, tiny_adata, reference, m
     def broken(*args, **kwargs):
         raise RuntimeError("compiled kernel failed for this shape")
 
-    monkeypatch.setattr(model_module, "flex_attention_fn", broken)
+    monkeypatch.setattr(model_module.FlexAttention, "__call__", broken)
     eng = Engine(tiny_model, attention="flex")
     with caplog.at_level("WARNING", logger="transcriptformer"):
-        res = eng.run(_src(tiny_model, tiny_adata), Outputs())
-    assert eng.attention == "chunked" and "continuing with chunked attention" in caplog.text
+        res = eng.run(_src(tiny_model, tiny_adata), ("embeddings",))
+    assert "continuing with chunked attention" in caplog.text
+    assert res.stats["attention"] == "chunked" and "flex failed" in res.stats["attention_fallback"]
+    assert eng.attention == "flex"  # decided for that run only, and recorded in its stats
     np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
 
 
@@ -234,7 +251,7 @@ def test_compiled_flex_matches_references(tiny_model, tiny_adata, reference, att
     """Compiled flex_attention (CPU inductor here; the CUDA path in tests/test_gpu.py): same numbers."""
     try:
         res = Engine(tiny_model, attention=attention, batch_size=8).run(
-            _src(tiny_model, tiny_adata), Outputs(embeddings=True, llh=True)
+            _src(tiny_model, tiny_adata), ("embeddings", "llh")
         )
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"torch.compile of flex_attention unavailable here: {type(e).__name__}")

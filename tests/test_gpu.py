@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import transcriptformer.scanpy as tfs
-from transcriptformer.engine import Engine, Outputs
-from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+from transcriptformer.engine import Engine
+from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,13 +28,13 @@ def _no_tf32():
 def test_cuda_fp32_matches_published_outputs(tiny_model, tiny_adata, reference, attention):
     src = prepare_cells(tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
     eng = Engine(tiny_model, device="cuda", precision="32", attention=attention, batch_size=8)
-    res = eng.run(src, Outputs(embeddings=True, llh=True, gene_llh=True, cge=True))
+    res = eng.run(src, ("embeddings", "llh", "gene_llh", "cge"))
     if res.stats["attention"] != attention:
         pytest.skip(f"{attention} did not compile here (fell back to {res.stats['attention']})")
     np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
     np.testing.assert_allclose(res.llh, reference["llh"].obsm["llh"].ravel(), atol=1e-5)
     np.testing.assert_allclose(res.gene_llh, reference["gene_llh"].obsm["gene_llh"], atol=1e-5)
-    np.testing.assert_allclose(res.cge_embeddings, reference["cge"].uns["cge_embeddings"], atol=2e-5)
+    np.testing.assert_allclose(res.genes["cge"], reference["cge"].uns["cge_embeddings"], atol=2e-5)
 
 
 def test_cuda_auto_is_bf16_and_close(tiny_path, tiny_adata, reference):
@@ -64,8 +64,8 @@ def test_cuda_real_out_of_memory_is_retried(tiny_model, tiny_adata, reference, m
     monkeypatch.setattr(TranscriptFormer, "encode", greedy)
     src = prepare_cells(tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
     eng = Engine(tiny_model, device="cuda", precision="32", attention="chunked", batch_size=16)
-    res = eng.run(src, Outputs())
-    assert eng.oom_retries > 0
+    res = eng.run(src, ("embeddings",))
+    assert res.stats["oom_retries"] > 0
     np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
 
 
@@ -83,7 +83,7 @@ def _random_batch(device, B=6, S=255, V=500, seed=0):
 def test_cuda_flex_fp32_equals_dense(attention):
     """The tiny checkpoint's heads are too narrow for flex (dk=8 < 16): check flex on a dk=16 model instead."""
     from transcriptformer.config import ModelConfig
-    from transcriptformer.model import TranscriptFormer
+    from transcriptformer.model import DenseAttention, FlexAttention, TranscriptFormer
 
     torch.manual_seed(0)
     cfg = ModelConfig(embed_dim=64, model_dim=128, num_layers=2, num_heads=4, seq_len=255)
@@ -91,8 +91,8 @@ def test_cuda_flex_fp32_equals_dense(attention):
     model = model.cuda().eval()
     tokens, counts, aux, lengths = _random_batch("cuda")
     with torch.inference_mode():
-        ref, _ = model.encode(tokens, counts, aux, attention="dense")
-        out, _ = model.encode(tokens, counts, aux, attention=attention)
+        ref = model.encode(tokens, counts, aux, kernel=DenseAttention()).hidden
+        out = model.encode(tokens, counts, aux, kernel=FlexAttention(dynamic=attention == "flex-dynamic")).hidden
         emb_ref, emb = model.cell_embedding(ref, tokens), model.cell_embedding(out, tokens)
     read = torch.arange(255)[None, :] <= lengths[:, None]
     torch.testing.assert_close(out[read.cuda()], ref[read.cuda()], atol=1e-5, rtol=1e-5)
@@ -101,6 +101,8 @@ def test_cuda_flex_fp32_equals_dense(attention):
 
 def test_cuda_fused_layers_equal_eager(tiny_model, tiny_adata, reference):
     src = prepare_cells(tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
-    res = Engine(tiny_model, device="cuda", precision="32", attention="chunked", fuse=True).run(src, Outputs(llh=True))
+    res = Engine(tiny_model, device="cuda", precision="32", attention="chunked", fuse=True).run(
+        src, ("embeddings", "llh")
+    )
     np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
     np.testing.assert_allclose(res.llh, reference["llh"].obsm["llh"].ravel(), atol=1e-5)

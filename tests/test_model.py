@@ -16,9 +16,9 @@ import torch
 import transcriptformer
 import transcriptformer.scanpy as tfs
 from transcriptformer.config import ModelConfig, TranscriptFormerConfig
-from transcriptformer.engine import Engine, Outputs
+from transcriptformer.engine import Engine
 from transcriptformer.model import chunked_attention, dense_attention
-from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
 
 def _inputs(B=3, H=2, T=150, dk=16, seed=0):
@@ -79,7 +79,7 @@ def test_memory_stays_bounded_for_full_length_sequences():
         """
         import resource, sys, torch
         from transcriptformer.config import ModelConfig
-        from transcriptformer.model import TranscriptFormer
+        from transcriptformer.model import ChunkedAttention, DenseAttention, TranscriptFormer
         torch.manual_seed(0)
         torch.set_num_threads(2)
         cfg = ModelConfig(embed_dim=64, model_dim=128, num_layers=1, num_heads=8, seq_len=2047)
@@ -87,11 +87,12 @@ def test_memory_stays_bounded_for_full_length_sequences():
         def run(B, T, backend):
             tok = torch.randint(7, 3000, (B, T)); cnt = torch.rand(B, T) * 5; aux = torch.ones(B, 1, dtype=torch.long)
             with torch.inference_mode():
-                h, _ = m.encode(tok, cnt, aux, attention=backend)
+                h = m.encode(tok, cnt, aux, kernel=backend()).hidden
             return h
-        run(1, 64, sys.argv[1])  # warm up: libraries, allocator
+        backend = {"chunked": ChunkedAttention, "dense": DenseAttention}[sys.argv[1]]
+        run(1, 64, backend)  # warm up: libraries, allocator
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run(4, 2047, sys.argv[1])
+        run(4, 2047, backend)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print((after - before) / 1024)
         """
@@ -124,19 +125,21 @@ def test_heads_run_only_when_requested(tiny_model, tiny_adata, monkeypatch):
     monkeypatch.setattr(type(model), "encode", spy)
     src = prepare_cells(tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
     try:
-        Engine(tiny_model, batch_size=4).run(src, Outputs(embeddings=True))
+        eng = Engine(tiny_model, batch_size=4)
+        eng.run(src, ("embeddings",))
         assert calls["mu"] == 0 and calls["gene"] == 0
-        Engine(tiny_model, batch_size=4).run(src, Outputs(embeddings=True, llh=True))
+        widths = list(calls["widths"])
+        eng.run(src, ("embeddings", "llh"))
         assert calls["mu"] > 0 and calls["gene"] == 0
-        Engine(tiny_model, batch_size=4).run(src, Outputs(embeddings=False, gene_llh=True))
+        eng.run(src, ("gene_llh",))
         assert calls["gene"] > 0
     finally:
         h1.remove()
         h2.remove()
     # batches are trimmed to their longest cell (+1 slot for the position after the last gene)
     w = src.read(0, 21)
-    longest = sorted(np.minimum(w.lengths + 1, 63), reverse=True)
-    assert calls["widths"][: (21 + 3) // 4] == longest[::4]
+    plan = eng.plan_batches(w.lengths)
+    assert widths == [min(int(w.lengths[b].max()) + 1, 63) for b in plan]
 
 
 # -- config ----------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import transcriptformer.scanpy as tfs
-from transcriptformer.engine import Engine, Outputs
-from transcriptformer.tokenize import TokenizeOptions, prepare_cells
+from transcriptformer.engine import Engine
+from transcriptformer.model import ChunkedAttention, DenseAttention
+from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
 ATOL = 1e-5
 
@@ -58,7 +59,7 @@ def test_tokens_counts_aux_match(tiny_model, tiny_adata, stages):
     np.testing.assert_array_equal(names.astype(str), stages["gene_names"])
 
 
-@pytest.mark.parametrize("attention", ["chunked", "dense"])
+@pytest.mark.parametrize("attention", [ChunkedAttention, DenseAttention])
 def test_every_stage_matches(tiny_model, stages, attention):
     """Encoder input, key bias, key mask, each layer, gene outputs, target embeddings, mu, nll, gene CE, pooling.
 
@@ -80,22 +81,23 @@ def test_every_stage_matches(tiny_model, stages, attention):
     ]
     try:
         with torch.inference_mode():
-            hidden, target = model.encode(tok, cnt, aux, with_targets=True, attention=attention)
+            enc = model.encode(tok, cnt, aux, with_targets=True, kernel=attention())
+            hidden, target = enc.hidden, enc.targets
             emb = model.cell_embedding(hidden, tok)
             mu = model.count_rate(hidden, target, tok, cnt)
             nll = model.count_nll(hidden, target, tok, cnt, clip_counts=30, full_length=True)
-            ce = model.gene_nll(hidden, tok, full_length=True)
+            ce = model.gene_nll(hidden, model.gene_targets(tok, full_length=True))
     finally:
         for h in hooks:
             h.remove()
-    x, key_bias, key_valid, _ = seen["enc"]
+    x, ctx = seen["enc"][:2]
     np.testing.assert_allclose(x.numpy(), stages["encoder_input"], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(key_bias.numpy(), stages["log_counts"], atol=ATOL, rtol=0)
-    np.testing.assert_array_equal(key_valid.numpy(), stages["key_valid"])
+    np.testing.assert_allclose(ctx.inputs.key_bias.numpy(), stages["log_counts"], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(ctx.inputs.key_valid.numpy(), stages["key_valid"])
     n_genes = (stages["gene_token_indices"] != tiny_model.vocab.pad).sum(1)
     read = np.arange(tok.shape[1])[None, :] <= n_genes[:, None]  # START + genes; all slots of a full cell
     read_T = np.concatenate([np.ones((len(read), 1), bool), read], axis=1)  # with the aux position
-    if attention == "dense":
+    if attention is DenseAttention:
         read, read_T = np.ones_like(read), np.ones_like(read_T)
     for i in range(stages["layer_outputs"].shape[0]):
         np.testing.assert_allclose(seen[f"layer{i}"].numpy()[read_T], stages["layer_outputs"][i][read_T], atol=ATOL)
@@ -111,27 +113,24 @@ def test_every_stage_matches(tiny_model, stages, attention):
 @pytest.mark.parametrize("attention", ["chunked", "dense"])
 def test_engine_outputs_match_references(tiny_model, tiny_adata, reference, attention):
     res = Engine(tiny_model, device="cpu", attention=attention).run(
-        _source(tiny_model, tiny_adata), Outputs(embeddings=True, llh=True, gene_llh=True, cge=True)
+        _source(tiny_model, tiny_adata), ("embeddings", "llh", "gene_llh", "cge")
     )
     np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=ATOL, rtol=0)
     np.testing.assert_allclose(res.llh, reference["llh"].uns["llh"]["llh"].to_numpy(), atol=ATOL, rtol=0)
     np.testing.assert_allclose(res.llh, reference["llh"].obsm["llh"].ravel(), atol=ATOL, rtol=0)
     np.testing.assert_allclose(res.gene_llh, reference["gene_llh"].obsm["gene_llh"], atol=ATOL, rtol=0)
     cge = reference["cge"].uns
-    np.testing.assert_array_equal(res.cge_cell_indices, cge["cge_cell_indices"])
+    np.testing.assert_array_equal(res.genes["cell"], cge["cge_cell_indices"])
     np.testing.assert_array_equal(
-        tiny_model.vocab.names()[res.cge_tokens].astype(str), cge["cge_gene_names"].astype(str)
+        tiny_model.vocab.names()[res.genes["token"]].astype(str), cge["cge_gene_names"].astype(str)
     )
-    np.testing.assert_allclose(res.cge_embeddings, cge["cge_embeddings"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(res.genes["cge"], cge["cge_embeddings"], atol=ATOL, rtol=0)
 
 
 def test_embed_from_X_and_from_raw(tiny_path, tiny_adata, tiny_raw_adata, reference):
     tfs.tl.embed(tiny_adata, model=tiny_path, llh=True)
     np.testing.assert_allclose(tiny_adata.obsm["X_transcriptformer"], reference["cell"].obsm["embeddings"], atol=ATOL)
     np.testing.assert_allclose(tiny_adata.obs["transcriptformer_llh"], reference["llh"].obsm["llh"].ravel(), atol=ATOL)
-    np.testing.assert_allclose(
-        tiny_adata.uns["transcriptformer"]["llh"], reference["llh"].obsm["llh"].ravel(), atol=ATOL
-    )
     # counts in .raw (layer=None picks raw automatically; X holds log-normalised values and no id column)
     tfs.tl.embed(tiny_raw_adata, model=tiny_path)
     assert tiny_raw_adata.uns["transcriptformer"]["params"]["counts_source"] == "raw.X"

@@ -24,7 +24,7 @@ import requests
 
 import transcriptformer
 from transcriptformer import registry
-from transcriptformer.engine import resolve_species_tables
+from transcriptformer.registry import species_tables as resolve_species_tables
 
 TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
 PREFIX = "/weights/"
@@ -474,8 +474,8 @@ def test_names():
     assert registry.is_registered("tf-exemplar")
     assert not registry.is_registered("tf-foo")
     assert not registry.is_registered("./tf_sapiens/")
-    assert set(registry.MODEL_NAMES) < set(registry.FOLDERS)
-    assert set(registry.REGISTRY) == {f"{f}.tar.gz" for f in registry.FOLDERS.values()}
+    assert set(registry.MODEL_NAMES) < set(registry.REGISTRY)
+    assert all(e.file == f"{e.folder}.tar.gz" for e in registry.ENTRIES)
 
 
 def test_unknown_name_does_not_touch_network_or_cache(registry_server, cache):

@@ -12,7 +12,7 @@ import torch
 
 import transcriptformer.scanpy as tfs
 from transcriptformer.checkpoint import species_vocabulary
-from transcriptformer.engine import Outputs, infer
+from transcriptformer.engine import infer
 
 
 def _write_table(path, ids, vectors):
@@ -96,11 +96,11 @@ def test_species_errors(tiny_path, tiny_model, tiny_adata, tmp_path):
         tfs.tl.embed(tiny_adata, model=tiny_path, species_embedding=tmp_path / "wide.h5")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tfs.tl.embed(tiny_adata, model=tiny_path, species_embedding=tmp_path / "missing.h5")
-    with pytest.raises(ValueError, match="gene-level likelihoods"):
+    with pytest.raises(ValueError, match="gene-identity likelihoods"):
         infer(
             tiny_adata,
             tiny_model,
             species_embedding=tiny_path / "vocabs" / "homo_sapiens_gene.h5",
-            outputs=Outputs(gene_llh=True),
+            heads=("gene_llh",),
         )
     assert "X_transcriptformer" not in tiny_adata.obsm

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,6 +54,9 @@ class LoadedModel:
         Registry name (``"tf-sapiens"``) or the folder's name.
     weights_sha256
         sha256 of ``model_weights.pt``.
+    runtime
+        What is kept per device across runs: the network's copy on each accelerator and the engine's
+        per-device state (attention kernels, compiled code). Guarded by :attr:`lock`.
     """
 
     model: TranscriptFormer
@@ -62,8 +66,8 @@ class LoadedModel:
     path: Path
     name: str
     weights_sha256: str
-    _device_copies: dict[str, TranscriptFormer] = field(default_factory=dict, init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    runtime: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
     @property
     def seq_len(self) -> int:
@@ -76,17 +80,17 @@ class LoadedModel:
         return self.config.model.embed_dim
 
     def on(self, device: torch.device | str) -> TranscriptFormer:
-        """The network on ``device`` (copied once per device and kept)."""
+        """The network on ``device`` (copied once per device and kept in :attr:`runtime`)."""
         device = torch.device(device)
         if device.type == "cpu":
             return self.model
-        key = str(device)
-        with self._lock:
-            if key not in self._device_copies:
+        key = f"model:{device}"
+        with self.lock:
+            if key not in self.runtime:
                 import copy
 
-                self._device_copies[key] = copy.deepcopy(self.model).to(device).eval()
-            return self._device_copies[key]
+                self.runtime[key] = copy.deepcopy(self.model).to(device).eval()
+            return self.runtime[key]
 
 
 def _check_layout(path: Path, config: TranscriptFormerConfig | None = None) -> None:
@@ -299,7 +303,7 @@ def species_vocabulary(
     old = loaded.vocab
     vocab = GeneVocab(old.special_tokens, table.ids, pad_token=old.pad_token)
     n_special = old.n_special
-    known = old.lookup(list(table.ids))
+    known = old.lookup_genes(list(table.ids))
     gene_bias = torch.zeros(len(table.ids), 1, dtype=bias.dtype)
     present = torch.from_numpy(known >= 0)
     gene_bias[present] = bias[torch.from_numpy(known[known >= 0])]

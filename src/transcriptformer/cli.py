@@ -23,9 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .config import ATTENTION_BACKENDS, DEVICES, PRECISION_ALIASES, PRECISIONS
+from .registry import REGISTRY
+
 logger = logging.getLogger("transcriptformer")
 
-DOWNLOAD_CHOICES = ("tf-sapiens", "tf-exemplar", "tf-metazoa", "all", "all-embeddings")
+#: ``download`` takes every registry name, or ``all``.
+DOWNLOAD_CHOICES = (*REGISTRY, "all")
 
 # config overrides that change nothing here (the published runtime's own knobs)
 _NO_EFFECT = {
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "32", "16-mixed", "bf16-mixed", "16", "bf16"],
+        choices=[*PRECISIONS, *PRECISION_ALIASES],
         help="auto: float32 on CPU, bf16 autocast on CUDA",
     )
     inf.add_argument(
@@ -160,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="counts from .raw (True), from X (False), or .raw if present (auto)",
     )
     inf.add_argument("--emb-type", choices=["cell", "cge"], default="cell", help="cell or contextual gene embeddings")
-    inf.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
+    inf.add_argument("--device", choices=DEVICES, default="auto", help="where to run")
     inf.add_argument("--remove-duplicate-genes", action="store_true", help="keep the first of duplicate gene ids")
     inf.add_argument("--llh", action="store_true", help="also write the per-cell likelihood")
     inf.add_argument("--gene-llh", action="store_true", help="also write per-position gene-identity likelihoods")
@@ -171,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="published config keys, e.g. model.data_config.normalize_to_scale=10000 (repeatable)",
     )
-    inf.add_argument(
-        "--attention", choices=["auto", "chunked", "flex", "dense"], default="auto", help=argparse.SUPPRESS
-    )
+    inf.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help=argparse.SUPPRESS)
     for flag in ("--oom-dataloader", "--disable-compile-block-mask"):
         inf.add_argument(flag, action="store_true", help="accepted for compatibility; no effect")
     inf.add_argument(
@@ -297,38 +299,43 @@ def _write_atomic(adata, path: Path) -> None:
         raise
 
 
-def _run_file(
-    path: str, loaded, args: argparse.Namespace, outputs, device: str, embeddings_out: Any = None
-) -> dict[str, Any]:
-    import anndata as ad
+def _run_options(args: argparse.Namespace, device: str):
+    from .options import RunOptions
 
-    from .engine import infer
-    from .tokenize import TokenizeOptions
-
-    if not Path(path).is_file():
-        raise CLIError(f"data file {path!r} does not exist.")
-    adata = ad.read_h5ad(path, backed="r")
-    precision = {"16-mixed": "16", "bf16-mixed": "bf16"}.get(args.precision, args.precision)
-    options = TokenizeOptions(
+    return RunOptions(
         gene_key=args.gene_col_name,
         layer={True: "raw", False: "X", None: None}[args.use_raw],
         clip_counts=args.clip_counts,
         normalize_to_scale=args.normalize_to_scale or None,
-        filter_to_vocab=bool(args.filter_to_vocabs),
+        filter_to_vocab=args.filter_to_vocabs,
         duplicate_genes="first" if args.remove_duplicate_genes else "raise",
+        species_embedding=args.pretrained_embedding,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        device=device,
+        precision=args.precision,
+        progress=False if args.no_progress else None,
     )
+
+
+def _run_file(
+    path: str, loaded, args: argparse.Namespace, heads: list[str], device: str, embeddings_out: Any = None
+) -> dict[str, Any]:
+    import anndata as ad
+
+    from .engine import infer
+
+    if not Path(path).is_file():
+        raise CLIError(f"data file {path!r} does not exist.")
+    adata = ad.read_h5ad(path, backed="r")
+    options = _run_options(args, device)
     run = infer(
         adata,
         loaded,
-        tokenize=options,
-        outputs=outputs,
-        species_embedding=args.pretrained_embedding,
-        device=device,
-        precision=precision,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
+        heads=heads,
+        tokenize=options.tokenize(),
+        **{**options.engine(), "cache_dir": None},
         attention=args.attention,
-        progress=False if args.no_progress else None,
         embeddings_out=embeddings_out,
     )
     obs = adata.obs.copy()
@@ -344,8 +351,6 @@ def _run_file(
 
 def run_inference(args: argparse.Namespace) -> Path | None:
     """Run the ``inference`` command; returns the output path (None on ranks other than 0)."""
-    from .engine import Outputs
-
     overrides = _apply_overrides(args)
     if args.model_type != "transcriptformer":
         raise CLIError(f"--model-type {args.model_type} is not supported.")
@@ -355,16 +360,15 @@ def run_inference(args: argparse.Namespace) -> Path | None:
     if args.gene_llh:
         keys.add("gene_llh")
     cge = args.emb_type == "cge"
-    outputs = Outputs(
-        embeddings="embeddings" in keys and not cge, llh="llh" in keys, gene_llh="gene_llh" in keys, cge=cge
-    )
+    outputs = [h for h in ("embeddings", "llh", "gene_llh") if h in keys and not (h == "embeddings" and cge)]
+    outputs += ["cge"] if cge else []
     rank, world = _init_distributed()
     device = args.device
     if world > 1 and device in ("auto", "cuda") and _cuda():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     loaded = _load(args.checkpoint_path, overrides)
     path = Path(args.output_path) / args.output_filename
-    if outputs.embeddings and world == 1 and _stream_output(args, loaded):
+    if "embeddings" in outputs and world == 1 and _stream_output(args, loaded):
         return _run_streaming(args, loaded, outputs, device, path)
     parts = [_run_file(p, loaded, args, outputs, device) for p in args.data_file]
     if rank != 0:
@@ -383,21 +387,21 @@ def _output_adata(parts: list[dict[str, Any]], outputs, embeddings: bool = True)
     obs.index = pd.RangeIndex(len(obs)).astype(str)
     out = AnnData(obs=obs)
     results = [p["result"] for p in parts]
-    if outputs.embeddings and embeddings:
+    if "embeddings" in outputs and embeddings:
         out.obsm["embeddings"] = np.concatenate([r.embeddings for r in results]).astype(np.float32)
-    if outputs.llh:
+    if "llh" in outputs:
         llh = np.concatenate([r.llh for r in results]).astype(np.float32)
         out.uns["llh"] = pd.DataFrame({"llh": llh})
         out.obsm["llh"] = llh[:, None]
-    if outputs.gene_llh:
+    if "gene_llh" in outputs:
         out.obsm["gene_llh"] = np.concatenate([r.gene_llh for r in results]).astype(np.float32)
-    if outputs.cge:
+    if "cge" in outputs:
         offsets = np.cumsum([0] + [len(r.n_genes) for r in results[:-1]])
-        out.uns["cge_embeddings"] = np.concatenate([r.cge_embeddings for r in results]).astype(np.float32)
+        out.uns["cge_embeddings"] = np.concatenate([r.genes["cge"] for r in results]).astype(np.float32)
         out.uns["cge_cell_indices"] = np.concatenate(
-            [r.cge_cell_indices + off for r, off in zip(results, offsets, strict=True)]
+            [r.genes["cell"] + off for r, off in zip(results, offsets, strict=True)]
         ).astype(np.int64)
-        names = [p["vocab"].names()[p["result"].cge_tokens] for p in parts]
+        names = [p["vocab"].names()[p["result"].genes["token"]] for p in parts]
         out.uns["cge_gene_names"] = np.concatenate(names).astype(str)
     return out
 
@@ -489,7 +493,7 @@ def run_download(args: argparse.Namespace) -> list[Path]:
     """Run the ``download`` command."""
     from . import registry
 
-    names = ["tf-sapiens", "tf-exemplar", "tf-metazoa", "all-embeddings"] if args.model == "all" else [args.model]
+    names = list(REGISTRY) if args.model == "all" else [args.model]
     folders = []
     for name in names:
         folder = registry.fetch(name, cache_dir=args.checkpoint_dir, progress=not args.no_progress, force=args.force)

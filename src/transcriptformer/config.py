@@ -15,29 +15,79 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ACTIVATIONS",
+    "ATTENTION_BACKENDS",
+    "DEVICES",
     "MU_LINK_FUNCTIONS",
+    "PRECISIONS",
     "RELEASED_SPECIAL_TOKENS",
+    "Activation",
+    "AttentionBackend",
     "DataConfig",
+    "Device",
     "LossConfig",
     "ModelConfig",
+    "MuLink",
+    "Precision",
     "TranscriptFormerConfig",
+    "split_names",
 ]
+
+# -- the choices of every option, each defined once (the Literal types are used in public signatures) --------
 
 #: Special tokens of the released checkpoints, in index order (``[PAD]`` = 1, ``[START]`` = 2, ``[END]`` = 3).
 RELEASED_SPECIAL_TOKENS: tuple[str, ...] = ("unknown", "[PAD]", "[START]", "[END]", "[RD]", "[CELL]", "[MASK]")
 
 #: Activations of the feed-forward block (``gelu`` is the exact erf form).
-ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "silu")
+Activation = Literal["gelu", "relu", "silu"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 #: Link functions of the count head. ``softmax`` (released models) is a masked softmax over the
 #: cell's genes times the cell's total count; the others apply elementwise.
-MU_LINK_FUNCTIONS: tuple[str, ...] = ("softmax", "exp", "log", "relu", "sigmoid", "softplus", "linear", "tanh")
+MuLink = Literal["softmax", "exp", "log", "relu", "sigmoid", "softplus", "linear", "tanh"]
+MU_LINK_FUNCTIONS: tuple[str, ...] = get_args(MuLink)
+
+#: Numeric precision of a run: ``auto`` (float32 on CPU and MPS, bfloat16 autocast on CUDA), ``32``, ``bf16``
+#: or ``16`` (autocast; float16 runs as bfloat16 on CPU, as the published tool does).
+Precision = Literal["auto", "32", "bf16", "16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+#: Other spellings accepted for :data:`Precision` (the published tool's Lightning names among them).
+PRECISION_ALIASES: dict[str, str] = {
+    "32-true": "32",
+    "fp32": "32",
+    "float32": "32",
+    "bf16-mixed": "bf16",
+    "bfloat16": "bf16",
+    "16-mixed": "16",
+    "fp16": "16",
+    "float16": "16",
+}
+
+#: Attention implementations. ``auto``: flex_attention on CUDA when it compiles and agrees with the chunked
+#: kernel, else ``chunked``; ``chunked``: exact, blocked, memory linear in length; ``flex``: compiled per
+#: shape; ``flex-dynamic``: compiled once for varying shapes; ``dense``: the reference, materialises the
+#: score matrix.
+AttentionBackend = Literal["auto", "chunked", "dense", "flex", "flex-dynamic"]
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
+
+#: Devices by kind; ``"cuda:1"`` and other indexed names are accepted too.
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DEVICES: tuple[str, ...] = get_args(Device)
+
+
+def split_names(value: Any) -> tuple[str, ...]:
+    """A comma-separated string (``"assay,batch"``), a list, or null as a tuple of names (empty items dropped)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(str(v).strip() for v in value if str(v).strip())
 
 
 @dataclass(frozen=True)
@@ -85,8 +135,8 @@ class ModelConfig:
     block_len: int = 128
     softcap: float = 10.0
     log_counts_eps: float = 1e-6
-    mu_link_fn: str = "softmax"
-    activation: str = "gelu"
+    mu_link_fn: MuLink = "softmax"
+    activation: Activation = "gelu"
     attn_bias: bool = False
     fw_bias: bool = False
     dropout: float = 0.1
@@ -199,12 +249,8 @@ class TranscriptFormerConfig:
             raise ValueError("config.json: 'model' must be a JSON object.")
         model = _build(ModelConfig, root.get("model_config"), "model_config")
         data_section = dict(root.get("data_config") or {})
-        if "aux_cols" in data_section:
-            # null (or "") means the checkpoint has no auxiliary token; a string is comma-separated
-            aux = data_section["aux_cols"] or ""
-            if isinstance(aux, str):
-                aux = [c.strip() for c in aux.split(",") if c.strip()]
-            data_section["aux_cols"] = tuple(aux)
+        if "aux_cols" in data_section:  # null (or "") means the checkpoint has no auxiliary token
+            data_section["aux_cols"] = split_names(data_section["aux_cols"])
         data = _build(DataConfig, data_section, "data_config")
         loss = _build(LossConfig, root.get("loss_config"), "loss_config")
         return cls(model=model, data=data, loss=loss)
@@ -239,8 +285,6 @@ class TranscriptFormerConfig:
             names = {f.name for f in fields(sub)}
             if parts[1] not in names:
                 raise ValueError(f"config override {key!r}: {section} config has no key {parts[1]!r}.")
-            if parts[1] in ("aux_cols", "esm2_mappings", "special_tokens") and isinstance(value, str):
-                value = tuple(v.strip() for v in value.split(",") if v.strip())
             cfg = replace(cfg, **{section: replace(sub, **{parts[1]: _coerce(type(sub), parts[1], value)})})
         return cfg
 
@@ -263,9 +307,7 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     if isinstance(default, float):
         return float(value)
     if isinstance(default, tuple):
-        if isinstance(value, str):
-            return (value,)
-        return tuple(value)
+        return split_names(value)
     return value
 
 

@@ -1,24 +1,34 @@
 """The inference engine: device, precision, length-aware batching, streaming and sharding.
 
-``Engine.run`` reads a :class:`~transcriptformer.tokenize.CellSource` in windows of consecutive
-cells (the next window is read and tokenised on a background thread while the model runs),
-sorts each window's cells by length, packs them into batches under a token budget, trims every
-batch to its longest cell, runs only the heads that were asked for, and writes results back in
-input order. Every step is exact: a cell's outputs do not depend on the cells it is batched
-with. Under ``torch.distributed`` (``torchrun``) each rank takes a contiguous shard of cells and
-the results are gathered in input order.
+Data flows one way::
+
+    CellSource --windows--> TokenWindow --plan_batches--> batch --model.encode--> Batch --heads--> Accumulator
+
+:meth:`Engine.run` reads a :class:`~transcriptformer.tokenizer.CellSource` in windows of consecutive
+cells (the next window is read and tokenised on a background thread while the model runs), groups
+each window's cells into batches of similar length (:meth:`Engine.plan_batches`), trims every batch
+to its longest cell, runs the encoder once per batch and then only the :data:`HEADS` that were asked
+for, and hands each batch's results to an :class:`Accumulator`, which puts them back in input order.
+Every step is exact: a cell's outputs do not depend on the cells it is batched with. Under
+``torch.distributed`` (``torchrun``) each rank takes a contiguous shard of cells and the accumulators
+are gathered in input order.
+
+Adding an output is one entry in :data:`HEADS`: a name, a layout (per cell, per sequence slot, per read
+gene, or summed per gene) and a function of a :class:`Batch`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
-import os
+import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,112 +36,524 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel, species_vocabulary
-from .model import AttentionBackend, TranscriptFormer, fused
-from .tokenize import CellSource, TokenizeOptions, TokenWindow, TranscriptFormerWarning, prepare_cells
+from .config import ATTENTION_BACKENDS, DEVICES, PRECISION_ALIASES, PRECISIONS, AttentionBackend, Precision
+from .model import (
+    ChunkedAttention,
+    DenseAttention,
+    FlexAttention,
+    Kernel,
+    LayerSteps,
+    TranscriptFormer,
+    chunked_attention,
+    flex_attention,
+)
+from .options import check_positive_int
+from .tokenizer import CellSource, TokenizeOptions, TokenWindow, TranscriptFormerWarning, prepare_cells, sequence_width
 from .vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Inference", "InferenceResult", "Outputs", "infer", "resolve_device", "resolve_precision"]
+__all__ = [
+    "HEADS",
+    "Accumulator",
+    "Batch",
+    "Engine",
+    "Head",
+    "Inference",
+    "InferenceResult",
+    "estimate_flops",
+    "infer",
+    "resolve_device",
+    "resolve_precision",
+]
 
-Precision = Literal["auto", "32", "bf16", "16"]
 
-_PRECISION_ALIASES = {
-    "auto": "auto",
-    "32": "32",
-    "32-true": "32",
-    "fp32": "32",
-    "float32": "32",
-    "bf16": "bf16",
-    "bf16-mixed": "bf16",
-    "bfloat16": "bf16",
-    "16": "16",
-    "16-mixed": "16",
-    "fp16": "16",
-    "float16": "16",
-}
+# --------------------------------------------------------------------------------------------
+# devices and precision
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: CUDA if available, else CPU (MPS only when asked for)."""
+    """The device to run on: ``"auto"`` is CUDA if available, else CPU (MPS only when asked for).
+
+    Raises
+    ------
+    ValueError
+        An unknown name, or a device that is not available here.
+    """
     if isinstance(device, torch.device):
-        return device
-    if device == "auto":
+        name = str(device)
+    elif isinstance(device, str) and device.strip():
+        name = device.strip().lower()
+    else:
+        raise ValueError(f"device={device!r}; expected one of {', '.join(map(repr, DEVICES))} or e.g. 'cuda:1'.")
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'.")
+    kind, _, index = name.partition(":")
+    if kind not in DEVICES or kind == "auto" or (index and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"device={device!r}; expected one of {', '.join(map(repr, DEVICES))} or e.g. 'cuda:1'.")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist.")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"device={device!r} but MPS is not available; use device='cpu' or 'auto'.")
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Returns ``"32"``, ``"bf16"`` or ``"16"``.
+def resolve_precision(precision: Precision | str, device: torch.device) -> Literal["32", "bf16", "16"]:
+    """Returns ``"32"``, ``"bf16"`` or ``"16"`` (see :data:`~transcriptformer.config.Precision`).
 
     ``"auto"`` is float32 on CPU and MPS and bfloat16 autocast on CUDA. ``"16"`` on CPU runs as
     bfloat16, as the published tool (Lightning) does for its default ``16-mixed``.
     """
-    p = _PRECISION_ALIASES.get(str(precision).lower())
+    key = str(precision).strip().lower() if isinstance(precision, str | int) and not isinstance(precision, bool) else ""
+    p = PRECISION_ALIASES.get(key, key if key in PRECISIONS else None)
     if p is None:
-        raise ValueError(f"precision={precision!r}; expected 'auto', '32', 'bf16' or '16'.")
+        raise ValueError(f"precision={precision!r}; expected one of {', '.join(map(repr, PRECISIONS))}.")
     if p == "auto":
         return "bf16" if device.type == "cuda" else "32"
     if p == "16" and device.type == "cpu":
         logger.info("float16 autocast on CPU runs as bfloat16 (as the published tool does).")
         return "bf16"
-    return p
+    return p  # type: ignore[return-value]
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for a resolved precision (none for float32)."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# per-device state: the model copy and what was decided and compiled for it
+
+
+@dataclass
+class DeviceState:
+    """A loaded model on one device with the kernels and compiled steps built for it (kept across runs)."""
+
+    model: TranscriptFormer
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+    auto_attention: str | None = None  # what "auto" resolved to here (the flex probe's outcome)
+    probed: bool = False
+    fused_steps: LayerSteps | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def kernel(self, name: str) -> Kernel:
+        """The kernel called ``name`` (built once: compiled kernels keep their caches)."""
+        with self.lock:
+            if name not in self.kernels:
+                self.kernels[name] = _build_kernel(name)
+            return self.kernels[name]
+
+
+def _build_kernel(name: str) -> Kernel:
+    if name == "chunked":
+        return ChunkedAttention()
+    if name == "dense":
+        return DenseAttention()
+    if name in ("flex", "flex-dynamic"):
+        return FlexAttention(dynamic=name == "flex-dynamic")
+    raise ValueError(f"attention={name!r}; expected one of {', '.join(map(repr, ATTENTION_BACKENDS))}.")
+
+
+def device_state(loaded: LoadedModel, device: torch.device) -> DeviceState:
+    """The :class:`DeviceState` of ``loaded`` on ``device`` (kept in ``loaded.runtime``)."""
+    key = f"device:{device}"
+    with loaded.lock:  # reentrant: loaded.on takes it too
+        if key not in loaded.runtime:
+            loaded.runtime[key] = DeviceState(loaded.on(device))
+        return loaded.runtime[key]
+
+
+def _probe_flex(device: torch.device) -> str | None:
+    """``"flex-dynamic"`` or ``"flex"`` if compiled flex_attention runs here and matches the chunked kernel.
+
+    The dynamic-shape compile is tried first (on three shapes), then the fixed-shape compile; any failure
+    or disagreement means chunked attention.
+    """
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    def agrees(B: int, T: int, compiled) -> bool:
+        g = torch.Generator(device="cpu").manual_seed(B * T)
+        q, k, v = (torch.randn(B, 2, T, 64, generator=g).to(device) for _ in range(3))
+        bias = torch.rand(B, T, generator=g).to(device)
+        valid = torch.ones(B, T, dtype=torch.bool, device=device)
+        valid[0, 0] = False  # unknown aux token
+        valid[1, T // 2 :] = False  # padding
+        a = flex_attention(q, k, v, bias, valid, 10.0, num_aux=1, compiled=compiled)
+        b = chunked_attention(q, k, v, bias, valid, 10.0, num_aux=1)
+        return bool(
+            torch.allclose(a[0], b[0], atol=1e-4, rtol=1e-4)
+            and torch.allclose(a[1, :, : T // 2], b[1, :, : T // 2], atol=1e-4, rtol=1e-4)
+        )
+
+    for name, shapes in (("flex-dynamic", [(2, 256), (3, 256), (2, 384)]), ("flex", [(2, 256)])):
+        try:
+            compiled = torch.compile(flex, dynamic=None if name == "flex-dynamic" else False)
+            if all(agrees(B, T, compiled) for B, T in shapes):
+                return name
+            logger.warning("%s disagrees with the chunked kernel on %s.", name, device)
+        except Exception as e:  # noqa: BLE001 - any compile failure means: try the next
+            logger.info("%s is not usable on %s (%s: %s).", name, device, type(e).__name__, str(e)[:200])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# heads: what a batch can compute, and how it is laid out
+
+
+@dataclass
+class Batch:
+    """One forward pass: the inputs on the device and what the encoder returned.
+
+    Intermediate results shared by several heads (the count head's per-gene NLL, the gene-identity
+    logits) are computed once, on first use.
+    """
+
+    model: TranscriptFormer
+    tokens: torch.Tensor  # (b, w) int64
+    counts: torch.Tensor  # (b, w) float32
+    lengths: torch.Tensor  # (b,) int64: real genes of each cell
+    hidden: torch.Tensor  # (b, w, E)
+    targets: torch.Tensor | None  # (b, w, E) target embeddings, or None
+    full_length: bool  # position w - 1 is slot S - 1
+    clip_counts: float | None
+    gene_bias: torch.Tensor | None  # replacement count-head bias (out-of-distribution vocabularies)
+
+    @cached_property
+    def count_nll(self) -> torch.Tensor:
+        """``(b, w)`` zero-truncated-Poisson NLL per position (0 at padding)."""
+        return self.model.count_nll_per_gene(
+            self.hidden,
+            self.targets,
+            self.tokens,
+            self.counts,
+            clip_counts=self.clip_counts,
+            full_length=self.full_length,
+            gene_bias=self.gene_bias,
+        )
+
+    @cached_property
+    def own_gene_nll(self) -> torch.Tensor:
+        """``(b, w)`` cross-entropy of each position's own gene (0 at padding)."""
+        return self.model.gene_nll(self.hidden, self.tokens)
+
+    def published_gene_nll(self) -> torch.Tensor:
+        """``(b, w)`` the published ``gene_llh``: the own gene's CE, ``[END]``'s at slot ``S - 1``."""
+        if not self.full_length:
+            return self.own_gene_nll
+        out = self.own_gene_nll.clone()
+        end = self.end_nll()
+        full = ~torch.isnan(end)
+        out[full, -1] = end[full]
+        return out
+
+    def end_nll(self) -> torch.Tensor:
+        """``(b,)`` cross-entropy of ``[END]`` at slot ``S - 1`` of full-length cells (NaN for the others)."""
+        b = self.tokens.shape[0]
+        out = torch.full((b,), float("nan"), device=self.tokens.device)
+        if self.full_length:
+            full = self.tokens[:, -1] != self.model.pad_idx
+            if full.any():
+                end = torch.full((int(full.sum()), 1), self.model.end_idx, device=self.tokens.device)
+                out[full] = self.model.gene_nll(self.hidden[full, -1:], end)[:, 0]
+        return out
+
+
+Layout = Literal["cell", "slot", "gene", "gene_sum"]
 
 
 @dataclass(frozen=True)
-class Outputs:
-    """What to compute. The count head runs only for ``llh``, the gene head only for ``gene_llh``."""
+class Head:
+    """One output of the engine.
 
-    embeddings: bool = True
-    llh: bool = False
-    gene_llh: bool = False
-    cge: bool = False
+    Attributes
+    ----------
+    name
+        Key of the output in :class:`InferenceResult`.
+    layout
+        ``"cell"``: one value (or vector) per cell; ``"slot"``: a ``(n_obs, S)`` matrix over sequence slots
+        (0 beyond a cell's sequence, the published ``gene_llh`` layout); ``"gene"``: one row per read gene
+        (ragged; rows carry ``cell``, ``position`` and ``token``); ``"gene_sum"``: summed per (group, gene)
+        over cells, with counts.
+    compute
+        ``f(batch) -> Tensor``: ``(b, *shape)`` for ``"cell"``, ``(b, w, *shape)`` for the others.
+    shape
+        Trailing shape of one value, as a function of the model (e.g. ``(E,)``).
+    count_head, gene_head
+        Whether it needs the count head's inputs (target embeddings) / the gene-identity head.
+    """
+
+    name: str
+    layout: Layout
+    compute: Callable[[Batch], torch.Tensor]
+    shape: Callable[[TranscriptFormer], tuple[int, ...]] = lambda m: ()
+    count_head: bool = False
+    gene_head: bool = False
+
+
+def _embed_dim(m: TranscriptFormer) -> tuple[int, ...]:
+    return (m.config.embed_dim,)
+
+
+#: Every output the engine can compute, by name.
+HEADS: dict[str, Head] = {
+    h.name: h
+    for h in (
+        Head("embeddings", "cell", lambda b: b.model.cell_embedding(b.hidden, b.tokens), _embed_dim),
+        Head(
+            "llh",
+            "cell",
+            lambda b: b.count_nll.sum(-1) / (b.tokens != b.model.pad_idx).sum(-1),
+            count_head=True,
+        ),
+        Head("gene_llh", "slot", lambda b: b.published_gene_nll(), gene_head=True),
+        Head("end_nll", "cell", lambda b: b.end_nll(), gene_head=True),
+        Head("cge", "gene", lambda b: b.hidden.float(), _embed_dim),
+        Head("count", "gene", lambda b: b.counts.float()),
+        Head("count_nll", "gene", lambda b: b.count_nll, count_head=True),
+        Head("gene_nll", "gene", lambda b: b.own_gene_nll, gene_head=True),
+        Head("gene_sum", "gene_sum", lambda b: b.hidden.float(), _embed_dim),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------
+# results
 
 
 @dataclass
 class InferenceResult:
-    """Arrays in input order (``None`` where not requested).
+    """Arrays in input order.
 
     Attributes
     ----------
-    embeddings
-        ``(n_obs, E)`` float32 cell embeddings.
-    llh
-        ``(n_obs,)`` float32 mean negative log-likelihood per gene (NaN for cells without genes).
-    gene_llh
-        ``(n_obs, S)`` float32 per-position gene-identity cross-entropy.
-    cge_embeddings, cge_cell_indices, cge_tokens, cge_positions
-        Contextual gene embeddings: one row per (cell, gene), cells in input order, genes in
-        sequence order; the gene's token id; the gene's slot in the cell's sequence.
-    n_genes
-        ``(n_obs,)`` number of gene tokens each cell was given (``<= S``).
+    cells
+        Per-cell outputs by head name: ``embeddings`` ``(n_obs, E)``, ``llh`` ``(n_obs,)`` (NaN for cells
+        without genes), ``end_nll`` ``(n_obs,)``, ``n_genes`` ``(n_obs,)`` (gene tokens each cell was given,
+        ``<= S``).
+    slots
+        ``(n_obs, S)`` outputs: ``gene_llh``.
+    genes
+        One row per read gene, cells in input order and genes in sequence order: ``cell`` (input position),
+        ``position`` (slot in the cell's sequence), ``token``, and the gene-layout heads (``cge``
+        ``(n, E)``, ``count``, ``count_nll``, ``gene_nll``).
+    gene_sums
+        With the ``gene_sum`` head: ``sum`` ``(n_groups, n_vocab_rows, E)`` float64, ``n`` ``(n_groups,
+        n_vocab_rows)``, ``tokens`` (the vocabulary token of each row).
     seconds
         Wall time of the run.
+    stats
+        How it ran: cells, tokens, padded tokens, device, precision, attention (after any fallback, with
+        ``attention_fallback`` saying why), out-of-memory retries, world size.
     """
 
-    embeddings: np.ndarray | None = None
-    llh: np.ndarray | None = None
-    gene_llh: np.ndarray | None = None
-    cge_embeddings: np.ndarray | None = None
-    cge_cell_indices: np.ndarray | None = None
-    cge_tokens: np.ndarray | None = None
-    cge_positions: np.ndarray | None = None
-    n_genes: np.ndarray | None = None
+    cells: dict[str, Any] = field(default_factory=dict)
+    slots: dict[str, np.ndarray] = field(default_factory=dict)
+    genes: dict[str, np.ndarray] = field(default_factory=dict)
+    gene_sums: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
 
+    # shorthands for the common outputs
+    @property
+    def embeddings(self):
+        return self.cells.get("embeddings")
 
-@dataclass
-class _Tables:
-    """Replacement gene tables for out-of-distribution vocabularies (on the engine's device)."""
+    @property
+    def llh(self) -> np.ndarray | None:
+        return self.cells.get("llh")
 
-    esm: torch.Tensor
-    bias: torch.Tensor
+    @property
+    def gene_llh(self) -> np.ndarray | None:
+        return self.slots.get("gene_llh")
+
+    @property
+    def n_genes(self) -> np.ndarray:
+        return self.cells["n_genes"]
+
+
+class Accumulator:
+    """Collects each batch's head outputs into arrays in input order (``add``), then ``finish``-es them.
+
+    Parameters
+    ----------
+    heads
+        The heads being computed.
+    model
+        The network (for shapes and special tokens).
+    n_rows
+        Cells in this process's shard.
+    seq_len
+        ``S`` (width of slot outputs).
+    gene_tokens
+        Boolean mask over the vocabulary: gene-layout rows are kept for these tokens only (special tokens
+        are never kept).
+    groups, n_groups
+        Group code of every cell of the shard (``-1``: in no group) for ``gene_sum``.
+    embeddings_out
+        Optional array-like ``(n_rows, E)`` receiving the embeddings window by window.
+    """
+
+    def __init__(
+        self,
+        heads: Sequence[Head],
+        model: TranscriptFormer,
+        *,
+        n_rows: int,
+        seq_len: int,
+        gene_tokens: np.ndarray,
+        groups: np.ndarray | None = None,
+        n_groups: int = 1,
+        embeddings_out: Any | None = None,
+        device: torch.device | None = None,
+    ):
+        self.heads = list(heads)
+        self.model = model
+        self.gene_tokens = gene_tokens
+        self.embeddings_out = embeddings_out
+        self.cells: dict[str, Any] = {"n_genes": np.zeros(n_rows, dtype=np.int64)}
+        self.slots: dict[str, np.ndarray] = {}
+        self.gene_parts: list[dict[str, np.ndarray]] = []
+        self._window_genes: list[dict[str, np.ndarray]] = []
+        for h in self.heads:
+            shape = h.shape(model)
+            if h.layout == "cell":
+                if h.name == "embeddings" and embeddings_out is not None:
+                    self.cells[h.name] = embeddings_out
+                else:
+                    fill = 0.0 if h.name == "embeddings" else np.nan
+                    self.cells[h.name] = np.full((n_rows, *shape), fill, dtype=np.float32)
+            elif h.layout == "slot":
+                self.slots[h.name] = np.zeros((n_rows, seq_len, *shape), dtype=np.float32)
+        self.sums = None
+        if any(h.layout == "gene_sum" for h in self.heads):
+            V, E = len(gene_tokens), model.config.embed_dim
+            self.sum_rows = np.full(V, -1, dtype=np.int64)
+            self.sum_tokens = np.flatnonzero(gene_tokens)
+            self.sum_rows[self.sum_tokens] = np.arange(len(self.sum_tokens))
+            self.n_groups = n_groups
+            self.groups = np.zeros(n_rows, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+            R = len(self.sum_tokens)
+            self.sums = torch.zeros(n_groups * R, E, dtype=torch.float64, device=device)
+            self.sum_n = torch.zeros(n_groups * R, dtype=torch.int64, device=device)
+            self._sum_rows_dev = torch.from_numpy(self.sum_rows).to(device)
+        self._keep_dev = torch.from_numpy(np.asarray(gene_tokens, dtype=bool)).to(device)
+        self._window_emb: np.ndarray | None = None
+
+    def start_window(self, window: TokenWindow, base: int) -> None:
+        """A new window of cells ``[base, base + len(window))`` of the shard."""
+        self.cells["n_genes"][base : base + len(window)] = window.lengths
+        if self.embeddings_out is not None and "embeddings" in self.cells:
+            self._window_emb = np.zeros((len(window), self.model.config.embed_dim), dtype=np.float32)
+
+    def add(self, rows: np.ndarray, window_rows: np.ndarray, batch: Batch, results: dict[str, torch.Tensor]) -> None:
+        """Store one batch: ``rows`` are the cells' positions in the shard, ``window_rows`` in the window."""
+        genes = None
+        part: dict[str, np.ndarray] = {}
+        for h in self.heads:
+            value = results[h.name]
+            if h.layout == "cell":
+                value = value.float().cpu().numpy()
+                if h.name == "embeddings" and self._window_emb is not None:
+                    self._window_emb[window_rows] = value
+                else:
+                    self.cells[h.name][rows] = value
+            elif h.layout == "slot":
+                value = value.float().cpu().numpy()
+                self.slots[h.name][rows, : value.shape[1]] = value
+            else:
+                if genes is None:
+                    genes = self._read_genes(batch)
+                b, j = genes
+                if h.layout == "gene":
+                    part[h.name] = value[b, j].float().cpu().numpy()
+                else:
+                    self._add_sums(rows, batch, b, j, value[b, j])
+        if part:
+            b, j = genes
+            part.update(cell=rows[b.cpu().numpy()], position=j.cpu().numpy(), token=batch.tokens[b, j].cpu().numpy())
+            self._window_genes.append(part)
+
+    def _read_genes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch rows and slots of the read genes of this batch (kept tokens only)."""
+        w = batch.tokens.shape[1]
+        real = torch.arange(w, device=batch.tokens.device)[None, :] < batch.lengths[:, None]
+        return torch.nonzero(real & self._keep_dev[batch.tokens], as_tuple=True)
+
+    def _add_sums(self, rows: np.ndarray, batch: Batch, b: torch.Tensor, j: torch.Tensor, values: torch.Tensor):
+        group = torch.from_numpy(self.groups[rows]).to(b.device)[b]
+        row = self._sum_rows_dev[batch.tokens[b, j]]
+        ok = (group >= 0) & (row >= 0)
+        index = group[ok] * len(self.sum_tokens) + row[ok]
+        self.sums.index_add_(0, index, values[ok].to(torch.float64))
+        self.sum_n.index_add_(0, index, torch.ones_like(index))
+
+    def end_window(self, window: TokenWindow, base: int) -> None:
+        """The window is complete: flush streamed embeddings and order its gene rows."""
+        if self._window_emb is not None:
+            self.embeddings_out[base : base + len(window)] = self._window_emb
+            self._window_emb = None
+        parts, self._window_genes = self._window_genes, []
+        if parts:
+            merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            order = np.lexsort((merged["position"], merged["cell"]))
+            self.gene_parts.append({k: v[order] for k, v in merged.items()})
+
+    def finish(self, offset: int) -> InferenceResult:
+        """The shard's results (gene rows' ``cell`` shifted by ``offset``, the shard's first cell)."""
+        result = InferenceResult(cells=self.cells, slots=self.slots)
+        gene_heads = [h for h in self.heads if h.layout == "gene"]
+        if gene_heads:
+            if self.gene_parts:
+                result.genes = {k: np.concatenate([p[k] for p in self.gene_parts]) for k in self.gene_parts[0]}
+            else:
+                result.genes = {k: np.zeros(0, np.int64) for k in ("cell", "position", "token")}
+                for h in gene_heads:
+                    result.genes[h.name] = np.zeros((0, *h.shape(self.model)), np.float32)
+            result.genes["cell"] = result.genes["cell"].astype(np.int64) + offset
+            result.genes["position"] = result.genes["position"].astype(np.int64)
+            result.genes["token"] = result.genes["token"].astype(np.int64)
+        if self.sums is not None:
+            R = len(self.sum_tokens)
+            result.gene_sums = {
+                "sum": self.sums.cpu().numpy().reshape(self.n_groups, R, -1),
+                "n": self.sum_n.cpu().numpy().reshape(self.n_groups, R),
+                "tokens": self.sum_tokens,
+            }
+        return result
+
+
+def _gather(result: InferenceResult, external_embeddings: bool) -> InferenceResult:
+    """Gather every rank's contiguous shard into full arrays in input order (all ranks get them)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    cells = {k: v for k, v in result.cells.items() if not (k == "embeddings" and external_embeddings)}
+    payload = {"cells": cells, "slots": result.slots, "genes": result.genes, "gene_sums": result.gene_sums}
+    shards: list[Any] = [None] * world
+    dist.all_gather_object(shards, payload)
+    merged = InferenceResult()
+    for part in ("cells", "slots", "genes"):
+        out = getattr(merged, part)
+        for key in payload[part]:
+            out[key] = np.concatenate([s[part][key] for s in shards])
+    if external_embeddings:
+        merged.cells["embeddings"] = result.cells["embeddings"]
+    if result.gene_sums:
+        merged.gene_sums = dict(result.gene_sums)
+        for key in ("sum", "n"):
+            merged.gene_sums[key] = sum(s["gene_sums"][key] for s in shards)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
 
 
 class GeneEmbeddingCache:
@@ -163,10 +585,20 @@ class GeneEmbeddingCache:
         return self.values[tokens]
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+#: Heuristic cost of one batch beyond its arithmetic (kernel launches, Python, copies), as seconds, and the
+#: arithmetic rate it is traded against: a batch is split where its padding would cost more than a new batch.
+_BATCH_OVERHEAD_S = {"cpu": 2e-3, "cuda": 5e-3, "mps": 5e-3}
+_FLOP_RATE = {"cpu": 2e11, "cuda": 3e14, "mps": 5e12}
+
+
+@dataclass
+class _RunState:
+    """What may change while one run goes on (never the engine's own settings)."""
+
+    kernel: Kernel
+    max_tokens: int
+    oom_retries: int = 0
+    fallback: str | None = None
 
 
 class Engine:
@@ -185,16 +617,18 @@ class Engine:
     max_tokens
         Token budget of one batch: cells x (longest cell + 1). Default 16,384 on CPU, 131,072 on GPU.
     attention
-        ``"auto"`` (flex_attention on CUDA when it compiles, else chunked), ``"chunked"``, ``"flex"``
-        (compiled per shape), ``"flex-dynamic"`` (compiled for varying shapes), ``"dense"`` (reference;
-        materialises the score matrix).
+        One of :data:`~transcriptformer.config.AttentionBackend`; ``"auto"`` is flex_attention on CUDA
+        when it compiles and agrees with the chunked kernel (checked once per device), else chunked.
     window
         Cells read and tokenised at a time (and sorted by length within).
     progress
-        Show a progress bar; ``None`` shows one for runs of 2,000 cells or more.
+        Show a progress bar; ``None`` shows one when the run is expected to take more than a few seconds.
     fuse
-        Run the code around attention through ``torch.compile`` (:func:`~transcriptformer.model.fused`).
+        Run the code around attention through ``torch.compile`` (:class:`~transcriptformer.model.LayerSteps`).
         ``None``: only where flex_attention compiled with dynamic shapes (CUDA).
+    distributed
+        Shard the cells over the ranks of the ``torch.distributed`` process group and gather the results.
+        ``None``: when a process group is initialised.
     """
 
     def __init__(
@@ -202,96 +636,136 @@ class Engine:
         loaded: LoadedModel,
         *,
         device: str | torch.device = "auto",
-        precision: str = "auto",
+        precision: Precision | str = "auto",
         batch_size: int | None = None,
         max_tokens: int | None = None,
-        attention: str = "auto",
+        attention: AttentionBackend | str = "auto",
         window: int = 4096,
         progress: bool | None = None,
         fuse: bool | None = None,
+        distributed: bool | None = None,
     ):
         self.loaded = loaded
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
-        self.batch_size = batch_size
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         gpu = self.device.type == "cuda"
-        self.max_tokens = int(max_tokens or (131072 if gpu else 16384))
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be positive, got {max_tokens}.")
-        if attention not in ("auto", "chunked", "flex", "flex-dynamic", "dense"):
-            raise ValueError(f"attention={attention!r}; expected 'auto', 'chunked', 'flex', 'flex-dynamic' or 'dense'.")
-        if attention == "auto":
-            attention = (_flex_mode(self.device) if gpu else None) or "chunked"
-        self.attention: AttentionBackend = attention  # type: ignore[assignment]
-        self.window = int(window)
+        self.max_tokens = check_positive_int(max_tokens, "max_tokens") or (131072 if gpu else 16384)
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={attention!r}; expected one of {', '.join(map(repr, ATTENTION_BACKENDS))}.")
+        self.window = check_positive_int(window, "window") or 4096
         self.progress = progress
-        self.model: TranscriptFormer = loaded.on(self.device)
-        self.oom_retries = 0
-        self._set_shapes()
+        self.state = device_state(loaded, self.device)
+        self.model: TranscriptFormer = self.state.model
+        if attention == "auto":
+            attention = "chunked"
+            if gpu:
+                with self.state.lock:
+                    if not self.state.probed:
+                        self.state.auto_attention = _probe_flex(self.device)
+                        self.state.probed = True
+                        logger.info("attention on %s: %s", self.device, self.state.auto_attention or "chunked")
+                attention = self.state.auto_attention or "chunked"
+        self.attention: str = attention
+        self.kernel = self.state.kernel(attention)
         self.fuse = self.attention == "flex-dynamic" if fuse is None else bool(fuse)
-        self._embed: GeneEmbeddingCache | None = None
-
-    def _set_shapes(self) -> None:
-        """Padding policy of the attention kernel (exact: padded positions and rows are never read).
-
-        Compiled flex kernels like lengths on a coarse grid; one compiled for fixed shapes also gets a
-        fixed number of cells per length (short batches are filled with copies of a cell), so that
-        at most ``seq_len / 256`` shapes are ever compiled.
-        """
-        self._pad_multiple = {"flex": 256, "flex-dynamic": 128}.get(self.attention, 1)
-        self._fixed_batches = self.attention == "flex"
+        if distributed is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        elif distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("distributed=True but no torch.distributed process group is initialised.")
+        self.rank, self.world = (
+            (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        )
 
     # -- batching ---------------------------------------------------------------------------
 
-    def plan_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
-        """Group cells (positions into ``lengths``) into batches, longest first, under the token budget."""
-        order = np.argsort(-lengths, kind="stable")
-        batches = []
-        i = 0
-        while i < len(order):
-            n = self._cells_per_batch(self._width(int(lengths[order[i]])))
-            batches.append(order[i : i + n])
-            i += n
-        return batches
+    def _pad_multiple(self, kernel: Kernel) -> int:
+        """Compiled flex kernels like lengths on a coarse grid (fewer recompilations)."""
+        return {"flex": 256, "flex-dynamic": 128}.get(getattr(kernel, "name", ""), 1)
 
-    def _cells_per_batch(self, width: int) -> int:
-        """Cells in a full batch running at ``width``: the token budget, capped by ``batch_size``."""
-        n = max(1, self.max_tokens // width)
-        return min(n, self.batch_size) if self.batch_size else n
-
-    def _width(self, longest: int) -> int:
+    def _width(self, longest: int, kernel: Kernel | None = None) -> int:
         """Sequence length a batch whose longest cell has ``longest`` genes runs at."""
         S = self.loaded.seq_len
-        width = min(longest + 1, S)
-        m = self._pad_multiple
+        width = sequence_width(longest, S)
+        m = self._pad_multiple(kernel or self.kernel)
         if m > 1:
             A = self.model.num_aux
             width = min(S, -(-(width + A) // m) * m - A)
         return width
 
+    def _cells_per_batch(self, width: int, max_tokens: int | None = None) -> int:
+        """Cells in a full batch running at ``width``: the token budget, capped by ``batch_size``."""
+        n = max(1, (max_tokens or self.max_tokens) // width)
+        return min(n, self.batch_size) if self.batch_size else n
+
+    def plan_batches(
+        self, lengths: np.ndarray, max_tokens: int | None = None, kernel: Kernel | None = None
+    ) -> list[np.ndarray]:
+        """Group cells (positions into ``lengths``) into batches under the token budget, longest first.
+
+        Cells are sorted by length and cut into consecutive groups. Where to cut is chosen to minimise the
+        estimated time (:func:`batch_cost`): padding a short cell to a long batch costs its arithmetic, a new
+        batch costs a fixed overhead. So a few cells of very different lengths run as separate batches, and
+        many similar cells fill the budget.
+        """
+        lengths = np.asarray(lengths)
+        kernel = kernel or self.kernel
+        order = np.argsort(-lengths, kind="stable")
+        n = len(order)
+        if n == 0:
+            return []
+        widths = np.array([self._width(int(x), kernel) for x in lengths[order]])
+        cap = np.array([self._cells_per_batch(int(w), max_tokens) for w in widths])
+        if getattr(kernel, "name", "") == "flex":  # fixed shapes: fill each width's batch to its usual size
+            cuts, i = [0], 0
+            while i < n:
+                i = min(n, i + int(cap[i]))
+                cuts.append(i)
+        else:
+            cuts = _optimal_cuts(widths, cap, *self._cost_model())
+        return [order[a:b] for a, b in itertools.pairwise(cuts)]
+
+    def _cost_model(self) -> tuple[float, float, float]:
+        """(per-batch overhead, per-token cost, per-(query, key)-pair cost) in FLOPs."""
+        c = self.loaded.config.model
+        E, Fd, L = c.embed_dim, c.model_dim, c.num_layers
+        per_token = 2.0 * (E * E + L * (4 * E * E + 2 * E * Fd))
+        per_pair = 2.0 * L * 2 * E / 2  # causal: about half the pairs
+        kind = self.device.type
+        overhead = _BATCH_OVERHEAD_S.get(kind, 5e-3) * _FLOP_RATE.get(kind, 1e12)
+        return overhead, per_token, per_pair
+
     # -- running ----------------------------------------------------------------------------
 
-    def _autocast(self):
-        if self.precision == "32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+    def _steps(self) -> LayerSteps | None:
+        if not self.fuse:
+            return None
+        with self.state.lock:
+            if self.state.fused_steps is None:
+                from .model import EncoderLayer
+
+                self.state.fused_steps = LayerSteps(
+                    torch.compile(EncoderLayer.before_attention, dynamic=True),
+                    torch.compile(EncoderLayer.after_attention, dynamic=True),
+                )
+            return self.state.fused_steps
 
     def _forward(
         self,
         window: TokenWindow,
         idx: np.ndarray,
-        outputs: Outputs,
-        tables: _Tables | None,
+        heads: Sequence[Head],
+        kernel: Kernel,
+        max_tokens: int,
+        tables: tuple[torch.Tensor, torch.Tensor] | None,
         clip_counts: float | None,
-    ) -> dict[str, torch.Tensor]:
+        embed: Callable | None,
+    ) -> tuple[Batch, dict[str, torch.Tensor]]:
         S = self.loaded.seq_len
-        width = self._width(int(window.lengths[idx].max()))
+        width = self._width(int(window.lengths[idx].max()), kernel)
         n = len(idx)
-        if self._fixed_batches:  # fill short batches up to the usual size of their width
-            idx = np.concatenate([idx, np.repeat(idx[:1], max(0, self._cells_per_batch(width) - n))])
+        if getattr(kernel, "name", "") == "flex":  # fixed shapes: fill short batches up to the usual size
+            idx = np.concatenate([idx, np.repeat(idx[:1], max(0, self._cells_per_batch(width, max_tokens) - n))])
         tokens = np.full((len(idx), width), self.model.pad_idx, dtype=np.int64)
         counts = np.zeros((len(idx), width), dtype=np.float32)
         w = min(width, window.tokens.shape[1])
@@ -301,67 +775,68 @@ class Engine:
         tok = torch.from_numpy(tokens).to(dev, non_blocking=True)
         cnt = torch.from_numpy(counts).to(dev, non_blocking=True)
         aux = torch.from_numpy(window.aux[idx]).to(dev, non_blocking=True)
+        lengths = torch.from_numpy(window.lengths[idx]).to(dev)
         model = self.model
-        full = width == S
-        out: dict[str, torch.Tensor] = {}
-        with torch.inference_mode(), self._autocast(), fused(self.fuse):
-            hidden, target = model.encode(
+        with torch.inference_mode(), autocast(dev, self.precision):
+            enc = model.encode(
                 tok,
                 cnt,
                 aux,
-                with_targets=outputs.llh,
-                gene_table=None if tables is None else tables.esm,
-                attention=self.attention,
-                embed=self._embed,
+                with_targets=any(h.count_head for h in heads),
+                gene_table=None if tables is None else tables[0],
+                kernel=kernel,
+                steps=self._steps(),
+                embed=embed,
             )
-            if outputs.embeddings:
-                out["embeddings"] = model.cell_embedding(hidden, tok)
-            if outputs.llh:
-                out["llh"] = model.count_nll(
-                    hidden,
-                    target,
-                    tok,
-                    cnt,
-                    clip_counts=clip_counts,
-                    full_length=full,
-                    gene_bias=None if tables is None else tables.bias,
-                )
-            if outputs.gene_llh:
-                out["gene_llh"] = model.gene_nll(hidden, tok, full_length=full)
-            if outputs.cge:
-                out["cge"] = hidden.float()
-                out["tokens"] = tok
-        return {key: value[:n] for key, value in out.items()}
+            batch = Batch(
+                model=model,
+                tokens=tok[:n],
+                counts=cnt[:n],
+                lengths=lengths[:n],
+                hidden=enc.hidden[:n],
+                targets=None if enc.targets is None else enc.targets[:n],
+                full_length=width == S,
+                clip_counts=clip_counts,
+                gene_bias=None if tables is None else tables[1],
+            )
+            results = {h.name: h.compute(batch) for h in heads}
+        return batch, results
 
-    def _run_batch(self, window, idx, outputs, tables, clip_counts, sink) -> None:
-        """Run one batch; on out-of-memory halve it (and the token budget) and retry, losing no cell."""
+    def _run_batch(self, window, idx, heads, state: _RunState, run) -> Iterator[tuple[np.ndarray, Batch, dict]]:
+        """Run one batch; on out-of-memory halve it (and the rest of the run's token budget), losing no cell.
+
+        A compiled kernel that fails is replaced by the chunked kernel for the rest of this run (logged and
+        reported in the run's stats).
+        """
         try:
-            result = self._forward(window, idx, outputs, tables, clip_counts)
+            batch, results = self._forward(window, idx, heads, state.kernel, state.max_tokens, *run)
         except torch.OutOfMemoryError:
             if len(idx) == 1:
                 raise
-            self._halve(len(idx))
+            state.oom_retries += 1
+            state.max_tokens = max(1, state.max_tokens // 2)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning(
+                "out of memory on a batch of %d cells; retrying in halves (token budget now %d for this run).",
+                len(idx),
+                state.max_tokens,
+            )
             half = len(idx) // 2
-            self._run_batch(window, idx[:half], outputs, tables, clip_counts, sink)
-            self._run_batch(window, idx[half:], outputs, tables, clip_counts, sink)
+            yield from self._run_batch(window, idx[:half], heads, state, run)
+            yield from self._run_batch(window, idx[half:], heads, state, run)
             return
         except Exception as e:  # a compiled kernel that fails on a new shape: fall back (re-raised otherwise)
-            if not self.attention.startswith("flex"):
+            if not isinstance(state.kernel, FlexAttention):
                 raise
-            logger.warning("flex_attention failed (%s: %s); continuing with chunked attention.", type(e).__name__, e)
-            self.attention = "chunked"
-            self._set_shapes()
-            result = self._forward(window, idx, outputs, tables, clip_counts)
-        sink(idx, result)
-
-    def _halve(self, n_cells: int) -> None:
-        self.oom_retries += 1
-        self.max_tokens = max(1, self.max_tokens // 2)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        logger.warning(
-            "out of memory on a batch of %d cells; retrying in halves (token budget now %d).", n_cells, self.max_tokens
-        )
+            state.fallback = f"{state.kernel.name} failed ({type(e).__name__}: {str(e)[:200]}); used chunked"
+            logger.warning(
+                "%s failed (%s: %s); continuing with chunked attention.", state.kernel.name, type(e).__name__, e
+            )
+            state.kernel = self.state.kernel("chunked")
+            yield from self._run_batch(window, idx, heads, state, run)
+            return
+        yield idx, batch, results
 
     def _windows(self, source: CellSource, start: int, stop: int) -> Iterator[TokenWindow]:
         """Tokenised windows of ``[start, stop)``, the next one prepared on a background thread."""
@@ -379,20 +854,22 @@ class Engine:
     def run(
         self,
         source: CellSource,
-        outputs: Outputs = Outputs(),
+        heads: Sequence[str] = ("embeddings",),
         *,
         tables: tuple[torch.Tensor, torch.Tensor] | None = None,
         embeddings_out: Any | None = None,
-        cge_tokens: np.ndarray | None = None,
+        gene_tokens: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        n_groups: int = 1,
     ) -> InferenceResult:
         """Run the model over every cell of ``source``.
 
         Parameters
         ----------
         source
-            Tokenisable cells (:func:`~transcriptformer.tokenize.prepare_cells`).
-        outputs
-            What to compute.
+            Tokenisable cells (:func:`~transcriptformer.tokenizer.prepare_cells`).
+        heads
+            Names of the outputs to compute (keys of :data:`HEADS`).
         tables
             ``(esm_matrix, gene_bias)`` replacing the model's gene tables (out-of-distribution
             vocabularies; ``source`` must be tokenised with the matching vocabulary).
@@ -400,98 +877,66 @@ class Engine:
             Optional array-like of shape ``(n_obs, E)`` (``np.memmap``, h5py dataset, zarr array)
             that receives the embeddings window by window instead of an in-memory array, for
             inputs too large to hold. The result's ``embeddings`` is then this object.
-        cge_tokens
-            Boolean mask over the vocabulary: keep contextual gene embeddings of these tokens only
-            (the others are never copied off the device).
+        gene_tokens
+            Boolean mask over the vocabulary: per-gene outputs (``"gene"`` and ``"gene_sum"`` layouts) of
+            these tokens only (the others are never copied off the device). Special tokens are never kept.
+        groups, n_groups
+            For ``gene_sum``: each cell's group code (``0 .. n_groups - 1``, ``-1`` for none), in input order.
 
         Returns
         -------
         InferenceResult
             Results in input order. Under ``torch.distributed`` every rank returns the full result.
         """
+        unknown = [h for h in heads if h not in HEADS]
+        if unknown:
+            raise ValueError(f"unknown output(s) {unknown}; known: {', '.join(HEADS)}.")
+        selected = [HEADS[h] for h in heads]
+        if any(h.gene_head for h in selected) and self.model.gene_id_head is None:
+            raise ValueError(f"{self.loaded.name} has no gene-identity head; {heads} cannot be computed.")
         t0 = time.perf_counter()
         n = source.n_obs
-        rank, world = _distributed()
-        lo, hi = (rank * n) // world, ((rank + 1) * n) // world
-        E, S = self.loaded.embed_dim, self.loaded.seq_len
-        m = hi - lo
-        emb = np.zeros((m, E), dtype=np.float32) if outputs.embeddings and embeddings_out is None else None
-        llh = np.full(m, np.nan, dtype=np.float32) if outputs.llh else None
-        gene_llh = np.zeros((m, S), dtype=np.float32) if outputs.gene_llh else None
-        n_genes = np.zeros(m, dtype=np.int64)
-        cge_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        dev_tables = None
-        if tables is not None:
-            dev_tables = _Tables(tables[0].to(self.device), tables[1].to(self.device))
-        cache_bytes = (4 << 30) if self.device.type == "cuda" else (1 << 30)
-        self._embed = GeneEmbeddingCache(
-            self.model, None if dev_tables is None else dev_tables.esm, self.device, cache_bytes
+        lo, hi = (self.rank * n) // self.world, ((self.rank + 1) * n) // self.world
+        S = self.loaded.seq_len
+        keep = np.ones(len(source.vocab), dtype=bool) if gene_tokens is None else np.asarray(gene_tokens, bool).copy()
+        keep[: source.vocab.n_special] = False
+        acc = Accumulator(
+            selected,
+            self.model,
+            n_rows=hi - lo,
+            seq_len=S,
+            gene_tokens=keep,
+            groups=None if groups is None else np.asarray(groups)[lo:hi],
+            n_groups=n_groups,
+            embeddings_out=embeddings_out,
+            device=self.device,
         )
-        clip = source.options.clip_counts
-        show = self.progress if self.progress is not None else n >= 2000
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=m, unit="cell", desc=f"TranscriptFormer ({self.loaded.name})", disable=not show or rank > 0)
-        n_tokens = 0
-        n_padded = 0
-        # contextual gene embeddings: real genes only (never special tokens), optionally a chosen few
-        cge_keep = np.ones(len(source.vocab), dtype=bool) if cge_tokens is None else np.asarray(cge_tokens, bool).copy()
-        cge_keep[: source.vocab.n_special] = False
+        dev_tables = None if tables is None else (tables[0].to(self.device), tables[1].to(self.device))
+        cache_bytes = (4 << 30) if self.device.type == "cuda" else (1 << 30)
+        embed = GeneEmbeddingCache(self.model, None if dev_tables is None else dev_tables[0], self.device, cache_bytes)
+        state = _RunState(kernel=self.kernel, max_tokens=self.max_tokens)
+        run_args = (dev_tables, source.options.clip_counts, embed)
+        n_tokens = n_padded = 0
+        bar = None
         try:
             for window in self._windows(source, lo, hi):
                 base = window.start - lo
-                n_genes[base : base + len(window)] = window.lengths
-                win_emb = np.zeros((len(window), E), dtype=np.float32) if embeddings_out is not None else None
-                win_cge: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-
-                def sink(idx, res, base=base, window=window, win_emb=win_emb, win_cge=win_cge):
-                    rows = base + idx
-                    if "embeddings" in res:
-                        target = emb if win_emb is None else win_emb
-                        target[rows if win_emb is None else idx] = res["embeddings"].float().cpu().numpy()
-                    if "llh" in res:
-                        llh[rows] = res["llh"].float().cpu().numpy()
-                    if "gene_llh" in res:
-                        g = res["gene_llh"].cpu().numpy()
-                        gene_llh[rows, : g.shape[1]] = g
-                    if "cge" in res:
-                        tok = res["tokens"].cpu().numpy()
-                        L = tok.shape[1]
-                        keep = (np.arange(L)[None, :] < window.lengths[idx][:, None]) & cge_keep[tok]
-                        b, j = np.nonzero(keep)
-                        hidden = res["cge"][torch.from_numpy(b), torch.from_numpy(j)].cpu().numpy()
-                        win_cge.append((rows[b], j, tok[b, j], hidden))
-                    bar.update(len(idx))
-
-                for idx in self.plan_batches(window.lengths):
-                    width = self._width(int(window.lengths[idx].max()))
-                    n_tokens += int(np.minimum(window.lengths[idx] + 1, S).sum())
-                    n_padded += width * len(idx)
-                    self._run_batch(window, idx, outputs, dev_tables, clip, sink)
-                if win_emb is not None:
-                    embeddings_out[window.start : window.start + len(window)] = win_emb
-                if win_cge:
-                    cells, pos, tok, hid = (np.concatenate(p) for p in zip(*win_cge, strict=True))
-                    order = np.lexsort((pos, cells))
-                    cge_parts.append((cells[order], pos[order], tok[order], hid[order]))
+                if bar is None:
+                    bar = self._progress_bar(window, hi - lo)
+                acc.start_window(window, base)
+                for idx in self.plan_batches(window.lengths, state.max_tokens, state.kernel):
+                    for done, batch, results in self._run_batch(window, idx, selected, state, run_args):
+                        n_tokens += int(np.minimum(window.lengths[done] + 1, S).sum())
+                        n_padded += batch.tokens.shape[1] * len(done)
+                        acc.add(base + done, done, batch, results)
+                        bar.update(len(done))
+                acc.end_window(window, base)
         finally:
-            bar.close()
-        result = InferenceResult(
-            embeddings=emb if embeddings_out is None else embeddings_out,
-            llh=llh,
-            gene_llh=gene_llh,
-            n_genes=n_genes,
-        )
-        if outputs.cge:
-            if cge_parts:
-                cells, pos, tok, hid = (np.concatenate(p) for p in zip(*cge_parts, strict=True))
-            else:
-                cells, pos, tok = (np.zeros(0, np.int64) for _ in range(3))
-                hid = np.zeros((0, E), np.float32)
-            result.cge_cell_indices, result.cge_tokens = cells + lo, tok.astype(np.int64)
-            result.cge_positions, result.cge_embeddings = pos.astype(np.int64), hid
-        if world > 1:
-            result = _gather(result, n, embeddings_out is not None)
+            if bar is not None:
+                bar.close()
+        result = acc.finish(offset=lo)
+        if self.world > 1:
+            result = _gather(result, embeddings_out is not None)
         result.seconds = time.perf_counter() - t0
         result.stats = {
             "cells": n,
@@ -499,12 +944,15 @@ class Engine:
             "padded_tokens": n_padded,
             "device": str(self.device),
             "precision": self.precision,
-            "attention": self.attention,
-            "oom_retries": self.oom_retries,
-            "world_size": world,
+            "attention": state.kernel.name,
+            "oom_retries": state.oom_retries,
+            "max_tokens": state.max_tokens,
+            "world_size": self.world,
         }
+        if state.fallback:
+            result.stats["attention_fallback"] = state.fallback
         logger.info(
-            "embedded %s cells in %.1f s (%.1f cells/s, %s tokens, %.0f%% padding) on %s",
+            "ran %s cells in %.1f s (%.1f cells/s, %s tokens, %.0f%% padding) on %s",
             f"{n:,}",
             result.seconds,
             n / max(result.seconds, 1e-9),
@@ -514,68 +962,47 @@ class Engine:
         )
         return result
 
+    def _progress_bar(self, first: TokenWindow, n_cells: int):
+        """A progress bar, shown when the run is expected to take more than a few seconds (from the tokens)."""
+        from tqdm.auto import tqdm
 
-def _gather(result: InferenceResult, n: int, external_embeddings: bool) -> InferenceResult:
-    """Gather every rank's contiguous shard into full arrays in input order (all ranks get them)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    shards: list[Any] = [None] * world
-    payload = {
-        k: getattr(result, k)
-        for k in ("llh", "gene_llh", "n_genes", "cge_embeddings", "cge_cell_indices", "cge_tokens", "cge_positions")
-    }
-    if not external_embeddings:
-        payload["embeddings"] = result.embeddings
-    dist.all_gather_object(shards, payload)
-    merged = InferenceResult(embeddings=result.embeddings if external_embeddings else None)
-    for key in payload:
-        parts = [s[key] for s in shards]
-        if parts[0] is not None:
-            setattr(merged, key, np.concatenate(parts))
-    return merged
-
-
-_FLEX_MODE: dict[str, str | None] = {}
-
-
-def _flex_mode(device: torch.device) -> str | None:
-    """``"flex-dynamic"`` or ``"flex"`` if compiled flex_attention runs here and matches the chunked kernel.
-
-    Checked once per device: the dynamic-shape compile is tried first (on three shapes), then the
-    fixed-shape compile; any failure or disagreement means chunked attention.
-    """
-    key = str(device)
-    if key in _FLEX_MODE:
-        return _FLEX_MODE[key]
-    from .model import chunked_attention, flex_attention_fn
-
-    def agrees(B: int, T: int, dynamic: bool) -> bool:
-        g = torch.Generator(device="cpu").manual_seed(B * T)
-        q, k, v = (torch.randn(B, 2, T, 64, generator=g).to(device) for _ in range(3))
-        bias = torch.rand(B, T, generator=g).to(device)
-        valid = torch.ones(B, T, dtype=torch.bool, device=device)
-        valid[0, 0] = False  # unknown aux token
-        valid[1, T // 2 :] = False  # padding
-        a = flex_attention_fn(q, k, v, bias, valid, 10.0, num_aux=1, dynamic=dynamic)
-        b = chunked_attention(q, k, v, bias, valid, 10.0, num_aux=1)
-        return bool(
-            torch.allclose(a[0], b[0], atol=1e-4, rtol=1e-4)
-            and torch.allclose(a[1, :, : T // 2], b[1, :, : T // 2], atol=1e-4, rtol=1e-4)
+        show = self.progress
+        if show is None:
+            tokens = float(np.minimum(first.lengths + 1, self.loaded.seq_len).sum()) * n_cells / max(len(first), 1)
+            _, per_token, per_pair = self._cost_model()
+            width = float(np.mean(np.minimum(first.lengths + 1, self.loaded.seq_len))) if len(first) else 1.0
+            seconds = tokens * (per_token + per_pair * width) / _FLOP_RATE.get(self.device.type, 1e12)
+            show = seconds > 5.0
+        return tqdm(
+            total=n_cells, unit="cell", desc=f"TranscriptFormer ({self.loaded.name})", disable=not show or self.rank > 0
         )
 
-    mode = None
-    for name, shapes in (("flex-dynamic", [(2, 256), (3, 256), (2, 384)]), ("flex", [(2, 256)])):
-        try:
-            if all(agrees(B, T, name == "flex-dynamic") for B, T in shapes):
-                mode = name
-                break
-            logger.warning("%s disagrees with the chunked kernel on %s.", name, device)
-        except Exception as e:  # noqa: BLE001 - any compile failure means: try the next
-            logger.info("%s is not usable on %s (%s: %s).", name, device, type(e).__name__, str(e)[:200])
-    _FLEX_MODE[key] = mode
-    logger.info("attention on %s: %s", device, mode or "chunked")
-    return mode
+
+def _optimal_cuts(widths: np.ndarray, cap: np.ndarray, overhead: float, per_token: float, per_pair: float):
+    """Cut points ``0 = c0 < c1 < ... = n`` of cells sorted by decreasing width minimising the estimated cost.
+
+    A batch ``[i, j)`` runs at ``widths[i]`` with ``j - i <= cap[i]`` cells and costs
+    ``overhead + (j - i) * (per_token * w + per_pair * w * w)``. Dynamic programming over the end of the last
+    batch; each step is vectorised over the possible starts.
+    """
+    n = len(widths)
+    w = widths.astype(np.float64)
+    per_cell = per_token * w + per_pair * w * w
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    start = np.zeros(n + 1, dtype=np.int64)
+    max_cap = int(cap.max())
+    for j in range(1, n + 1):
+        i = np.arange(max(0, j - max_cap), j)
+        ok = (j - i) <= cap[i]
+        i = i[ok]
+        cost = best[i] + overhead + (j - i) * per_cell[i]
+        k = int(np.argmin(cost))
+        best[j], start[j] = cost[k], i[k]
+    cuts = [n]
+    while cuts[-1] > 0:
+        cuts.append(int(start[cuts[-1]]))
+    return cuts[::-1]
 
 
 def estimate_flops(n_tokens_per_cell: np.ndarray, loaded: LoadedModel, *, llh: bool = False) -> float:
@@ -597,51 +1024,8 @@ def estimate_flops(n_tokens_per_cell: np.ndarray, loaded: LoadedModel, *, llh: b
     return total
 
 
-def _gene_mask(vocab: GeneVocab, genes: Sequence[str]) -> np.ndarray:
-    """Boolean mask over the vocabulary for gene ids (version suffixes ignored); unknown ids warned about."""
-    from .tokenize import strip_version
-
-    ids = strip_version(list(genes))
-    tokens = vocab.lookup(list(ids))
-    known = tokens >= vocab.n_special
-    if not known.any():
-        raise ValueError(
-            f"none of the {len(ids)} requested genes is in the vocabulary (e.g. {list(ids[:3])}; vocabulary ids "
-            f"look like {list(vocab.genes[:3])})."
-        )
-    if not known.all():
-        warnings.warn(
-            f"{int((~known).sum())} requested gene(s) are not in the vocabulary and are skipped, "
-            f"e.g. {list(ids[~known][:3])}.",
-            TranscriptFormerWarning,
-            stacklevel=3,
-        )
-    mask = np.zeros(len(vocab), dtype=bool)
-    mask[tokens[known]] = True
-    return mask
-
-
-def resolve_species_tables(
-    species_embedding: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    cache_dir: str | os.PathLike | None = None,
-) -> list[Path]:
-    """Gene-table files from paths and/or species names (``"mus_musculus"`` -> the ``all-embeddings`` table)."""
-    from . import registry
-
-    items = [species_embedding] if isinstance(species_embedding, str | os.PathLike) else list(species_embedding)
-    if not items:
-        raise ValueError("species_embedding is empty; pass gene-table files or species names.")
-    paths = []
-    for item in items:
-        path = Path(item).expanduser()
-        if path.is_file():
-            paths.append(path)
-        elif path.suffix in (".h5", ".hdf5") or os.sep in str(item) or "/" in str(item):
-            raise FileNotFoundError(f"gene table {str(item)!r} does not exist.")
-        else:
-            paths.append(registry.species_table(str(item), cache_dir=cache_dir))
-    return paths
+# --------------------------------------------------------------------------------------------
+# AnnData -> tokens -> model -> arrays
 
 
 @dataclass
@@ -659,36 +1043,58 @@ def infer(
     adata,
     loaded: LoadedModel,
     *,
-    tokenize: TokenizeOptions = TokenizeOptions(),
-    outputs: Outputs = Outputs(),
-    species_embedding: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    heads: Sequence[str] = ("embeddings",),
+    tokenize: TokenizeOptions | None = None,
+    species_embedding: Any = None,
     device: str | torch.device = "auto",
-    precision: str = "auto",
+    precision: Precision | str = "auto",
     batch_size: int | None = None,
     max_tokens: int | None = None,
-    attention: str = "auto",
+    attention: AttentionBackend | str = "auto",
     progress: bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: Any = None,
     embeddings_out: Any | None = None,
-    cge_genes: Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    groups: np.ndarray | None = None,
+    n_groups: int = 1,
+    distributed: bool | None = None,
+    data_genes_only: bool = False,
 ) -> Inference:
     """AnnData -> tokens -> model -> arrays: the pipeline shared by the scanpy tools and the CLI.
 
     Validates the input (raising fix-it errors before any compute), runs the engine, and warns
-    about cells without any gene of the vocabulary. Never modifies ``adata``.
+    about cells without any gene of the vocabulary. Never modifies ``adata``. ``genes`` restricts the
+    per-gene outputs to those gene ids; ``data_genes_only`` to the genes of the data (smaller ``gene_sum``
+    accumulators).
     """
+    from . import registry
+
+    tokenize = tokenize or TokenizeOptions()
     vocab, tables, species_paths = loaded.vocab, None, None
-    if species_embedding is not None:
-        if outputs.gene_llh:
+    if any(HEADS[h].gene_head for h in heads if h in HEADS):
+        if loaded.model.gene_id_head is None:
             raise ValueError(
-                "gene-level likelihoods are over the model's own vocabulary and cannot be computed with "
+                f"{loaded.name} has no gene-identity head, so gene-identity likelihoods are not available."
+            )
+        if species_embedding is not None:
+            raise ValueError(
+                "gene-identity likelihoods are over the model's own vocabulary and cannot be computed with "
                 "species_embedding; drop one of the two."
             )
-        species_paths = resolve_species_tables(species_embedding, cache_dir=cache_dir)
+    if species_embedding is not None:
+        species_paths = registry.species_tables(species_embedding, cache_dir=cache_dir)
         vocab, esm, bias = species_vocabulary(loaded, species_paths)
         tables = (esm, bias)
-    if outputs.gene_llh and loaded.model.gene_id_head is None:
-        raise ValueError(f"{loaded.name} has no gene-identity head, so gene-level likelihoods are not available.")
+    engine = Engine(
+        loaded,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        attention=attention,
+        progress=progress,
+        distributed=distributed,
+    )
     source = prepare_cells(
         adata,
         vocab,
@@ -698,19 +1104,20 @@ def infer(
         options=tokenize,
         model_name=loaded.name,
     )
-    engine = Engine(
-        loaded,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        attention=attention,
-        progress=progress,
+    gene_tokens = None if genes is None else vocab.mask(genes, what="requested genes")
+    if data_genes_only:
+        in_data = np.zeros(len(vocab), dtype=bool)
+        in_data[source.column_tokens] = True
+        gene_tokens = in_data if gene_tokens is None else gene_tokens & in_data
+    result = engine.run(
+        source,
+        heads,
+        tables=tables,
+        embeddings_out=embeddings_out,
+        gene_tokens=gene_tokens,
+        groups=groups,
+        n_groups=n_groups,
     )
-    cge_tokens = None
-    if cge_genes is not None:
-        cge_tokens = _gene_mask(vocab, cge_genes)
-    result = engine.run(source, outputs, tables=tables, embeddings_out=embeddings_out, cge_tokens=cge_tokens)
     empty = int((result.n_genes == 0).sum())
     if empty:
         warnings.warn(

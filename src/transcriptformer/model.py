@@ -15,34 +15,44 @@ The module's parameter names equal the keys of the published ``model_weights.pt`
 published state_dict loads with ``strict=True``. Quirks of the published model that change
 numbers are reproduced on purpose and marked "published:" below.
 
-Attention never materialises the full ``T x T`` score matrix: :func:`chunked_attention` walks
-over query blocks (keys only up to the block's end, since attention is causal). On CUDA a
-``flex_attention`` kernel computing the same function can be used instead.
+Attention is a kernel object passed to :meth:`TranscriptFormer.encode`: :class:`ChunkedAttention`
+(exact, blocked, never materialises the ``T x T`` score matrix; the default), :class:`FlexAttention`
+(``torch.nn.attention.flex_attention``, compiled, for CUDA) or :class:`DenseAttention` (the reference).
+Every kernel computes the same function of ``q, k, v`` and an :class:`AttentionInputs` record, which
+carries the count bias, the key mask and the count-bias *mode*: at inference (the published
+``embed=True``) every key's bias applies, the query's own position included; in training (and
+generation) only strictly earlier keys get it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import ACTIVATIONS, MU_LINK_FUNCTIONS, ModelConfig
 
 __all__ = [
-    "AttentionBackend",
+    "AttentionInputs",
+    "ChunkedAttention",
+    "DenseAttention",
+    "FlexAttention",
+    "KVCache",
+    "LayerSteps",
     "TranscriptFormer",
     "chunked_attention",
     "dense_attention",
+    "flex_attention",
 ]
 
-AttentionBackend = Literal["chunked", "dense", "flex", "flex-dynamic"]
+#: How the count bias meets the diagonal: ``"embed"`` (inference, the published ``embed=True``: every
+#: key ``j <= i``) or ``"train"`` (training and generation: strictly earlier keys ``j < i``).
+BiasMode = Literal["embed", "train"]
 
 #: Score elements held at once by :func:`chunked_attention` on CPU (8 MiB in float32: blocks stay in
 #: cache) and on GPUs (1 GiB: few, large kernels).
@@ -54,32 +64,82 @@ DEFAULT_MAX_SCORES_GPU = 1 << 28
 # attention
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float) -> Tensor:
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What every layer's attention needs besides ``q, k, v``.
+
+    Attributes
+    ----------
+    key_bias
+        ``(B, Tk)`` float32: ``log1p(count + eps)`` of each key position.
+    key_valid
+        ``(B, Tk)`` bool: keys that may be attended to.
+    softcap
+        Scores are capped as ``softcap * tanh(s / softcap)`` after the bias; ``0`` for none.
+    mode
+        :data:`BiasMode`: whether a query's own position gets its count bias.
+    num_aux
+        ``None`` honours ``key_valid`` everywhere. An integer ``A`` promises the layout of TranscriptFormer
+        sequences (the allowed keys are the first ``A`` auxiliary positions permitted by ``key_valid`` plus a
+        *prefix* of the later positions), which lets kernels mask only the auxiliary keys and the causal
+        triangle; rows after a sequence's valid prefix (padding, never read) are then computed unmasked.
+    q_offset
+        Position of the first query among the keys (KV-cached decoding: queries are the newest positions).
+    """
+
+    key_bias: Tensor
+    key_valid: Tensor
+    softcap: float
+    mode: BiasMode = "embed"
+    num_aux: int | None = None
+    q_offset: int = 0
+
+
+def dense_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_bias: Tensor,
+    key_valid: Tensor,
+    softcap: float,
+    *,
+    mode: BiasMode = "embed",
+    q_offset: int = 0,
+) -> Tensor:
     """Reference attention: the full score matrix, as the published (eager flex) kernel computes it.
 
     Parameters
     ----------
-    q, k, v
-        ``(B, H, T, dk)``.
+    q
+        ``(B, H, Tq, dk)``: queries at positions ``q_offset .. q_offset + Tq - 1``.
+    k, v
+        ``(B, H, Tk, dk)``.
     key_bias
-        ``(B, T)``: added to the score of every pair whose key is at that position.
+        ``(B, Tk)``: added to the score of every allowed pair whose key is at that position (in
+        ``"train"`` mode not to a query's own position).
     key_valid
-        ``(B, T)`` bool: keys that may be attended to.
+        ``(B, Tk)`` bool: keys that may be attended to.
     softcap
         Soft cap applied after the bias; ``0`` for none.
+    mode, q_offset
+        As in :class:`AttentionInputs`.
 
     Returns
     -------
     torch.Tensor
-        ``(B, H, T, dk)``; query rows with no allowed key are zero.
+        ``(B, H, Tq, dk)``; query rows with no allowed key are zero.
     """
-    T = q.shape[-2]
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    rows = torch.arange(Tq, device=q.device)[:, None] + q_offset
+    cols = torch.arange(Tk, device=q.device)[None, :]
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    scores = scores + key_bias[:, None, None, :].float()
+    bias = key_bias[:, None, None, :].float()
+    if mode == "train":
+        bias = bias * (cols < rows)
+    scores = scores + bias
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    allowed = causal[None, None] & key_valid[:, None, None, :]
+    allowed = (cols <= rows)[None, None] & key_valid[:, None, None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (p @ v.float()).to(q.dtype)
@@ -120,6 +180,7 @@ def chunked_attention(
     key_valid: Tensor,
     softcap: float,
     *,
+    mode: BiasMode = "embed",
     num_aux: int | None = None,
     max_scores: int | None = None,
 ) -> Tensor:
@@ -135,19 +196,15 @@ def chunked_attention(
     max-subtraction is needed in float32 (for reduced precision, or a cap above ~40, the weights are
     taken relative to each row's largest). In float32 the count bias rides along in the first product
     (``[α·q, 1]·[k, β·bias]``); under autocast the scores, the bias and the normaliser are float32 and
-    only the products use the reduced type.
+    only the products use the reduced type. In ``"train"`` mode the bias is taken off the diagonal of
+    each block again before the cap.
 
     Parameters
     ----------
-    q, k, v, key_bias, key_valid, softcap
-        As in :func:`dense_attention`.
+    q, k, v, key_bias, key_valid, softcap, mode
+        As in :func:`dense_attention` (queries and keys at the same positions: ``Tq = Tk``).
     num_aux
-        ``None`` honours ``key_valid`` everywhere. An integer ``A`` selects the fast path for
-        TranscriptFormer sequences, whose allowed keys are the first ``A`` (auxiliary) positions
-        permitted by ``key_valid`` plus a *prefix* of the later positions: then a query inside the
-        prefix can never meet an invalid later key (attention is causal), so only the auxiliary
-        columns and the causal triangle are masked. Query rows inside their sequence's valid prefix
-        are exact; rows after it (padding, never read) are computed without the padding mask.
+        As in :class:`AttentionInputs`.
     max_scores
         Scores held at once (default: :data:`DEFAULT_MAX_SCORES`, or :data:`DEFAULT_MAX_SCORES_GPU` on a GPU).
 
@@ -174,6 +231,8 @@ def chunked_attention(
     else:
         qx, kx = q.reshape(BH, T, dk), k.reshape(BH, T, dk)
         bias = (key_bias.float() * beta).repeat_interleave(H, dim=0)[:, None, :]
+    # "train": the query's own key gets no count bias, so it is subtracted again on each block's diagonal
+    diagonal_bias = (key_bias.float() * beta).repeat_interleave(H, dim=0) if mode == "train" else None
     blocked_key = (~key_valid).repeat_interleave(H, dim=0)  # (BH, T)
     if num_aux is not None:
         bad_aux = blocked_key[:, :num_aux]
@@ -192,6 +251,8 @@ def chunked_attention(
             sc = torch.bmm(qx[h0:h1, s:e], kx[h0:h1, :e].transpose(1, 2))
             if bias is not None:
                 sc = sc.float().mul_(alpha).add_(bias[h0:h1, :, :e])
+            if diagonal_bias is not None:
+                sc[:, :, s:e].diagonal(dim1=1, dim2=2).sub_(diagonal_bias[h0:h1, s:e])
             if num_aux is None:
                 blocked = causal_off[s:e, :e] | blocked_key[h0:h1, None, :e]
             else:
@@ -213,11 +274,7 @@ def chunked_attention(
     return out.view(B, H, T, dk)
 
 
-_compiled_flex: dict[bool, Callable] = {}
-_causal_masks: dict[tuple[int, str], object] = {}
-
-
-def flex_attention_fn(
+def flex_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -225,20 +282,19 @@ def flex_attention_fn(
     key_valid: Tensor,
     softcap: float,
     *,
+    mode: BiasMode = "embed",
     num_aux: int | None = None,
-    dynamic: bool = False,
+    compiled: Callable | None = None,
+    causal_mask: object | None = None,
 ) -> Tensor:
-    """The same function through ``torch.nn.attention.flex_attention``, compiled (for CUDA).
+    """The same function through ``torch.nn.attention.flex_attention`` (:class:`FlexAttention` compiles it).
 
-    With ``num_aux`` (see :func:`chunked_attention`) the block mask is the causal mask alone, shared by
-    every batch of the same length, and unknown auxiliary keys are masked in the score modification.
-    ``dynamic`` compiles for varying shapes (``torch.compile(dynamic=None)``, which recompiles once
-    with symbolic sizes); otherwise each new shape compiles anew.
+    With ``num_aux`` the block mask is the causal mask alone (``causal_mask``, shared by every batch of the
+    same length) and unknown auxiliary keys are masked in the score modification.
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex
 
-    if dynamic not in _compiled_flex:
-        _compiled_flex[dynamic] = torch.compile(flex_attention, dynamic=None if dynamic else False)
     B, _, T, _ = q.shape
     bias = key_bias.float()
     if num_aux is None:
@@ -251,52 +307,159 @@ def flex_attention_fn(
     else:
         blocked = torch.zeros_like(key_valid)
         blocked[:, :num_aux] = ~key_valid[:, :num_aux]
-        key = (T, str(q.device))
-        if key not in _causal_masks:
-
-            def causal(b, h, q_idx, kv_idx):
-                return q_idx >= kv_idx
-
-            _causal_masks[key] = create_block_mask(causal, None, None, T, T, device=q.device)
-        block_mask = _causal_masks[key]
+        block_mask = causal_mask if causal_mask is not None else _causal_block_mask(T, q.device)
+    train = mode == "train"
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        s = score + bias[b, kv_idx]
+        s = score + (torch.where(q_idx > kv_idx, bias[b, kv_idx], 0.0) if train else bias[b, kv_idx])
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
         if blocked is not None:
             s = torch.where(blocked[b, kv_idx], -float("inf"), s)
         return s
 
-    out = _compiled_flex[dynamic](q, k, v, score_mod=score_mod, block_mask=block_mask)
+    out = (compiled or flex)(q, k, v, score_mod=score_mod, block_mask=block_mask)
     return out.nan_to_num_(0.0) if blocked is not None else out  # a row whose only key is masked: 0
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_bias: Tensor,
-    key_valid: Tensor,
-    softcap: float,
-    backend: AttentionBackend,
-    num_aux: int | None = None,
-) -> Tensor:
-    """Dispatch to one of the attention implementations (all compute the same function).
+def _causal_block_mask(T: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    ``"flex"`` compiles for each new shape, ``"flex-dynamic"`` once for varying shapes.
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return create_block_mask(causal, None, None, T, T, device=device)
+
+
+class DenseAttention:
+    """Attention kernel: :func:`dense_attention` (the reference; materialises the score matrix)."""
+
+    name = "dense"
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
+        return dense_attention(
+            q, k, v, inputs.key_bias, inputs.key_valid, inputs.softcap, mode=inputs.mode, q_offset=inputs.q_offset
+        )
+
+
+class ChunkedAttention:
+    """Attention kernel: :func:`chunked_attention` (exact, blocked; the default everywhere).
+
+    Queries after the first position of a KV cache (``q_offset > 0``) are few and go through
+    :func:`dense_attention`, whose score matrix is then only ``Tq x Tk``.
     """
-    if backend == "chunked":
-        return chunked_attention(q, k, v, key_bias, key_valid, softcap, num_aux=num_aux)
-    if backend in ("flex", "flex-dynamic"):
-        dynamic = backend == "flex-dynamic"
-        return flex_attention_fn(q, k, v, key_bias, key_valid, softcap, num_aux=num_aux, dynamic=dynamic)
-    if backend == "dense":
-        return dense_attention(q, k, v, key_bias, key_valid, softcap)
-    raise ValueError(f"unknown attention backend {backend!r}; expected 'chunked', 'flex', 'flex-dynamic' or 'dense'.")
+
+    name = "chunked"
+
+    def __init__(self, max_scores: int | None = None):
+        self.max_scores = max_scores
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
+        if inputs.q_offset or q.shape[-2] != k.shape[-2]:
+            return DenseAttention()(q, k, v, inputs)
+        return chunked_attention(
+            q,
+            k,
+            v,
+            inputs.key_bias,
+            inputs.key_valid,
+            inputs.softcap,
+            mode=inputs.mode,
+            num_aux=inputs.num_aux,
+            max_scores=self.max_scores,
+        )
 
 
-Attend = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
+class FlexAttention:
+    """Attention kernel: :func:`flex_attention`, compiled once per kernel object.
+
+    Parameters
+    ----------
+    dynamic
+        Compile for varying shapes (``torch.compile(dynamic=None)``, which recompiles once with
+        symbolic sizes); otherwise each new shape compiles anew.
+
+    The compiled function and the causal block masks (one per length and device) are kept by the object.
+    """
+
+    def __init__(self, dynamic: bool = True):
+        self.dynamic = dynamic
+        self.name = "flex-dynamic" if dynamic else "flex"
+        self._compiled: Callable | None = None
+        self._causal_masks: dict[tuple[int, str], object] = {}
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
+        if inputs.q_offset or q.shape[-2] != k.shape[-2]:
+            return DenseAttention()(q, k, v, inputs)
+        if self._compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention as flex
+
+            self._compiled = torch.compile(flex, dynamic=None if self.dynamic else False)
+        T = q.shape[-2]
+        key = (T, str(q.device))
+        if inputs.num_aux is not None and key not in self._causal_masks:
+            self._causal_masks[key] = _causal_block_mask(T, q.device)
+        return flex_attention(
+            q,
+            k,
+            v,
+            inputs.key_bias,
+            inputs.key_valid,
+            inputs.softcap,
+            mode=inputs.mode,
+            num_aux=inputs.num_aux,
+            compiled=self._compiled,
+            causal_mask=self._causal_masks.get(key),
+        )
+
+
+#: An attention kernel: ``kernel(q, k, v, inputs) -> out`` with ``q, k, v`` of shape ``(B, H, T, dk)``.
+Kernel = Callable[[Tensor, Tensor, Tensor, AttentionInputs], Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# key/value cache (generation)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, for decoding one position at a time.
+
+    Holds ``(B, H, max_len, dk)`` keys and values per layer plus each position's count bias and key
+    validity. :meth:`TranscriptFormer.extend` appends positions; a query at position ``p`` then meets the
+    cached keys ``0 .. p`` without recomputing them, so a cell of ``n`` genes costs ``n`` single-position
+    layer passes instead of ``n`` passes over growing prefixes.
+    """
+
+    def __init__(self, model: TranscriptFormer, batch: int, max_len: int, *, device, dtype=torch.float32):
+        c = model.config
+        H, dk = c.num_heads, c.embed_dim // c.num_heads
+        shape = (batch, H, max_len, dk)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.num_layers)]
+        self.key_bias = torch.zeros(batch, max_len, device=device, dtype=torch.float32)
+        self.key_valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
+        self.length = 0
+        self.max_len = max_len
+
+    def layer(self, i: int) -> LayerCache:
+        """The view one layer writes to and reads from."""
+        return LayerCache(self, i)
+
+
+@dataclass
+class LayerCache:
+    """One layer's part of a :class:`KVCache`."""
+
+    cache: KVCache
+    index: int
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new positions' keys and values; return the keys and values of every position so far."""
+        c, i = self.cache, self.index
+        start, stop = c.length, c.length + k.shape[-2]
+        c.k[i][:, :, start:stop] = k.to(c.k[i].dtype)
+        c.v[i][:, :, start:stop] = v.to(c.v[i].dtype)
+        return c.k[i][:, :, :stop].to(k.dtype), c.v[i][:, :, :stop].to(v.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,25 +506,21 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.linears = nn.ModuleList([nn.Linear(embed_dim, embed_dim, bias=bias) for _ in range(4)])
 
-    def forward(self, x: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float, attend: Attend):
-        q, k, v = _heads(self, x)
-        return _merge(self, attend(q, k, v, key_bias, key_valid, softcap))
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Q, K, V projections split into heads: ``(B, H, T, dk)`` each."""
+        B, T, E = x.shape
+        H = self.num_heads
+        q, k, v = (lin(x).view(B, T, H, E // H).transpose(1, 2) for lin in self.linears[:3])
+        return q, k, v
+
+    def merge(self, out: Tensor) -> Tensor:
+        """Concatenate the heads and apply the output projection."""
+        B, H, T, dk = out.shape
+        return self.linears[3](out.transpose(1, 2).reshape(B, T, H * dk))
 
 
-def _heads(attn: SelfAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Q, K, V projections split into heads: ``(B, H, T, dk)`` each."""
-    B, T, E = x.shape
-    H = attn.num_heads
-    return tuple(lin(x).view(B, T, H, E // H).transpose(1, 2) for lin in attn.linears[:3])
-
-
-def _merge(attn: SelfAttention, out: Tensor) -> Tensor:
-    """Concatenate the heads and apply the output projection."""
-    B, H, T, dk = out.shape
-    return attn.linears[3](out.transpose(1, 2).reshape(B, T, H * dk))
-
-
-_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+assert set(_ACTIVATIONS) == set(ACTIVATIONS), "config.ACTIVATIONS and the modules here must agree"
 
 
 class EncoderLayer(nn.Module):
@@ -377,51 +536,47 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(E)
         self.activation = _ACTIVATIONS[config.activation]()
         self.dropout = nn.Dropout(config.dropout)
-        self.softcap = float(config.softcap)
 
-    def forward(self, x: Tensor, key_bias: Tensor, key_valid: Tensor, attend: Attend) -> Tensor:
-        before, after = getattr(_FUSED, "functions", None) or (_before_attention, _after_attention)
-        h, q, k, v = before(self, x)
-        return after(self, h, attend(q, k, v, key_bias, key_valid, self.softcap))
+    def before_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``h = LN1(x)`` and its Q, K, V."""
+        h = self.norm1(x)
+        return (h, *self.self_attn.project(h))
 
+    def after_attention(self, h: Tensor, attended: Tensor) -> Tensor:
+        """Output projection, residual, ``LN2`` and the feed-forward block."""
+        x = h + self.self_attn.merge(attended)  # published: adds LN(x), not x
+        h = self.norm2(x)
+        return h + self.feed_forward(h)
 
-def _before_attention(layer: EncoderLayer, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    h = layer.norm1(x)
-    return (h, *_heads(layer.self_attn, h))
+    def feed_forward(self, h: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(h))))
 
-
-def _after_attention(layer: EncoderLayer, h: Tensor, attended: Tensor) -> Tensor:
-    x = h + _merge(layer.self_attn, attended)  # published: adds LN(x), not x
-    h = layer.norm2(x)
-    return h + layer.linear2(layer.dropout(layer.activation(layer.linear1(h))))
-
-
-#: This thread's compiled versions of the code around attention, set by :func:`fused` (unset: eager).
-_FUSED = threading.local()
-_FUSED_COMPILED: list[Callable] = []
+    def forward(self, x: Tensor, ctx: LayerContext, cache: LayerCache | None = None) -> Tensor:
+        h, q, k, v = ctx.steps.before(self, x)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        return ctx.steps.after(self, h, ctx.kernel(q, k, v, ctx.inputs))
 
 
-@contextlib.contextmanager
-def fused(enabled: bool = True):
-    """Within this context (in this thread) the layers' code around attention runs through ``torch.compile``.
+@dataclass(frozen=True)
+class LayerSteps:
+    """The code of a layer around its attention kernel: the plain methods, or compiled versions of them.
 
-    Optional speed-up for CUDA: inductor fuses the layer norms, casts, activation and residual
-    additions into few kernels (dynamic shapes: compiled once for all batch sizes and lengths). It
-    computes the same function; nothing requires it.
+    The engine may pass ``LayerSteps(torch.compile(EncoderLayer.before_attention, dynamic=True), ...)`` so
+    that inductor fuses the layer norms, casts, activation and residual additions (CUDA); nothing requires it.
     """
-    if not enabled:
-        yield
-        return
-    if not _FUSED_COMPILED:
-        _FUSED_COMPILED.extend(
-            [torch.compile(_before_attention, dynamic=True), torch.compile(_after_attention, dynamic=True)]
-        )
-    previous = getattr(_FUSED, "functions", None)
-    _FUSED.functions = tuple(_FUSED_COMPILED)
-    try:
-        yield
-    finally:
-        _FUSED.functions = previous
+
+    before: Callable = EncoderLayer.before_attention
+    after: Callable = EncoderLayer.after_attention
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What each layer is run with: attention inputs, the kernel and the steps around it."""
+
+    inputs: AttentionInputs
+    kernel: Kernel
+    steps: LayerSteps = field(default_factory=LayerSteps)
 
 
 class Encoder(nn.Module):
@@ -431,9 +586,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.encoder_layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_layers)])
 
-    def forward(self, x: Tensor, key_bias: Tensor, key_valid: Tensor, attend: Attend) -> Tensor:
-        for layer in self.encoder_layers:
-            x = layer(x, key_bias, key_valid, attend)
+    def forward(self, x: Tensor, ctx: LayerContext, cache: KVCache | None = None) -> Tensor:
+        for i, layer in enumerate(self.encoder_layers):
+            x = layer(x, ctx, None if cache is None else cache.layer(i))
         return x
 
 
@@ -451,9 +606,7 @@ class CountHead(nn.Module):
         return logit.float() + F.embedding(targets, weight).squeeze(-1).float()
 
 
-_attention = attention  # ``TranscriptFormer.encode`` has an argument of that name
-
-_ELEMENTWISE_LINKS = {
+_ELEMENTWISE_LINKS: dict[str, Callable[[Tensor], Tensor]] = {
     "exp": torch.exp,
     "log": torch.log,
     "relu": torch.relu,
@@ -462,10 +615,27 @@ _ELEMENTWISE_LINKS = {
     "linear": lambda x: x,
     "tanh": torch.tanh,
 }
+assert set(_ELEMENTWISE_LINKS) | {"softmax"} == set(MU_LINK_FUNCTIONS), "config.MU_LINK_FUNCTIONS must agree"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What :meth:`TranscriptFormer.encode` returns.
+
+    Attributes
+    ----------
+    hidden
+        ``(B, L, E)``: position ``j`` is the prediction slot of gene ``t_j`` (it has seen ``t_0 .. t_{j-1}``).
+    targets
+        ``(B, L, E)`` gene-MLP embeddings of the (unshifted) target tokens for the count head, or ``None``.
+    """
+
+    hidden: Tensor
+    targets: Tensor | None = None
 
 
 class TranscriptFormer(nn.Module):
-    """TranscriptFormer at inference.
+    """The TranscriptFormer network.
 
     Parameters
     ----------
@@ -519,18 +689,33 @@ class TranscriptFormer(nn.Module):
         """Number of auxiliary tokens ``A`` before the genes."""
         return len(self.aux_embeddings)
 
+    def key_bias(self, counts: Tensor) -> Tensor:
+        """Attention count bias ``log1p(count + eps)`` of key positions with these (input) counts."""
+        return torch.log1p(counts.float() + self.config.log_counts_eps)
+
+    def aux_inputs(self, aux: Tensor) -> tuple[Tensor, Tensor]:
+        """Embeddings ``(B, A, E)`` and key validity ``(B, A)`` of the auxiliary tokens."""
+        valid = torch.ones_like(aux, dtype=torch.bool)
+        for unk in self.aux_unknown:
+            valid &= aux != unk
+        emb = [layer(aux[:, i]) for i, layer in enumerate(self.aux_embeddings.values())]
+        return torch.stack(emb, dim=1), valid
+
     def encode(
         self,
         tokens: Tensor,
         counts: Tensor,
         aux: Tensor,
         *,
+        mode: BiasMode = "embed",
         with_targets: bool = False,
         gene_table: Tensor | None = None,
-        attention: AttentionBackend = "chunked",
+        kernel: Kernel | None = None,
+        steps: LayerSteps | None = None,
         embed: Callable[[Tensor], Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Run the encoder.
+        cache: KVCache | None = None,
+    ) -> Encoded:
+        """Run the encoder over whole cells.
 
         Parameters
         ----------
@@ -542,21 +727,27 @@ class TranscriptFormer(nn.Module):
             ``(B, L)`` float counts (after clipping / normalisation), 0 at padding.
         aux
             ``(B, A)`` int64 auxiliary tokens.
+        mode
+            ``"embed"`` (inference, the published ``embed=True``) or ``"train"`` (the training objective and
+            generation): whether a position's own count bias applies (see :class:`AttentionInputs`).
         with_targets
             Also return the gene-MLP embedding of the (unshifted) target tokens for the count head.
         gene_table
             Replacement ESM matrix for out-of-distribution vocabularies.
-        attention
-            Attention implementation.
+        kernel
+            Attention kernel (default :class:`ChunkedAttention`).
+        steps
+            The code around attention (default: the plain methods).
         embed
             Replaces the gene-embedding module (token ids -> ``E``-wide vectors), e.g. a cache of its
             outputs; it must compute the same function.
+        cache
+            An empty :class:`KVCache` to fill with these positions' keys and values (a prompt to continue).
 
         Returns
         -------
-        tuple[torch.Tensor, torch.Tensor | None]
-            ``hidden`` ``(B, L, E)``: position ``j`` is the prediction slot of gene ``t_j`` (it has seen
-            ``t_0 .. t_{j-1}``); and the target embeddings ``(B, L, E)`` or None.
+        Encoded
+            Hidden states at the prediction slots and, with ``with_targets``, the target embeddings.
         """
         B, L = tokens.shape
         A = self.num_aux
@@ -566,22 +757,75 @@ class TranscriptFormer(nn.Module):
         ge = embed(seq) if embed is not None else self.gene_embeddings(seq, gene_table)
         shifted = seq[:, :L]
         one = counts.new_ones(B, 1)
-        counts_in = torch.cat([one.expand(B, A), one, counts[:, : L - 1]], dim=1).float()
-        key_bias = torch.log1p(counts_in + self.config.log_counts_eps)
+        key_bias = self.key_bias(torch.cat([one.expand(B, A), one, counts[:, : L - 1]], dim=1))
         gene_valid = shifted != self.pad_idx
         if A:
-            aux_valid = torch.ones_like(aux, dtype=torch.bool)
-            for unk in self.aux_unknown:
-                aux_valid &= aux != unk
-            aux_emb = [emb(aux[:, i]) for i, emb in enumerate(self.aux_embeddings.values())]
-            x = torch.cat([torch.stack(aux_emb, dim=1).to(ge.dtype), ge[:, :L]], dim=1)
+            aux_emb, aux_valid = self.aux_inputs(aux)
+            x = torch.cat([aux_emb.to(ge.dtype), ge[:, :L]], dim=1)
             key_valid = torch.cat([aux_valid, gene_valid], dim=1)
         else:
             x, key_valid = ge[:, :L], gene_valid
         # the key mask is the auxiliary tokens' validity plus a prefix of the genes (the cell, then padding)
-        attend = partial(_attention, backend=attention, num_aux=A)
-        x = self.transformer_encoder(x, key_bias, key_valid, attend)
-        return x[:, A:], (ge[:, 1:] if with_targets else None)
+        inputs = AttentionInputs(key_bias, key_valid, float(self.config.softcap), mode=mode, num_aux=A)
+        if cache is not None:
+            x = self.extend(x, key_bias, key_valid, cache, kernel=kernel, mode=mode, steps=steps, inputs=inputs)
+        else:
+            ctx = LayerContext(inputs, kernel or ChunkedAttention(), steps or LayerSteps())
+            x = self.transformer_encoder(x, ctx)
+        return Encoded(x[:, A:], ge[:, 1:] if with_targets else None)
+
+    def extend(
+        self,
+        x: Tensor,
+        key_bias: Tensor,
+        key_valid: Tensor,
+        cache: KVCache,
+        *,
+        kernel: Kernel | None = None,
+        mode: BiasMode = "train",
+        steps: LayerSteps | None = None,
+        inputs: AttentionInputs | None = None,
+    ) -> Tensor:
+        """Run the encoder over new positions appended to those in ``cache`` (which then holds them too).
+
+        Parameters
+        ----------
+        x
+            ``(B, t, E)`` input embeddings of the new positions.
+        key_bias, key_valid
+            ``(B, t)`` count bias and key validity of the new positions.
+        cache
+            Keys and values of the earlier positions.
+        kernel, mode, steps
+            As in :meth:`encode`.
+        inputs
+            Precomputed attention inputs of the new positions (when the cache is empty).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, t, E)`` hidden states of the new positions.
+        """
+        start, stop = cache.length, cache.length + x.shape[1]
+        if stop > cache.max_len:
+            raise ValueError(f"the cache holds {cache.max_len} positions; {stop} were asked for.")
+        cache.key_bias[:, start:stop] = key_bias
+        cache.key_valid[:, start:stop] = key_valid
+        if inputs is None or start > 0:
+            inputs = AttentionInputs(
+                cache.key_bias[:, :stop],
+                cache.key_valid[:, :stop],
+                float(self.config.softcap),
+                mode=mode,
+                num_aux=None,
+                q_offset=start,
+            )
+        else:
+            inputs = replace(inputs, num_aux=None)  # padding keys of a prompt batch must stay masked
+        ctx = LayerContext(inputs, kernel or ChunkedAttention(), steps or LayerSteps())
+        out = self.transformer_encoder(x, ctx, cache)
+        cache.length = stop
+        return out
 
     def cell_embedding(self, hidden: Tensor, tokens: Tensor) -> Tensor:
         """Masked sum of the hidden states over the cell's positions, divided by ``S``.
@@ -595,16 +839,20 @@ class TranscriptFormer(nn.Module):
         pooled = (hidden.float() * shifted_valid[..., None]).sum(dim=1)
         return pooled / self.config.seq_len
 
+    def count_logits(self, hidden: Tensor, target_emb: Tensor, tokens: Tensor, gene_bias: Tensor | None = None):
+        """Count-head logits ``(B, L)`` float32, before the link function."""
+        return self.mu(hidden, target_emb, tokens, gene_bias)
+
     def count_rate(self, hidden: Tensor, target_emb: Tensor, tokens: Tensor, counts: Tensor, gene_bias=None) -> Tensor:
         """Expected count ``mu`` per position (``(B, L)``, float32)."""
-        logit = self.mu(hidden, target_emb, tokens, gene_bias)
+        logit = self.count_logits(hidden, target_emb, tokens, gene_bias)
         link = self.config.mu_link_fn
         if link != "softmax":
             return _ELEMENTWISE_LINKS[link](logit)
         logit = logit.masked_fill(tokens == self.pad_idx, float("-inf"))
         return torch.softmax(logit, dim=-1) * counts.float().sum(dim=-1, keepdim=True)
 
-    def count_nll(
+    def count_nll_per_gene(
         self,
         hidden: Tensor,
         target_emb: Tensor,
@@ -615,17 +863,16 @@ class TranscriptFormer(nn.Module):
         full_length: bool,
         gene_bias: Tensor | None = None,
     ) -> Tensor:
-        """Mean zero-truncated-Poisson negative log-likelihood per gene, ``(B,)`` float32.
+        """Zero-truncated-Poisson negative log-likelihood of each position's count, ``(B, L)``, 0 at padding.
 
-        ``full_length`` says that position ``L - 1`` is the model's last slot ``S - 1``
-        (published: its count is replaced by 1). Cells without any gene give NaN.
+        ``full_length`` says that position ``L - 1`` is the model's last slot ``S - 1`` (published: its
+        count is replaced by 1).
         """
         eps = self.config.log_counts_eps
         mu = self.count_rate(hidden, target_emb, tokens, counts, gene_bias)
         c = counts.float()
         if full_length:
-            c = c.clone()
-            c[:, -1] = 1.0
+            c = torch.cat([c[:, :-1], c.new_ones(c.shape[0], 1)], dim=1)
         c = c.clamp(min=eps, max=math.inf if clip_counts is None else float(clip_counts))
         x = mu + eps
         if self.softplus_approx:
@@ -633,26 +880,41 @@ class TranscriptFormer(nn.Module):
         else:
             norm = x.clamp_min(0.0)  # published: the exact branch reduces to x
         nll = -c * torch.log(x) + norm + torch.lgamma(c + 1.0)
-        valid = tokens != self.pad_idx
-        return torch.where(valid, nll, 0.0).sum(-1) / valid.sum(-1)
+        return torch.where(tokens != self.pad_idx, nll, 0.0)
 
-    def gene_nll(self, hidden: Tensor, tokens: Tensor, *, full_length: bool, block: int = 256) -> Tensor:
-        """Per-position cross-entropy of the gene-identity head, ``(B, L)`` float32, 0 at padding.
+    def count_nll(self, hidden: Tensor, target_emb: Tensor, tokens: Tensor, counts: Tensor, **kwargs) -> Tensor:
+        """Mean of :meth:`count_nll_per_gene` over each cell's genes, ``(B,)`` (NaN for cells without genes)."""
+        nll = self.count_nll_per_gene(hidden, target_emb, tokens, counts, **kwargs)
+        return nll.sum(-1) / (tokens != self.pad_idx).sum(-1)
 
-        published: the target of the last slot ``S - 1`` is ``[END]``; logits are soft-capped.
-        """
+    def gene_logits(self, hidden: Tensor) -> Tensor:
+        """Soft-capped gene-identity logits ``(..., V)`` float32 (published: capped like attention scores)."""
         if self.gene_id_head is None:
             raise ValueError("this checkpoint has no gene-identity head (loss_config.gene_id_loss_weight is 0).")
-        targets = tokens
-        if full_length:
-            targets = tokens.clone()
-            targets[:, -1] = self.end_idx
+        logits = self.gene_id_head(hidden).float()
         cap = float(self.config.softcap)
-        out = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
-        for s in range(0, tokens.shape[1], block):  # (B, block, V) logits at a time
-            logits = self.gene_id_head(hidden[:, s : s + block]).float()
-            if cap > 0:
-                logits = cap * torch.tanh(logits / cap)
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def gene_nll(self, hidden: Tensor, targets: Tensor, *, block: int = 256) -> Tensor:
+        """Cross-entropy of the gene-identity head for ``targets`` at each position, ``(B, L)`` float32.
+
+        0 where the target is ``[PAD]``. Logits are computed ``block`` positions at a time (they are
+        ``V`` wide).
+        """
+        out = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
+        for s in range(0, targets.shape[1], block):
+            logits = self.gene_logits(hidden[:, s : s + block])
             picked = logits.gather(-1, targets[:, s : s + block, None]).squeeze(-1)
             out[:, s : s + block] = torch.logsumexp(logits, dim=-1) - picked
-        return out.masked_fill_(tokens == self.pad_idx, 0.0)
+        return out.masked_fill_(targets == self.pad_idx, 0.0)
+
+    def gene_targets(self, tokens: Tensor, *, full_length: bool) -> Tensor:
+        """The gene-identity targets of the published objective: the tokens, with ``[END]`` at slot ``S - 1``.
+
+        ``full_length`` says that position ``L - 1`` is slot ``S - 1``; a cell that does not reach it keeps
+        ``[PAD]`` there (no target).
+        """
+        if not full_length:
+            return tokens
+        last = tokens[:, -1:]
+        return torch.cat([tokens[:, :-1], torch.where(last != self.pad_idx, self.end_idx, last)], dim=1)

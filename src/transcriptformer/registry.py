@@ -25,8 +25,10 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import pooch
@@ -39,42 +41,103 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASE_URL",
+    "ENTRIES",
     "MODEL_NAMES",
     "REGISTRY",
     "DownloadError",
+    "Entry",
     "available",
     "cache_path",
     "canonical_name",
     "fetch",
     "is_registered",
     "species_table",
+    "species_tables",
     "verify_checkpoint",
 ]
 
 #: Where the published tarballs live.
 BASE_URL = "https://czi-transcriptformer.s3.amazonaws.com/weights/"
 
-#: Registry name -> folder the tarball unpacks to (``<folder>.tar.gz`` under the base URL).
-FOLDERS: dict[str, str] = {
-    "tf-sapiens": "tf_sapiens",
-    "tf-exemplar": "tf_exemplar",
-    "tf-metazoa": "tf_metazoa",
-    "all-embeddings": "all_embeddings",
-}
+
+@dataclass(frozen=True)
+class Entry:
+    """One downloadable item of the registry.
+
+    Attributes
+    ----------
+    name
+        Registry name (``"tf-sapiens"``); ``_`` and case are ignored when looking it up.
+    kind
+        ``"model"`` (a checkpoint folder, usable as ``model=``) or ``"tables"`` (gene tables).
+    file
+        File name under the base URL (``$TRANSCRIPTFORMER_BASE_URL`` or :data:`BASE_URL`).
+    folder
+        The folder the tarball unpacks to.
+    sha256
+        sha256 of the file, or ``None`` where the publisher gives none (then the first download is recorded
+        and later ones must match it: trust on first use).
+    size
+        Size in bytes, or ``None`` where unknown.
+    description
+        One line for listings.
+    """
+
+    name: str
+    kind: Literal["model", "tables"]
+    file: str
+    folder: str
+    sha256: str | None
+    size: int | None
+    description: str
+
+
+#: Everything the registry can download. The command line's choices, :func:`available` and the docs derive
+#: from this table.
+ENTRIES: tuple[Entry, ...] = (
+    Entry(
+        "tf-sapiens",
+        "model",
+        "tf_sapiens.tar.gz",
+        "tf_sapiens",
+        None,
+        None,
+        "TF-Sapiens: human only, 368M trainable parameters",
+    ),
+    Entry(
+        "tf-exemplar",
+        "model",
+        "tf_exemplar.tar.gz",
+        "tf_exemplar",
+        None,
+        None,
+        "TF-Exemplar: 5 species (human, mouse, zebrafish, fly, worm)",
+    ),
+    Entry(
+        "tf-metazoa",
+        "model",
+        "tf_metazoa.tar.gz",
+        "tf_metazoa",
+        None,
+        None,
+        "TF-Metazoa: 12 species",
+    ),
+    Entry(
+        "all-embeddings",
+        "tables",
+        "all_embeddings.tar.gz",
+        "all_embeddings",
+        None,
+        None,
+        "ESM2 gene tables of 24 species, for out-of-distribution species",
+    ),
+)
+
+#: Registry name -> entry.
+REGISTRY: dict[str, Entry] = {e.name: e for e in ENTRIES}
 
 #: Names usable as ``model=``.
-MODEL_NAMES: tuple[str, ...] = ("tf-sapiens", "tf-exemplar", "tf-metazoa")
-
-#: sha256 of each tarball; ``None`` where the publisher gives none (then the first download is recorded).
-REGISTRY: dict[str, str | None] = {f"{folder}.tar.gz": None for folder in FOLDERS.values()}
-
-#: What each download holds, for listings.
-DESCRIPTIONS: dict[str, str] = {
-    "tf-sapiens": "TF-Sapiens: human only, 368M trainable parameters",
-    "tf-exemplar": "TF-Exemplar: 5 species (human, mouse, zebrafish, fly, worm)",
-    "tf-metazoa": "TF-Metazoa: 12 species",
-    "all-embeddings": "ESM2 gene tables of 24 species, for out-of-distribution species",
-}
+MODEL_NAMES: tuple[str, ...] = tuple(e.name for e in ENTRIES if e.kind == "model")
 
 KNOWN_HASHES_FILE = "known_hashes.json"
 
@@ -86,8 +149,8 @@ class DownloadError(requests.exceptions.RequestException):
 def canonical_name(name: str) -> str:
     """``"TF_Sapiens"`` / ``"tf-sapiens"`` / ``"tf_sapiens"`` -> ``"tf-sapiens"``."""
     key = str(name).strip().lower().replace("_", "-")
-    if key not in FOLDERS:
-        raise KeyError(f"unknown name {name!r}; known: {', '.join(FOLDERS)}.")
+    if key not in REGISTRY:
+        raise KeyError(f"unknown name {name!r}; known: {', '.join(REGISTRY)}.")
     return key
 
 
@@ -110,9 +173,9 @@ def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(pooch.os_cache("transcriptformer"))
 
 
-def base_url() -> str:
-    """``$TRANSCRIPTFORMER_BASE_URL`` or the publisher's URL, with a trailing slash."""
-    url = os.environ.get("TRANSCRIPTFORMER_BASE_URL") or BASE_URL
+def base_url(url: str | None = None) -> str:
+    """The argument, else ``$TRANSCRIPTFORMER_BASE_URL``, else the publisher's URL; with a trailing slash."""
+    url = url or os.environ.get("TRANSCRIPTFORMER_BASE_URL") or BASE_URL
     return url if url.endswith("/") else url + "/"
 
 
@@ -241,30 +304,28 @@ def fetch(
         The unpacked folder, e.g. ``<cache>/tf_sapiens``.
 
     """
-    name = canonical_name(name)
-    folder_name = FOLDERS[name]
-    root = cache_path(cache_dir)
-    folder = root / folder_name
+    entry = REGISTRY[canonical_name(name)]
+    root = cache_path(cache_dir)  # the environment is read here, at the entry point
+    folder = root / entry.folder
     if _is_cached(folder) and not force:
         return folder
     root.mkdir(parents=True, exist_ok=True)
     # one download per cache folder at a time (several torchrun processes may ask at once)
-    with _lock(root, folder_name):
+    with _lock(root, entry.folder):
         if _is_cached(folder) and not force:
             return folder
-        _download_and_unpack(name, root, folder, progress)
-    logger.info("%s ready in %s", name, folder)
+        _download_and_unpack(entry, base_url() + entry.file, root, folder, progress)
+    logger.info("%s ready in %s", entry.name, folder)
     return folder
 
 
-def _download_and_unpack(name: str, root: Path, folder: Path, progress: bool) -> None:
-    folder_name = FOLDERS[name]
-    fname = f"{folder_name}.tar.gz"
-    url = base_url() + fname
+def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progress: bool) -> None:
+    folder_name = entry.folder
+    fname = entry.file
     logger.info("downloading %s from %s", fname, url)
     downloads = root / ".downloads"
     tarball = downloads / fname
-    known = REGISTRY.get(fname) or _recorded_hash(root, fname)
+    known = entry.sha256 or _recorded_hash(root, fname)
     if known is None:
         # pooch reuses an existing file when it has no hash to check it against: never trust a leftover
         tarball.unlink(missing_ok=True)
@@ -374,6 +435,27 @@ def species_table(species: str, *, cache_dir: str | os.PathLike | None = None, p
     return path
 
 
+def species_tables(
+    species_embedding: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[Path]:
+    """Gene-table files from paths and/or species names (``"mus_musculus"`` -> the ``all-embeddings`` table)."""
+    items = [species_embedding] if isinstance(species_embedding, str | os.PathLike) else list(species_embedding)
+    if not items:
+        raise ValueError("species_embedding is empty; pass gene-table files or species names.")
+    paths = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_file():
+            paths.append(path)
+        elif path.suffix in (".h5", ".hdf5") or os.sep in str(item) or "/" in str(item):
+            raise FileNotFoundError(f"gene table {str(item)!r} does not exist.")
+        else:
+            paths.append(species_table(str(item), cache_dir=cache_dir))
+    return paths
+
+
 def available(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """What the registry offers and what is already in the cache.
 
@@ -384,15 +466,18 @@ def available(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
 
     """
     root = cache_path(cache_dir)
+    url = base_url()
     rows = []
-    for name, folder_name in FOLDERS.items():
-        folder = root / folder_name
+    for e in ENTRIES:
+        folder = root / e.folder
         cached = _is_cached(folder)
         rows.append(
             {
-                "name": name,
-                "description": DESCRIPTIONS[name],
-                "url": base_url() + f"{folder_name}.tar.gz",
+                "name": e.name,
+                "kind": e.kind,
+                "description": e.description,
+                "url": url + e.file,
+                "sha256": e.sha256,
                 "cached": cached,
                 "path": str(folder) if cached else None,
             }

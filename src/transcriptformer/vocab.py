@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from .errors import TranscriptFormerWarning
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +185,37 @@ class GeneVocab:
         """Token index of each id, ``default`` where an id is not in the vocabulary."""
         get = self.index.get
         return np.fromiter((get(i, default) for i in ids), dtype=np.int64, count=len(ids))
+
+    def lookup_genes(self, ids: Sequence[str], default: int = -1) -> np.ndarray:
+        """Like :meth:`lookup`, but only genes match: special-token names (``[START]``, ``unknown``, ...) do not."""
+        tokens = self.lookup(ids, default)
+        return np.where(tokens >= self.n_special, tokens, default)
+
+    def mask(self, genes: Sequence[str], *, what: str = "genes") -> np.ndarray:
+        """Boolean mask over the vocabulary marking ``genes`` (version suffixes ignored).
+
+        Raises if none is in the vocabulary; warns about (and skips) those that are not.
+        """
+        if isinstance(genes, str):
+            genes = [genes]
+        ids = np.asarray([str(g).split(".", 1)[0] for g in genes], dtype=object)
+        tokens = self.lookup_genes(list(ids))
+        known = tokens >= 0
+        if not known.any():
+            raise ValueError(
+                f"none of the {len(ids)} {what} is in the vocabulary (e.g. {list(ids[:3])}; vocabulary ids look "
+                f"like {list(self.genes[:3])})."
+            )
+        if not known.all():
+            warnings.warn(
+                f"{int((~known).sum())} of the {what} are not in the vocabulary and are skipped, "
+                f"e.g. {list(ids[~known][:3])}.",
+                TranscriptFormerWarning,
+                stacklevel=4,
+            )
+        out = np.zeros(len(self), dtype=bool)
+        out[tokens[known]] = True
+        return out
 
 
 @dataclass(frozen=True)

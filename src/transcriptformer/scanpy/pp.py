@@ -6,12 +6,11 @@ import os
 from typing import Any, Literal
 
 import numpy as np
-import scipy.sparse as sp
 from anndata import AnnData
 
 from ..checkpoint import LoadedModel, load_model
-from ..tokenize import TokenizeOptions, prepare_cells, strip_version
-from .tl import _check_adata
+from ..tokenizer import TokenizeOptions, gene_ids, prepare_cells, strip_version
+from ._utils import check_adata
 
 __all__ = ["check_input", "match_genes"]
 
@@ -47,7 +46,7 @@ def check_input(
         ``seq_len`` in column order) and ``fraction_unknown_aux`` (per auxiliary column, the fraction of
         cells whose label is unknown to the model).
     """
-    _check_adata(adata)
+    check_adata(adata)
     loaded = load_model(model, cache_dir=cache_dir)
     options = TokenizeOptions(
         gene_key=gene_key, layer=layer, duplicate_genes=duplicate_genes, filter_to_vocab=filter_to_vocab
@@ -87,12 +86,7 @@ def check_input(
 
 def _expressed_counts(src, window: int) -> np.ndarray:
     """Number of expressed genes the model can use, per cell, before truncation (one pass over the counts)."""
-    out = []
-    for s in range(0, src.n_obs, window):
-        block = src._read_block(s, min(s + window, src.n_obs))
-        src._check_block(block.data if sp.issparse(block) else block.ravel(), s)  # bad values, raw-count warning
-        out.append(np.asarray((block != 0).sum(axis=1)).ravel())
-    return np.concatenate(out)
+    return np.concatenate([src.count_expressed(s, min(s + window, src.n_obs)) for s in range(0, src.n_obs, window)])
 
 
 def match_genes(
@@ -121,10 +115,8 @@ def match_genes(
         ``None`` or a copy, with ``adata.var[key_added]`` (bool): whether the gene id (version suffix
         removed) is in the vocabulary.
     """
-    from ..tokenize import _gene_ids  # the id-column resolution rules of tokenisation
-
     loaded = load_model(model, cache_dir=cache_dir)
-    ids, _ = _gene_ids(adata.var, gene_key, "X")
+    ids, _ = gene_ids(adata.var, gene_key, "X")
     hits = loaded.vocab.lookup(list(strip_version(ids))) >= loaded.vocab.n_special
     if copy:
         adata = adata.copy()

@@ -1,89 +1,134 @@
-"""Tools: TranscriptFormer results written into the user's AnnData (``tfs.tl``)."""
+"""Tools: TranscriptFormer results written into the user's AnnData (``tfs.tl``).
+
+Every tool that runs a model takes the same tokenisation and engine options (documented once, in
+:class:`~transcriptformer.options.RunOptions`), validates them and the input before any compute, and
+writes nothing until everything has been computed: on error the AnnData is left as it was.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import __version__
 from ..checkpoint import LoadedModel, load_model
-from ..engine import Inference, Outputs, infer
-from ..tokenize import TokenizeOptions
+from ..engine import Inference, infer
+from ..options import RunOptions, check_bool, check_key
+from ._utils import Keys, Update, check_adata, with_run_options
 
-__all__ = ["contextual_gene_embeddings", "embed", "transcriptformer", "transfer_labels"]
+logger = logging.getLogger("transcriptformer")
+
+__all__ = [
+    "contextual_gene_embeddings",
+    "embed",
+    "gene_embeddings",
+    "likelihood",
+    "transcriptformer",
+    "transfer_labels",
+]
 
 ModelArg = str | os.PathLike | LoadedModel
-SpeciesArg = str | os.PathLike | Sequence[str | os.PathLike] | None
 
 
-def _check_adata(adata: Any) -> None:
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"expected an AnnData, got {type(adata).__name__}.")
-    if adata.n_obs == 0:
-        raise ValueError("adata has no cells.")
+def _check_writable(adata: AnnData, copy: bool) -> None:
+    """Refuse up front what could only fail after the compute: writing into a view of a backed file."""
+    if adata.is_view and adata.isbacked and not copy:
+        raise ValueError(
+            "adata is a view of a backed AnnData, which cannot take results in place. Pass copy=True (returns an "
+            "in-memory copy with the results), or load the subset first: adata = adata[...].to_memory()."
+        )
 
 
 def _run(
-    adata: AnnData, model: ModelArg, outputs: Outputs, options: TokenizeOptions, *, cache_dir=None, **engine: Any
-) -> tuple[Inference, LoadedModel, TokenizeOptions]:
+    adata: AnnData, model: ModelArg, options: RunOptions, heads: Sequence[str], **extra: Any
+) -> tuple[Inference, LoadedModel]:
     """Validate, load the model and run the shared pipeline (nothing is written to ``adata``)."""
-    _check_adata(adata)
-    loaded = load_model(model, cache_dir=cache_dir)
-    return infer(adata, loaded, tokenize=options, outputs=outputs, cache_dir=cache_dir, **engine), loaded, options
+    check_adata(adata)
+    loaded = load_model(model, cache_dir=options.cache_dir)
+    run = infer(adata, loaded, heads=heads, tokenize=options.tokenize(), **options.engine(), **extra)
+    return run, loaded
 
 
-def _params(run: Inference, loaded: LoadedModel, options: TokenizeOptions, **extra: Any) -> dict[str, Any]:
+def _params(run: Inference, loaded: LoadedModel, options: RunOptions, tool: str, **extra: Any) -> dict[str, Any]:
     """Everything needed to reproduce a run (h5ad-writable: no None values)."""
-    src = run.source
+    src, stats = run.source, run.result.stats
     params: dict[str, Any] = {
+        "tool": tool,
         "model": loaded.name,
         "model_path": str(loaded.path),
         "weights_sha256": loaded.weights_sha256,
+        **options.record(),
         "gene_key": options.gene_key if options.gene_key is not None else "var_names",
         "counts_source": src.source,
-        "clip_counts": options.clip_counts if options.clip_counts is not None else "none",
-        "normalize_to_scale": options.normalize_to_scale if options.normalize_to_scale else "none",
-        "filter_to_vocab": options.filter_to_vocab,
-        "duplicate_genes": options.duplicate_genes,
         "n_genes_matched": src.n_matched,
         "n_genes": src.n_genes,
         "seq_len": loaded.seq_len,
-        "device": str(run.engine.device),
-        "precision": run.engine.precision,
-        "attention": run.engine.attention,
+        "device": stats["device"],
+        "precision": stats["precision"],
+        "attention": stats["attention"],
+        "max_tokens": stats["max_tokens"],
         "transcriptformer_version": __version__,
     }
+    if "attention_fallback" in stats:
+        params["attention_fallback"] = stats["attention_fallback"]
     if run.species_tables:
         params["species_embedding"] = [str(p) for p in run.species_tables]
     params.update({k: v for k, v in extra.items() if v is not None})
     return params
 
 
+def _likelihood_update(update: Update, keys: Keys, run: Inference, adata: AnnData, params: dict, level: str) -> None:
+    """Queue the likelihood family's outputs of ``run`` (see :func:`likelihood`)."""
+    res = run.result
+    update.remove(keys.likelihood_family())
+    update.set("obs", keys.obs("llh"), res.llh)
+    update.set("obs", keys.obs("n_genes"), res.n_genes.astype(np.int64))
+    if level == "gene":
+        update.set("obs", keys.obs("end_nll"), res.cells["end_nll"])
+        genes = res.genes
+        gene_nll = genes["gene_nll"]
+        sums = np.bincount(genes["cell"], weights=gene_nll, minlength=adata.n_obs)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            update.set("obs", keys.obs("gene_nll"), (sums / res.n_genes).astype(np.float32))
+        positions = run.source.token_positions(adata.var_names)
+        cols = positions[genes["token"]]
+        placed = cols >= 0
+        if not placed.all():
+            logger.warning(
+                "%s read genes (of %s) are in %s but not in adata.var, so the layers cannot hold them; obs %r "
+                "still covers them.",
+                f"{int((~placed).sum()):,}",
+                f"{len(cols):,}",
+                run.source.source,
+                keys.obs("llh"),
+            )
+        for what in ("count_nll", "gene_nll"):
+            values = genes[what][placed].astype(np.float32)
+            layer = sp.csr_matrix(
+                (values, (genes["cell"][placed], cols[placed])), shape=(adata.n_obs, adata.n_vars), dtype=np.float32
+            )
+            layer.sort_indices()
+            update.set("layers", keys.layer(what), layer)
+        params["n_genes_not_in_var"] = int((~placed).sum())
+    update.set("uns", keys.llh_uns, {"params": params})
+
+
+@with_run_options
 def embed(
     adata: AnnData,
     model: ModelArg = "tf-sapiens",
     *,
-    gene_key: str | None = "ensembl_id",
-    layer: str | None = None,
-    batch_size: int | None = None,
-    max_tokens: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
     llh: bool = False,
-    clip_counts: float | None = 30,
-    normalize_to_scale: float | None = None,
-    species_embedding: SpeciesArg = None,
-    duplicate_genes: Literal["raise", "first"] = "raise",
-    filter_to_vocab: bool = True,
     key_added: str = "X_transcriptformer",
     copy: bool = False,
-    progress: bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    options: RunOptions,
 ) -> AnnData | None:
     """Embed cells with a TranscriptFormer model.
 
@@ -99,46 +144,19 @@ def embed(
         (``sc.read_h5ad(..., backed="r")``; read one window of cells at a time).
     model
         A registry name (``"tf-sapiens"``, ``"tf-exemplar"``, ``"tf-metazoa"``; downloaded and verified
-        on first use), a checkpoint folder in the published layout, or a loaded model.
-    gene_key
-        ``var`` column with Ensembl gene ids (version suffixes are ignored). ``None`` uses
-        ``var_names``; if the default column is missing and ``var_names`` are Ensembl ids, they are used.
-    layer
-        Source of counts: ``None`` uses ``.raw`` if present, else ``X`` (the published rule); or
-        ``"X"``, ``"raw"``, or the name of a layer.
-    batch_size
-        Most cells per batch. By default batches are limited by ``max_tokens`` only.
-    max_tokens
-        Token budget per batch: cells x (longest cell + 1). Default 16,384 on CPU, 131,072 on GPU.
-        On a CUDA out-of-memory error the batch is halved and retried.
-    device
-        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
-    precision
-        ``"auto"`` (float32 on CPU, bfloat16 autocast on CUDA), ``"32"``, ``"bf16"``, ``"16"``.
+        on first use), a checkpoint folder in the published layout, or a loaded model. An existing folder
+        always wins over a registry name of the same spelling.
     llh
-        Also compute each cell's likelihood under the model: the mean zero-truncated-Poisson negative
-        log-likelihood per gene (lower = more typical), as the published ``llh`` output.
-    clip_counts
-        Counts are clipped to this value (after ``normalize_to_scale``). ``None``: no clipping.
-    normalize_to_scale
-        Rescale the counts of each cell's retained genes to this total (off by default).
-    species_embedding
-        For species outside the model's training set: gene-table file(s) in the published HDF5 format,
-        or species names such as ``"mus_musculus"`` (from the ``all-embeddings`` download).
-    duplicate_genes
-        ``"raise"``: duplicate gene ids are an error; ``"first"``: keep the first column of each.
-    filter_to_vocab
-        Drop genes outside the vocabulary (default). Otherwise they enter as the ``unknown`` token.
+        Also compute each cell's likelihood under the model, exactly what ``likelihood(level="cell")``
+        writes: the mean zero-truncated-Poisson negative log-likelihood per gene (lower = more typical),
+        as the published ``llh`` output.
     key_added
-        ``obsm`` key of the embedding. The run's parameters go to ``uns["transcriptformer"]`` and the
-        likelihood to ``obs["transcriptformer_llh"]`` for the default key; otherwise to
-        ``uns[key_added]`` and ``obs[f"{key_added}_llh"]``.
+        ``obsm`` key of the embedding. Its base name (``key_added`` without a leading ``X_``) keys the
+        rest: the run's parameters go to ``uns[base]["params"]`` and, with ``llh``, the likelihood to
+        ``obs[f"{base}_llh"]`` (see :func:`likelihood`).
     copy
         Return a modified copy instead of writing into ``adata``.
-    progress
-        Show a progress bar (default: for 2,000 cells or more).
-    cache_dir
-        Where registry downloads are kept (default ``$TRANSCRIPTFORMER_CACHE`` or the user cache).
+    {run_options}
 
     Returns
     -------
@@ -146,13 +164,16 @@ def embed(
 
     ``adata.obsm[key_added]`` : :class:`numpy.ndarray` (float32, ``n_obs x embed_dim``)
         The cell embeddings, in the input's cell order.
-    ``adata.uns["transcriptformer"]["params"]`` : :class:`dict`
-        Model, checkpoint sha256, options and package version.
-    ``adata.uns["transcriptformer"]["llh"]`` and ``adata.obs["transcriptformer_llh"]``
+    ``adata.uns[base]["params"]`` : :class:`dict`
+        Model, checkpoint sha256, options, how it ran, and the package version.
+    ``adata.obs[f"{base}_llh"]``, ``adata.obs[f"{base}_n_genes"]``, ``adata.uns[f"{base}_llh"]``
         With ``llh=True``: the per-cell negative log-likelihood (NaN for cells without any gene of
-        the vocabulary).
+        the vocabulary) and the number of genes the model read.
 
-    On any error ``adata`` is left unchanged.
+    A run replaces everything an earlier run wrote under the same keys: ``embed(llh=False)`` after
+    ``embed(llh=True)`` removes the earlier likelihood columns too, so that results of two runs are never
+    mixed. Likelihoods written by :func:`likelihood` are left alone. On any error ``adata`` is left
+    unchanged.
 
     Examples
     --------
@@ -162,130 +183,264 @@ def embed(
     >>> tfs.tl.embed(adata, model=tfs.datasets.tiny_model_path())
     >>> sc.pp.neighbors(adata, use_rep="X_transcriptformer")
     """
-    run, loaded, options = _run(
-        adata,
-        model,
-        Outputs(embeddings=True, llh=llh),
-        TokenizeOptions(
-            gene_key=gene_key,
-            layer=layer,
-            clip_counts=clip_counts,
-            normalize_to_scale=normalize_to_scale,
-            filter_to_vocab=filter_to_vocab,
-            duplicate_genes=duplicate_genes,
-        ),
-        species_embedding=species_embedding,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        progress=progress,
-        cache_dir=cache_dir,
-    )
-    # everything is computed: only now touch the AnnData
-    if copy:
-        adata = adata.to_memory() if adata.isbacked else adata.copy()
-    uns_key, obs_key = (
-        ("transcriptformer", "transcriptformer_llh")
-        if key_added == "X_transcriptformer"
-        else (key_added, f"{key_added}_llh")
-    )
-    params = _params(run, loaded, options, llh=llh, batch_size=batch_size, max_tokens=run.engine.max_tokens)
-    entry: dict[str, Any] = {"params": params}
+    llh = check_bool(llh, "llh")
+    keys = Keys.from_embedding_key(check_key(key_added))
+    copy = check_bool(copy, "copy")
+    check_adata(adata)
+    _check_writable(adata, copy)
+    run, loaded = _run(adata, model, options, ("embeddings", "llh") if llh else ("embeddings",))
+    update = Update()
+    update.remove(keys.embedding_family())
+    previous = adata.uns.get(keys.llh_uns, {})
+    if not llh and isinstance(previous, dict) and previous.get("params", {}).get("tool") == "embed":
+        update.remove(keys.likelihood_family())  # the likelihood of an earlier embed run under this key
+    params = _params(run, loaded, options, "embed", llh=llh)
+    update.set("obsm", keys.obsm, run.result.embeddings)
+    update.set("uns", keys.uns, {"params": params})
     if llh:
-        entry["llh"] = run.result.llh
-    adata.obsm[key_added] = run.result.embeddings
-    adata.uns[uns_key] = entry
-    if llh:
-        adata.obs[obs_key] = run.result.llh
-    return adata if copy else None
+        _likelihood_update(update, keys, run, adata, {**params, "level": "cell"}, "cell")
+    return update.apply(adata, copy=copy)
 
 
 #: Alias of :func:`embed`, named after the model like ``sc.tl.umap`` is after its method.
 transcriptformer = embed
 
 
+@with_run_options
+def likelihood(
+    adata: AnnData,
+    model: ModelArg = "tf-sapiens",
+    *,
+    level: Literal["cell", "gene"] = "cell",
+    key_added: str = "transcriptformer",
+    copy: bool = False,
+    options: RunOptions,
+) -> AnnData | None:
+    """How likely the model finds each cell, and each of its genes.
+
+    TranscriptFormer is generative: at each gene of a cell it predicts the gene's identity from the genes
+    before it (the gene-identity head) and the gene's count (the count head, a zero-truncated Poisson whose
+    rate is a softmax over the cell's genes times its total count). These are the negative
+    log-likelihoods (NLL, lower = more typical) of what the cell actually contains, exactly as the
+    published ``llh`` and ``gene_llh`` outputs compute them (inference mode: each gene's own count enters
+    the attention bias).
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix of raw counts, as in :func:`embed`.
+    model
+        As in :func:`embed`.
+    level
+        ``"cell"``: the per-cell count NLL. ``"gene"``: also every read gene's count NLL and gene-identity
+        NLL as sparse layers aligned with ``adata.var`` (needs the gene-identity head).
+    key_added
+        Base name of the outputs (below).
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    {run_options}
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` if ``copy=True``, with:
+
+    ``adata.obs[f"{key_added}_llh"]`` : float32
+        Mean count NLL over the genes the model read (the published ``llh``; NaN for a cell without any gene
+        of the vocabulary). Identical to ``embed(llh=True)``.
+    ``adata.obs[f"{key_added}_n_genes"]`` : int
+        Genes the model read (expressed, in the vocabulary, at most ``seq_len``).
+    ``adata.layers[f"{key_added}_count_nll"]`` : :class:`scipy.sparse.csr_matrix` (float32), ``level="gene"``
+        The count NLL of each read gene at that gene's column. Entries exist exactly for the genes the model
+        read; genes it did not read (not expressed, outside the vocabulary, beyond ``seq_len``) are absent,
+        never 0. The row mean over the stored entries is ``obs[f"{key_added}_llh"]``. published: for a cell
+        with ``seq_len`` or more genes, the last read gene's count is taken as 1.
+    ``adata.layers[f"{key_added}_gene_nll"]`` : :class:`scipy.sparse.csr_matrix` (float32), ``level="gene"``
+        The gene-identity cross-entropy of each read gene (the published ``gene_llh`` at the gene's slot).
+        At the last slot of a full-length cell the published target is ``[END]``; there this layer holds the
+        cross-entropy of the gene itself, and the ``[END]`` value goes to ``obs[f"{key_added}_end_nll"]``.
+    ``adata.obs[f"{key_added}_gene_nll"]``, ``adata.obs[f"{key_added}_end_nll"]`` : float32, ``level="gene"``
+        The mean of the gene-identity layer over the cell's read genes; the ``[END]`` cross-entropy of
+        full-length cells (NaN for the others).
+    ``adata.uns[f"{key_added}_llh"]["params"]`` : :class:`dict`
+        How it was computed.
+
+    When the counts come from ``.raw`` and ``raw.var`` has genes that ``adata.var`` lacks (e.g. ``adata`` was
+    subset to highly variable genes), those genes' entries cannot be placed in ``adata.layers`` and are left
+    out (a warning says how many; ``params["n_genes_not_in_var"]`` records it); the per-cell values in
+    ``obs`` still cover them. A run replaces everything an earlier likelihood run wrote under ``key_added``.
+
+    Examples
+    --------
+    >>> import transcriptformer.scanpy as tfs
+    >>> adata = tfs.datasets.tiny_human()
+    >>> tfs.tl.likelihood(adata, model=tfs.datasets.tiny_model_path(), level="gene")
+    >>> int(adata.layers["transcriptformer_count_nll"].nnz) == int(adata.obs["transcriptformer_n_genes"].sum())
+    True
+    """
+    if level not in ("cell", "gene"):
+        raise ValueError(f"level={level!r}; expected 'cell' or 'gene'.")
+    keys = Keys.from_base(check_key(key_added))
+    copy = check_bool(copy, "copy")
+    check_adata(adata)
+    _check_writable(adata, copy)
+    heads = ("llh", "end_nll", "count_nll", "gene_nll") if level == "gene" else ("llh",)
+    run, loaded = _run(adata, model, options, heads)
+    update = Update()
+    _likelihood_update(update, keys, run, adata, _params(run, loaded, options, "likelihood", level=level), level)
+    return update.apply(adata, copy=copy)
+
+
+@with_run_options
 def contextual_gene_embeddings(
     adata: AnnData,
     model: ModelArg = "tf-sapiens",
     *,
     genes: Sequence[str] | None = None,
-    gene_key: str | None = "ensembl_id",
-    layer: str | None = None,
-    batch_size: int | None = None,
-    max_tokens: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    clip_counts: float | None = 30,
-    normalize_to_scale: float | None = None,
-    species_embedding: SpeciesArg = None,
-    duplicate_genes: Literal["raise", "first"] = "raise",
-    filter_to_vocab: bool = True,
-    progress: bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    options: RunOptions,
 ) -> AnnData:
     """Contextual gene embeddings: one vector per gene per cell, read at the gene's prediction slot.
 
     The vector of gene ``g`` in a cell is the model's hidden state at the position where it
-    predicts ``g`` from the genes before it (the published ``--emb-type cge``).
+    predicts ``g`` from the genes before it (the published ``--emb-type cge``). For one vector per gene
+    (averaged over cells, or over the cells of each group) use :func:`gene_embeddings`, which streams.
 
     Parameters
     ----------
-    adata, model, gene_key, layer, batch_size, max_tokens, device, precision
-        As in :func:`embed`.
-    clip_counts, normalize_to_scale, species_embedding, duplicate_genes, filter_to_vocab, progress, cache_dir
+    adata, model
         As in :func:`embed`.
     genes
         Keep only these gene ids (version suffixes ignored); the others are dropped as the batches
         are computed, so memory holds only what is kept. The output for a whole atlas is large: one
         row per expressed gene per cell.
+    {run_options}
 
     Returns
     -------
     anndata.AnnData
         A new AnnData with one observation per (cell, gene): ``X`` holds the embeddings (float32),
-        ``obs`` has ``cell`` (the input's obs name), ``cell_index`` (its position), ``gene_id`` and
-        ``position`` (slot in the cell's sequence); ``uns["transcriptformer_cge"]["params"]`` the run's
+        ``obs`` has ``cell`` (the input's obs name), ``cell_index`` (its position), ``gene_id``, ``position``
+        (slot in the cell's sequence) and ``count`` (the count the model saw for that gene, after
+        ``normalize_to_scale`` and clipping); ``uns["transcriptformer_cge"]["params"]`` the run's
         parameters. ``adata`` is not modified.
     """
-    run, loaded, options = _run(
-        adata,
-        model,
-        Outputs(embeddings=False, cge=True),
-        TokenizeOptions(
-            gene_key=gene_key,
-            layer=layer,
-            clip_counts=clip_counts,
-            normalize_to_scale=normalize_to_scale,
-            filter_to_vocab=filter_to_vocab,
-            duplicate_genes=duplicate_genes,
-        ),
-        cge_genes=genes,
-        species_embedding=species_embedding,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        progress=progress,
-        cache_dir=cache_dir,
-    )
-    res = run.result
-    names = run.vocab.names()[res.cge_tokens]
-    cells = res.cge_cell_indices
+    run, loaded = _run(adata, model, options, ("cge", "count"), genes=genes)
+    res = run.result.genes
+    names = run.vocab.names()[res["token"]]
+    cells = res["cell"]
     obs = pd.DataFrame(
         {
             "cell": pd.Categorical(np.asarray(adata.obs_names)[cells]),
             "cell_index": cells,
             "gene_id": pd.Categorical(names),
-            "position": res.cge_positions,
+            "position": res["position"],
+            "count": res["count"].astype(np.float32),
         }
     )
     obs.index = obs.index.astype(str)
-    out = AnnData(X=res.cge_embeddings, obs=obs)
+    out = AnnData(X=res["cge"], obs=obs)
     out.var_names = [f"tf_{i}" for i in range(out.n_vars)]
+    genes_param = None if genes is None else [str(g) for g in ([genes] if isinstance(genes, str) else genes)]
     out.uns["transcriptformer_cge"] = {
-        "params": _params(run, loaded, options, genes=None if genes is None else list(genes))
+        "params": _params(run, loaded, options, "contextual_gene_embeddings", genes=genes_param)
     }
+    return out
+
+
+@with_run_options
+def gene_embeddings(
+    adata: AnnData,
+    model: ModelArg = "tf-sapiens",
+    *,
+    groupby: str | None = None,
+    genes: Sequence[str] | None = None,
+    key_added: str = "X_transcriptformer_genes",
+    copy: bool = False,
+    options: RunOptions,
+) -> AnnData | None:
+    """One embedding per gene: the mean of its contextual embeddings over the cells where the model read it.
+
+    The contextual embedding of a gene in a cell (:func:`contextual_gene_embeddings`) is the model's
+    hidden state where it predicts that gene from the genes before it. Averaging over cells gives a
+    vector per gene that reflects the cellular contexts it occurs in; averaging within groups (cell types,
+    species, conditions) lets the same gene be compared across them. The sums are accumulated as the
+    batches are computed: memory holds ``n_genes x embed_dim`` (times the number of groups) float64 values,
+    never one row per (cell, gene), so backed files of any size run in bounded memory.
+
+    Parameters
+    ----------
+    adata, model
+        As in :func:`embed`.
+    groupby
+        A categorical ``obs`` column: one mean per (group, gene). Cells whose group is missing are skipped.
+    genes
+        Only these gene ids (default: every gene of ``adata`` in the vocabulary).
+    key_added
+        Without ``groupby``: the ``varm`` key of the means and the prefix of ``var[f"{key_added}_n_cells"]``;
+        parameters go to ``uns[key_added]["params"]``.
+    copy
+        Without ``groupby``: return a modified copy instead of writing into ``adata``.
+    {run_options}
+
+    Returns
+    -------
+    Without ``groupby``: ``None`` (or a copy with ``copy=True``) with ``adata.varm[key_added]`` (float32,
+    ``n_vars x embed_dim``; NaN rows for genes never read), ``adata.var[f"{key_added}_n_cells"]`` (cells
+    that contributed) and ``adata.uns[key_added]["params"]``.
+
+    With ``groupby``: a new :class:`~anndata.AnnData` with one row per (group, gene) that occurs: ``X`` the
+    mean (float32), ``obs`` columns ``group``, ``gene_id`` (the vocabulary id), ``gene`` (the gene's
+    ``adata.var`` name) and ``n_cells``; ``uns["params"]``. ``adata`` is not modified.
+
+    Genes read from ``.raw`` that ``adata.var`` lacks are left out (their means have no row of ``adata.var``).
+    """
+    key_added = check_key(key_added)
+    copy = check_bool(copy, "copy")
+    check_adata(adata)
+    if groupby is None:
+        _check_writable(adata, copy)
+        codes, labels = None, ["all"]
+    else:
+        if not isinstance(groupby, str) or groupby not in adata.obs:
+            raise KeyError(f"groupby={groupby!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
+        cat = adata.obs[groupby].astype("category")
+        codes, labels = cat.cat.codes.to_numpy().astype(np.int64), [str(c) for c in cat.cat.categories]
+        if not labels:
+            raise ValueError(f"adata.obs[{groupby!r}] has no group.")
+    run, loaded = _run(
+        adata, model, options, ("gene_sum",), genes=genes, groups=codes, n_groups=len(labels), data_genes_only=True
+    )
+    sums = run.result.gene_sums
+    positions = run.source.token_positions(adata.var_names)[sums["tokens"]]
+    placed = positions >= 0
+    genes_param = None if genes is None else [str(g) for g in ([genes] if isinstance(genes, str) else genes)]
+    params = _params(run, loaded, options, "gene_embeddings", groupby=groupby, genes=genes_param)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = (sums["sum"] / sums["n"][..., None]).astype(np.float32)
+    E = loaded.embed_dim
+    if groupby is None:
+        varm = np.full((adata.n_vars, E), np.nan, dtype=np.float32)
+        n_cells = np.zeros(adata.n_vars, dtype=np.int64)
+        varm[positions[placed]] = means[0][placed]
+        n_cells[positions[placed]] = sums["n"][0][placed]
+        update = Update()
+        update.remove([("varm", key_added), ("var", f"{key_added}_n_cells"), ("uns", key_added)])
+        update.set("varm", key_added, varm)
+        update.set("var", f"{key_added}_n_cells", n_cells)
+        update.set("uns", key_added, {"params": params})
+        return update.apply(adata, copy=copy)
+    g, r = np.nonzero((sums["n"] > 0) & placed[None, :])
+    obs = pd.DataFrame(
+        {
+            "group": pd.Categorical([labels[i] for i in g], categories=labels),
+            "gene_id": pd.Categorical(run.vocab.names()[sums["tokens"][r]].astype(str)),
+            "gene": pd.Categorical(np.asarray(adata.var_names)[positions[r]]),
+            "n_cells": sums["n"][g, r].astype(np.int64),
+        }
+    )
+    obs.index = [f"{labels[i]}:{n}" for i, n in zip(g, obs["gene"], strict=True)]
+    out = AnnData(X=means[g, r], obs=obs)
+    out.var_names = [f"tf_{i}" for i in range(E)]
+    out.uns["params"] = params
     return out
 
 
@@ -332,13 +487,20 @@ def transfer_labels(
     anndata.AnnData | None
         ``None``, or a copy of ``adata`` if ``copy=True``.
     """
-    _check_adata(adata)
-    _check_adata(reference)
+    check_adata(adata)
+    check_adata(reference, "reference")
+    if method not in ("knn", "logreg"):
+        raise ValueError(f"method={method!r}; expected 'knn' or 'logreg'.")
+    from ..options import check_positive_int
+
+    n_neighbors = check_positive_int(n_neighbors, "n_neighbors", allow_none=False)
+    copy = check_bool(copy, "copy")
     for name, a in (("adata", adata), ("reference", reference)):
         if rep not in a.obsm:
             raise KeyError(f"{name}.obsm has no {rep!r}; embed it first with tfs.tl.embed(...).")
     if key not in reference.obs:
         raise KeyError(f"reference.obs has no column {key!r}; its columns are {list(reference.obs.columns)}.")
+    key_added = check_key(key_added or f"{key}_transferred")
     X_ref = np.asarray(reference.obsm[rep], dtype=np.float32)
     X_query = np.asarray(adata.obsm[rep], dtype=np.float32)
     if X_ref.shape[1] != X_query.shape[1]:
@@ -354,14 +516,11 @@ def transfer_labels(
     if method == "knn":
         from sklearn.neighbors import KNeighborsClassifier
 
-        k = min(n_neighbors, len(y))
-        clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
-    elif method == "logreg":
+        clf = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(y)), metric="cosine", weights="distance")
+    else:
         from sklearn.linear_model import LogisticRegression
 
         clf = LogisticRegression(max_iter=1000)
-    else:
-        raise ValueError(f"method={method!r}; expected 'knn' or 'logreg'.")
     if len(np.unique(y)) == 1:
         predicted = np.full(adata.n_obs, y[0], dtype=object)
         confidence = np.ones(adata.n_obs, dtype=np.float32)
@@ -370,13 +529,13 @@ def transfer_labels(
         proba = clf.predict_proba(X_query)
         predicted = clf.classes_[proba.argmax(axis=1)]
         confidence = proba.max(axis=1).astype(np.float32)
-    key_added = key_added or f"{key}_transferred"
-    if copy:
-        adata = adata.copy()
     categories = pd.unique(labels.dropna().astype(str))
-    adata.obs[key_added] = pd.Categorical(predicted, categories=categories)
-    adata.obs[f"{key_added}_confidence"] = confidence
-    adata.uns[key_added] = {
-        "params": {"key": key, "rep": rep, "method": method, "n_neighbors": n_neighbors, "n_reference": len(y)}
-    }
-    return adata if copy else None
+    update = Update()
+    update.set("obs", key_added, pd.Categorical(predicted, categories=categories))
+    update.set("obs", f"{key_added}_confidence", confidence)
+    update.set(
+        "uns",
+        key_added,
+        {"params": {"key": key, "rep": rep, "method": method, "n_neighbors": n_neighbors, "n_reference": len(y)}},
+    )
+    return update.apply(adata, copy=copy)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .errors import TranscriptFormerWarning
 from .vocab import AuxVocab, GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -34,17 +35,15 @@ __all__ = [
     "TokenWindow",
     "TokenizeOptions",
     "TranscriptFormerWarning",
+    "gene_ids",
     "prepare_cells",
+    "sequence_width",
     "strip_version",
 ]
 
 DEFAULT_GENE_KEY = "ensembl_id"
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _SYMBOL = re.compile(r"^[A-Za-z][A-Za-z0-9_\-\.@]{0,14}$")
-
-
-class TranscriptFormerWarning(UserWarning):
-    """Something about the input that the user should look at (results are still computed)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +107,15 @@ class TokenWindow:
         return len(self.lengths)
 
 
+def sequence_width(n_genes: int, seq_len: int) -> int:
+    """Slots a cell of ``n_genes`` genes occupies: its genes and the slot after the last (``min(n + 1, S)``).
+
+    The slot after the last gene is read by the cell embedding (published: the pooled positions are
+    START and the shifted genes); a cell of ``S`` or more genes fills all ``S`` slots.
+    """
+    return min(int(n_genes) + 1, int(seq_len))
+
+
 def strip_version(ids: Sequence[Any]) -> np.ndarray:
     """Cut each id at its first ``.`` (``ENSG00000141510.16`` -> ``ENSG00000141510``); non-strings become ``""``."""
     return np.asarray([s.split(".", 1)[0] if isinstance(s, str) else "" for s in ids], dtype=object)
@@ -148,7 +156,12 @@ def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:
     return adata.layers[layer], adata.var, f"layers[{layer!r}]"
 
 
-def _gene_ids(var: pd.DataFrame, gene_key: str | None, where: str) -> tuple[np.ndarray, str]:
+def gene_ids(var: pd.DataFrame, gene_key: str | None, where: str) -> tuple[np.ndarray, str]:
+    """Gene ids of ``var`` by the tokeniser's rules, and where they came from (for messages).
+
+    ``gene_key=None`` uses ``var_names``; the default column ``"ensembl_id"``, when absent, falls back to
+    ``var_names`` if they look like Ensembl ids.
+    """
     if gene_key is None:
         return np.asarray(var.index, dtype=object), "var_names"
     if gene_key in var.columns:
@@ -203,6 +216,7 @@ class CellSource:
         pad_zeros: bool,
         options: TokenizeOptions,
         source: str,
+        var_names: pd.Index | None = None,
         n_genes: int,
         n_matched: int,
         check_values: bool,
@@ -217,6 +231,7 @@ class CellSource:
         self.pad_zeros = pad_zeros
         self.options = options
         self.source = source
+        self.var_names = var_names  # names of the matrix's columns (``columns`` index into them)
         self.n_genes = n_genes
         self.n_matched = n_matched
         self._check_values = check_values
@@ -226,6 +241,26 @@ class CellSource:
     def n_obs(self) -> int:
         """Number of cells."""
         return int(self.matrix.shape[0])
+
+    def token_positions(self, var_names: pd.Index) -> np.ndarray:
+        """For every vocabulary token, the position of its gene in ``var_names`` (``-1``: not there).
+
+        The genes are the matrix columns the tokens were read from, matched to ``var_names`` by name (so
+        results computed from ``.raw`` can be placed in ``adata.var``). Special tokens map to ``-1``.
+        """
+        out = np.full(len(self.vocab), -1, dtype=np.int64)
+        genes = self.column_tokens >= self.vocab.n_special
+        var_names = pd.Index(var_names)
+        if var_names.equals(self.var_names):
+            out[self.column_tokens[genes]] = self.columns[genes]
+            return out
+        if not var_names.is_unique:
+            raise ValueError(
+                "adata.var_names are not unique, so results read from another matrix cannot be placed by gene "
+                "name; run adata.var_names_make_unique() first."
+            )
+        out[self.column_tokens[genes]] = var_names.get_indexer(self.var_names[self.columns[genes]])
+        return out
 
     def _read_block(self, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
         """Rows ``[start, stop)`` of the used columns as float32, canonical CSR if sparse.
@@ -263,6 +298,15 @@ class CellSource:
                     stacklevel=4,
                 )
 
+    def count_expressed(self, start: int, stop: int) -> np.ndarray:
+        """Expressed genes of the vocabulary in cells ``[start, stop)``, before truncation to ``seq_len``.
+
+        Reads the rows once, with the same value checks (and raw-count warning) as :meth:`read`.
+        """
+        block = self._read_block(start, stop)
+        self._check_block(block.data if sp.issparse(block) else block.ravel(), start)
+        return np.asarray((block != 0).sum(axis=1)).ravel().astype(np.int64)
+
     def read(self, start: int, stop: int) -> TokenWindow:
         """Tokenise cells ``[start, stop)``."""
         block = self._read_block(start, stop)
@@ -285,7 +329,7 @@ class CellSource:
             lengths = np.minimum(n_nonzero, S)
         else:  # zero-count genes stay as tokens, after the non-zero ones
             lengths = np.full(n, min(len(self.columns), S), dtype=np.int64)
-        width = max(1, min(int(lengths.max(initial=0)) + 1, S))
+        width = max(1, sequence_width(int(lengths.max(initial=0)), S))
         tokens = np.full((n, width), self.vocab.pad, dtype=np.int32)
         counts = np.zeros((n, width), dtype=np.float32)
         fits = slot < width
@@ -385,7 +429,7 @@ def prepare_cells(
         raise ValueError(f"adata.{source} is empty.")
     if matrix.shape[0] != adata.n_obs or matrix.shape[1] != len(var):
         raise ValueError(f"adata.{source} has shape {matrix.shape}, which does not match obs/var.")
-    raw_ids, id_source = _gene_ids(var, options.gene_key, source)
+    raw_ids, id_source = gene_ids(var, options.gene_key, source)
     ids = strip_version(raw_ids)
     first = ~pd.Index(ids).duplicated(keep="first") | (ids == "")
     if not first.all():
@@ -396,7 +440,7 @@ def prepare_cells(
                 f"e.g. {list(dups[:3])}. Pass duplicate_genes='first' to keep the first column of each."
             )
         logger.info("dropping %d duplicate gene column(s), keeping the first of each id.", int((~first).sum()))
-    tokens = vocab.lookup(list(ids))
+    tokens = vocab.lookup_genes(list(ids))  # special-token names are not genes
     in_vocab = (tokens >= 0) & first
     n_matched = int(in_vocab.sum())
     if n_matched == 0:
@@ -426,6 +470,7 @@ def prepare_cells(
         pad_zeros=pad_zeros,
         options=options,
         source=source,
+        var_names=var.index,
         n_genes=len(ids),
         n_matched=n_matched,
         check_values=backed,

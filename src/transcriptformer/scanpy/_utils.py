@@ -1,0 +1,142 @@
+"""Shared machinery of the scanpy tools: the run options in signatures, derived keys, all-or-nothing writes."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from anndata import AnnData
+
+from ..options import RUN_OPTIONS_DOC, RunOptions, check_bool
+
+logger = logging.getLogger("transcriptformer")
+
+__all__ = ["Keys", "Update", "check_adata", "with_run_options"]
+
+
+def with_run_options(func: Callable) -> Callable:
+    """Give a tool the keyword-only parameters of :class:`~transcriptformer.options.RunOptions`.
+
+    ``func`` takes ``options: RunOptions`` (keyword-only) and has ``{run_options}`` in its docstring's
+    Parameters section. The returned function's signature lists the shared options after ``func``'s own
+    keyword-only parameters (so ``help()``, IDEs and the API docs show them), builds and validates one
+    :class:`RunOptions` from them before anything else runs, and calls ``func`` with it. The shared
+    parameters are documented once, in :class:`RunOptions`.
+    """
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.name != "options"]
+    hints = typing.get_type_hints(RunOptions)
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+        for f in fields(RunOptions)
+    ]
+    names = set(RunOptions.names())
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        options = RunOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        return func(*args, options=options, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*own, *shared])  # type: ignore[attr-defined]
+    annotations = {k: v for k, v in typing.get_type_hints(func).items() if k != "options"}
+    wrapper.__annotations__ = {**annotations, **{p.name: p.annotation for p in shared}}
+    wrapper.__doc__ = (func.__doc__ or "").replace("    {run_options}", RUN_OPTIONS_DOC)
+    return wrapper
+
+
+def check_adata(adata: Any, name: str = "adata") -> None:
+    """An AnnData with at least one cell."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"{name} must be an AnnData, got {type(adata).__name__}.")
+    if adata.n_obs == 0:
+        raise ValueError(f"{name} has no cells.")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys one base name owns, derived in one place (as ``sc.tl.umap`` derives its keys).
+
+    The embedding family (written by :func:`~transcriptformer.scanpy.tl.embed`) is ``obsm[obsm]`` and
+    ``uns[base]``; the likelihood family (written by :func:`~transcriptformer.scanpy.tl.likelihood` and by
+    ``embed(llh=True)``) is ``obs[f"{base}_llh" | "_n_genes" | "_gene_nll" | "_end_nll"]``,
+    ``layers[f"{base}_count_nll" | "_gene_nll"]`` and ``uns[f"{base}_llh"]``.
+    """
+
+    base: str
+    obsm: str
+
+    @classmethod
+    def from_embedding_key(cls, key_added: str) -> Keys:
+        """``"X_transcriptformer"`` -> base ``"transcriptformer"``; a key without ``X_`` is its own base."""
+        return cls(base=key_added.removeprefix("X_") or key_added, obsm=key_added)
+
+    @classmethod
+    def from_base(cls, base: str) -> Keys:
+        """``"transcriptformer"`` -> embedding ``"X_transcriptformer"``."""
+        return cls(base=base, obsm=f"X_{base}")
+
+    @property
+    def uns(self) -> str:
+        return self.base
+
+    @property
+    def llh_uns(self) -> str:
+        return f"{self.base}_llh"
+
+    def obs(self, what: str) -> str:
+        return f"{self.base}_{what}"
+
+    def layer(self, what: str) -> str:
+        return f"{self.base}_{what}"
+
+    def embedding_family(self) -> list[tuple[str, str]]:
+        return [("obsm", self.obsm), ("uns", self.uns)]
+
+    def likelihood_family(self) -> list[tuple[str, str]]:
+        obs = [("obs", self.obs(w)) for w in ("llh", "n_genes", "gene_nll", "end_nll")]
+        layers = [("layers", self.layer(w)) for w in ("count_nll", "gene_nll")]
+        return [*obs, *layers, ("uns", self.llh_uns)]
+
+
+@dataclass
+class Update:
+    """Writes to an AnnData collected while computing, applied all at once at the end.
+
+    Nothing touches the AnnData until :meth:`apply`, so an error anywhere before leaves it as it was.
+    ``remove`` lists keys an earlier run owned that this run replaces (so results of two runs are never
+    mixed under one key).
+    """
+
+    writes: list[tuple[str, str, Any]] = field(default_factory=list)
+    removals: list[tuple[str, str]] = field(default_factory=list)
+
+    def set(self, slot: str, key: str, value: Any) -> None:
+        self.writes.append((slot, key, value))
+
+    def remove(self, entries: Iterable[tuple[str, str]]) -> None:
+        self.removals.extend(entries)
+
+    def apply(self, adata: AnnData, *, copy: bool) -> AnnData | None:
+        """Write into ``adata`` (or into a copy, returned, when ``copy``)."""
+        copy = check_bool(copy, "copy")
+        if copy:
+            adata = adata.to_memory() if adata.isbacked else adata.copy()
+        elif adata.is_view:
+            adata._init_as_actual(adata.copy())  # as scanpy does: writing into a view makes it actual
+        written = {(slot, key) for slot, key, _ in self.writes}
+        removed = []
+        for slot, key in self.removals:
+            container = getattr(adata, slot)
+            if (slot, key) not in written and key in container:
+                del container[key]
+                removed.append(f"{slot}[{key!r}]")
+        if removed:
+            logger.info("removed the earlier run's %s (replaced by this run)", ", ".join(removed))
+        for slot, key, value in self.writes:
+            getattr(adata, slot)[key] = value
+        return adata if copy else None
