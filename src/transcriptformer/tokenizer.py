@@ -35,8 +35,8 @@ __all__ = [
     "TokenWindow",
     "TokenizeOptions",
     "TranscriptFormerWarning",
-    "gene_ids",
     "prepare_cells",
+    "read_gene_ids",
     "sequence_width",
     "strip_version",
 ]
@@ -156,7 +156,7 @@ def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:
     return adata.layers[layer], adata.var, f"layers[{layer!r}]"
 
 
-def gene_ids(var: pd.DataFrame, gene_key: str | None, where: str) -> tuple[np.ndarray, str]:
+def read_gene_ids(var: pd.DataFrame, gene_key: str | None, where: str) -> tuple[np.ndarray, str]:
     """Gene ids of ``var`` by the tokeniser's rules, and where they came from (for messages).
 
     ``gene_key=None`` uses ``var_names``; the default column ``"ensembl_id"``, when absent, falls back to
@@ -429,7 +429,7 @@ def prepare_cells(
         raise ValueError(f"adata.{source} is empty.")
     if matrix.shape[0] != adata.n_obs or matrix.shape[1] != len(var):
         raise ValueError(f"adata.{source} has shape {matrix.shape}, which does not match obs/var.")
-    raw_ids, id_source = gene_ids(var, options.gene_key, source)
+    raw_ids, id_source = read_gene_ids(var, options.gene_key, source)
     ids = strip_version(raw_ids)
     first = ~pd.Index(ids).duplicated(keep="first") | (ids == "")
     if not first.all():

