@@ -843,12 +843,15 @@ class TranscriptFormer(nn.Module):
         """Count-head logits ``(B, L)`` float32, before the link function."""
         return self.mu(hidden, target_emb, tokens, gene_bias)
 
+    def link(self, logit: Tensor) -> Tensor:
+        """An elementwise link function applied to count logits (every link but ``softmax``)."""
+        return _ELEMENTWISE_LINKS[self.config.mu_link_fn](logit)
+
     def count_rate(self, hidden: Tensor, target_emb: Tensor, tokens: Tensor, counts: Tensor, gene_bias=None) -> Tensor:
         """Expected count ``mu`` per position (``(B, L)``, float32)."""
         logit = self.count_logits(hidden, target_emb, tokens, gene_bias)
-        link = self.config.mu_link_fn
-        if link != "softmax":
-            return _ELEMENTWISE_LINKS[link](logit)
+        if self.config.mu_link_fn != "softmax":
+            return self.link(logit)
         logit = logit.masked_fill(tokens == self.pad_idx, float("-inf"))
         return torch.softmax(logit, dim=-1) * counts.float().sum(dim=-1, keepdim=True)
 
