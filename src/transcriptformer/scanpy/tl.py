@@ -63,7 +63,7 @@ def _params(run: Inference, loaded: LoadedModel, options: RunOptions, tool: str,
     params: dict[str, Any] = {
         "tool": tool,
         "model": loaded.name,
-        "model_path": str(loaded.path),
+        "model_path": str(loaded.path) if loaded.path is not None else "in memory",
         "weights_sha256": loaded.weights_sha256,
         **options.record(),
         "gene_key": options.gene_key if options.gene_key is not None else "var_names",
@@ -79,6 +79,10 @@ def _params(run: Inference, loaded: LoadedModel, options: RunOptions, tool: str,
     }
     if "attention_fallback" in stats:
         params["attention_fallback"] = stats["attention_fallback"]
+    if loaded.adapter:
+        params["adapter"] = loaded.adapter["path"]
+        params["adapter_sha256"] = loaded.adapter["sha256"]
+        params["adapter_merged"] = loaded.adapter["merged"]
     if run.species_tables:
         params["species_embedding"] = [str(p) for p in run.species_tables]
     params.update({k: v for k, v in extra.items() if v is not None})
