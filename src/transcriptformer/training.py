@@ -439,7 +439,7 @@ def _fit(
             net.eval()
             entry["validation"] = _evaluate(view(), val_sources, options, str(device), precision)
         history.append(entry)
-        logger.info("epoch %d: %s", epoch + 1, entry)
+        logger.info("epoch %d: %s", epoch + 1, {k: v for k, v in entry.items() if k != "step_losses"})
         if rank == 0:
             save(net, output_dir / "epochs" / f"epoch-{epoch + 1}")
             trainable = {k: v.detach().cpu() for k, v in net.state_dict().items() if _is_trainable(net, k)}

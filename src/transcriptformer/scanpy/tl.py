@@ -26,6 +26,7 @@ from ._utils import Keys, Update, check_adata, with_run_options
 logger = logging.getLogger("transcriptformer")
 
 __all__ = [
+    "celltype_similarity",
     "contextual_gene_embeddings",
     "embed",
     "gene_embeddings",
@@ -33,6 +34,7 @@ __all__ = [
     "likelihood",
     "transcriptformer",
     "transfer_labels",
+    "umap",
 ]
 
 ModelArg = str | os.PathLike | LoadedModel
@@ -703,3 +705,163 @@ def transfer_labels(
         {"params": {"key": key, "rep": rep, "method": method, "n_neighbors": n_neighbors, "n_reference": len(y)}},
     )
     return update.apply(adata, copy=copy)
+
+
+def _fingerprint(X) -> str:
+    """A cheap digest of an embedding (shape and a sample of rows), to notice that it changed."""
+    import hashlib
+
+    X = np.asarray(X)
+    sample = np.ascontiguousarray(X[:: max(1, len(X) // 1000)], dtype=np.float32)
+    return hashlib.sha1(repr(X.shape).encode() + sample.tobytes()).hexdigest()
+
+
+def umap(adata: AnnData, *, rep: str = "X_transcriptformer", n_neighbors: int = 15, random_state: int = 0) -> str:
+    """Neighbours and a UMAP of an embedding, under the package's own keys (the user's ``X_umap`` is left alone).
+
+    For ``rep="X_transcriptformer"`` the graph goes to ``uns["transcriptformer_neighbors"]`` (and the
+    matching ``obsp`` entries) and the coordinates to ``obsm["X_umap_transcriptformer"]``. Nothing is
+    recomputed when both exist and were made from the same embedding (a fingerprint of it is kept) with the
+    same settings.
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``obsm[rep]``.
+    rep
+        The embedding.
+    n_neighbors, random_state
+        Passed to :func:`scanpy.pp.neighbors` and :func:`scanpy.tl.umap`.
+
+    Returns
+    -------
+    str
+        The basis name for :func:`scanpy.pl.embedding` (``"X_umap_transcriptformer"``).
+    """
+    import scanpy as sc
+
+    check_adata(adata)
+    if rep not in adata.obsm:
+        raise KeyError(f"adata.obsm has no {rep!r}; run tfs.tl.embed(adata, ...) first (or pass rep=<obsm key>).")
+    base = rep.removeprefix("X_")
+    basis, key = f"X_umap_{base}", f"{base}_neighbors"
+    wanted = {"use_rep": rep, "n_neighbors": n_neighbors, "random_state": random_state}
+    wanted["fingerprint"] = _fingerprint(adata.obsm[rep])
+    params = adata.uns.get(key, {}).get("params", {})
+    if basis not in adata.obsm or any(params.get(k) != v for k, v in wanted.items()):
+        logger.info("computing neighbours and a UMAP of obsm[%r] (stored as obsm[%r], uns[%r])", rep, basis, key)
+        k = min(n_neighbors, adata.n_obs - 1)
+        sc.pp.neighbors(adata, use_rep=rep, n_neighbors=k, key_added=key, random_state=random_state)
+        coords = sc.tl.umap(adata, neighbors_key=key, random_state=random_state, copy=True).obsm["X_umap"]
+        adata.obsm[basis] = coords
+        adata.uns[key]["params"]["fingerprint"] = wanted["fingerprint"]
+        adata.uns[key]["params"]["n_neighbors"] = n_neighbors
+    return basis
+
+
+def celltype_similarity(
+    adatas: AnnData | dict[str, AnnData] | Sequence[AnnData],
+    *,
+    groupby: str,
+    batch_key: str | None = None,
+    rep: str = "X_transcriptformer",
+    method: Literal["centroid_cosine", "knn_transfer"] = "centroid_cosine",
+    n_neighbors: int = 15,
+    key_added: str = "transcriptformer_celltype_similarity",
+) -> pd.DataFrame:
+    """How similar the cell types of different datasets (or species) are in the embedding.
+
+    What the TranscriptFormer paper shows across species: cells of matching types should be close although
+    their genes are those of different species.
+
+    Parameters
+    ----------
+    adatas
+        ``{dataset label: AnnData}``, a list of AnnData (labelled ``"0"``, ``"1"``, ...) or one AnnData whose
+        datasets are told apart by ``batch_key``. Every dataset must have ``obsm[rep]`` from the same model.
+    groupby
+        The ``obs`` column with the cell types.
+    batch_key
+        With one AnnData: the ``obs`` column naming each cell's dataset or species.
+    rep
+        The embedding.
+    method
+        ``"centroid_cosine"``: the cosine similarity of the types' mean embeddings. ``"knn_transfer"``: for a
+        type ``a`` of dataset ``A`` and a type ``b`` of dataset ``B``, the share of ``a``'s cells whose
+        ``n_neighbors`` nearest cells of ``B`` (cosine) vote for ``b``; entries within one dataset are NaN.
+    n_neighbors
+        Neighbours for ``"knn_transfer"``.
+    key_added
+        With one AnnData: the result is also stored in ``adata.uns[key_added]`` (``"similarity"`` and
+        ``"params"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Rows and columns ``"dataset | cell type"`` for every (dataset, type) with at least one cell.
+    """
+    if isinstance(adatas, AnnData):
+        check_adata(adatas)
+        if batch_key is None:
+            parts = {"data": adatas}
+        else:
+            if batch_key not in adatas.obs:
+                raise KeyError(f"adata.obs has no column {batch_key!r}.")
+            labels = adatas.obs[batch_key].astype(str)
+            parts = {b: adatas[(labels == b).to_numpy()] for b in pd.unique(labels)}
+    elif isinstance(adatas, dict):
+        parts = dict(adatas)
+    else:
+        parts = {str(i): a for i, a in enumerate(adatas)}
+    if method not in ("centroid_cosine", "knn_transfer"):
+        raise ValueError(f"method={method!r}; expected 'centroid_cosine' or 'knn_transfer'.")
+    widths = set()
+    for name, a in parts.items():
+        if rep not in a.obsm:
+            raise KeyError(f"dataset {name!r} has no obsm[{rep!r}]; embed it first with tfs.tl.embed.")
+        if groupby not in a.obs:
+            raise KeyError(f"dataset {name!r} has no obs column {groupby!r}.")
+        widths.add(a.obsm[rep].shape[1])
+    if len(widths) > 1:
+        raise ValueError(f"the embeddings have different widths {sorted(widths)}: embed every dataset with one model.")
+    groups: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}  # label -> (dataset, cells' embeddings, mask)
+    data = {}
+    for name, a in parts.items():
+        X = np.asarray(a.obsm[rep], dtype=np.float64)
+        y = a.obs[groupby].astype(str).to_numpy()
+        known = a.obs[groupby].notna().to_numpy()
+        data[name] = (X[known], y[known])
+        for g in sorted(pd.unique(y[known])):
+            groups[f"{name} | {g}"] = (name, g)
+    labels = list(groups)
+    out = pd.DataFrame(np.nan, index=labels, columns=labels)
+    if method == "centroid_cosine":
+        centroids = []
+        for label in labels:
+            name, g = groups[label]
+            X, y = data[name]
+            c = X[y == g].mean(axis=0)
+            centroids.append(c / max(np.linalg.norm(c), 1e-12))
+        C = np.stack(centroids)
+        out[:] = C @ C.T
+    else:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        for a_name, (Xa, ya) in data.items():
+            for b_name, (Xb, yb) in data.items():
+                if a_name == b_name:
+                    continue
+                clf = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(yb)), metric="cosine").fit(Xb, yb)
+                pred = clf.predict(Xa)
+                for g in pd.unique(ya):
+                    share = pd.Series(pred[ya == g]).value_counts(normalize=True)
+                    for h, v in share.items():
+                        out.loc[f"{a_name} | {g}", f"{b_name} | {h}"] = v
+                    cols = [c for c in labels if groups[c][0] == b_name]
+                    out.loc[f"{a_name} | {g}", cols] = out.loc[f"{a_name} | {g}", cols].fillna(0.0)
+    if isinstance(adatas, AnnData):
+        adatas.uns[key_added] = {
+            "similarity": out,
+            "params": {"groupby": groupby, "batch_key": batch_key or "none", "rep": rep, "method": method},
+        }
+    return out
