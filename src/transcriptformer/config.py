@@ -9,7 +9,6 @@ keys we do not use are ignored, ``null`` and missing keys fall back to the defau
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -162,6 +161,15 @@ class ModelConfig:
             raise ValueError(f"config.json: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}.")
         if self.softcap < 0 or not math.isfinite(self.softcap):
             raise ValueError(f"config.json: softcap must be a finite number >= 0, got {self.softcap}.")
+        if not (math.isfinite(self.log_counts_eps) and self.log_counts_eps >= 0):
+            raise ValueError(f"config.json: log_counts_eps must be a finite number >= 0, got {self.log_counts_eps}.")
+        if not 0 <= self.dropout <= 1:
+            raise ValueError(f"config.json: dropout must be between 0 and 1, got {self.dropout}.")
+        if self.gene_head_hidden_dim <= 0:
+            raise ValueError(
+                f"config.json: model_config.gene_head_hidden_dim must be a positive integer, got "
+                f"{self.gene_head_hidden_dim}."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -246,24 +254,38 @@ class TranscriptFormerConfig:
             raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}.")
         root = raw.get("model", raw)
         if not isinstance(root, Mapping):
-            raise ValueError("config.json: 'model' must be a JSON object.")
-        model = _build(ModelConfig, root.get("model_config"), "model_config")
-        data_section = dict(root.get("data_config") or {})
+            raise ValueError(f"config.json: 'model' must be a JSON object, got {type(root).__name__}.")
+        sections = {}
+        for label in ("model_config", "data_config", "loss_config"):
+            section = root.get(label)
+            if section is not None and not isinstance(section, Mapping):
+                raise ValueError(f"config.json: {label} must be a JSON object, got {type(section).__name__}.")
+            sections[label] = dict(section or {})
+        model = _build(ModelConfig, sections["model_config"], "model_config")
+        data_section = sections["data_config"]
         if "aux_cols" in data_section:  # null (or "") means the checkpoint has no auxiliary token
-            data_section["aux_cols"] = split_names(data_section["aux_cols"])
+            try:
+                data_section["aux_cols"] = split_names(data_section["aux_cols"])
+            except TypeError:
+                raise ValueError(
+                    f"config.json: data_config.aux_cols must be a comma-separated string or a list of column "
+                    f"names, got {data_section['aux_cols']!r}."
+                ) from None
         data = _build(DataConfig, data_section, "data_config")
-        loss = _build(LossConfig, root.get("loss_config"), "loss_config")
+        loss = _build(LossConfig, sections["loss_config"], "loss_config")
         return cls(model=model, data=data, loss=loss)
 
     @classmethod
     def from_json(cls, path: str | Path) -> TranscriptFormerConfig:
         """Read ``config.json`` from ``path``."""
+        from ._hash import read_json
+
         path = Path(path)
+        raw = read_json(path, "the checkpoint's config", "Restore it from the checkpoint's download.")
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+            return cls.from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> TranscriptFormerConfig:
         """Return a copy with dotted keys replaced, e.g. ``{"model_config.softcap": 0}``.
@@ -285,30 +307,70 @@ class TranscriptFormerConfig:
             names = {f.name for f in fields(sub)}
             if parts[1] not in names:
                 raise ValueError(f"config override {key!r}: {section} config has no key {parts[1]!r}.")
-            cfg = replace(cfg, **{section: replace(sub, **{parts[1]: _coerce(type(sub), parts[1], value)})})
+            try:
+                coerced = _coerce(type(sub), parts[1], value)
+            except ValueError as e:
+                raise ValueError(f"config override {key!r}: {e}.") from None
+            cfg = replace(cfg, **{section: replace(sub, **{parts[1]: coerced})})
         return cfg
 
 
+def parse_bool(value: Any) -> bool:
+    """A boolean from JSON or text: ``true``/``false``/``1``/``0``/``yes``/``no`` (any case), or a bool/0/1.
+
+    Raises
+    ------
+    ValueError
+        Anything else (``2``, ``"off"``, ``None``, ...).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+    raise ValueError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
+
+
 def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Convert a JSON value to the type of dataclass field ``name`` (ints stay ints, lists become tuples)."""
+    """Convert a JSON value to the type of dataclass field ``name`` (ints stay ints, lists become tuples).
+
+    Strict: booleans are not numbers, numbers must be finite, text must be text.
+    """
     default = next(f for f in fields(cls) if f.name == name).default
     if isinstance(default, bool):
+        return parse_bool(value)
+    if isinstance(default, int | float):
         if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError(f"{cls.__name__}.{name}: expected a boolean, got {value!r}.")
-        return bool(value)
-    if isinstance(default, int):
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{cls.__name__}.{name}: expected an integer, got {value!r}.")
-        return int(value)
-    if isinstance(default, float):
+            try:
+                value = float(value.strip()) if default.__class__ is float else int(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
         return float(value)
     if isinstance(default, tuple):
+        if not isinstance(value, str | list | tuple) or not all(isinstance(v, str) for v in split_list(value)):
+            raise ValueError(f"expected a list of names, got {value!r}")
         return split_names(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
     return value
+
+
+def split_list(value: str | list | tuple) -> list:
+    """The items of a comma-separated string or a list (for type checks)."""
+    return value.split(",") if isinstance(value, str) else list(value)
 
 
 def _build(cls: type, section: Mapping[str, Any] | None, label: str) -> Any:
@@ -326,5 +388,5 @@ def _build(cls: type, section: Mapping[str, Any] | None, label: str) -> Any:
         try:
             kwargs[key] = _coerce(cls, key, value)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"config.json: {label}.{key}: {e}") from None
+            raise ValueError(f"config.json: {label}.{key}: {e}.") from None
     return cls(**kwargs)

@@ -1069,6 +1069,7 @@ def infer(
     """
     from . import registry
 
+    loaded.check_weights_unchanged()
     tokenize = tokenize or TokenizeOptions()
     vocab, tables, species_paths = loaded.vocab, None, None
     if any(HEADS[h].gene_head for h in heads if h in HEADS):

@@ -16,7 +16,7 @@ from ..options import RUN_OPTIONS_DOC, RunOptions, check_bool
 
 logger = logging.getLogger("transcriptformer")
 
-__all__ = ["Keys", "Update", "check_adata", "with_run_options"]
+__all__ = ["Keys", "Update", "check_adata", "check_writable", "with_run_options"]
 
 
 def with_run_options(func: Callable) -> Callable:
@@ -55,6 +55,15 @@ def check_adata(adata: Any, name: str = "adata") -> None:
         raise TypeError(f"{name} must be an AnnData, got {type(adata).__name__}.")
     if adata.n_obs == 0:
         raise ValueError(f"{name} has no cells.")
+
+
+def check_writable(adata: AnnData, copy: bool) -> None:
+    """Refuse up front what could only fail after the compute: writing into a view of a backed file."""
+    if adata.is_view and adata.isbacked and not copy:
+        raise ValueError(
+            "adata is a view of a backed AnnData, which cannot take results in place. Pass copy=True (returns an "
+            "in-memory copy with the results), or load the subset first: adata = adata[...].to_memory()."
+        )
 
 
 @dataclass(frozen=True)
