@@ -306,6 +306,26 @@ def _describe_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
     return "; ".join(parts)
 
 
+def _skip_init_mode():
+    """A torch-function mode (thread-local) under which the in-place initialisers of ``torch.nn.init`` do nothing.
+
+    Used with the ``meta`` device while building a network whose every tensor is then assigned from the
+    weights: random initialisation would be wasted work, and on ``meta`` tensors ``normal_`` imports
+    ``torch._dynamo`` (1.5 s). A mode, unlike patching ``torch.nn.init``, affects only this thread.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    class SkipInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_") and name[0] != "_":
+                return args[0] if args else kwargs["tensor"]
+            return func(*args, **kwargs)
+
+    return SkipInit()
+
+
 def _is_download(path: Path) -> bool:
     from . import registry
 
@@ -366,7 +386,10 @@ def build_model(
     ids, esm_dim = read_table_ids(tables)
     vocab = GeneVocab(dc.special_tokens, ids, pad_token=dc.gene_pad_token)
     aux_vocabs = tuple(read_aux_vocab(f) for f in aux_files)
-    with torch.device("meta"):  # no memory, no random initialisation: every tensor comes from the weights
+    with (
+        torch.device("meta"),
+        _skip_init_mode(),
+    ):  # no memory, no random initialisation: every tensor comes from the weights
         model = TranscriptFormer(
             config.model,
             vocab_size=len(vocab),

@@ -34,6 +34,8 @@ __all__ = [
     "MuLink",
     "Precision",
     "TranscriptFormerConfig",
+    "device_name",
+    "parse_bool",
     "split_names",
 ]
 
@@ -78,6 +80,30 @@ ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 #: Devices by kind; ``"cuda:1"`` and other indexed names are accepted too.
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DEVICES: tuple[str, ...] = get_args(Device)
+
+
+def device_name(device: Any) -> str:
+    """The normalised name of a device option (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+
+    Accepts those strings (any case, surrounding spaces ignored) and ``torch.device`` objects of those kinds.
+    Whether the device exists here is checked when a run starts
+    (:func:`~transcriptformer.engine.resolve_device`).
+
+    Raises
+    ------
+    ValueError
+        Anything else (``"tpu"``, ``""``, ``None``, ``0``, ``"meta"``, ``"cpu:0"``, ...).
+    """
+    if type(device).__name__ == "device" and hasattr(device, "type"):  # torch.device, without importing torch
+        name = str(device)
+    elif isinstance(device, str) and device.strip():
+        name = device.strip().lower()
+    else:
+        name = ""
+    kind, sep, index = name.partition(":")
+    if kind not in DEVICES or (sep and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"device={device!r}; expected one of {', '.join(map(repr, DEVICES))} or e.g. 'cuda:1'.")
+    return name
 
 
 def split_names(value: Any) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from ..options import RUN_OPTIONS_DOC, RunOptions, check_bool
 
 logger = logging.getLogger("transcriptformer")
 
-__all__ = ["Keys", "Update", "check_adata", "check_writable", "with_run_options"]
+__all__ = ["Keys", "Update", "check_adata", "check_writable", "in_memory_copy", "with_run_options"]
 
 
 def with_run_options(func: Callable) -> Callable:
@@ -64,6 +64,11 @@ def check_writable(adata: AnnData, copy: bool) -> None:
             "adata is a view of a backed AnnData, which cannot take results in place. Pass copy=True (returns an "
             "in-memory copy with the results), or load the subset first: adata = adata[...].to_memory()."
         )
+
+
+def in_memory_copy(adata: AnnData) -> AnnData:
+    """A copy in memory (a backed AnnData, or a view of one, cannot be copied with ``.copy()``)."""
+    return adata.to_memory() if adata.isbacked else adata.copy()
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ class Update:
         """Write into ``adata`` (or into a copy, returned, when ``copy``)."""
         copy = check_bool(copy, "copy")
         if copy:
-            adata = adata.to_memory() if adata.isbacked else adata.copy()
+            adata = in_memory_copy(adata)
         elif adata.is_view:
             adata._init_as_actual(adata.copy())  # as scanpy does: writing into a view makes it actual
         written = {(slot, key) for slot, key, _ in self.writes}

@@ -19,7 +19,7 @@ from anndata import AnnData
 
 from .. import __version__
 from ..checkpoint import LoadedModel, load_model
-from ..options import RunOptions, check_bool, check_key
+from ..options import RunOptions, check_bool, check_genes, check_key
 from ._utils import Keys, Update, check_adata, check_writable, with_run_options
 
 if TYPE_CHECKING:
@@ -319,6 +319,7 @@ def contextual_gene_embeddings(
         ``normalize_to_scale`` and clipping); ``uns["transcriptformer_cge"]["params"]`` the run's
         parameters. ``adata`` is not modified.
     """
+    genes = check_genes(genes)
     run, loaded = _run(adata, model, options, ("cge", "count"), genes=genes)
     res = run.result.genes
     names = run.vocab.names()[res["token"]]
@@ -391,6 +392,7 @@ def gene_embeddings(
     """
     key_added = check_key(key_added)
     copy = check_bool(copy, "copy")
+    genes = check_genes(genes)
     check_adata(adata)
     if groupby is None:
         check_writable(adata, copy)
@@ -485,6 +487,8 @@ def transfer_labels(
     """
     check_adata(adata)
     check_adata(reference, "reference")
+    key = check_key(key, "key")
+    rep = check_key(rep, "rep")
     if method not in ("knn", "logreg"):
         raise ValueError(f"method={method!r}; expected 'knn' or 'logreg'.")
     from ..options import check_positive_int
@@ -496,7 +500,7 @@ def transfer_labels(
             raise KeyError(f"{name}.obsm has no {rep!r}; embed it first with tfs.tl.embed(...).")
     if key not in reference.obs:
         raise KeyError(f"reference.obs has no column {key!r}; its columns are {list(reference.obs.columns)}.")
-    key_added = check_key(key_added or f"{key}_transferred")
+    key_added = f"{key}_transferred" if key_added is None else check_key(key_added)
     X_ref = np.asarray(reference.obsm[rep], dtype=np.float32)
     X_query = np.asarray(adata.obsm[rep], dtype=np.float32)
     if X_ref.shape[1] != X_query.shape[1]:
