@@ -370,13 +370,13 @@ def _safe_extract(tarball: Path, target: Path, expected_top: str, progress: bool
                 if max_bytes is not None and total > max_bytes:
                     raise _refuse(
                         tarball,
-                        f"its members unpack to more than {max_bytes / GiB:.1f} GiB, more than this model can "
-                        "take (the archive is not the published one).",
+                        f"its members unpack to more than {_size(max_bytes)}, more than this download can take "
+                        "(the archive is not the published one).",
                     )
             free = shutil.disk_usage(target).free
             if total > free:
                 raise ValueError(
-                    f"{tarball.name} unpacks to {total / GiB:.2f} GiB but {target} has {free / GiB:.2f} GiB free; "
+                    f"{tarball.name} unpacks to {_size(total)} but {target} has {_size(free)} free; "
                     "free some space or set TRANSCRIPTFORMER_CACHE to a larger disk."
                 )
             for m in tqdm(members, desc=f"extracting {tarball.name}", unit="file", disable=not progress):
@@ -388,6 +388,10 @@ def _safe_extract(tarball: Path, target: Path, expected_top: str, progress: bool
             f"{tarball.name} is not a complete tar.gz archive ({e}); the download was probably cut short. "
             "Nothing was cached: download it again."
         ) from e
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
 
 
 def _check_unpacked(entry: Entry, folder: Path, tarball: str) -> None:
