@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,21 +51,31 @@ print(json.dumps({{"import_s": t1 - t0, "torch": "torch" in sys.modules, "scanpy
 """
 
 
+SRC = ROOT / "src"
+
+
 def _env(cache: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if cache is not None:
         env["TRANSCRIPTFORMER_CACHE"] = str(cache)
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, str, float]:
+    """Wall time, stdout and CPU time (user + system) of a child process.
+
+    The CPU time hardly depends on what else the machine runs, unlike the wall time on a shared machine.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, proc.stdout, cpu
 
 
 def _median(values: list[float]) -> float:
@@ -85,14 +96,15 @@ def measure_imports(repeats: int) -> dict:
         "transcriptformer inference --help": [exe, "inference", "--help"],
     }
     for name, cmd in cases.items():
-        walls, inner, info = [], [], {}
+        walls, cpus, inner, info = [], [], [], {}
         for _ in range(repeats):
-            wall, stdout = _run(cmd, env)
+            wall, stdout, cpu = _run(cmd, env)
             walls.append(wall)
+            cpus.append(cpu)
             if name.startswith("import"):
                 info = json.loads(stdout.strip().splitlines()[-1])
                 inner.append(info["import_s"])
-        out[name] = {"wall_s": _median(walls), "runs": [round(w, 3) for w in walls]}
+        out[name] = {"wall_s": _median(walls), "cpu_s": _median(cpus), "runs": [round(w, 3) for w in walls]}
         if inner:
             out[name].update(import_s=_median(inner), imports_torch=info["torch"], imports_scanpy=info["scanpy"])
     return out
@@ -105,9 +117,18 @@ def measure_loads(checkpoint: Path, loads: int) -> list[dict]:
         env = _env(cache)
         rows = []
         for i in range(loads):
-            wall, stdout = _run([sys.executable, "-c", LOAD, str(checkpoint)], env)
+            load_avg = os.getloadavg()[0]
+            wall, stdout, cpu = _run([sys.executable, "-c", LOAD, str(checkpoint)], env)
             row = json.loads(stdout.strip().splitlines()[-1])
-            rows.append({"load": i + 1, "process_wall_s": round(wall, 3), **{k: round(v, 3) for k, v in row.items()}})
+            rows.append(
+                {
+                    "load": i + 1,
+                    "process_wall_s": round(wall, 3),
+                    "process_cpu_s": round(cpu, 3),
+                    **{k: round(v, 3) for k, v in row.items()},
+                    "load_average": round(load_avg, 2),
+                }
+            )
             print(rows[-1], file=sys.stderr)
         return rows
     finally:
@@ -115,15 +136,23 @@ def measure_loads(checkpoint: Path, loads: int) -> list[dict]:
 
 
 def main() -> None:
+    global SRC
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, help="checkpoint folder (e.g. made with --preset sapiens)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per import measurement")
     parser.add_argument("--loads", type=int, default=3, help="loads, each in a new process")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--src", type=Path, default=SRC, help="the package's src/ folder to measure (e.g. an old one)")
     args = parser.parse_args()
-    result: dict = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "imports": measure_imports(args.repeats)}
+    SRC = args.src.resolve()
+    result: dict = {"src": str(SRC), "python": sys.version.split()[0], "cpus": os.cpu_count()}
+    result["imports"] = measure_imports(args.repeats)
+    result["load_average_before"] = round(os.getloadavg()[0], 2)
     for name, row in result["imports"].items():
-        print(f"{name:40s} {row['wall_s']:.3f} s  {row.get('imports_torch', '')}", file=sys.stderr)
+        print(
+            f"{name:40s} {row['wall_s']:.3f} s (cpu {row['cpu_s']:.3f} s) {row.get('imports_torch', '')}",
+            file=sys.stderr,
+        )
     if args.checkpoint:
         size = (args.checkpoint / "model_weights.pt").stat().st_size
         result["checkpoint"] = {"path": str(args.checkpoint), "weights_bytes": size}

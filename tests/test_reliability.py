@@ -135,6 +135,18 @@ def test_an_existing_folder_wins_over_a_registry_name(tmp_path, tiny_path, monke
     transcriptformer.clear_cache()
 
 
+def test_an_existing_file_wins_over_a_species_name(tmp_path, tiny_path, tiny_adata, monkeypatch):
+    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", "http://127.0.0.1:9/unreachable/")  # offline
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tiny_path / "vocabs" / "homo_sapiens_gene.h5", tmp_path / "homo_sapiens")
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, species_embedding="homo_sapiens", copy=True)
+    assert out.uns["transcriptformer"]["params"]["species_embedding"] == ["homo_sapiens"]
+    (tmp_path / "homo_sapiens").unlink()
+    (tmp_path / "homo_sapiens").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        tfs.tl.embed(tiny_adata, model=tiny_path, species_embedding="homo_sapiens")
+
+
 # ----------------------------------------------------------------------------- 3. non-finite values
 
 

@@ -349,8 +349,8 @@ def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if model_overrides:
         from .config import TranscriptFormerConfig
 
-        try:  # names and types now; the checkpoint's own values are combined with them at load
-            TranscriptFormerConfig().with_overrides(model_overrides)
+        try:  # names, types and choices now; rules between values once combined with the checkpoint's config
+            TranscriptFormerConfig.parse_overrides(model_overrides)
         except ValueError as e:
             raise CLIError(f"--config-override: {str(e).replace('config.json: ', '')}") from None
     return model_overrides

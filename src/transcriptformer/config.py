@@ -318,8 +318,33 @@ class TranscriptFormerConfig:
 
         Section names may be given as ``model_config``/``data_config``/``loss_config`` (the
         published spelling, with or without a leading ``model.``) or ``model``/``data``/``loss``.
+        Every error names the key.
         """
         cfg = self
+        for key, (section, name, coerced) in self.parse_overrides(overrides).items():
+            sub = getattr(cfg, section)
+            try:
+                cfg = replace(cfg, **{section: replace(sub, **{name: coerced})})
+            except ValueError as e:
+                raise ValueError(f"config override {key!r}: {str(e).removeprefix('config.json: ')}") from None
+        return cfg
+
+    @staticmethod
+    def parse_overrides(overrides: Mapping[str, Any]) -> dict[str, tuple[str, str, Any]]:
+        """Check the keys and the type of each value of config overrides (no checkpoint needed).
+
+        Returns
+        -------
+        dict
+            ``key -> (section, field, value converted to the field's type)``. Rules that involve other
+            values (``embed_dim`` divisible by ``num_heads``) are checked when the overrides are applied.
+
+        Raises
+        ------
+        ValueError
+            An unknown section or key, a value of the wrong type, or one outside its choices; naming the key.
+        """
+        out = {}
         for key, value in overrides.items():
             parts = key.split(".")
             if parts[0] == "model" and len(parts) == 3:
@@ -329,16 +354,14 @@ class TranscriptFormerConfig:
             section = {"model_config": "model", "data_config": "data", "loss_config": "loss"}.get(parts[0], parts[0])
             if section not in ("model", "data", "loss"):
                 raise ValueError(f"config override {key!r}: unknown section {parts[0]!r}.")
-            sub = getattr(cfg, section)
-            names = {f.name for f in fields(sub)}
-            if parts[1] not in names:
+            cls = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig}[section]
+            if parts[1] not in {f.name for f in fields(cls)}:
                 raise ValueError(f"config override {key!r}: {section} config has no key {parts[1]!r}.")
             try:
-                coerced = _coerce(type(sub), parts[1], value)
+                out[key] = (section, parts[1], _coerce(cls, parts[1], value))
             except ValueError as e:
                 raise ValueError(f"config override {key!r}: {e}.") from None
-            cfg = replace(cfg, **{section: replace(sub, **{parts[1]: coerced})})
-        return cfg
+        return out
 
 
 def parse_bool(value: Any) -> bool:
@@ -391,7 +414,17 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         return split_names(value)
     if isinstance(default, str) and not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
+    choices = _CHOICES.get((cls.__name__, name))
+    if choices is not None and value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(choices)}")
     return value
+
+
+#: Fields whose value must be one of a list.
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("ModelConfig", "mu_link_fn"): MU_LINK_FUNCTIONS,
+    ("ModelConfig", "activation"): ACTIVATIONS,
+}
 
 
 def split_list(value: str | list | tuple) -> list:

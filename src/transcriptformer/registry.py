@@ -568,7 +568,8 @@ def save_record(folder: Path, record: VerificationRecord) -> None:
         return
     root = folder.parent
     try:
-        with _lock(root, folder.name):
+        # never wait long: a download of this folder may hold the lock (then what we learned is moot anyway)
+        with _lock(root, folder.name).acquire(timeout=2):
             current = _open_manifest(folder)
             if current.data.get("files") != record.data.get("files"):
                 return  # downloaded again meanwhile: what we learned is about the old files
@@ -577,7 +578,7 @@ def save_record(folder: Path, record: VerificationRecord) -> None:
             current.dirty = True
             current.save()
             record.dirty = False
-    except (OSError, ValueError) as e:  # a read-only shared cache: hash again next time
+    except (OSError, ValueError) as e:  # a read-only shared cache, or a download under way: hash again next time
         logger.info("could not update %s (%s)", _manifest_path(folder), e)
 
 
