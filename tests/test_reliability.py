@@ -220,6 +220,25 @@ def test_non_finite_results_are_never_written(tiny_path, tiny_adata, h5ad, monke
         assert not out.exists() or list(out.iterdir()) == []  # no output, no temporary file
 
 
+def test_non_finite_gene_results_are_never_returned(tiny_path, tiny_adata, monkeypatch):
+    from transcriptformer.model import Encoded, TranscriptFormer
+
+    original = TranscriptFormer.encode
+
+    def broken(self, *args, **kwargs):
+        enc = original(self, *args, **kwargs)
+        hidden = enc.hidden.clone()
+        hidden[0, 0, 0] = float("inf")  # the first gene of the batch's first cell
+        return Encoded(hidden, enc.targets)
+
+    monkeypatch.setattr(TranscriptFormer, "encode", broken)
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(cge\)"):
+        tfs.tl.contextual_gene_embeddings(tiny_adata, model=tiny_path)
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(gene_sum\)"):
+        tfs.tl.gene_embeddings(tiny_adata, model=tiny_path)
+    assert "X_transcriptformer_genes" not in tiny_adata.varm
+
+
 def test_likelihood_nan_only_for_cells_without_genes(tiny_path, tiny_adata):
     X = tiny_adata.X.toarray()
     X[3] = 0

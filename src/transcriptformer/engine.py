@@ -460,7 +460,11 @@ class Accumulator:
             if h.name == "end_nll":
                 continue
             ok = torch.isfinite(results[h.name])
-            if ok.dim() > 1:
+            if h.layout in ("gene", "gene_sum"):  # only the read genes' values are kept
+                b, w = ok.shape[:2]
+                ok = ok.reshape(b, w, -1).all(dim=2)
+                ok = (ok | (torch.arange(w, device=ok.device)[None, :] >= batch.lengths[:, None])).all(dim=1)
+            elif ok.dim() > 1:
                 ok = ok.reshape(ok.shape[0], -1).all(dim=1)
             if h.name == "llh":
                 ok = ok | (batch.lengths == 0)
