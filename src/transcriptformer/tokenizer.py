@@ -301,12 +301,14 @@ class CellSource:
         if hasattr(block, "compute") and not isinstance(block, np.ndarray):  # dask (dense or sparse chunks)
             block = block.compute()
         if sp.issparse(block):
-            block = sp.csr_matrix(block, dtype=np.float32)
+            with np.errstate(over="ignore"):  # values beyond float32 become inf, refused by the value check
+                block = sp.csr_matrix(block, dtype=np.float32)
             if not self.all_columns:
                 block = block[:, self.columns]
             block.sum_duplicates()
             return block
-        block = np.asarray(block, dtype=np.float32)
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused by the value check
+            block = np.asarray(block, dtype=np.float32)
         return block if self.all_columns else block[:, self.columns]
 
     def _check_block(self, values: np.ndarray, start: int) -> None:
