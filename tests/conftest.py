@@ -14,6 +14,15 @@ DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "reference"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_outside_home(tmp_path_factory):
+    """Loading a checkpoint records its hash in the cache: keep the tests out of the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRANSCRIPTFORMER_CACHE", str(tmp_path_factory.mktemp("transcriptformer-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
     return tfs.datasets.tiny_model_path()

@@ -1,9 +1,25 @@
-"""File hashing shared by the registry and the checkpoint loader."""
+"""File hashing shared by the registry and the checkpoint loader, done once per change of a file.
+
+A file's *stamp* is its size, modification time, inode and change time (``st_ctime``, which no
+user command can set back). :class:`VerificationRecord` keeps, in a small JSON file, the sha256
+each file had at a given stamp: a later load whose stamp is unchanged reuses the digest instead of
+reading the file again; any change of the file (rewritten, replaced, touched, copied over) changes
+the stamp and the file is hashed again.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VerificationRecord", "file_stamp", "read_json", "sha256_file", "write_json_atomic"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -13,3 +29,125 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_stamp(path: str | os.PathLike) -> list[int]:
+    """``[size, mtime_ns, inode, ctime_ns]`` of ``path`` (symlinks followed)."""
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ino), int(st.st_ctime_ns)]
+
+
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """Parse a JSON file, or raise a one-line ``ValueError`` naming the file, what it is and ``fix``."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except IsADirectoryError:
+        raise ValueError(f"{path} ({what}) is a folder, not a file. {fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e})"
+        raise ValueError(f"{path} ({what}) is {reason}. {fix}") from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _is_stamp(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) for v in value)
+
+
+class VerificationRecord:
+    """What is known about the files of one folder, by stamp: their sha256, and whether weights are finite.
+
+    The record is a JSON object with ``"verified": {relative path: {"stamp": [...], "sha256": "..."}}`` and
+    ``"finite": {relative path: stamp}`` (weights files whose tensors were all found finite at that stamp),
+    next to whatever else the file holds (the registry's manifest keeps its recorded hashes in the same file).
+    Saving is best effort: a read-only cache only means hashing again next time.
+
+    Parameters
+    ----------
+    path
+        The JSON file (need not exist yet).
+    data
+        Its content.
+    """
+
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path = path
+        self.data = data
+        self.dirty = False
+        if not isinstance(self.data.get("verified"), dict):
+            self.data["verified"] = {}
+        if not isinstance(self.data.get("finite"), dict):
+            self.data["finite"] = {}
+
+    @classmethod
+    def open(cls, path: Path, *, strict: bool, what: str = "", fix: str = "") -> VerificationRecord:
+        """Read ``path``; an unreadable file is an error when ``strict``, else an empty record (rewritten later)."""
+        if not path.exists():
+            return cls(path, {})
+        try:
+            data = read_json(path, what or "verification record", fix)
+            if not isinstance(data, dict):
+                raise ValueError(f"{path} ({what or 'verification record'}) must hold a JSON object. {fix}")
+        except (OSError, ValueError) as e:
+            if strict:
+                raise ValueError(str(e)) from None
+            logger.info("ignoring the unreadable record %s (%s); it will be rewritten", path, e)
+            return cls(path, {})
+        return cls(path, data)
+
+    def known_digest(self, rel: str, stamp: list[int]) -> str | None:
+        """The sha256 recorded for ``rel`` at exactly this stamp, else ``None``."""
+        entry = self.data["verified"].get(rel)
+        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        return None
+
+    def digest(self, folder: Path, rel: str) -> tuple[str, bool]:
+        """``(sha256, hashed)`` of ``folder / rel``: from the record if the stamp is unchanged, else computed.
+
+        ``hashed`` says whether the file was read. The result is recorded (saved by :meth:`save`).
+        """
+        path = folder / rel
+        stamp = file_stamp(path)
+        known = self.known_digest(rel, stamp)
+        if known is not None:
+            return known, False
+        digest = sha256_file(path)
+        self.set_digest(rel, stamp, digest)
+        return digest, True
+
+    def set_digest(self, rel: str, stamp: list[int], digest: str) -> None:
+        """Record that ``rel`` had ``digest`` at ``stamp``."""
+        self.data["verified"][rel] = {"stamp": stamp, "sha256": digest}
+        self.dirty = True
+
+    def is_finite(self, rel: str, stamp: list[int]) -> bool:
+        """Whether ``rel`` was found to hold only finite weights at exactly this stamp."""
+        value = self.data["finite"].get(rel)
+        return _is_stamp(value) and value == stamp
+
+    def set_finite(self, rel: str, stamp: list[int]) -> None:
+        """Record that ``rel`` held only finite weights at ``stamp``."""
+        self.data["finite"][rel] = stamp
+        self.dirty = True
+
+    def save(self) -> None:
+        """Write the record if it changed; a failure (read-only cache, full disk) is logged, not raised."""
+        if not self.dirty:
+            return
+        try:
+            write_json_atomic(self.path, self.data)
+            self.dirty = False
+        except OSError as e:
+            logger.info("could not save %s (%s); the files will be hashed again next time", self.path, e)

@@ -55,3 +55,5 @@ def show_versions() -> None:
         session_info.show(html=False, dependencies=True)
     except ValueError:  # nothing imported in __main__ to report (e.g. called from a library)
         pass
+    except Exception as e:  # noqa: BLE001 - a diagnostic must not fail: session_info walks every module
+        print(f"(session_info could not list the imported modules: {type(e).__name__}: {e})")

@@ -5,30 +5,46 @@ A checkpoint folder holds ``config.json``, ``model_weights.pt`` (a plain state_d
 ``data_config.esm2_mappings``). :func:`load_model` reads it unchanged, with
 ``torch.load(weights_only=True)`` and strict key matching, and keeps loaded models in memory
 so repeated calls do not reload.
+
+Loading is fast after the first time: the weights are memory-mapped (``torch.load(mmap=True)``, the
+network built on the ``meta`` device and the mapped tensors assigned to it, so nothing is copied), only
+the gene ids of the ESM2 tables are read (the vectors come from the weights), and the sha256 of the
+weights and the check that they are finite are done once per change of the file: they are recorded with
+the file's size, modification time, inode and change time, for a registry download in its manifest
+(``<folder>.sha256.json``), for any other folder in a small JSON file in the user cache
+(``<cache>/verified/``, keyed by the folder's resolved path; nothing is ever written into a checkpoint
+folder).
+
+This module does not import torch until a model is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ._hash import sha256_file
+from . import _hash
+from ._hash import VerificationRecord, file_stamp, read_json
 from .config import TranscriptFormerConfig
-from .model import TranscriptFormer
-from .vocab import AuxVocab, GeneVocab, read_aux_vocab, read_gene_tables
+from .vocab import AuxVocab, GeneVocab, read_aux_vocab, read_gene_tables, read_table_ids
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import TranscriptFormer
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LoadedModel",
     "build_model",
+    "check_folder",
     "clear_cache",
     "load_model",
     "new_model",
@@ -50,7 +66,8 @@ class LoadedModel:
     ----------
     model
         The network, float32 on CPU. Do not modify it: it is shared by every call that loads
-        the same checkpoint.
+        the same checkpoint. Its weights are memory-mapped from ``model_weights.pt`` (copy-on-write:
+        changing them never changes the file).
     config
         The parsed ``config.json``.
     vocab
@@ -68,6 +85,10 @@ class LoadedModel:
     adapter
         For a model with a LoRA adapter applied (:func:`load_model` with ``adapter=``): its folder, sha256 and
         whether it was merged into the weights; ``weights_sha256`` is then the base's.
+    files
+        Every file the checkpoint was read from, and their stamps (size, mtime, inode, ctime) at load time.
+    mapped
+        Whether the weights are memory-mapped from ``model_weights.pt`` (else read into memory).
     runtime
         What is kept per device across runs: the network's copy on each accelerator and the engine's
         per-device state (attention kernels, compiled code). Guarded by :attr:`lock`.
@@ -82,6 +103,8 @@ class LoadedModel:
     weights_sha256: str
     vocab_files: dict[str, Path] = field(default_factory=dict)
     adapter: dict[str, Any] | None = None
+    files: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    mapped: bool = False
     runtime: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
@@ -95,25 +118,87 @@ class LoadedModel:
         """Width of the embeddings."""
         return self.config.model.embed_dim
 
+    def changed_files(self) -> list[str]:
+        """The files of the checkpoint that changed on disk (or disappeared) since it was loaded."""
+        out = []
+        for f, stamp in self.files.items():
+            try:
+                if file_stamp(f) != stamp:
+                    out.append(f)
+            except OSError:
+                out.append(f)
+        return out
+
+    def check_weights_unchanged(self) -> None:
+        """Raise if ``model_weights.pt`` was rewritten in place since it was loaded.
+
+        The weights are memory-mapped, so a file written over in place (``torch.save`` to the same path) would
+        change the model under a running computation. Replacing the file (a new file renamed over it, what
+        downloads do) or deleting it is harmless: the mapping keeps the old file.
+        """
+        if self.path is None or not self.mapped:  # built in memory, or read into memory
+            return
+        weights = str(self.path / WEIGHTS_FILE)
+        stamp = self.files.get(weights)
+        if stamp is None:
+            return
+        try:
+            now = file_stamp(weights)
+        except OSError:
+            return
+        if now[2] == stamp[2] and now != stamp:
+            raise ValueError(
+                f"{weights} was written over since {self.name} was loaded from it, so the loaded weights may have "
+                "changed mid-way; load the model again (transcriptformer.load_model) and re-run. To update a "
+                "checkpoint safely, write a new file and rename it over the old one."
+            )
+
     def on(self, device: torch.device | str) -> TranscriptFormer:
         """The network on ``device`` (copied once per device and kept in :attr:`runtime`)."""
+        import copy
+
+        import torch
+
         device = torch.device(device)
         if device.type == "cpu":
             return self.model
         key = f"model:{device}"
         with self.lock:
             if key not in self.runtime:
-                import copy
-
-                self.runtime[key] = copy.deepcopy(self.model).to(device).eval()
+                # copy each tensor straight to the device (no intermediate copy of the mapped weights in memory)
+                memo: dict[int, Any] = {}
+                for p in self.model.parameters():
+                    memo[id(p)] = torch.nn.Parameter(p.detach().to(device), requires_grad=False)
+                for b in self.model.buffers():
+                    memo[id(b)] = b.to(device)
+                self.runtime[key] = copy.deepcopy(self.model, memo).eval()
             return self.runtime[key]
 
 
+# --------------------------------------------------------------------------------------------
+# the folder: layout, config, the files it names
+
+
+def _read_config(path: Path) -> TranscriptFormerConfig:
+    config_path = path / CONFIG_FILE
+    fix = "Restore it from the checkpoint's download (`transcriptformer download ... --force`)."
+    raw = read_json(config_path, "the checkpoint's config", fix)
+    try:
+        return TranscriptFormerConfig.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
+
+
 def _check_layout(path: Path, config: TranscriptFormerConfig | None = None) -> None:
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(
             f"checkpoint folder {str(path)!r} does not exist. Pass a folder in the published layout "
             "(config.json, model_weights.pt, vocabs/) or a registry name such as 'tf-sapiens'."
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} is a file, not a folder. Pass the folder holding config.json, "
+            "model_weights.pt and vocabs/ (or a registry name such as 'tf-sapiens')."
         )
     missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_DIR) if not (path / n).exists()]
     if config is not None:
@@ -128,6 +213,93 @@ def _check_layout(path: Path, config: TranscriptFormerConfig | None = None) -> N
             f"checkpoint folder {str(path)!r} is incomplete: missing {', '.join(missing)}. "
             "Download it again (`transcriptformer download ...`) or check the path."
         )
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is not a file; the checkpoint folder is damaged.")
+
+
+def _confined(path: Path, rel: str, what: str) -> Path:
+    """``path / VOCAB_DIR / rel``, refusing names that leave the checkpoint folder (absolute, ``..``, links)."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or rel.startswith(("/", "\\", "~")):
+        raise ValueError(
+            f"{path / CONFIG_FILE}: {what} {rel!r} is not a file name inside {VOCAB_DIR}/; a checkpoint may only "
+            "name files in its own folder."
+        )
+    target = path / VOCAB_DIR / rel
+    root = path.resolve()
+    if target.exists() and not target.resolve().is_relative_to(root):
+        raise ValueError(
+            f"{target} is a link to {target.resolve()}, outside the checkpoint folder; a checkpoint may only read "
+            "files in its own folder (copy the file in instead of linking it)."
+        )
+    return target
+
+
+def check_folder(path: str | os.PathLike, config: TranscriptFormerConfig | None = None) -> TranscriptFormerConfig:
+    """Check that ``path`` is a checkpoint folder in the published layout; return its config.
+
+    ``config.json`` must parse, ``model_weights.pt`` and every table ``config.json`` names must be there,
+    and every name in ``esm2_mappings`` and ``aux_cols`` must stay inside the folder (no absolute or ``..``
+    paths, no links out).
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder or a file is missing.
+    ValueError
+        ``config.json`` is damaged, or names a file outside the folder.
+    """
+    path = Path(path)
+    _check_layout(path)
+    config = config or _read_config(path)
+    for f in config.data.esm2_mappings:
+        _confined(path, f, "esm2_mappings entry")
+    for c in config.data.aux_cols:
+        _confined(path, f"{c}_vocab.json", "aux_cols entry")
+    _check_layout(path, config)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+
+
+def _read_state(weights: Path) -> tuple[Mapping[str, torch.Tensor], bool]:
+    """The state_dict of ``weights``, memory-mapped when the file's format allows; and whether it is."""
+    import torch
+
+    try:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+            mapped = True
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            logger.info("%s is in torch's legacy format: read into memory (no memory-mapping)", weights)
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            mapped = False
+    except Exception as e:  # noqa: BLE001 - torch raises several types for unreadable files
+        raise ValueError(f"{weights} could not be read as a state_dict: {e}") from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{weights} holds a {type(state).__name__}, not a state_dict.")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{weights} is not a plain state_dict (name -> tensor): entries such as {bad[:3]}.")
+    return state, mapped
+
+
+def _non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity (one pass, no temporary copies)."""
+    import torch
+
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point() and t.numel():
+            lo, hi = torch.aminmax(t.detach().reshape(-1))  # NaN propagates into both
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                bad.append(name)
+    return bad
 
 
 def _describe_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
@@ -153,51 +325,133 @@ def _describe_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]
     return "; ".join(parts)
 
 
+def _skip_init_mode():
+    """A torch-function mode (thread-local) under which the in-place initialisers of ``torch.nn.init`` do nothing.
+
+    Used with the ``meta`` device while building a network whose every tensor is then assigned from the
+    weights: random initialisation would be wasted work, and on ``meta`` tensors ``normal_`` imports
+    ``torch._dynamo`` (1.5 s). A mode, unlike patching ``torch.nn.init``, affects only this thread.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    class SkipInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if getattr(func, "__module__", None) == "torch.nn.init" and name.endswith("_") and name[0] != "_":
+                return args[0] if args else kwargs["tensor"]
+            return func(*args, **kwargs)
+
+    return SkipInit()
+
+
+def _is_download(path: Path) -> bool:
+    from . import registry
+
+    return path.name in {e.folder for e in registry.ENTRIES} and registry._manifest_path(path).is_file()
+
+
+def _record(path: Path, cache_dir: str | os.PathLike | None) -> tuple[VerificationRecord | None, bool]:
+    """Where what is learned about ``path``'s files is kept: ``(record, is the download manifest)``."""
+    from . import registry
+
+    if _is_download(path):
+        return registry.open_record(path), True
+    try:
+        root = registry.cache_path(cache_dir)
+    except Exception as e:  # noqa: BLE001 - no usable home or cache folder: hash every time
+        logger.info("no cache folder for the record of %s (%s)", path, e)
+        return None, False
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:32]
+    record = VerificationRecord.open(root / "verified" / f"{key}.json", strict=False)
+    if record.data.get("path") != str(path):
+        record = VerificationRecord(record.path, {"path": str(path)})
+    return record, False
+
+
+def _save(path: Path, record: VerificationRecord | None, download: bool) -> None:
+    if record is None:
+        return
+    if download:
+        from . import registry
+
+        registry.save_record(path, record)
+    else:
+        record.save()
+
+
 def build_model(
     path: str | Path,
     *,
     name: str | None = None,
     config: TranscriptFormerConfig | None = None,
     weights_sha256: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a checkpoint folder without the in-memory cache (see :func:`load_model`).
 
-    ``weights_sha256``, if already known (verified), saves hashing ``model_weights.pt`` again.
+    ``weights_sha256``, if already known (verified), saves hashing ``model_weights.pt`` again. ``cache_dir``
+    is where the record of the weights' hash is kept for folders that were not downloaded by the registry.
     """
+    import torch
+
+    from .model import TranscriptFormer
+
     path = Path(path).expanduser().resolve()
-    _check_layout(path)
-    config = config or TranscriptFormerConfig.from_json(path / CONFIG_FILE)
-    _check_layout(path, config)
+    config = check_folder(path, config)
     dc = config.data
-    table = read_gene_tables(path / VOCAB_DIR / f for f in dc.esm2_mappings)
-    vocab = GeneVocab(dc.special_tokens, table.ids, pad_token=dc.gene_pad_token)
-    aux_vocabs = tuple(read_aux_vocab(path / VOCAB_DIR / f"{c}_vocab.json") for c in dc.aux_cols)
-    model = TranscriptFormer(
-        config.model,
-        vocab_size=len(vocab),
-        esm_dim=table.dim,
-        aux_vocab_sizes={a.column: len(a) for a in aux_vocabs},
-        aux_unknown=sorted({a.unknown for a in aux_vocabs}),
-        pad_idx=vocab.pad,
-        start_idx=vocab.start,
-        end_idx=vocab.end,
-        gene_head=config.loss.has_gene_head,
-        softplus_approx=config.loss.softplus_approx,
-    )
-    try:
-        state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises several types for unreadable files
-        raise ValueError(f"{path / WEIGHTS_FILE} could not be read as a state_dict: {e}") from None
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path / WEIGHTS_FILE} holds a {type(state).__name__}, not a state_dict.")
+    tables = [_confined(path, f, "esm2_mappings entry") for f in dc.esm2_mappings]
+    aux_files = [_confined(path, f"{c}_vocab.json", "aux_cols entry") for c in dc.aux_cols]
+    ids, esm_dim = read_table_ids(tables)
+    vocab = GeneVocab(dc.special_tokens, ids, pad_token=dc.gene_pad_token)
+    aux_vocabs = tuple(read_aux_vocab(f) for f in aux_files)
+    with (
+        torch.device("meta"),
+        _skip_init_mode(),
+    ):  # no memory, no random initialisation: every tensor comes from the weights
+        model = TranscriptFormer(
+            config.model,
+            vocab_size=len(vocab),
+            esm_dim=esm_dim,
+            aux_vocab_sizes={a.column: len(a) for a in aux_vocabs},
+            aux_unknown=sorted({a.unknown for a in aux_vocabs}),
+            pad_idx=vocab.pad,
+            start_idx=vocab.start,
+            end_idx=vocab.end,
+            gene_head=config.loss.has_gene_head,
+            softplus_approx=config.loss.softplus_approx,
+        )
+    weights = path / WEIGHTS_FILE
+    files = {str(f): file_stamp(f) for f in (path / CONFIG_FILE, weights, *tables, *aux_files)}
+    stamp = files[str(weights)]
+    record, download = _record(path, cache_dir)
+    state, mapped = _read_state(weights)
     problem = _describe_mismatch(model, state)
     if problem:
         raise ValueError(
-            f"the weights in {path / WEIGHTS_FILE} do not fit config.json and vocabs/ "
-            f"(vocabulary: {len(vocab)} tokens, ESM width {table.dim}): {problem}."
+            f"the weights in {weights} do not fit config.json and vocabs/ "
+            f"(vocabulary: {len(vocab)} tokens, ESM width {esm_dim}): {problem}."
         )
-    model.load_state_dict(state, strict=True)
+    if record is None or not record.is_finite(WEIGHTS_FILE, stamp):
+        bad = _non_finite(state)
+        if bad:
+            raise ValueError(
+                f"the weights in {weights} hold NaN or infinite values ({len(bad)} tensor(s), e.g. "
+                f"{', '.join(bad[:3])}), which would make every output NaN. The file is damaged or comes from a "
+                "diverged training run: download or export it again."
+            )
+        if record is not None:
+            record.set_finite(WEIGHTS_FILE, stamp)
+    model.load_state_dict(state, strict=True, assign=True)
     model.float().eval().requires_grad_(False)
+    if weights_sha256 is None:
+        known = record.known_digest(WEIGHTS_FILE, stamp) if record is not None else None
+        if known is None:
+            known = _hash.sha256_file(weights)
+            if record is not None and not download:  # a download's hashes are recorded (and checked) by the registry
+                record.set_digest(WEIGHTS_FILE, stamp, known)
+        weights_sha256 = known
+    _save(path, record, download)
     return LoadedModel(
         model=model,
         config=config,
@@ -205,19 +459,53 @@ def build_model(
         aux_vocabs=aux_vocabs,
         path=path,
         name=name or path.name,
-        weights_sha256=weights_sha256 or sha256_file(path / WEIGHTS_FILE),
+        weights_sha256=weights_sha256,
         vocab_files={f: path / VOCAB_DIR / f for f in dc.esm2_mappings},
+        files=files,
+        mapped=mapped,
     )
 
 
-_CACHE: dict[tuple, LoadedModel] = {}
+# --------------------------------------------------------------------------------------------
+# load_model and its in-memory cache
+
+
+_CACHE: dict[str, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _cache_key(path: Path) -> tuple:
-    files = [path / CONFIG_FILE, path / WEIGHTS_FILE]
-    stats = tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
-    return (str(path), stats)
+def _resolve(model: Any, cache_dir: str | os.PathLike | None) -> tuple[Path, str | None]:
+    """The checkpoint folder of ``model`` and its registry name (``None`` for a folder given by path)."""
+    from . import registry
+
+    if not isinstance(model, str | os.PathLike) or not str(model).strip():
+        raise ValueError(
+            f"model must be a checkpoint folder, a registry name ({', '.join(registry.MODEL_NAMES)}) or a loaded "
+            f"model, got {model!r}."
+        )
+    candidate = Path(model).expanduser()
+    if candidate.exists():  # an existing path always wins over a registry name of the same spelling
+        if isinstance(model, str) and registry.is_registered(model):
+            logger.info(
+                "model=%r: using the local folder %s (an existing path wins over the registry name %s)",
+                model,
+                candidate.resolve(),
+                registry.canonical_name(model),
+            )
+        return candidate, None
+    if isinstance(model, str) and registry.is_registered(model):
+        name = registry.canonical_name(model)
+        if registry.REGISTRY[name].kind != "model":
+            raise ValueError(f"{name!r} is a set of gene tables, not a model; known models: {registry.MODEL_NAMES}.")
+        path = registry.fetch(name, cache_dir=cache_dir)
+        logger.info("model=%r: using the registry download %s", model, path)
+        return path, name
+    if isinstance(model, str) and os.sep not in model and "/" not in model:
+        raise FileNotFoundError(
+            f"{model!r} is neither a checkpoint folder nor a known model; "
+            f"known models: {', '.join(registry.MODEL_NAMES)}."
+        )
+    return candidate, None
 
 
 def load_model(
@@ -234,8 +522,11 @@ def load_model(
     model
         A checkpoint folder in the published layout, a registry name (``"tf-sapiens"``,
         ``"tf-exemplar"``, ``"tf-metazoa"``; downloaded and verified on first use), or an already
-        loaded model (returned as is). ``(model, adapter_folder)`` is the same as passing ``adapter``: this
-        form works wherever ``model=`` is accepted.
+        loaded model (returned as is). **An existing path always wins over a registry name**: with a
+        folder ``./tf_sapiens`` present (what ``transcriptformer download tf-sapiens --checkpoint-dir .``
+        makes), ``model="tf_sapiens"`` loads that folder; the log says which was used.
+        ``(model, adapter_folder)`` is the same as passing ``adapter``: this form works wherever ``model=`` is
+        accepted.
     adapter
         A LoRA adapter folder (written by :func:`transcriptformer.finetune`) to apply to the model. The
         loaded base model is not modified: the result is a copy, and the base keeps giving its own numbers.
@@ -244,13 +535,27 @@ def load_model(
         Fold the adapter into the weights (default: as fast as the base model); ``False`` keeps the adapter
         layers (the same outputs).
     cache_dir
-        Where registry downloads are kept (default: ``$TRANSCRIPTFORMER_CACHE`` or the user cache).
+        Where registry downloads (and the records of hashed files) are kept (default:
+        ``$TRANSCRIPTFORMER_CACHE`` or the user cache).
 
     Returns
     -------
     LoadedModel
-        The loaded model. Loaded models are kept in memory per folder, so calling this again with the
-        same checkpoint (unchanged on disk) returns the same object.
+        The loaded model. Loaded models are kept in memory per folder. Every call checks the size,
+        modification time, inode and change time of every file the checkpoint was read from (a few
+        ``stat`` calls): if none changed, the same object is returned; if one did, the checkpoint is read
+        again and, for a registry download (or a folder made by ``transcriptformer download``, with its
+        ``<folder>.sha256.json`` beside it), the changed files are hashed and checked against the sha256
+        recorded at download. An unchanged file is never hashed twice, in this process or a later one.
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder or one of its files is missing, or ``model`` is neither a folder nor a known name.
+    ValueError
+        A file is damaged (unreadable config, weights that do not fit the config, NaN or infinite weights, a
+        download whose files differ from the recorded hashes), or ``config.json`` names files outside the
+        folder.
 
     Examples
     --------
@@ -268,34 +573,21 @@ def load_model(
         return _with_adapter(load_model(model, cache_dir=cache_dir), adapter, merge_adapter)
     if isinstance(model, LoadedModel):
         return model
-    from . import registry
-
-    name = None
-    verify = None
-    if isinstance(model, str) and registry.is_registered(model):
-        name = registry.canonical_name(model)
-        path = registry.fetch(name, cache_dir=cache_dir)
-        verify = registry.verify_checkpoint
-    else:
-        path = Path(model).expanduser()
-        if not path.exists() and isinstance(model, str) and os.sep not in model and "/" not in model:
-            raise FileNotFoundError(
-                f"{model!r} is neither a checkpoint folder nor a known model; "
-                f"known models: {', '.join(registry.MODEL_NAMES)}."
-            )
-    path = Path(path).resolve()
+    path, name = _resolve(model, cache_dir)
     _check_layout(path)
-    key = _cache_key(path)
+    path = path.resolve()
     with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-    if hit is not None:
+        hit = _CACHE.get(str(path))
+    if hit is not None and not hit.changed_files():
         return hit
-    digests = verify(path) if verify is not None else {}
-    loaded = build_model(path, name=name, weights_sha256=digests.get(WEIGHTS_FILE))
+    digests = {}
+    if _is_download(path):
+        from . import registry
+
+        digests = registry.verify_checkpoint(path)
+    loaded = build_model(path, name=name, weights_sha256=digests.get(WEIGHTS_FILE), cache_dir=cache_dir)
     with _CACHE_LOCK:
-        for k in [k for k in _CACHE if k[0] == key[0]]:
-            del _CACHE[k]  # the folder changed on disk: drop the stale copy
-        _CACHE[key] = loaded
+        _CACHE[str(path)] = loaded  # replaces a stale copy of a folder that changed on disk
     logger.info("loaded %s from %s", loaded.name, path)
     return loaded
 
@@ -352,6 +644,8 @@ def species_vocabulary(
     tuple[GeneVocab, torch.Tensor, torch.Tensor]
         The new vocabulary, its ESM matrix ``(V', D)`` and its count-head bias ``(V', 1)`` (float32, CPU).
     """
+    import torch
+
     table = read_gene_tables(tables)
     weight = loaded.model.gene_embeddings.embedding.weight.detach()
     bias = loaded.model.mu.gene_embedding.weight.detach()
@@ -360,6 +654,8 @@ def species_vocabulary(
             f"the gene tables have vectors of width {table.dim}, but {loaded.name} expects ESM2 vectors of width "
             f"{weight.shape[1]}; use tables made with the same protein language model."
         )
+    if not bool(torch.isfinite(torch.from_numpy(table.vectors)).all()):
+        raise ValueError("the gene tables hold NaN or infinite vectors; use intact tables.")
     old = loaded.vocab
     vocab = GeneVocab(old.special_tokens, table.ids, pad_token=old.pad_token)
     n_special = old.n_special
@@ -376,7 +672,7 @@ def species_vocabulary(
 
 def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 of a state_dict's names, dtypes, shapes and values (the identity of weights held in memory)."""
-    import hashlib
+    import torch
 
     h = hashlib.sha256()
     for key in sorted(state):
@@ -440,9 +736,11 @@ def new_model(
         The model (``path`` is ``None`` until it is saved).
     """
     import numpy as np
+    import torch
 
     from . import registry
     from .config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
+    from .model import TranscriptFormer
 
     paths = registry.species_tables(gene_tables, cache_dir=cache_dir)
     table = read_gene_tables(paths)
@@ -538,6 +836,8 @@ def save_checkpoint(
     import json
     import shutil
     import tempfile
+
+    import torch
 
     folder = Path(folder).expanduser()
     parts = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_DIR)

@@ -7,6 +7,13 @@ flags and write the published output layout: an h5ad with no genes, the input ``
 ``obsm['llh']``, with ``--emb-type cge`` ``uns['cge_embeddings' | 'cge_cell_indices' |
 'cge_gene_names']``. Unlike the published tool, embeddings and likelihoods can be asked for in
 one run (``--llh``). Under ``torchrun`` each process embeds a shard and rank 0 writes the file.
+
+Everything that can be checked without the model is checked before it is loaded: every option and
+``--config-override`` value (by type and range, with the same rules as the Python API), the output
+location (writable, not a folder, not one of the inputs) and the input files (h5ad, with cells). The
+output is written under a temporary name and renamed when complete; an error, Ctrl-C or SIGTERM removes
+the temporary file. The module imports only the standard library until a command runs, so ``--help`` and
+``--version`` are instant.
 """
 
 from __future__ import annotations
@@ -14,17 +21,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-
-from .config import ATTENTION_BACKENDS, DEVICES, PRECISION_ALIASES, PRECISIONS
+from .config import ATTENTION_BACKENDS, DEVICES, PRECISION_ALIASES, PRECISIONS, parse_bool
 from .registry import REGISTRY
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger("transcriptformer")
 
@@ -73,7 +83,10 @@ class CLIError(Exception):
 
 
 def _parse_value(text: str) -> Any:
-    """The published override parsing: true/false/none/null and plain integers convert, the rest is a string."""
+    """The published override parsing: true/false/none/null and plain integers convert, the rest is a string.
+
+    Numbers with a decimal point or exponent become floats here (the published tool kept them as strings).
+    """
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
@@ -89,13 +102,99 @@ def _parse_value(text: str) -> Any:
 
 def _bool_or_auto(text: str) -> bool | None:
     low = text.strip().lower()
-    if low in ("true", "1", "yes"):
-        return True
-    if low in ("false", "0", "no"):
-        return False
     if low in ("auto", "none", "null"):
         return None
-    raise argparse.ArgumentTypeError(f"expected True, False or auto, got {text!r}")
+    try:
+        return parse_bool(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected True, False or auto, got {text!r}") from None
+
+
+# -- strict parsers of --config-override values: each returns the value or raises ValueError(what it expects)
+
+
+def _as_bool(text: str) -> bool:
+    return parse_bool(text)
+
+
+def _as_positive_int(text: str) -> int | None:
+    value = _parse_value(text)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a positive integer (or null), got {text!r}")
+    return value
+
+
+def _as_number(minimum: float, *, zero_ok: bool = False) -> Callable[[str], float | None]:
+    def parse(text: str) -> float | None:
+        import math
+
+        value = _parse_value(text)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number (or null), got {text!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        if value < minimum or (value == minimum and not zero_ok):
+            raise ValueError(f"expected a number {'>=' if zero_ok else '>'} {minimum:g}, got {text!r}")
+        return float(value)
+
+    return parse
+
+
+def _as_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in choices and value.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value if value in choices else value.lower()
+
+    return parse
+
+
+def _as_text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("expected a non-empty value")
+    return text.strip()
+
+
+def _as_text_or_none(text: str) -> str | None:
+    return None if text.strip().lower() in ("none", "null") else _as_text(text)
+
+
+def _as_use_raw(text: str) -> bool | None:
+    try:
+        return _bool_or_auto(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
+
+
+#: ``--config-override`` keys this command implements: the argument they set and how their value is parsed.
+_OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "model.inference_config.batch_size": ("batch_size", _as_positive_int),
+    "model.inference_config.precision": ("precision", _as_choice(*PRECISIONS, *PRECISION_ALIASES)),
+    "model.inference_config.emb_type": ("emb_type", _as_choice("cell", "cge")),
+    "model.inference_config.output_path": ("output_path", _as_text),
+    "model.inference_config.output_filename": ("output_filename", _as_text),
+    "model.inference_config.device": ("device", _as_choice(*DEVICES)),
+    "model.inference_config.pretrained_embedding": ("pretrained_embedding", _as_text_or_none),
+    "model.data_config.gene_col_name": ("gene_col_name", _as_text_or_none),
+    "model.data_config.clip_counts": ("clip_counts", _as_number(0.0)),
+    "model.data_config.filter_to_vocabs": ("filter_to_vocabs", _as_bool),
+    "model.data_config.normalize_to_scale": ("normalize_to_scale", _as_number(0.0, zero_ok=True)),
+    "model.data_config.use_raw": ("use_raw", _as_use_raw),
+    "model.data_config.remove_duplicate_genes": ("remove_duplicate_genes", _as_bool),
+}
+# data_config options of the published pipeline implemented only at their defaults, and their parsers
+_DEFAULT_ONLY_PARSERS: dict[str, Callable[[str], Any]] = {
+    "sort_genes": _as_bool,
+    "randomize_genes": _as_bool,
+    "filter_outliers": _as_number(0.0, zero_ok=True),
+    "min_expressed_genes": _as_number(0.0, zero_ok=True),
+}
+_OUTPUT_KEYS = ("embeddings", "llh", "gene_llh")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Fold ``--config-override`` items into ``args``; return the model-config overrides."""
+    """Fold ``--config-override`` items into ``args``; return the model-config overrides.
+
+    Every value is parsed strictly by the type of its key (booleans: true/false/1/0/yes/no; numbers finite;
+    choices from their list), and every error names the key as written.
+    """
     model_overrides: dict[str, Any] = {}
     args.output_keys = ["embeddings"]
     args.obs_keys = ["all"]
@@ -209,7 +312,6 @@ def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise CLIError(f"--config-override {item!r}: expected KEY=VALUE.")
         key, text = item.split("=", 1)
         key = key.strip()
-        value = _parse_value(text)
         full = key if key.startswith("model.") else f"model.{key}"
         parts = full.split(".")
         if full in _NO_EFFECT:
@@ -217,53 +319,54 @@ def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
             continue
         section = parts[1] if len(parts) > 2 else ""
         name = parts[2] if len(parts) > 2 else ""
-        if section == "inference_config":
-            if name in ("output_keys", "obs_keys") and len(parts) == 4 and parts[3].isdigit():
+        try:
+            if full in _OVERRIDES:
+                attr, parse = _OVERRIDES[full]
+                value = parse(text)
+                if attr == "pretrained_embedding":
+                    value = None if value is None else [value]
+                setattr(args, attr, value)
+            elif section == "inference_config" and name in ("output_keys", "obs_keys"):
+                if len(parts) != 4 or not parts[3].isdigit():
+                    raise CLIError(
+                        f"--config-override {key}: lists are set one item at a time, e.g. "
+                        f"model.inference_config.{name}.0=..."
+                    )
+                value = _as_choice(*_OUTPUT_KEYS)(text) if name == "output_keys" else _as_text(text)
                 target = getattr(args, name)
                 i = int(parts[3])
                 if i > len(target):
                     raise CLIError(f"--config-override {key}: index {i} is past the end of {target}.")
-                target[i : i + 1] = [str(value)]
-            elif name in ("batch_size", "precision", "emb_type", "output_path", "output_filename", "device"):
-                setattr(args, name, str(value) if name != "batch_size" else int(value))
-            elif name == "pretrained_embedding":
-                args.pretrained_embedding = None if value is None else [str(value)]
+                target[i : i + 1] = [value]
+            elif section == "data_config" and name in _DEFAULT_ONLY and len(parts) == 3:
+                value = _DEFAULT_ONLY_PARSERS[name](text)
+                if value not in (None, _DEFAULT_ONLY[name]):
+                    raise CLIError(
+                        f"--config-override {key}={text}: only the default ({_DEFAULT_ONLY[name]}) is supported."
+                    )
+            elif section in ("model_config", "data_config", "loss_config") and len(parts) == 3:
+                model_overrides[f"{section}.{name}"] = _parse_value(text)
             else:
-                raise CLIError(f"--config-override {key}: not a supported inference option.")
-        elif section == "data_config" and name in (
-            "gene_col_name",
-            "clip_counts",
-            "filter_to_vocabs",
-            "normalize_to_scale",
-            "use_raw",
-            "remove_duplicate_genes",
-        ):
-            if name == "use_raw":
-                value = _bool_or_auto(str(value))
-            setattr(args, name, value)
-        elif section == "data_config" and name in _DEFAULT_ONLY:
-            if value not in (None, _DEFAULT_ONLY[name], False, 0):
-                raise CLIError(
-                    f"--config-override {key}={text}: only the default ({_DEFAULT_ONLY[name]}) is supported."
-                )
-        elif section in ("model_config", "data_config", "loss_config") and len(parts) == 3:
-            model_overrides[f"{section}.{name}"] = value
-        else:
-            raise CLIError(f"--config-override {key}: unknown configuration key.")
-    bad = [k for k in args.output_keys if k not in ("embeddings", "llh", "gene_llh")]
-    if bad:
-        raise CLIError(f"unknown output key(s) {bad}; expected embeddings, llh or gene_llh.")
+                raise CLIError(f"--config-override {key}: unknown configuration key.")
+        except ValueError as e:
+            raise CLIError(f"--config-override {key}={text}: {e}.") from None
+    if model_overrides:
+        from .config import TranscriptFormerConfig
+
+        try:  # names, types and choices now; rules between values once combined with the checkpoint's config
+            TranscriptFormerConfig.parse_overrides(model_overrides)
+        except ValueError as e:
+            raise CLIError(f"--config-override: {str(e).replace('config.json: ', '')}") from None
     return model_overrides
 
 
 def _load(checkpoint: str, overrides: dict[str, Any], adapter: str | None = None):
     from .checkpoint import build_model, load_model
-    from .config import TranscriptFormerConfig
 
     loaded = load_model(checkpoint)
     if overrides:
-        config = TranscriptFormerConfig.from_json(loaded.path / "config.json").with_overrides(overrides)
-        loaded = build_model(loaded.path, name=loaded.name, config=config)
+        config = loaded.config.with_overrides(overrides)
+        loaded = build_model(loaded.path, name=loaded.name, config=config, weights_sha256=loaded.weights_sha256)
     return load_model(loaded, adapter=adapter) if adapter else loaded
 
 
@@ -303,58 +406,151 @@ def _write_atomic(adata, path: Path) -> None:
         raise
 
 
+#: The command line's flag for each run option (for messages of the shared validation).
+_OPTION_FLAGS = {
+    "gene_key": "--gene-col-name",
+    "clip_counts": "--clip-counts",
+    "normalize_to_scale": "normalize_to_scale (--config-override)",
+    "filter_to_vocab": "--filter-to-vocabs",
+    "batch_size": "--batch-size",
+    "max_tokens": "--max-tokens",
+    "device": "--device",
+    "precision": "--precision",
+    "species_embedding": "--pretrained-embedding",
+}
+
+
 def _run_options(args: argparse.Namespace, device: str):
+    """The run options, validated by the same rules as the Python API (before any model is loaded)."""
     from .options import RunOptions
 
-    return RunOptions(
-        gene_key=args.gene_col_name,
-        layer={True: "raw", False: "X", None: None}[args.use_raw],
-        clip_counts=args.clip_counts,
-        normalize_to_scale=args.normalize_to_scale or None,
-        filter_to_vocab=args.filter_to_vocabs,
-        duplicate_genes="first" if args.remove_duplicate_genes else "raise",
-        species_embedding=args.pretrained_embedding,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        device=device,
-        precision=args.precision,
-        progress=False if args.no_progress else None,
-    )
+    try:
+        return RunOptions(
+            gene_key=args.gene_col_name,
+            layer={True: "raw", False: "X", None: None}[args.use_raw],
+            clip_counts=args.clip_counts,
+            normalize_to_scale=args.normalize_to_scale or None,
+            filter_to_vocab=args.filter_to_vocabs,
+            duplicate_genes="first" if args.remove_duplicate_genes else "raise",
+            species_embedding=args.pretrained_embedding,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            device=device,
+            precision=args.precision,
+            progress=False if args.no_progress else None,
+        )
+    except ValueError as e:
+        match = re.match(r"^(\w+)", str(e))
+        flag = _OPTION_FLAGS.get(match.group(1)) if match else None
+        raise CLIError(f"{flag}: {e}" if flag else str(e)) from None
+
+
+def _output_file(args: argparse.Namespace) -> Path:
+    """The output file, checked before any compute: a writable place, not a folder, not one of the inputs."""
+    name = args.output_filename
+    if not isinstance(name, str) or not name.strip():
+        raise CLIError("--output-filename is empty; pass a file name such as embeddings.h5ad.")
+    if name.endswith(("/", os.sep)):
+        raise CLIError(f"--output-filename {name!r} names a folder; pass a file name such as embeddings.h5ad.")
+    path = Path(args.output_path).expanduser() / name
+    if path.is_dir():
+        raise CLIError(f"the output {path} is an existing folder; pass --output-filename <file name>.")
+    for f in args.data_file:
+        same = Path(f).exists() and path.exists() and os.path.samefile(f, path)
+        if same or Path(f).resolve() == path.resolve():
+            raise CLIError(
+                f"the output {path} is the input file {f}: writing it would replace the input. Pass another "
+                "--output-path or --output-filename."
+            )
+    folder = path.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"cannot create the output folder {folder}: {existing} is a file. Pass another --output-path.")
+    if existing == folder:
+        try:  # the only reliable test (permissions, ACLs, read-only file systems, quotas)
+            fd, probe = tempfile.mkstemp(prefix=".transcriptformer-probe-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise CLIError(
+                f"cannot write to the output folder {folder} ({e.strerror or e}); pass a writable --output-path."
+            ) from None
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(
+            f"cannot create the output folder {folder}: {existing} is not writable; pass a writable --output-path."
+        )
+    return path
+
+
+def _count_cells(path: str) -> int:
+    """Cells in an h5ad file, read from its ``obs`` without loading it; fix-it errors for what is not an h5ad."""
+    import h5py
+
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"data file {path!r} does not exist.")
+    if p.is_dir():
+        raise CLIError(f"data file {path!r} is a folder; pass an .h5ad file.")
+    try:
+        if not h5py.is_hdf5(p):
+            raise CLIError(
+                f"data file {path!r} is not an h5ad file (not HDF5). Convert it with anndata first, e.g. "
+                "anndata.read_csv(...).write_h5ad('data.h5ad')."
+            )
+        with h5py.File(p, "r") as h:
+            if "obs" not in h or ("X" not in h and "raw" not in h):
+                raise CLIError(f"data file {path!r} is an HDF5 file but not an AnnData (.h5ad): it has no obs or X.")
+            obs = h["obs"]
+            if isinstance(obs, h5py.Dataset):  # the old layout: a record array
+                return int(obs.shape[0])
+            index = obs.attrs.get("_index", "_index")
+            if index in obs:
+                return int(obs[index].shape[0])
+            x = h["X"] if "X" in h else h["raw"]["X"]
+            shape = x.attrs.get("shape", getattr(x, "shape", None))
+            return int(shape[0]) if shape is not None else 0
+    except OSError as e:
+        raise CLIError(f"data file {path!r} cannot be read ({e}).") from None
 
 
 def _run_file(
-    path: str, loaded, args: argparse.Namespace, heads: list[str], device: str, embeddings_out: Any = None
+    path: str, loaded, args: argparse.Namespace, heads: list[str], options, embeddings_out: Any = None
 ) -> dict[str, Any]:
     import anndata as ad
 
     from .engine import infer
 
-    if not Path(path).is_file():
-        raise CLIError(f"data file {path!r} does not exist.")
     adata = ad.read_h5ad(path, backed="r")
-    options = _run_options(args, device)
-    run = infer(
-        adata,
-        loaded,
-        heads=heads,
-        tokenize=options.tokenize(),
-        **{**options.engine(), "cache_dir": None},
-        attention=args.attention,
-        embeddings_out=embeddings_out,
-    )
-    obs = adata.obs.copy()
-    if args.obs_keys != ["all"]:
-        missing = [k for k in args.obs_keys if k not in obs.columns]
-        if missing:
-            raise CLIError(f"obs_keys {missing} are not columns of {path}'s obs ({list(obs.columns)}).")
-        obs = obs[args.obs_keys]
-    if adata.isbacked:
-        adata.file.close()
+    try:
+        run = infer(
+            adata,
+            loaded,
+            heads=heads,
+            tokenize=options.tokenize(),
+            **{**options.engine(), "cache_dir": None},
+            attention=args.attention,
+            embeddings_out=embeddings_out,
+        )
+        obs = adata.obs.copy()
+        if args.obs_keys != ["all"]:
+            missing = [k for k in args.obs_keys if k not in obs.columns]
+            if missing:
+                raise CLIError(f"obs_keys {missing} are not columns of {path}'s obs ({list(obs.columns)}).")
+            obs = obs[args.obs_keys]
+    finally:
+        if adata.isbacked:
+            adata.file.close()
     return {"obs": obs, "result": run.result, "vocab": run.vocab}
 
 
 def run_inference(args: argparse.Namespace) -> Path | None:
-    """Run the ``inference`` command; returns the output path (None on ranks other than 0)."""
+    """Run the ``inference`` command; returns the output path (None on ranks other than 0).
+
+    Every check that does not need the model runs first: options, overrides, the output location and the
+    input files. Only then is the model loaded.
+    """
     overrides = _apply_overrides(args)
     if args.model_type != "transcriptformer":
         raise CLIError(f"--model-type {args.model_type} is not supported.")
@@ -366,15 +562,24 @@ def run_inference(args: argparse.Namespace) -> Path | None:
     cge = args.emb_type == "cge"
     outputs = [h for h in ("embeddings", "llh", "gene_llh") if h in keys and not (h == "embeddings" and cge)]
     outputs += ["cge"] if cge else []
-    rank, world = _init_distributed()
     device = args.device
+    options = _run_options(args, device)
+    path = _output_file(args)
+    sizes = [_count_cells(f) for f in args.data_file]
+    for f, n in zip(args.data_file, sizes, strict=True):
+        if n == 0:
+            raise CLIError(f"data file {f!r} has no cells.")
+    from .engine import resolve_device
+
+    resolve_device(device)  # an unavailable device is an error before the model is loaded
+    rank, world = _init_distributed()
     if world > 1 and device in ("auto", "cuda") and _cuda():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        options = _run_options(args, device)
     loaded = _load(args.checkpoint_path, overrides, args.adapter)
-    path = Path(args.output_path) / args.output_filename
-    if "embeddings" in outputs and world == 1 and _stream_output(args, loaded):
-        return _run_streaming(args, loaded, outputs, device, path)
-    parts = [_run_file(p, loaded, args, outputs, device) for p in args.data_file]
+    if "embeddings" in outputs and world == 1 and _stream_output(args, loaded, sizes):
+        return _run_streaming(args, loaded, outputs, options, path, sizes)
+    parts = [_run_file(p, loaded, args, outputs, options) for p in args.data_file]
     if rank != 0:
         return None
     out = _output_adata(parts, outputs)
@@ -385,6 +590,8 @@ def run_inference(args: argparse.Namespace) -> Path | None:
 
 def _output_adata(parts: list[dict[str, Any]], outputs, embeddings: bool = True):
     """The published output layout; ``embeddings=False`` leaves ``obsm['embeddings']`` out (streamed)."""
+    import numpy as np
+    import pandas as pd
     from anndata import AnnData
 
     obs = pd.concat([p["obs"] for p in parts], ignore_index=True) if len(parts) > 1 else parts[0]["obs"].copy()
@@ -414,18 +621,8 @@ def _output_adata(parts: list[dict[str, Any]], outputs, embeddings: bool = True)
 STREAM_BYTES = 2 << 30
 
 
-def _stream_output(args: argparse.Namespace, loaded) -> bool:
-    if args.stream_output:
-        return True
-    import h5py
-
-    n = 0
-    for f in args.data_file:
-        if Path(f).is_file():
-            with h5py.File(f, "r") as h:
-                index = h["obs"].attrs.get("_index", "_index")
-                n += len(h["obs"][index]) if index in h["obs"] else 0
-    return n * loaded.embed_dim * 4 > STREAM_BYTES
+def _stream_output(args: argparse.Namespace, loaded, sizes: Sequence[int]) -> bool:
+    return bool(args.stream_output) or sum(sizes) * loaded.embed_dim * 4 > STREAM_BYTES
 
 
 class _Rows:
@@ -438,23 +635,18 @@ class _Rows:
         self.dataset[self.offset + rows.start : self.offset + rows.stop] = values
 
 
-def _run_streaming(args: argparse.Namespace, loaded, outputs, device: str, path: Path) -> Path:
+def _run_streaming(args: argparse.Namespace, loaded, outputs, options, path: Path, sizes: Sequence[int]) -> Path:
     """Write the embeddings into the output file window by window (memory does not grow with the data)."""
     import anndata as ad
     import h5py
+    import numpy as np
+    import pandas as pd
 
     try:
         from anndata.io import write_elem
     except ImportError:  # anndata < 0.11
         from anndata.experimental import write_elem
 
-    sizes = []
-    for f in args.data_file:
-        if not Path(f).is_file():
-            raise CLIError(f"data file {f!r} does not exist.")
-        backed = ad.read_h5ad(f, backed="r")
-        sizes.append(backed.n_obs)
-        backed.file.close()
     tmp = _temporary_beside(path)
     try:
         ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(sum(sizes)).astype(str))).write_h5ad(tmp)
@@ -466,7 +658,7 @@ def _run_streaming(args: argparse.Namespace, loaded, outputs, device: str, path:
             ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
             offsets = np.cumsum([0, *sizes[:-1]])
             parts = [
-                _run_file(f, loaded, args, outputs, device, embeddings_out=_Rows(ds, int(off)))
+                _run_file(f, loaded, args, outputs, options, embeddings_out=_Rows(ds, int(off)))
                 for f, off in zip(args.data_file, offsets, strict=True)
             ]
             rest = _output_adata(parts, outputs, embeddings=False)
@@ -506,8 +698,20 @@ def run_download(args: argparse.Namespace) -> list[Path]:
     return folders
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived (SLURM, containers and ``kill`` send it): unwinds like Ctrl-C, removing temporary files."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``transcriptformer`` command."""
+    """Entry point of the ``transcriptformer`` command.
+
+    Returns 0 on success, 1 on an error (one line on stderr, or a traceback with ``--verbose``), 2 for a usage
+    error, 130 on Ctrl-C and 143 on SIGTERM; the last two remove any temporary output first.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -519,6 +723,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         from . import cli_training
 
@@ -532,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("transcriptformer: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("transcriptformer: terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return 143
     except Exception as e:
         if args.verbose:
             raise
@@ -542,6 +752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = msg.replace(api, flag)
         print(f"transcriptformer: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -9,7 +9,6 @@ keys we do not use are ignored, ``null`` and missing keys fall back to the defau
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -35,6 +34,8 @@ __all__ = [
     "MuLink",
     "Precision",
     "TranscriptFormerConfig",
+    "device_name",
+    "parse_bool",
     "split_names",
 ]
 
@@ -79,6 +80,30 @@ ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 #: Devices by kind; ``"cuda:1"`` and other indexed names are accepted too.
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DEVICES: tuple[str, ...] = get_args(Device)
+
+
+def device_name(device: Any) -> str:
+    """The normalised name of a device option (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+
+    Accepts those strings (any case, surrounding spaces ignored) and ``torch.device`` objects of those kinds.
+    Whether the device exists here is checked when a run starts
+    (:func:`~transcriptformer.engine.resolve_device`).
+
+    Raises
+    ------
+    ValueError
+        Anything else (``"tpu"``, ``""``, ``None``, ``0``, ``"meta"``, ``"cpu:0"``, ...).
+    """
+    if type(device).__name__ == "device" and hasattr(device, "type"):  # torch.device, without importing torch
+        name = str(device)
+    elif isinstance(device, str) and device.strip():
+        name = device.strip().lower()
+    else:
+        name = ""
+    kind, sep, index = name.partition(":")
+    if kind not in DEVICES or (sep and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"device={device!r}; expected one of {', '.join(map(repr, DEVICES))} or e.g. 'cuda:1'.")
+    return name
 
 
 def split_names(value: Any) -> tuple[str, ...]:
@@ -162,6 +187,15 @@ class ModelConfig:
             raise ValueError(f"config.json: embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}.")
         if self.softcap < 0 or not math.isfinite(self.softcap):
             raise ValueError(f"config.json: softcap must be a finite number >= 0, got {self.softcap}.")
+        if not (math.isfinite(self.log_counts_eps) and self.log_counts_eps >= 0):
+            raise ValueError(f"config.json: log_counts_eps must be a finite number >= 0, got {self.log_counts_eps}.")
+        if not 0 <= self.dropout <= 1:
+            raise ValueError(f"config.json: dropout must be between 0 and 1, got {self.dropout}.")
+        if self.gene_head_hidden_dim <= 0:
+            raise ValueError(
+                f"config.json: model_config.gene_head_hidden_dim must be a positive integer, got "
+                f"{self.gene_head_hidden_dim}."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -246,24 +280,38 @@ class TranscriptFormerConfig:
             raise ValueError(f"config.json must hold a JSON object, got {type(raw).__name__}.")
         root = raw.get("model", raw)
         if not isinstance(root, Mapping):
-            raise ValueError("config.json: 'model' must be a JSON object.")
-        model = _build(ModelConfig, root.get("model_config"), "model_config")
-        data_section = dict(root.get("data_config") or {})
+            raise ValueError(f"config.json: 'model' must be a JSON object, got {type(root).__name__}.")
+        sections = {}
+        for label in ("model_config", "data_config", "loss_config"):
+            section = root.get(label)
+            if section is not None and not isinstance(section, Mapping):
+                raise ValueError(f"config.json: {label} must be a JSON object, got {type(section).__name__}.")
+            sections[label] = dict(section or {})
+        model = _build(ModelConfig, sections["model_config"], "model_config")
+        data_section = sections["data_config"]
         if "aux_cols" in data_section:  # null (or "") means the checkpoint has no auxiliary token
-            data_section["aux_cols"] = split_names(data_section["aux_cols"])
+            try:
+                data_section["aux_cols"] = split_names(data_section["aux_cols"])
+            except TypeError:
+                raise ValueError(
+                    f"config.json: data_config.aux_cols must be a comma-separated string or a list of column "
+                    f"names, got {data_section['aux_cols']!r}."
+                ) from None
         data = _build(DataConfig, data_section, "data_config")
-        loss = _build(LossConfig, root.get("loss_config"), "loss_config")
+        loss = _build(LossConfig, sections["loss_config"], "loss_config")
         return cls(model=model, data=data, loss=loss)
 
     @classmethod
     def from_json(cls, path: str | Path) -> TranscriptFormerConfig:
         """Read ``config.json`` from ``path``."""
+        from ._hash import read_json
+
         path = Path(path)
+        raw = read_json(path, "the checkpoint's config", "Restore it from the checkpoint's download.")
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+            return cls.from_dict(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The published ``config.json`` layout (``model`` -> ``model_config``, ``data_config``, ``loss_config``).
@@ -311,8 +359,33 @@ class TranscriptFormerConfig:
 
         Section names may be given as ``model_config``/``data_config``/``loss_config`` (the
         published spelling, with or without a leading ``model.``) or ``model``/``data``/``loss``.
+        Every error names the key.
         """
         cfg = self
+        for key, (section, name, coerced) in self.parse_overrides(overrides).items():
+            sub = getattr(cfg, section)
+            try:
+                cfg = replace(cfg, **{section: replace(sub, **{name: coerced})})
+            except ValueError as e:
+                raise ValueError(f"config override {key!r}: {str(e).removeprefix('config.json: ')}") from None
+        return cfg
+
+    @staticmethod
+    def parse_overrides(overrides: Mapping[str, Any]) -> dict[str, tuple[str, str, Any]]:
+        """Check the keys and the type of each value of config overrides (no checkpoint needed).
+
+        Returns
+        -------
+        dict
+            ``key -> (section, field, value converted to the field's type)``. Rules that involve other
+            values (``embed_dim`` divisible by ``num_heads``) are checked when the overrides are applied.
+
+        Raises
+        ------
+        ValueError
+            An unknown section or key, a value of the wrong type, or one outside its choices; naming the key.
+        """
+        out = {}
         for key, value in overrides.items():
             parts = key.split(".")
             if parts[0] == "model" and len(parts) == 3:
@@ -322,34 +395,82 @@ class TranscriptFormerConfig:
             section = {"model_config": "model", "data_config": "data", "loss_config": "loss"}.get(parts[0], parts[0])
             if section not in ("model", "data", "loss"):
                 raise ValueError(f"config override {key!r}: unknown section {parts[0]!r}.")
-            sub = getattr(cfg, section)
-            names = {f.name for f in fields(sub)}
-            if parts[1] not in names:
+            cls = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig}[section]
+            if parts[1] not in {f.name for f in fields(cls)}:
                 raise ValueError(f"config override {key!r}: {section} config has no key {parts[1]!r}.")
-            cfg = replace(cfg, **{section: replace(sub, **{parts[1]: _coerce(type(sub), parts[1], value)})})
-        return cfg
+            try:
+                out[key] = (section, parts[1], _coerce(cls, parts[1], value))
+            except ValueError as e:
+                raise ValueError(f"config override {key!r}: {e}.") from None
+        return out
+
+
+def parse_bool(value: Any) -> bool:
+    """A boolean from JSON or text: ``true``/``false``/``1``/``0``/``yes``/``no`` (any case), or a bool/0/1.
+
+    Raises
+    ------
+    ValueError
+        Anything else (``2``, ``"off"``, ``None``, ...).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+    raise ValueError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Convert a JSON value to the type of dataclass field ``name`` (ints stay ints, lists become tuples)."""
+    """Convert a JSON value to the type of dataclass field ``name`` (ints stay ints, lists become tuples).
+
+    Strict: booleans are not numbers, numbers must be finite, text must be text.
+    """
     default = next(f for f in fields(cls) if f.name == name).default
     if isinstance(default, bool):
+        return parse_bool(value)
+    if isinstance(default, int | float):
         if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError(f"{cls.__name__}.{name}: expected a boolean, got {value!r}.")
-        return bool(value)
-    if isinstance(default, int):
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{cls.__name__}.{name}: expected an integer, got {value!r}.")
-        return int(value)
-    if isinstance(default, float):
+            try:
+                value = float(value.strip()) if default.__class__ is float else int(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
         return float(value)
     if isinstance(default, tuple):
+        if not isinstance(value, str | list | tuple) or not all(isinstance(v, str) for v in split_list(value)):
+            raise ValueError(f"expected a list of names, got {value!r}")
         return split_names(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    choices = _CHOICES.get((cls.__name__, name))
+    if choices is not None and value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(choices)}")
     return value
+
+
+#: Fields whose value must be one of a list.
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("ModelConfig", "mu_link_fn"): MU_LINK_FUNCTIONS,
+    ("ModelConfig", "activation"): ACTIVATIONS,
+}
+
+
+def split_list(value: str | list | tuple) -> list:
+    """The items of a comma-separated string or a list (for type checks)."""
+    return value.split(",") if isinstance(value, str) else list(value)
 
 
 def _build(cls: type, section: Mapping[str, Any] | None, label: str) -> Any:
@@ -367,5 +488,5 @@ def _build(cls: type, section: Mapping[str, Any] | None, label: str) -> Any:
         try:
             kwargs[key] = _coerce(cls, key, value)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"config.json: {label}.{key}: {e}") from None
+            raise ValueError(f"config.json: {label}.{key}: {e}.") from None
     return cls(**kwargs)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel, species_vocabulary
-from .config import ATTENTION_BACKENDS, DEVICES, PRECISION_ALIASES, PRECISIONS, AttentionBackend, Precision
+from .config import ATTENTION_BACKENDS, PRECISION_ALIASES, PRECISIONS, AttentionBackend, Precision, device_name
 from .model import (
     BiasMode,
     ChunkedAttention,
@@ -83,17 +83,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     ValueError
         An unknown name, or a device that is not available here.
     """
-    if isinstance(device, torch.device):
-        name = str(device)
-    elif isinstance(device, str) and device.strip():
-        name = device.strip().lower()
-    else:
-        raise ValueError(f"device={device!r}; expected one of {', '.join(map(repr, DEVICES))} or e.g. 'cuda:1'.")
+    name = device_name(device)  # the same rule as RunOptions
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind, _, index = name.partition(":")
-    if kind not in DEVICES or kind == "auto" or (index and not (kind == "cuda" and index.isdigit())):
-        raise ValueError(f"device={device!r}; expected one of {', '.join(map(repr, DEVICES))} or e.g. 'cuda:1'.")
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -407,6 +399,10 @@ class Accumulator:
         Group code of every cell of the shard (``-1``: in no group) for ``gene_sum``.
     embeddings_out
         Optional array-like ``(n_rows, E)`` receiving the embeddings window by window.
+    device
+        Where the gene sums are accumulated.
+    offset
+        Input row of the shard's first cell (named in messages).
     """
 
     def __init__(
@@ -421,8 +417,10 @@ class Accumulator:
         n_groups: int = 1,
         embeddings_out: Any | None = None,
         device: torch.device | None = None,
+        offset: int = 0,
     ):
         self.heads = list(heads)
+        self.offset = offset  # input row of the shard's first cell (for messages)
         self.model = model
         self.gene_tokens = gene_tokens
         self.embeddings_out = embeddings_out
@@ -461,8 +459,36 @@ class Accumulator:
         if self.embeddings_out is not None and "embeddings" in self.cells:
             self._window_emb = np.zeros((len(window), self.model.config.embed_dim), dtype=np.float32)
 
+    def check_finite(self, rows: np.ndarray, batch: Batch, results: dict[str, torch.Tensor]) -> None:
+        """Raise if a head gave NaN or infinity where it must not (nothing non-finite is ever written).
+
+        NaN is a documented value only for ``end_nll`` (cells shorter than ``S``) and for ``llh`` of a cell
+        without genes.
+        """
+        for h in self.heads:
+            if h.name == "end_nll":
+                continue
+            ok = torch.isfinite(results[h.name])
+            if h.layout in ("gene", "gene_sum"):  # only the read genes' values are kept
+                b, w = ok.shape[:2]
+                ok = ok.reshape(b, w, -1).all(dim=2)
+                ok = (ok | (torch.arange(w, device=ok.device)[None, :] >= batch.lengths[:, None])).all(dim=1)
+            elif ok.dim() > 1:
+                ok = ok.reshape(ok.shape[0], -1).all(dim=1)
+            if h.name == "llh":
+                ok = ok | (batch.lengths == 0)
+            if not bool(ok.all()):
+                bad = rows[(~ok).cpu().numpy()] + self.offset
+                raise ValueError(
+                    f"the model gave NaN or infinite values ({h.name}) for {len(bad)} cell(s), e.g. the cells at rows "
+                    f"{bad[:5].tolist()}; nothing was written. Check those cells' counts (huge counts with "
+                    "clip_counts=None or normalize_to_scale), the checkpoint's weights, or use precision='32' instead "
+                    "of float16."
+                )
+
     def add(self, rows: np.ndarray, window_rows: np.ndarray, batch: Batch, results: dict[str, torch.Tensor]) -> None:
         """Store one batch: ``rows`` are the cells' positions in the shard, ``window_rows`` in the window."""
+        self.check_finite(rows, batch, results)
         genes = None
         part: dict[str, np.ndarray] = {}
         for h in self.heads:
@@ -883,6 +909,7 @@ class Engine:
             n_groups=n_groups,
             embeddings_out=embeddings_out,
             device=self.device,
+            offset=lo,
         )
         dev_tables = None if tables is None else (tables[0].to(self.device), tables[1].to(self.device))
         cache_bytes = (4 << 30) if self.device.type == "cuda" else (1 << 30)
@@ -1146,6 +1173,7 @@ def infer(
     """
     from . import registry
 
+    loaded.check_weights_unchanged()
     tokenize = tokenize or TokenizeOptions()
     vocab, tables, species_paths = loaded.vocab, None, None
     if any(HEADS[h].gene_head for h in heads if h in HEADS):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .config import DEVICES, PRECISION_ALIASES, PRECISIONS, Device, Precision
+from .config import PRECISION_ALIASES, PRECISIONS, Device, Precision, device_name
 from .tokenizer import TokenizeOptions
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "RunOptions",
     "SpeciesArg",
     "check_bool",
+    "check_genes",
     "check_key",
     "check_positive_int",
     "with_run_options",
@@ -71,6 +72,22 @@ def check_key(value: Any, name: str = "key_added") -> str:
     if "/" in value:
         raise ValueError(f"{name}={value!r}: '/' cannot be used in an AnnData key (h5ad groups); pick another name.")
     return value
+
+
+def check_genes(value: Any, name: str = "genes") -> list[str] | None:
+    """``None``, or gene ids: a string or an iterable of non-empty strings (returned as a list)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            items = []
+    if not items or not all(isinstance(g, str) and g for g in items):
+        raise ValueError(f"{name} must be gene ids (a string or a list of strings) or None, got {value!r}.")
+    return items
 
 
 def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
@@ -146,14 +163,7 @@ class RunOptions:
         _check_choice(self.duplicate_genes, "duplicate_genes", ("raise", "first"))
         set_(self, "batch_size", check_positive_int(self.batch_size, "batch_size"))
         set_(self, "max_tokens", check_positive_int(self.max_tokens, "max_tokens"))
-        if isinstance(self.device, str):
-            kind = self.device.strip().lower().partition(":")[0]
-            if kind not in DEVICES:
-                raise ValueError(
-                    f"device={self.device!r}; expected one of {', '.join(map(repr, DEVICES))} or 'cuda:1'."
-                )
-        elif type(self.device).__name__ != "device":  # torch.device, without importing torch here
-            raise ValueError(f"device={self.device!r}; expected one of {', '.join(map(repr, DEVICES))} or 'cuda:1'.")
+        device_name(self.device)  # the engine's rule; availability is checked when the run starts
         p = self.precision
         if not isinstance(p, str) or (p.lower() not in PRECISIONS and p.lower() not in PRECISION_ALIASES):
             raise ValueError(f"precision={p!r}; expected one of {', '.join(map(repr, PRECISIONS))}.")

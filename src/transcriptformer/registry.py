@@ -4,38 +4,46 @@ Each name maps to a tarball that unpacks to one folder (``tf_sapiens/``, ...). D
 through :mod:`pooch` into the cache (``$TRANSCRIPTFORMER_CACHE``, or the user cache folder),
 a temporary name first, so an interrupted download never counts as cached. The tarball is
 unpacked into a temporary folder with the ``data`` extraction filter (no absolute paths, no
-``..``, no links leaving the folder, no devices), then moved into place.
+``..``, no links leaving the folder, no devices, no sparse files), at most
+:attr:`Entry.max_unpacked` bytes, and its layout is checked (``config.json`` parses, the weights and
+every table it names are there) before it is moved into place.
 
 Integrity: the weights' publisher gives no checksums. Where :data:`REGISTRY` carries none, the
 first successful download records the tarball's sha256 (``known_hashes.json`` in the cache)
 and the sha256 of every extracted file (``<folder>.sha256.json`` beside the folder); later
-downloads must reproduce the tarball's hash and every load of a cached checkpoint re-verifies
-its files. A mismatch is an error naming the file and how to recover.
+downloads must reproduce the tarball's hash (``force=True`` replaces the recorded hash, with a
+warning), and every load of a cached checkpoint checks its files against the recorded hashes. A file
+is hashed once per change: the manifest also records each file's size, modification time, inode and
+change time, and a file whose record is unchanged is not read again. A mismatch is an error naming
+the file and how to recover.
 
 Environment variables: ``TRANSCRIPTFORMER_CACHE`` (cache folder), ``TRANSCRIPTFORMER_BASE_URL``
 (a mirror serving the same file names).
+
+This module imports nothing heavy (no pandas, pooch or requests) until a download or a listing needs it,
+so that the command line starts fast.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pandas as pd
-import pooch
-import requests
-from filelock import FileLock
+from . import _hash
+from ._hash import VerificationRecord, file_stamp, read_json, write_json_atomic
 
-from ._hash import sha256_file
+if TYPE_CHECKING:
+    import pandas as pd
+    from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +52,7 @@ __all__ = [
     "ENTRIES",
     "MODEL_NAMES",
     "REGISTRY",
-    "DownloadError",
+    "DownloadError",  # noqa: F822 - defined on first access (module __getattr__)
     "Entry",
     "available",
     "cache_path",
@@ -58,6 +66,8 @@ __all__ = [
 
 #: Where the published tarballs live.
 BASE_URL = "https://czi-transcriptformer.s3.amazonaws.com/weights/"
+
+GiB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,10 @@ class Entry:
         Size in bytes, or ``None`` where unknown.
     description
         One line for listings.
+    max_unpacked
+        Most bytes the unpacked folder may take. A tarball whose members add up to more (a small archive
+        can expand to anything) is refused before anything is written. The limits are about three times
+        the sizes the models' parameter counts imply.
     """
 
     name: str
@@ -90,6 +104,7 @@ class Entry:
     sha256: str | None
     size: int | None
     description: str
+    max_unpacked: int = 8 * GiB
 
 
 #: Everything the registry can download. The command line's choices, :func:`available` and the docs derive
@@ -103,6 +118,7 @@ ENTRIES: tuple[Entry, ...] = (
         None,
         None,
         "TF-Sapiens: human only, 368M trainable parameters",
+        max_unpacked=6 * GiB,
     ),
     Entry(
         "tf-exemplar",
@@ -112,6 +128,7 @@ ENTRIES: tuple[Entry, ...] = (
         None,
         None,
         "TF-Exemplar: 5 species (human, mouse, zebrafish, fly, worm)",
+        max_unpacked=16 * GiB,
     ),
     Entry(
         "tf-metazoa",
@@ -121,6 +138,7 @@ ENTRIES: tuple[Entry, ...] = (
         None,
         None,
         "TF-Metazoa: 12 species",
+        max_unpacked=32 * GiB,
     ),
     Entry(
         "all-embeddings",
@@ -130,6 +148,7 @@ ENTRIES: tuple[Entry, ...] = (
         None,
         None,
         "ESM2 gene tables of 24 species, for out-of-distribution species",
+        max_unpacked=32 * GiB,
     ),
 )
 
@@ -141,9 +160,33 @@ MODEL_NAMES: tuple[str, ...] = tuple(e.name for e in ENTRIES if e.kind == "model
 
 KNOWN_HASHES_FILE = "known_hashes.json"
 
+#: Most members a tarball may hold.
+MAX_MEMBERS = 10_000
 
-class DownloadError(requests.exceptions.RequestException):
-    """A download failed (network, server, or cut short); nothing was cached."""
+_DOWNLOAD_ERROR: type | None = None
+_DOWNLOAD_ERROR_LOCK = threading.Lock()
+
+
+def _download_error() -> type:
+    """:class:`DownloadError`, defined on first use (it derives from ``requests``' exception, imported lazily)."""
+    global _DOWNLOAD_ERROR
+    with _DOWNLOAD_ERROR_LOCK:
+        if _DOWNLOAD_ERROR is None:
+            import requests
+
+            class DownloadError(requests.exceptions.RequestException):
+                """A download failed (network, server, or cut short); nothing was cached."""
+
+            DownloadError.__module__ = __name__
+            DownloadError.__qualname__ = "DownloadError"
+            _DOWNLOAD_ERROR = DownloadError
+        return _DOWNLOAD_ERROR
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DownloadError":
+        return _download_error()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def canonical_name(name: str) -> str:
@@ -170,7 +213,11 @@ def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
     env = os.environ.get("TRANSCRIPTFORMER_CACHE")
     if env:
         return Path(env).expanduser()
-    return Path(pooch.os_cache("transcriptformer"))
+    try:
+        import platformdirs  # what pooch.os_cache uses
+    except ImportError:  # pragma: no cover - platformdirs comes with pooch
+        return Path.home() / ".cache" / "transcriptformer"
+    return Path(platformdirs.user_cache_dir("transcriptformer"))
 
 
 def base_url(url: str | None = None) -> str:
@@ -183,34 +230,76 @@ def _manifest_path(folder: Path) -> Path:
     return folder.parent / f"{folder.name}.sha256.json"
 
 
+def _redownload_hint(folder: Path) -> str:
+    name = folder.name.replace("_", "-")
+    return (
+        f"Delete {folder} and {_manifest_path(folder).name} (or run `transcriptformer download {name} --force`) "
+        "to download it again."
+    )
+
+
+def _open_manifest(folder: Path) -> VerificationRecord:
+    """The manifest written when ``folder`` was unpacked, validated; a damaged one is an error with the fix."""
+    path = _manifest_path(folder)
+    record = VerificationRecord.open(
+        path, strict=True, what=f"the record of the files of {folder.name}", fix=_redownload_hint(folder)
+    )
+    files = record.data.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ValueError(
+            f"{path} (the record of the files of {folder.name}) has no valid 'files' table. {_redownload_hint(folder)}"
+        )
+    return record
+
+
 def _is_cached(folder: Path) -> bool:
     return folder.is_dir() and _manifest_path(folder).is_file()
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def _is_complete(folder: Path) -> bool:
+    """Cached, and every file recorded at download still there (a damaged manifest raises, with the fix)."""
+    if not _is_cached(folder):
+        return False
+    missing = [rel for rel in _open_manifest(folder).data["files"] if not (folder / rel).is_file()]
+    if missing:
+        logger.warning("%s is incomplete (missing %s); downloading it again.", folder, ", ".join(missing[:3]))
+        return False
+    return True
 
 
-def _hash_tree(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
+def _hash_tree(folder: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """sha256 and stamp of every regular file under ``folder``, by relative path."""
+    digests, stamps = {}, {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            rel = p.relative_to(folder).as_posix()
+            stamps[rel] = file_stamp(p)
+            digests[rel] = _hash.sha256_file(p)
+    return digests, stamps
+
+
+def _read_known_hashes(root: Path) -> dict[str, str]:
+    path = root / KNOWN_HASHES_FILE
+    if not path.is_file():
+        return {}
+    fix = (
+        "It records the sha256 of each tarball at its first download: repair it, or delete it to record the "
+        "hashes again at the next download."
+    )
+    data = read_json(path, "the recorded sha256 of downloaded tarballs", fix)
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ValueError(f"{path} (the recorded sha256 of downloaded tarballs) must map file names to hashes. {fix}")
+    return data
 
 
 def _recorded_hash(root: Path, fname: str) -> str | None:
-    path = root / KNOWN_HASHES_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get(fname)
+    return _read_known_hashes(root).get(fname)
 
 
 def _lock(root: Path, name: str) -> FileLock:
     """An inter-process lock in ``<cache>/.locks/`` (the lock files stay, empty)."""
+    from filelock import FileLock
+
     (root / ".locks").mkdir(parents=True, exist_ok=True)
     return FileLock(str(root / ".locks" / f"{name}.lock"))
 
@@ -218,9 +307,9 @@ def _lock(root: Path, name: str) -> FileLock:
 def _record_hash(root: Path, fname: str, digest: str) -> None:
     path = root / KNOWN_HASHES_FILE
     with _lock(root, KNOWN_HASHES_FILE):  # shared by every model's download
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = _read_known_hashes(root)
         data[fname] = digest
-        _write_json_atomic(path, data)
+        write_json_atomic(path, data)
 
 
 def _refuse(tarball: Path, what: str) -> ValueError:
@@ -235,6 +324,8 @@ def _check_member(m: tarfile.TarInfo, tarball: Path, expected_top: str) -> None:
         raise _refuse(tarball, f"member {name!r} points outside the target folder.")
     if m.isdev() or m.ischr() or m.isblk() or m.isfifo():
         raise _refuse(tarball, f"member {name!r} is a device or pipe.")
+    if m.issparse():
+        raise _refuse(tarball, f"member {name!r} is a sparse file (a few bytes that unpack to {m.size:,}).")
     if not parts:  # "." or "./": only harmless as a folder
         if not m.isdir():
             raise _refuse(tarball, f"member {name!r} is not a folder.")
@@ -251,22 +342,43 @@ def _check_member(m: tarfile.TarInfo, tarball: Path, expected_top: str) -> None:
             raise _refuse(tarball, f"link {name!r} -> {m.linkname!r} points outside the folder {expected_top!r}/.")
 
 
-def _safe_extract(tarball: Path, target: Path, expected_top: str, progress: bool) -> None:
+def _safe_extract(tarball: Path, target: Path, expected_top: str, progress: bool, max_bytes: int | None = None) -> None:
     """Unpack ``tarball`` into ``target`` refusing anything that would land outside ``target/expected_top``.
+
+    Every member is checked before anything is written: the members' sizes must add up to at most
+    ``max_bytes`` and fit in the free space of ``target``'s disk.
 
     Raises
     ------
     ValueError
-        A member leaves the folder ("refusing ..."), or the archive is damaged or cut short.
+        A member leaves the folder, is sparse, a device or pipe, the archive is too large ("refusing ..."), or
+        the archive is damaged or cut short.
 
     """
     from tqdm.auto import tqdm
 
     try:
         with tarfile.open(tarball, "r:*") as tar:
-            members = tar.getmembers()
-            for m in members:
+            members = []
+            total = 0
+            for m in tar:  # reads the headers only (and decompresses the archive once)
                 _check_member(m, tarball, expected_top)
+                members.append(m)
+                total += m.size if m.isfile() else 0
+                if len(members) > MAX_MEMBERS:
+                    raise _refuse(tarball, f"more than {MAX_MEMBERS:,} members.")
+                if max_bytes is not None and total > max_bytes:
+                    raise _refuse(
+                        tarball,
+                        f"its members unpack to more than {_size(max_bytes)}, more than this download can take "
+                        "(the archive is not the published one).",
+                    )
+            free = shutil.disk_usage(target).free
+            if total > free:
+                raise ValueError(
+                    f"{tarball.name} unpacks to {_size(total)} but {target} has {_size(free)} free; "
+                    "free some space or set TRANSCRIPTFORMER_CACHE to a larger disk."
+                )
             for m in tqdm(members, desc=f"extracting {tarball.name}", unit="file", disable=not progress):
                 tar.extract(m, target, filter="data")
     except tarfile.FilterError as e:  # our checks should have caught it first
@@ -276,6 +388,26 @@ def _safe_extract(tarball: Path, target: Path, expected_top: str, progress: bool
             f"{tarball.name} is not a complete tar.gz archive ({e}); the download was probably cut short. "
             "Nothing was cached: download it again."
         ) from e
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
+
+
+def _check_unpacked(entry: Entry, folder: Path, tarball: str) -> None:
+    """The unpacked folder has the layout its kind needs (before it is cached or its hash recorded)."""
+    from . import checkpoint
+
+    try:
+        if entry.kind == "model":
+            checkpoint.check_folder(folder)
+        elif not any(folder.glob("*_gene.h5")):
+            raise ValueError("it holds no gene table (<species>_gene.h5).")
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{tarball} unpacked, but not to a usable {'checkpoint' if entry.kind == 'model' else 'folder of tables'}: "
+            f"{e} Nothing was cached or recorded; the file at the server is not the published one."
+        ) from None
 
 
 def fetch(
@@ -296,36 +428,83 @@ def fetch(
     progress
         Progress bars while downloading and extracting.
     force
-        Download and unpack again even if cached.
+        Download and unpack again even if cached. Where the sha256 of the tarball was recorded at its first
+        download (no hash is published) and the server now serves another file, the new file replaces the
+        recorded hash, with a warning.
 
     Returns
     -------
     pathlib.Path
-        The unpacked folder, e.g. ``<cache>/tf_sapiens``.
+        The unpacked folder, e.g. ``<cache>/tf_sapiens``. A cached folder with a file missing is downloaded
+        again.
 
     """
     entry = REGISTRY[canonical_name(name)]
     root = cache_path(cache_dir)  # the environment is read here, at the entry point
     folder = root / entry.folder
-    if _is_cached(folder) and not force:
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"the cache folder {root} is a file; pass another folder or remove the file.")
+    if not force and _is_complete(folder):
         return folder
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the cache folder {root} ({e.strerror or e}); pass a writable one.") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ValueError(f"the cache folder {root} is not writable; pass a writable folder.")
     # one download per cache folder at a time (several torchrun processes may ask at once)
     with _lock(root, entry.folder):
-        if _is_cached(folder) and not force:
+        if not force and _is_complete(folder):
             return folder
-        _download_and_unpack(entry, base_url() + entry.file, root, folder, progress)
+        _download_and_unpack(entry, base_url() + entry.file, root, folder, progress, force)
     logger.info("%s ready in %s", entry.name, folder)
     return folder
 
 
-def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progress: bool) -> None:
+def _retrieve(url: str, known: str | None, fname: str, downloads: Path, progress: bool, root: Path) -> None:
+    import pooch
+    import requests
+
+    try:
+        pooch.retrieve(
+            url,
+            known_hash=f"sha256:{known}" if known else None,
+            fname=fname,
+            path=downloads,
+            progressbar=progress,
+        )
+    except requests.exceptions.RequestException as e:
+        root_cause = e
+        while root_cause.__cause__ or root_cause.__context__:
+            root_cause = root_cause.__cause__ or root_cause.__context__
+        reason = f"{type(root_cause).__name__}: {str(root_cause).splitlines()[0][:200] if str(root_cause) else ''}"
+        raise _download_error()(
+            f"could not download {url} ({reason}). Nothing was cached. Check the connection and retry, "
+            f"point TRANSCRIPTFORMER_BASE_URL at a mirror, or fetch {fname} on a machine that can reach it, "
+            "unpack it and pass the folder itself (model=<folder> / --checkpoint-path <folder>)."
+        ) from e
+    except ValueError as e:
+        if "hash" in str(e).lower():
+            raise ValueError(
+                f"the downloaded {fname} does not match the sha256 recorded for it ({known}). The file at "
+                f"{url} changed or the download was corrupted. Retry; if the publisher really replaced it, "
+                f"download with --force (force=True), which records the new hash, or delete {root / KNOWN_HASHES_FILE} "
+                f"(or its {fname!r} entry)."
+            ) from None
+        raise
+
+
+def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progress: bool, force: bool) -> None:
+    import pooch
+
     folder_name = entry.folder
     fname = entry.file
     logger.info("downloading %s from %s", fname, url)
     downloads = root / ".downloads"
     tarball = downloads / fname
-    known = entry.sha256 or _recorded_hash(root, fname)
+    pinned = None if entry.sha256 else _recorded_hash(root, fname)
+    # force replaces a hash recorded on first use (never one published in REGISTRY)
+    known = entry.sha256 or (None if force else pinned)
     if known is None:
         # pooch reuses an existing file when it has no hash to check it against: never trust a leftover
         tarball.unlink(missing_ok=True)
@@ -333,47 +512,39 @@ def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progr
     level = pooch_logger.level
     pooch_logger.setLevel(logging.WARNING)  # its "use this as known_hash" advice does not apply here
     try:
-        try:
-            pooch.retrieve(
+        _retrieve(url, known, fname, downloads, progress, root)
+        digest = _hash.sha256_file(tarball)
+        repin = pinned is not None and digest != pinned
+        if repin:
+            logger.warning(
+                "%s now has sha256 %s, not the %s recorded at its first download; as asked (--force), the new "
+                "file replaces the recorded hash in %s once it has unpacked and checked out.",
                 url,
-                known_hash=f"sha256:{known}" if known else None,
-                fname=fname,
-                path=downloads,
-                progressbar=progress,
+                digest,
+                pinned,
+                root / KNOWN_HASHES_FILE,
             )
-        except requests.exceptions.RequestException as e:
-            root_cause = e
-            while root_cause.__cause__ or root_cause.__context__:
-                root_cause = root_cause.__cause__ or root_cause.__context__
-            reason = f"{type(root_cause).__name__}: {str(root_cause).splitlines()[0][:200] if str(root_cause) else ''}"
-            raise DownloadError(
-                f"could not download {url} ({reason}). Nothing was cached. Check the connection and retry, "
-                f"point TRANSCRIPTFORMER_BASE_URL at a mirror, or fetch {fname} on a machine that can reach it, "
-                "unpack it and pass the folder itself (model=<folder> / --checkpoint-path <folder>)."
-            ) from e
-        except ValueError as e:
-            if "hash" in str(e).lower():
-                raise ValueError(
-                    f"the downloaded {fname} does not match the sha256 recorded for it ({known}). The file at "
-                    f"{url} changed or the download was corrupted. Retry; if the publisher really replaced it, "
-                    f"delete {root / KNOWN_HASHES_FILE} (or its {fname!r} entry) and download again."
-                ) from None
-            raise
-        digest = sha256_file(tarball)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}-", dir=root))
         try:
-            _safe_extract(tarball, tmp, folder_name, progress)
+            _safe_extract(tarball, tmp, folder_name, progress, entry.max_unpacked)
             unpacked = tmp / folder_name
             if not unpacked.is_dir():
                 raise ValueError(f"{fname} did not unpack to a folder named {folder_name!r}.")
-            manifest = {"source": url, "tarball_sha256": digest, "files": _hash_tree(unpacked)}
-            if known is None:  # only a download that unpacked cleanly is recorded
+            _check_unpacked(entry, unpacked, fname)
+            digests, stamps = _hash_tree(unpacked)
+            manifest = {
+                "source": url,
+                "tarball_sha256": digest,
+                "files": digests,
+                "verified": {rel: {"stamp": stamps[rel], "sha256": digests[rel]} for rel in digests},
+            }
+            if pinned is None or repin:  # only a download that unpacked cleanly is recorded
                 _record_hash(root, fname, digest)
             if folder.exists():
                 shutil.rmtree(folder)
             _manifest_path(folder).unlink(missing_ok=True)
             os.replace(unpacked, folder)
-            _write_json_atomic(_manifest_path(folder), manifest)
+            write_json_atomic(_manifest_path(folder), manifest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
@@ -382,8 +553,51 @@ def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progr
         tarball.unlink(missing_ok=True)
 
 
-def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = None) -> dict[str, str]:
+def open_record(folder: Path) -> VerificationRecord | None:
+    """The manifest of a downloaded folder as a :class:`~transcriptformer._hash.VerificationRecord` (or None)."""
+    return _open_manifest(folder) if _manifest_path(folder).is_file() else None
+
+
+def save_record(folder: Path, record: VerificationRecord) -> None:
+    """Save what a load learned (stamps, finite weights) into the manifest, unless the folder was replaced since.
+
+    Taken under the download lock and merged into the manifest as it is now, so that a concurrent
+    ``--force`` download is never overwritten with the old hashes.
+    """
+    if not record.dirty:
+        return
+    root = folder.parent
+    try:
+        # never wait long: a download of this folder may hold the lock (then what we learned is moot anyway)
+        with _lock(root, folder.name).acquire(timeout=2):
+            current = _open_manifest(folder)
+            if current.data.get("files") != record.data.get("files"):
+                return  # downloaded again meanwhile: what we learned is about the old files
+            current.data["verified"].update(record.data["verified"])
+            current.data["finite"].update(record.data["finite"])
+            current.dirty = True
+            current.save()
+            record.dirty = False
+    except (OSError, ValueError) as e:  # a read-only shared cache, or a download under way: hash again next time
+        logger.info("could not update %s (%s)", _manifest_path(folder), e)
+
+
+def verify_checkpoint(
+    folder: str | os.PathLike, files: Iterable[str] | None = None, *, record: VerificationRecord | None = None
+) -> dict[str, str]:
     """Check the files of a downloaded folder against the sha256 recorded when it was unpacked.
+
+    A file whose size, modification time, inode and change time equal those recorded when it was last
+    verified is not read again; any other is hashed (and the new stamp recorded in the manifest).
+
+    Parameters
+    ----------
+    folder
+        The unpacked folder.
+    files
+        Relative paths to check (default: every file recorded at download).
+    record
+        The manifest, already open (the caller then saves it).
 
     Returns
     -------
@@ -393,33 +607,38 @@ def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = N
     Raises
     ------
     ValueError
-        A file is missing or differs; the message names it and how to recover.
+        A file is missing or differs, or the manifest is damaged; the message names it and how to recover.
 
     """
     folder = Path(folder)
-    manifest_path = _manifest_path(folder)
-    if not manifest_path.is_file():
-        return {}
-    manifest = json.loads(manifest_path.read_text())
-    recorded = manifest.get("files", {})
+    own = record is None
+    if own:
+        if not _manifest_path(folder).is_file():
+            return {}
+        record = _open_manifest(folder)
+    recorded = record.data["files"]
+    hint = _redownload_hint(folder)
     checked = {}
     for rel in files if files is not None else recorded:
         path = folder / rel
-        hint = (
-            f"Delete {folder} and {manifest_path.name} (or run `transcriptformer download <name> --force`) "
-            "to download it again."
-        )
         if not path.is_file():
             raise ValueError(f"cached file {path} is missing. {hint}")
         if rel not in recorded:
             raise ValueError(f"{path} is not among the files recorded when {folder.name} was downloaded. {hint}")
-        digest = sha256_file(path)
+        stamp = file_stamp(path)
+        digest = record.known_digest(rel, stamp)
+        if digest is None:
+            digest = _hash.sha256_file(path)
+            if digest == recorded[rel]:
+                record.set_digest(rel, stamp, digest)
         if digest != recorded[rel]:
             raise ValueError(
                 f"cached file {path} is corrupted: sha256 {digest[:16]}... differs from {recorded[rel][:16]}... "
                 f"recorded at download. {hint}"
             )
         checked[rel] = digest
+    if own:
+        save_record(folder, record)
     return checked
 
 
@@ -440,13 +659,18 @@ def species_tables(
     *,
     cache_dir: str | os.PathLike | None = None,
 ) -> list[Path]:
-    """Gene-table files from paths and/or species names (``"mus_musculus"`` -> the ``all-embeddings`` table)."""
+    """Gene-table files from paths and/or species names (``"mus_musculus"`` -> the ``all-embeddings`` table).
+
+    An existing file always wins over a species name of the same spelling.
+    """
     items = [species_embedding] if isinstance(species_embedding, str | os.PathLike) else list(species_embedding)
     if not items:
         raise ValueError("species_embedding is empty; pass gene-table files or species names.")
     paths = []
     for item in items:
         path = Path(item).expanduser()
+        if path.is_dir():
+            raise ValueError(f"species_embedding: {str(item)!r} is a folder; pass gene-table files (.h5).")
         if path.is_file():
             paths.append(path)
         elif path.suffix in (".h5", ".hdf5") or os.sep in str(item) or "/" in str(item):
@@ -465,6 +689,8 @@ def available(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
         One row per name: ``description``, ``url``, ``cached`` (bool), ``path`` (the folder, if cached).
 
     """
+    import pandas as pd
+
     root = cache_path(cache_dir)
     url = base_url()
     rows = []

@@ -39,10 +39,12 @@ __all__ = [
     "read_gene_ids",
     "sequence_width",
     "strip_version",
+    "unknown_aux_labels",
 ]
 
 DEFAULT_GENE_KEY = "ensembl_id"
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_ENSEMBL_ANY_CASE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$", re.IGNORECASE)
 _SYMBOL = re.compile(r"^[A-Za-z][A-Za-z0-9_\-\.@]{0,14}$")
 
 
@@ -79,11 +81,12 @@ class TokenizeOptions:
     duplicate_genes: Literal["raise", "first"] = "raise"
 
     def __post_init__(self) -> None:
-        if self.clip_counts is not None and not self.clip_counts > 0:
-            raise ValueError(f"clip_counts must be positive or None, got {self.clip_counts!r}.")
-        if self.normalize_to_scale is not None and not self.normalize_to_scale >= 0:
+        if self.clip_counts is not None and not 0 < self.clip_counts < np.inf:
+            raise ValueError(f"clip_counts must be a finite number > 0 or None, got {self.clip_counts!r}.")
+        if self.normalize_to_scale is not None and not 0 <= self.normalize_to_scale < np.inf:
             raise ValueError(
-                f"normalize_to_scale must be >= 0 or None (0 and None: off), got {self.normalize_to_scale!r}."
+                f"normalize_to_scale must be a finite number >= 0 or None (0 and None: off), got "
+                f"{self.normalize_to_scale!r}."
             )
         if self.duplicate_genes not in ("raise", "first"):
             raise ValueError(f"duplicate_genes must be 'raise' or 'first', got {self.duplicate_genes!r}.")
@@ -130,8 +133,15 @@ def _looks_like_symbols(ids: Sequence[str]) -> bool:
     sample = [s for s in ids[:2000] if s]
     if not sample:
         return False
-    symbolic = sum(bool(_SYMBOL.match(s)) and not _ENSEMBL.match(s) and not s.isdigit() for s in sample)
+    symbolic = sum(bool(_SYMBOL.match(s)) and not _ENSEMBL_ANY_CASE.match(s) and not s.isdigit() for s in sample)
     return symbolic >= 0.8 * len(sample)
+
+
+def _looks_like_lowercase_ensembl(ids: Sequence[str]) -> bool:
+    sample = [s for s in ids[:2000] if s]
+    return bool(sample) and sum(
+        bool(_ENSEMBL_ANY_CASE.match(s)) and not _ENSEMBL.match(s) for s in sample
+    ) >= 0.5 * len(sample)
 
 
 def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:
@@ -176,21 +186,40 @@ def read_gene_ids(var: pd.DataFrame, gene_key: str | None, where: str) -> tuple[
     )
 
 
-def _describe_no_match(ids: np.ndarray, source: str, vocab: GeneVocab, model_name: str) -> str:
-    data_examples = [s for s in ids if s][:3]
+def _describe_no_match(raw_ids: np.ndarray, ids: np.ndarray, source: str, vocab: GeneVocab, model_name: str) -> str:
     vocab_examples = list(vocab.genes[:3])
+    strings = [s for s in raw_ids if isinstance(s, str) and s]
+    if not strings:
+        present = [v for v in raw_ids if v is not None and not (isinstance(v, float) and np.isnan(v))]
+        kinds = sorted({type(v).__name__ for v in present}) or ["missing values"]
+        return (
+            f"{source} holds no gene id strings ({', '.join(kinds)}, e.g. {[_plain(v) for v in present[:3]]}), so "
+            f"no gene matches the vocabulary of {model_name} (ids look like {vocab_examples}). Pass gene_key=<var "
+            "column with Ensembl gene ids as text>, or gene_key=None to use var_names."
+        )
+    data_examples = [s for s in ids if s][:3]
     msg = (
         f"none of the {len(ids):,} genes in {source} is in the vocabulary of {model_name} "
         f"({len(vocab.genes):,} genes). Data ids look like {data_examples}; vocabulary ids look like {vocab_examples}."
     )
-    if _looks_like_symbols(list(ids)) and _looks_like_ensembl(list(vocab.genes)):
+    if _looks_like_lowercase_ensembl(strings) and _looks_like_ensembl(list(vocab.genes)):
+        msg += (
+            " The data ids are Ensembl ids in lower case, but Ensembl ids are upper case: convert them first, e.g. "
+            "adata.var[<column>] = adata.var[<column>].str.upper()."
+        )
+    elif _looks_like_symbols(strings) and _looks_like_ensembl(list(vocab.genes)):
         msg += (
             " The data ids look like gene symbols, but the model expects Ensembl gene ids: pass gene_key=<var "
-            "column with Ensembl ids> or map symbols to Ensembl ids first (e.g. with the data's feature table)."
+            "column with Ensembl ids> or map symbols to Ensembl ids first (tfs.pp.symbols_to_ensembl)."
         )
     else:
         msg += " Pass gene_key=<var column holding ids of this kind>, or check the species of the data and the model."
     return msg
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value (for messages)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _is_backed_sparse(m: Any) -> bool:
@@ -235,7 +264,7 @@ class CellSource:
         self.n_genes = n_genes
         self.n_matched = n_matched
         self._check_values = check_values
-        self._checked_raw_counts = False
+        self._warned_raw_counts = False
 
     @property
     def n_obs(self) -> int:
@@ -269,31 +298,37 @@ class CellSource:
         duplicate entries of a non-canonical CSR).
         """
         block = self.matrix[start:stop]
+        if hasattr(block, "compute") and not isinstance(block, np.ndarray):  # dask (dense or sparse chunks)
+            block = block.compute()
         if sp.issparse(block):
-            block = sp.csr_matrix(block, dtype=np.float32)
+            with np.errstate(over="ignore"):  # values beyond float32 become inf, refused by the value check
+                block = sp.csr_matrix(block, dtype=np.float32)
             if not self.all_columns:
                 block = block[:, self.columns]
             block.sum_duplicates()
             return block
-        block = np.asarray(block, dtype=np.float32)
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused by the value check
+            block = np.asarray(block, dtype=np.float32)
         return block if self.all_columns else block[:, self.columns]
 
     def _check_block(self, values: np.ndarray, start: int) -> None:
-        """Refuse negative or NaN counts, and warn once if the values do not look like raw counts.
+        """Refuse negative, NaN or infinite counts, and warn (once) if the values do not look like raw counts.
 
-        In-memory data was checked up front, so only backed data is checked here.
+        In-memory data was checked for bad values up front, so only backed (and lazy) data is checked here.
+        Every window is checked for non-integer values (one vectorised pass over its non-zero values), so
+        non-count data later in a file is noticed too.
         """
         if self._check_values:
             _refuse_bad_values(values, self.source, f" (cells from row {start})")
-        if not self._checked_raw_counts:
-            self._checked_raw_counts = True
-            sample = values[values != 0][:1000]
-            frac = sample[np.abs(sample - np.round(sample)) > 1e-6]
+        if not self._warned_raw_counts:
+            nonzero = values[values != 0]
+            frac = nonzero[np.abs(nonzero - np.round(nonzero)) > 1e-6]
             if frac.size:
+                self._warned_raw_counts = True
                 warnings.warn(
                     f"the counts in {self.source} do not look like raw counts (non-integer values such as "
-                    f"{frac[0]:g}). TranscriptFormer was trained on raw UMI counts; pass layer=<layer of raw counts> "
-                    "if you have them.",
+                    f"{frac[0]:g} in the cells from row {start}). TranscriptFormer was trained on raw UMI counts; "
+                    "pass layer=<layer of raw counts> if you have them.",
                     TranscriptFormerWarning,
                     stacklevel=4,
                 )
@@ -351,11 +386,68 @@ class CellSource:
         return TokenWindow(start, tokens, counts, lengths.astype(np.int64), self.aux[start:stop])
 
 
+def unknown_aux_labels(values: Sequence[Any], vocab: AuxVocab, limit: int = 5) -> dict[str, list[str]]:
+    """Labels of ``values`` that ``vocab`` does not know (the literal ``"unknown"`` aside), with the closest known.
+
+    Returns
+    -------
+    dict
+        ``repr`` of each unknown label (at most ``limit``, most frequent first; missing values as ``'missing'``)
+        -> up to two known labels that look alike (case and surrounding spaces ignored).
+    """
+    import difflib
+
+    known = [k for k in vocab.labels if k != "unknown"]
+    folded = {k.strip().lower(): k for k in known}
+    counts: dict[str, int] = {}
+    examples: dict[str, Any] = {}
+    for v in values:
+        if isinstance(v, str) and v in vocab.labels:
+            continue
+        missing = v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
+        key = "missing" if missing else repr(_plain(v))
+        counts[key] = counts.get(key, 0) + 1
+        examples.setdefault(key, None if missing else v)
+    out = {}
+    for key in sorted(counts, key=counts.get, reverse=True)[:limit]:
+        v = examples[key]
+        if v is None:
+            out[key] = []
+            continue
+        text = str(_plain(v)).strip().lower()
+        out[key] = [folded[c] for c in difflib.get_close_matches(text, list(folded), n=2, cutoff=0.6)]
+    return out
+
+
 def _aux_tokens(obs: pd.DataFrame, aux_vocabs: Sequence[AuxVocab], model_name: str) -> np.ndarray:
     columns = []
     for voc in aux_vocabs:
         if voc.column in obs.columns:
-            columns.append(voc.encode(obs[voc.column].tolist()))
+            values = obs[voc.column].tolist()
+            codes = voc.encode(values)
+            odd = np.fromiter(
+                (
+                    c == voc.unknown and not (isinstance(v, str) and v == "unknown")
+                    for c, v in zip(codes, values, strict=True)
+                ),
+                dtype=bool,
+                count=len(values),
+            )
+            if odd.any():
+                labels = unknown_aux_labels([v for v, o in zip(values, odd, strict=True) if o], voc)
+                described = "; ".join(
+                    f"{label} (closest known: {', '.join(map(repr, close))})" if close else label
+                    for label, close in labels.items()
+                )
+                warnings.warn(
+                    f"{int(odd.sum()):,} of {len(values):,} cells ({100 * odd.mean():.1f}%) have {voc.column} labels "
+                    f"that {model_name} does not know, so they are treated as {voc.column} 'unknown': {described}. "
+                    f"Known labels are e.g. {sorted(k for k in voc.labels if k != 'unknown')[:4]}; fix the labels in "
+                    f"adata.obs[{voc.column!r}] (set them to 'unknown' to mean unknown).",
+                    TranscriptFormerWarning,
+                    stacklevel=3,
+                )
+            columns.append(codes)
         else:
             warnings.warn(
                 f"obs has no {voc.column!r} column, which {model_name} uses as an auxiliary token; every cell is "
@@ -370,13 +462,24 @@ def _aux_tokens(obs: pd.DataFrame, aux_vocabs: Sequence[AuxVocab], model_name: s
     return np.stack(columns, axis=1)
 
 
+#: The largest float32: counts above it become infinite when cast (the model computes in float32).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _refuse_bad_values(values: np.ndarray, source: str, where: str = "") -> None:
-    bad = ~(values >= 0)  # negative or NaN
+    bad = ~((values >= 0) & (values <= FLOAT32_MAX))  # negative, NaN, infinite, or too large for float32
     if bad.any():
         v = values[bad].ravel()[0]
-        kind = "NaN values" if np.isnan(v) else f"negative values (e.g. {v:g})"
+        if np.isnan(v):
+            kind = "NaN values"
+        elif v < 0:
+            kind = f"negative values (e.g. {v:g})"
+        elif np.isinf(v):
+            kind = "infinite values (or values beyond float32's range, 3.4e38)"
+        else:
+            kind = f"values too large for float32 (e.g. {v:g}; the model computes in float32, largest 3.4e38)"
         raise ValueError(
-            f"the counts in {source} contain {kind}{where}. TranscriptFormer needs raw, non-negative counts: "
+            f"the counts in {source} contain {kind}{where}. TranscriptFormer needs raw, non-negative, finite counts: "
             "pass layer=<layer of raw counts> (or 'raw')."
         )
 
@@ -444,7 +547,7 @@ def prepare_cells(
     in_vocab = (tokens >= 0) & first
     n_matched = int(in_vocab.sum())
     if n_matched == 0:
-        raise ValueError(_describe_no_match(ids, id_source, vocab, model_name))
+        raise ValueError(_describe_no_match(raw_ids, ids, id_source, vocab, model_name))
     if options.filter_to_vocab:
         columns = np.flatnonzero(in_vocab)
     else:

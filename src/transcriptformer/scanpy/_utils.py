@@ -13,7 +13,7 @@ from ..options import check_bool, with_run_options
 
 logger = logging.getLogger("transcriptformer")
 
-__all__ = ["Keys", "Update", "check_adata", "with_run_options"]
+__all__ = ["Keys", "Update", "check_adata", "check_writable", "in_memory_copy", "with_run_options"]
 
 
 def check_adata(adata: Any, name: str = "adata") -> None:
@@ -22,6 +22,20 @@ def check_adata(adata: Any, name: str = "adata") -> None:
         raise TypeError(f"{name} must be an AnnData, got {type(adata).__name__}.")
     if adata.n_obs == 0:
         raise ValueError(f"{name} has no cells.")
+
+
+def check_writable(adata: AnnData, copy: bool) -> None:
+    """Refuse up front what could only fail after the compute: writing into a view of a backed file."""
+    if adata.is_view and adata.isbacked and not copy:
+        raise ValueError(
+            "adata is a view of a backed AnnData, which cannot take results in place. Pass copy=True (returns an "
+            "in-memory copy with the results), or load the subset first: adata = adata[...].to_memory()."
+        )
+
+
+def in_memory_copy(adata: AnnData) -> AnnData:
+    """A copy in memory (a backed AnnData, or a view of one, cannot be copied with ``.copy()``)."""
+    return adata.to_memory() if adata.isbacked else adata.copy()
 
 
 @dataclass(frozen=True)
@@ -92,7 +106,7 @@ class Update:
         """Write into ``adata`` (or into a copy, returned, when ``copy``)."""
         copy = check_bool(copy, "copy")
         if copy:
-            adata = adata.to_memory() if adata.isbacked else adata.copy()
+            adata = in_memory_copy(adata)
         elif adata.is_view:
             adata._init_as_actual(adata.copy())  # as scanpy does: writing into a view makes it actual
         written = {(slot, key) for slot, key, _ in self.writes}

@@ -13,8 +13,9 @@ from anndata import AnnData
 
 from .. import gene_ids
 from ..checkpoint import LoadedModel, load_model
-from ..tokenizer import TokenizeOptions, prepare_cells, read_gene_ids, strip_version
-from ._utils import check_adata
+from ..options import RunOptions, check_bool, check_key, check_positive_int
+from ..tokenizer import prepare_cells, read_gene_ids, strip_version, unknown_aux_labels
+from ._utils import check_adata, check_writable, in_memory_copy
 
 __all__ = ["check_input", "match_genes", "symbols_to_ensembl"]
 
@@ -49,14 +50,21 @@ def check_input(
         A summary: ``model``, ``counts_source``, ``n_obs``, ``n_genes``, ``n_genes_matched``,
         ``genes_per_cell`` (min / median / max genes each cell is given), ``n_cells_without_genes``,
         ``n_cells_truncated`` (cells with more expressed genes than ``seq_len``; the model sees the first
-        ``seq_len`` in column order) and ``fraction_unknown_aux`` (per auxiliary column, the fraction of
-        cells whose label is unknown to the model).
+        ``seq_len`` in column order), ``fraction_unknown_aux`` (per auxiliary column, the fraction of
+        cells whose label is unknown to the model) and ``unknown_aux_labels`` (per auxiliary column, the
+        labels the model does not know, each with the closest known labels; the literal ``"unknown"`` is not
+        listed). :func:`~transcriptformer.scanpy.tl.embed` warns about the same labels.
     """
     check_adata(adata)
+    window = check_positive_int(window, "window", allow_none=False)
+    options = RunOptions(
+        gene_key=gene_key,
+        layer=layer,
+        duplicate_genes=duplicate_genes,
+        filter_to_vocab=filter_to_vocab,
+        cache_dir=cache_dir,
+    ).tokenize()
     loaded = load_model(model, cache_dir=cache_dir)
-    options = TokenizeOptions(
-        gene_key=gene_key, layer=layer, duplicate_genes=duplicate_genes, filter_to_vocab=filter_to_vocab
-    )
     src = prepare_cells(
         adata,
         loaded.vocab,
@@ -87,6 +95,11 @@ def check_input(
         "n_cells_without_genes": int((lengths == 0).sum()),
         "n_cells_truncated": int((expressed > loaded.seq_len).sum()),
         "fraction_unknown_aux": unknown,
+        "unknown_aux_labels": {
+            voc.column: unknown_aux_labels(adata.obs[voc.column].tolist(), voc, limit=20)
+            for voc in loaded.aux_vocabs
+            if voc.column in adata.obs.columns
+        },
     }
 
 
@@ -101,6 +114,7 @@ def match_genes(
     *,
     gene_key: str | None = "ensembl_id",
     key_added: str = "transcriptformer_in_vocab",
+    overwrite: bool = False,
     copy: bool = False,
     cache_dir: str | os.PathLike | None = None,
 ) -> AnnData | None:
@@ -111,7 +125,9 @@ def match_genes(
     adata, model, gene_key, cache_dir
         As in :func:`~transcriptformer.scanpy.tl.embed` (ids are taken from ``adata.var``, not ``raw.var``).
     key_added
-        ``var`` column to write.
+        ``var`` column to write. Never the column holding the gene ids (``gene_key``).
+    overwrite
+        Replace an existing ``key_added`` column. Without it an existing column raises a :class:`ValueError`.
     copy
         Return a copy instead of writing into ``adata``.
 
@@ -119,13 +135,31 @@ def match_genes(
     -------
     anndata.AnnData | None
         ``None`` or a copy, with ``adata.var[key_added]`` (bool): whether the gene id (version suffix
-        removed) is in the vocabulary.
+        removed) is a gene of the vocabulary (special-token names such as ``[START]`` never are).
     """
-    loaded = load_model(model, cache_dir=cache_dir)
+    check_adata(adata)
+    key_added = check_key(key_added)
+    overwrite = check_bool(overwrite, "overwrite")
+    copy = check_bool(copy, "copy")
+    RunOptions(gene_key=gene_key, cache_dir=cache_dir)  # validates them
+    if gene_key is not None and key_added == gene_key:
+        raise ValueError(
+            f"key_added={key_added!r} is the column holding the gene ids (gene_key); pick another name "
+            "(e.g. 'transcriptformer_in_vocab')."
+        )
+    if key_added in adata.var.columns and not overwrite:
+        raise ValueError(
+            f"adata.var already has a column {key_added!r}: pass overwrite=True to replace it, or choose another "
+            "key_added."
+        )
+    check_writable(adata, copy)
     ids, _ = read_gene_ids(adata.var, gene_key, "X")
-    hits = loaded.vocab.lookup(list(strip_version(ids))) >= loaded.vocab.n_special
+    loaded = load_model(model, cache_dir=cache_dir)
+    hits = loaded.vocab.lookup_genes(list(strip_version(ids))) >= 0
     if copy:
-        adata = adata.copy()
+        adata = in_memory_copy(adata)
+    elif adata.is_view:
+        adata._init_as_actual(adata.copy())  # as scanpy does: writing into a view makes it actual
     adata.var[key_added] = hits
     return adata if copy else None
 
@@ -207,6 +241,14 @@ def symbols_to_ensembl(
     """
     if not isinstance(adata, AnnData):
         raise TypeError(f"expected an AnnData, got {type(adata).__name__}.")
+    key_added = check_key(key_added)
+    copy = check_bool(copy, "copy")
+    overwrite = check_bool(overwrite, "overwrite")
+    raw = check_bool(raw, "raw")
+    ignore_case = check_bool(ignore_case, "ignore_case")
+    if symbol_key is not None:
+        check_key(symbol_key, "symbol_key")
+    check_writable(adata, copy)
     species = gene_ids._species(species)
     if symbol_key is not None and key_added == symbol_key:
         raise ValueError(
@@ -252,7 +294,9 @@ def symbols_to_ensembl(
         report[where] = gene_ids.summarize(result)
 
     if copy:
-        adata = adata.copy()
+        adata = in_memory_copy(adata)
+    elif adata.is_view:
+        adata._init_as_actual(adata.copy())  # as scanpy does: writing into a view makes it actual
     adata.var[key_added] = pd.Series(results["var"]["ensembl_id"].to_numpy(dtype=object), index=adata.var.index)
     if "raw" in results:
         raw_var = adata.raw.var

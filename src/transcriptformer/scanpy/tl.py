@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,9 +19,11 @@ from anndata import AnnData
 
 from .. import __version__
 from ..checkpoint import LoadedModel, load_model
-from ..engine import Inference, infer
-from ..options import RunOptions, check_bool, check_key
-from ._utils import Keys, Update, check_adata, with_run_options
+from ..options import RunOptions, check_bool, check_genes, check_key
+from ._utils import Keys, Update, check_adata, check_writable, with_run_options
+
+if TYPE_CHECKING:
+    from ..engine import Inference
 
 logger = logging.getLogger("transcriptformer")
 
@@ -40,20 +42,14 @@ __all__ = [
 ModelArg = str | os.PathLike | LoadedModel
 
 
-def _check_writable(adata: AnnData, copy: bool) -> None:
-    """Refuse up front what could only fail after the compute: writing into a view of a backed file."""
-    if adata.is_view and adata.isbacked and not copy:
-        raise ValueError(
-            "adata is a view of a backed AnnData, which cannot take results in place. Pass copy=True (returns an "
-            "in-memory copy with the results), or load the subset first: adata = adata[...].to_memory()."
-        )
-
-
 def _run(
     adata: AnnData, model: ModelArg, options: RunOptions, heads: Sequence[str], **extra: Any
 ) -> tuple[Inference, LoadedModel]:
     """Validate, load the model and run the shared pipeline (nothing is written to ``adata``)."""
+    from ..engine import infer, resolve_device
+
     check_adata(adata)
+    resolve_device(options.device)  # an unavailable device is an error before the model is loaded
     loaded = load_model(model, cache_dir=options.cache_dir)
     run = infer(adata, loaded, heads=heads, tokenize=options.tokenize(), **options.engine(), **extra)
     return run, loaded
@@ -194,7 +190,7 @@ def embed(
     keys = Keys.from_embedding_key(check_key(key_added))
     copy = check_bool(copy, "copy")
     check_adata(adata)
-    _check_writable(adata, copy)
+    check_writable(adata, copy)
     run, loaded = _run(adata, model, options, ("embeddings", "llh") if llh else ("embeddings",))
     update = Update()
     update.remove(keys.embedding_family())
@@ -289,7 +285,7 @@ def likelihood(
     keys = Keys.from_base(check_key(key_added))
     copy = check_bool(copy, "copy")
     check_adata(adata)
-    _check_writable(adata, copy)
+    check_writable(adata, copy)
     heads = ("llh", "end_nll", "count_nll", "gene_nll") if level == "gene" else ("llh",)
     run, loaded = _run(adata, model, options, heads)
     update = Update()
@@ -330,6 +326,7 @@ def contextual_gene_embeddings(
         ``normalize_to_scale`` and clipping); ``uns["transcriptformer_cge"]["params"]`` the run's
         parameters. ``adata`` is not modified.
     """
+    genes = check_genes(genes)
     run, loaded = _run(adata, model, options, ("cge", "count"), genes=genes)
     res = run.result.genes
     names = run.vocab.names()[res["token"]]
@@ -402,9 +399,10 @@ def gene_embeddings(
     """
     key_added = check_key(key_added)
     copy = check_bool(copy, "copy")
+    genes = check_genes(genes)
     check_adata(adata)
     if groupby is None:
-        _check_writable(adata, copy)
+        check_writable(adata, copy)
         codes, labels = None, ["all"]
     else:
         if not isinstance(groupby, str) or groupby not in adata.obs:
@@ -655,6 +653,8 @@ def transfer_labels(
     """
     check_adata(adata)
     check_adata(reference, "reference")
+    key = check_key(key, "key")
+    rep = check_key(rep, "rep")
     if method not in ("knn", "logreg"):
         raise ValueError(f"method={method!r}; expected 'knn' or 'logreg'.")
     from ..options import check_positive_int
@@ -666,7 +666,7 @@ def transfer_labels(
             raise KeyError(f"{name}.obsm has no {rep!r}; embed it first with tfs.tl.embed(...).")
     if key not in reference.obs:
         raise KeyError(f"reference.obs has no column {key!r}; its columns are {list(reference.obs.columns)}.")
-    key_added = check_key(key_added or f"{key}_transferred")
+    key_added = f"{key}_transferred" if key_added is None else check_key(key_added)
     X_ref = np.asarray(reference.obsm[rep], dtype=np.float32)
     X_query = np.asarray(adata.obsm[rep], dtype=np.float32)
     if X_ref.shape[1] != X_query.shape[1]:
