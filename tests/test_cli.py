@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import transcriptformer
-from conftest import DATA
+from helpers import DATA
 
 ATOL = 1e-5
 EXE = shutil.which("transcriptformer") or str(Path(sys.executable).parent / "transcriptformer")

@@ -16,7 +16,7 @@ import torch
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from transcriptformer.tokenizer import TranscriptFormerWarning
 
 

