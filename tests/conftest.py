@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+import subprocess
 from pathlib import Path
 
 import anndata as ad
@@ -44,3 +46,35 @@ def reference():
     return {
         name: ad.read_h5ad(REFERENCE / f"human_{name}.h5ad") for name in ("cell", "llh", "gene_llh", "cge", "raw_cell")
     }
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)`` runs ``transcriptformer ARGS`` in this process: a CompletedProcess (code, stdout, stderr).
+
+    ``check=True`` raises on a non-zero exit status. argparse's exits (``--help``, ``--version``,
+    usage errors) become the exit status, as in a process. Logging settings that ``main`` changes are
+    restored afterwards.
+    """
+    from transcriptformer.cli import main
+
+    def run(*args, check: bool = True) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        root, ours = logging.getLogger(), logging.getLogger("transcriptformer")
+        saved = (list(root.handlers), root.level, ours.level)
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            ours.setLevel(saved[2])
+        out, err = capsys.readouterr()
+        proc = subprocess.CompletedProcess(["transcriptformer", *argv], code, out, err)
+        if check and code != 0:
+            raise AssertionError(f"exit {code}\nstdout:\n{out}\nstderr:\n{err}")
+        return proc
+
+    return run
