@@ -1,18 +1,28 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
 
 # snapshot and assert_unchanged are re-exported for tests written before helpers.py: import them from helpers
 from helpers import DATA, REFERENCE, assert_unchanged, snapshot  # noqa: F401
+
+
+def pytest_configure(config):
+    # The tests run a model of width 32 on tens of cells: a second intra-op thread only adds a barrier to
+    # every small op, and on a loaded 2-core machine each barrier waits for a time slice (3x slower suite).
+    # OMP_NUM_THREADS, when set, decides instead. Subprocesses (torchrun, the memory test) are not affected.
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

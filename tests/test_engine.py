@@ -194,6 +194,7 @@ def _torchrun(*args, cwd):
     return proc
 
 
+@pytest.mark.slow
 def test_distributed_two_processes_gloo_python_api(tmp_path, big_adata, one_at_a_time):
     big_adata.write_h5ad(tmp_path / "cells.h5ad")
     (tmp_path / "job.py").write_text(DIST_SCRIPT)
@@ -204,6 +205,7 @@ def test_distributed_two_processes_gloo_python_api(tmp_path, big_adata, one_at_a
         np.testing.assert_allclose(got[:, 32], one_at_a_time.llh, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_distributed_two_processes_gloo_cli(tmp_path, tiny_path, big_adata, one_at_a_time):
     big_adata.write_h5ad(tmp_path / "cells.h5ad")
     _torchrun(

@@ -67,6 +67,7 @@ def test_attention_reduced_precision_close_to_fp32():
     assert (out - ref).abs().max() < 5e-2
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_for_full_length_sequences():
     """One batch at seq_len 2047: peak RSS growth far below the full score matrix.
 
