@@ -254,7 +254,9 @@ def chunked_attention(
             if diagonal_bias is not None:
                 sc[:, :, s:e].diagonal(dim1=1, dim2=2).sub_(diagonal_bias[h0:h1, s:e])
             if num_aux is None:
-                blocked = causal_off[s:e, :e] | blocked_key[h0:h1, None, :e]
+                blocked: Tensor | tuple[Tensor, Tensor, Tensor | None] = (
+                    causal_off[s:e, :e] | blocked_key[h0:h1, None, :e]
+                )
             else:
                 blocked = (causal_off[s:e, s:e], mine, bad_aux[h0:h1][mine][:, None, :] if len(mine) else None)
             if capped and not stable:
@@ -307,7 +309,7 @@ def flex_attention(
     else:
         blocked = torch.zeros_like(key_valid)
         blocked[:, :num_aux] = ~key_valid[:, :num_aux]
-        block_mask = causal_mask if causal_mask is not None else _causal_block_mask(T, q.device)
+        block_mask = causal_mask if causal_mask is not None else _causal_block_mask(T, q.device)  # type: ignore[assignment]
     train = mode == "train"
 
     def score_mod(score, b, h, q_idx, kv_idx):

@@ -342,9 +342,9 @@ def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progr
                 progressbar=progress,
             )
         except requests.exceptions.RequestException as e:
-            root_cause = e
-            while root_cause.__cause__ or root_cause.__context__:
-                root_cause = root_cause.__cause__ or root_cause.__context__
+            root_cause: BaseException = e
+            while (inner := root_cause.__cause__ or root_cause.__context__) is not None:
+                root_cause = inner
             reason = f"{type(root_cause).__name__}: {str(root_cause).splitlines()[0][:200] if str(root_cause) else ''}"
             raise DownloadError(
                 f"could not download {url} ({reason}). Nothing was cached. Check the connection and retry, "

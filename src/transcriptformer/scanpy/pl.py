@@ -166,10 +166,10 @@ def species_umap(
     panels = ["species"] + ([color] if color else [])
     if ax is None:
         # room on the right of each panel for its legend
-        fig, axes = plt.subplots(
+        fig, grid = plt.subplots(
             1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, gridspec_kw={"wspace": 0.7}
         )
-        axes = list(axes[0])
+        axes = list(grid[0])
     else:
         axes = list(ax) if isinstance(ax, Sequence) else [ax]
         if len(axes) < len(panels):
