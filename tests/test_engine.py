@@ -70,17 +70,16 @@ def test_plan_batches_sorts_by_length_under_budget(tiny_model):
 
 def test_plan_batches_splits_where_padding_costs_more_than_a_batch(tiny_model):
     """The cost model: few cells of very different lengths run apart, many similar cells share a batch."""
-    eng = Engine(tiny_model, max_tokens=10**6)
-    overhead, per_token, per_pair = eng._cost_model()
+    import dataclasses
+
+    planner = Engine(tiny_model, max_tokens=10**6).planner()
     # a batch costs as much as 10 tokens: three cells of very different lengths run separately
-    eng._cost_model = lambda: (10 * per_token, per_token, per_pair)
-    batches = eng.plan_batches(np.array([5, 62, 30]))
-    assert [len(b) for b in batches] == [1, 1, 1]
+    costly = dataclasses.replace(planner, overhead=10 * planner.per_token)
+    assert [len(b) for b in costly.plan(np.array([5, 62, 30]))] == [1, 1, 1]
     # similar lengths (3 padded tokens in all): one batch
-    assert len(eng.plan_batches(np.array([60, 61, 62, 62]))) == 1
+    assert len(costly.plan(np.array([60, 61, 62, 62]))) == 1
     # with the real (CPU) overhead the tiny model's batches are cheap to pad: one batch
-    eng._cost_model = lambda: (overhead, per_token, per_pair)
-    assert len(eng.plan_batches(np.array([5, 62, 30]))) == 1
+    assert len(planner.plan(np.array([5, 62, 30]))) == 1
 
 
 def test_out_of_memory_halves_and_retries_without_losing_cells(tiny_model, big_adata, one_at_a_time, monkeypatch):

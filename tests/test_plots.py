@@ -1,4 +1,4 @@
-"""Plots: they draw, honour show/ax/return_fig, and recompute the UMAP when the embedding changes."""
+"""Plots and the analysis helpers behind them: what they draw (axes, labels, points), show/ax/save/return_fig."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
+import scanpy as sc
 
 import transcriptformer.scanpy as tfs
 
@@ -26,13 +28,17 @@ def embedded(_embedded_once):
     return _embedded_once.copy()
 
 
+def _points(ax) -> int:
+    return sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
+
+
 def test_umap(embedded):
     fig = tfs.pl.umap(embedded, color="cell_type", n_neighbors=5, return_fig=True)
-    assert fig is not None and len(fig.axes) >= 1
+    assert fig is not None and _points(fig.axes[0]) == embedded.n_obs
     first = embedded.obsm["X_umap_transcriptformer"].copy()
     assert "X_umap" not in embedded.obsm  # an existing UMAP of the user's is never overwritten
     fig, ax = plt.subplots()
-    assert tfs.pl.umap(embedded, color="cell_type", n_neighbors=5, ax=ax, show=False) is None
+    assert tfs.pl.umap(embedded, color="cell_type", n_neighbors=5, ax=ax, show=False) is ax
     np.testing.assert_array_equal(embedded.obsm["X_umap_transcriptformer"], first)  # cached: same settings
     tfs.pl.umap(embedded, n_neighbors=7, show=False)
     assert embedded.uns["transcriptformer_neighbors"]["params"]["n_neighbors"] == 7  # new settings: recomputed
@@ -42,16 +48,101 @@ def test_umap(embedded):
     plt.close("all")
 
 
-def test_llh_and_species_umap(embedded, tiny_path):
-    assert tfs.pl.llh(embedded, groupby="cell_type", return_fig=True) is not None
-    assert tfs.pl.llh(embedded, show=False) is None
-    other = embedded.copy()
-    fig = tfs.pl.species_umap(
-        {"human": embedded, "copy": other}, color="cell_type", n_neighbors=5, return_fig=True, size=20
-    )
-    assert len(fig.axes) >= 2
+def test_save_goes_through_scanpys_figure_settings(embedded, tmp_path):
+    old = sc.settings.figdir, sc.settings.file_format_figs
+    sc.settings.figdir, sc.settings.file_format_figs = tmp_path, "png"
+    try:
+        assert tfs.pl.llh(embedded, save=True) is None
+        tfs.pl.llh(embedded, groupby="cell_type", save="_by_type.pdf", show=False)
+    finally:
+        sc.settings.figdir, sc.settings.file_format_figs = old
+    assert (tmp_path / "llh_transcriptformer.png").stat().st_size > 1000
+    assert (tmp_path / "llh_transcriptformer_by_type.pdf").stat().st_size > 1000
+    plt.close("all")
+
+
+def test_llh_violin(embedded):
+    ax = tfs.pl.llh(embedded, groupby="cell_type", show=False)
+    groups = embedded.obs["cell_type"].astype("category").cat.categories
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(groups)
+    assert ax.get_ylabel() == "negative log-likelihood per gene"
     with pytest.raises(KeyError, match="llh=True"):
         tfs.pl.llh(tfs.datasets.tiny_human())
+    plt.close("all")
+
+
+def test_species_umap(embedded):
+    other = embedded.copy()
+    fig = tfs.pl.species_umap({"human": embedded, "copy": other}, color="cell_type", n_neighbors=5, return_fig=True)
+    assert len(fig.axes) >= 2 and _points(fig.axes[0]) == 2 * embedded.n_obs
     with pytest.raises(KeyError, match=r"run tfs\.tl\.embed"):
         tfs.pl.umap(tfs.datasets.tiny_human())
     plt.close("all")
+
+
+def test_label_transfer_plot(embedded):
+    ref, query = embedded[::2].copy(), embedded[1::2].copy()
+    tfs.tl.transfer_labels(query, ref, key="cell_type", n_neighbors=3)
+    ax = tfs.pl.label_transfer(query, true_key="cell_type", key="cell_type_transferred", show=False)
+    truth = query.obs["cell_type"].astype(str)
+    pred = query.obs["cell_type_transferred"].astype(str)
+    accuracy = float((truth == pred).mean())
+    assert f"accuracy {accuracy:.3f}" in ax.get_title() and "macro-F1" in ax.get_title()
+    image = ax.get_images()[0].get_array()
+    np.testing.assert_allclose(np.asarray(image).sum(axis=1), 1.0)  # each true label's row sums to 1
+    assert [t.get_text() for t in ax.get_yticklabels()] == sorted(truth.unique())
+    plt.close("all")
+
+
+def test_celltype_similarity_tables_and_heatmap(embedded):
+    a, b = embedded[::2].copy(), embedded[1::2].copy()
+    table = tfs.tl.celltype_similarity({"A": a, "B": b}, groupby="cell_type")
+    types_a, types_b = sorted(a.obs["cell_type"].astype(str).unique()), sorted(b.obs["cell_type"].astype(str).unique())
+    assert list(table.index) == [f"A | {t}" for t in types_a] + [f"B | {t}" for t in types_b]
+    np.testing.assert_allclose(np.diag(table.to_numpy()), 1.0)  # cosine of each centroid with itself
+    # the centroid cosine by hand for one pair
+    t = types_a[0]
+    ca = a.obsm["X_transcriptformer"][(a.obs["cell_type"] == t).to_numpy()].mean(0)
+    cb = b.obsm["X_transcriptformer"][(b.obs["cell_type"] == t).to_numpy()].mean(0)
+    expected = ca @ cb / np.linalg.norm(ca) / np.linalg.norm(cb)
+    assert table.loc[f"A | {t}", f"B | {t}"] == pytest.approx(expected, rel=1e-5)
+    knn = tfs.tl.celltype_similarity([a, b], groupby="cell_type", method="knn_transfer", n_neighbors=3)
+    block = knn.loc[[i for i in knn.index if i.startswith("0 |")], [c for c in knn.columns if c.startswith("1 |")]]
+    np.testing.assert_allclose(block.sum(axis=1), 1.0)  # shares of each type's cells
+    assert (
+        knn.loc[[i for i in knn.index if i.startswith("0 |")], [c for c in knn.columns if c.startswith("0 |")]]
+        .isna()
+        .all()
+        .all()
+    )
+    # one AnnData with a batch key: stored in uns, drawn from there
+    both = embedded.copy()
+    both.obs["half"] = np.where(np.arange(both.n_obs) % 2 == 0, "A", "B")
+    tfs.tl.celltype_similarity(both, groupby="cell_type", batch_key="half")
+    assert "transcriptformer_celltype_similarity" in both.uns
+    ax = tfs.pl.celltype_similarity(both, show=False)
+    assert ax.get_ylabel() == "A" and ax.get_xlabel() == "B"
+    assert sorted(t.get_text() for t in ax.get_yticklabels()) == types_a
+    assert sorted(t.get_text() for t in ax.get_xticklabels()) == types_b
+    plt.close("all")
+
+
+def test_gene_embeddings_plot(tiny_path, tiny_adata):
+    tfs.tl.gene_embeddings(tiny_adata, tiny_path)
+    tiny_adata.var["mouse"] = tiny_adata.var["ensembl_id"].astype(str).str.startswith("ENSMUSG")
+    ax = tfs.pl.gene_embeddings(tiny_adata, color="mouse", genes=[tiny_adata.var_names[0]], show=False)
+    n_read = int(np.isfinite(tiny_adata.varm["X_transcriptformer_genes"]).all(axis=1).sum())
+    assert _points(ax) == n_read and ax.get_title().startswith(f"{n_read} genes")
+    assert "X_transcriptformer_genes_umap" in tiny_adata.varm
+    assert {t.get_text() for t in ax.get_legend().get_texts()} <= {"True", "False"}
+    plt.close("all")
+    with pytest.raises(KeyError, match=r"tl\.gene_embeddings"):
+        tfs.pl.gene_embeddings(tfs.datasets.tiny_human())
+
+
+def test_label_transfer_needs_both_columns(embedded):
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        tfs.pl.label_transfer(embedded, true_key="cell_type", key="nope")
+    with pytest.raises(KeyError, match="batch"):
+        tfs.tl.celltype_similarity(embedded, groupby="cell_type", batch_key="batch")
+    assert isinstance(tfs.tl.celltype_similarity(embedded, groupby="cell_type"), pd.DataFrame)

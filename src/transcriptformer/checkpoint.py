@@ -20,13 +20,22 @@ from typing import Any
 import torch
 
 from ._hash import sha256_file
-from .config import TranscriptFormerConfig
+from .config import Activation, MuLink, TranscriptFormerConfig
 from .model import TranscriptFormer
 from .vocab import AuxVocab, GeneVocab, read_aux_vocab, read_gene_tables
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "build_model", "clear_cache", "load_model", "species_vocabulary"]
+__all__ = [
+    "LoadedModel",
+    "build_model",
+    "clear_cache",
+    "load_model",
+    "new_model",
+    "save_checkpoint",
+    "species_vocabulary",
+    "state_sha256",
+]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model_weights.pt"
@@ -49,11 +58,16 @@ class LoadedModel:
     aux_vocabs
         Auxiliary vocabularies, in sequence order.
     path
-        The checkpoint folder.
+        The checkpoint folder (``None`` for a model built in memory, e.g. by :func:`new_model`).
     name
         Registry name (``"tf-sapiens"``) or the folder's name.
     weights_sha256
         sha256 of ``model_weights.pt``.
+    vocab_files
+        The gene-table files the vocabulary was read from, by file name (copied by :func:`save_checkpoint`).
+    adapter
+        For a model with a LoRA adapter applied (:func:`load_model` with ``adapter=``): its folder, sha256 and
+        whether it was merged into the weights; ``weights_sha256`` is then the base's.
     runtime
         What is kept per device across runs: the network's copy on each accelerator and the engine's
         per-device state (attention kernels, compiled code). Guarded by :attr:`lock`.
@@ -63,9 +77,11 @@ class LoadedModel:
     config: TranscriptFormerConfig
     vocab: GeneVocab
     aux_vocabs: tuple[AuxVocab, ...]
-    path: Path
+    path: Path | None
     name: str
     weights_sha256: str
+    vocab_files: dict[str, Path] = field(default_factory=dict)
+    adapter: dict[str, Any] | None = None
     runtime: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
@@ -190,6 +206,7 @@ def build_model(
         path=path,
         name=name or path.name,
         weights_sha256=weights_sha256 or sha256_file(path / WEIGHTS_FILE),
+        vocab_files={f: path / VOCAB_DIR / f for f in dc.esm2_mappings},
     )
 
 
@@ -203,7 +220,13 @@ def _cache_key(path: Path) -> tuple:
     return (str(path), stats)
 
 
-def load_model(model: str | os.PathLike | LoadedModel, *, cache_dir: str | os.PathLike | None = None) -> LoadedModel:
+def load_model(
+    model: str | os.PathLike | LoadedModel | tuple,
+    *,
+    adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> LoadedModel:
     """Load a TranscriptFormer checkpoint.
 
     Parameters
@@ -211,7 +234,15 @@ def load_model(model: str | os.PathLike | LoadedModel, *, cache_dir: str | os.Pa
     model
         A checkpoint folder in the published layout, a registry name (``"tf-sapiens"``,
         ``"tf-exemplar"``, ``"tf-metazoa"``; downloaded and verified on first use), or an already
-        loaded model (returned as is).
+        loaded model (returned as is). ``(model, adapter_folder)`` is the same as passing ``adapter``: this
+        form works wherever ``model=`` is accepted.
+    adapter
+        A LoRA adapter folder (written by :func:`transcriptformer.finetune`) to apply to the model. The
+        loaded base model is not modified: the result is a copy, and the base keeps giving its own numbers.
+        An adapter trained on other weights is refused (their sha256 differ).
+    merge_adapter
+        Fold the adapter into the weights (default: as fast as the base model); ``False`` keeps the adapter
+        layers (the same outputs).
     cache_dir
         Where registry downloads are kept (default: ``$TRANSCRIPTFORMER_CACHE`` or the user cache).
 
@@ -229,6 +260,12 @@ def load_model(model: str | os.PathLike | LoadedModel, *, cache_dir: str | os.Pa
     >>> m.embed_dim
     32
     """
+    if isinstance(model, tuple):
+        if len(model) != 2 or adapter is not None:
+            raise ValueError("model=(checkpoint, adapter_folder) takes exactly two items (and no adapter=).")
+        model, adapter = model
+    if adapter is not None:
+        return _with_adapter(load_model(model, cache_dir=cache_dir), adapter, merge_adapter)
     if isinstance(model, LoadedModel):
         return model
     from . import registry
@@ -240,7 +277,7 @@ def load_model(model: str | os.PathLike | LoadedModel, *, cache_dir: str | os.Pa
         path = registry.fetch(name, cache_dir=cache_dir)
         verify = registry.verify_checkpoint
     else:
-        path = Path(model).expanduser()
+        path = Path(model).expanduser()  # type: ignore[arg-type]  # a (model, adapter) tuple was unpacked above
         if not path.exists() and isinstance(model, str) and os.sep not in model and "/" not in model:
             raise FileNotFoundError(
                 f"{model!r} is neither a checkpoint folder nor a known model; "
@@ -267,6 +304,29 @@ def clear_cache() -> None:
     """Forget every model loaded by :func:`load_model`."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _ADAPTED.clear()
+
+
+_ADAPTED: dict[tuple, LoadedModel] = {}
+
+
+def _with_adapter(base: LoadedModel, folder: str | os.PathLike, merge: bool) -> LoadedModel:
+    """``base`` with a LoRA adapter applied, kept in memory per (base weights, adapter file, merge)."""
+    from . import lora
+
+    folder = Path(folder).expanduser().resolve()
+    lora.read_adapter_info(folder)  # a clear error when it is not an adapter folder
+    stat = (folder / "adapter_model.safetensors").stat()
+    key = (id(base), base.weights_sha256, str(folder), stat.st_mtime_ns, stat.st_size, bool(merge))
+    with _CACHE_LOCK:
+        hit = _ADAPTED.get(key)
+    if hit is not None:
+        return hit
+    adapted = lora.load_adapter(base, folder, merge=merge)
+    with _CACHE_LOCK:
+        _ADAPTED[key] = adapted
+    logger.info("applied the adapter %s to %s", folder, base.name)
+    return adapted
 
 
 def species_vocabulary(
@@ -309,3 +369,202 @@ def species_vocabulary(
     gene_bias[present] = bias[torch.from_numpy(known[known >= 0])]
     esm = torch.cat([weight[:n_special], torch.from_numpy(table.vectors).to(weight.dtype)])
     return vocab, esm, torch.cat([bias[:n_special], gene_bias])
+
+
+# -- new models and saving ----------------------------------------------------------------------------
+
+
+def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state_dict's names, dtypes, shapes and values (the identity of weights held in memory)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def new_model(
+    gene_tables: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    assay_vocab: Sequence[str] | Mapping[str, int] | None = None,
+    embed_dim: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 8,
+    model_dim: int | None = None,
+    seq_len: int = 2047,
+    gene_head_hidden_dim: int | None = None,
+    dropout: float = 0.1,
+    softcap: float = 10.0,
+    activation: Activation = "gelu",
+    mu_link_fn: MuLink = "softmax",
+    gene_id_loss_weight: float = 1.0,
+    seed: int = 0,
+    name: str = "new-model",
+    cache_dir: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """A new, randomly initialised TranscriptFormer with the published architecture and config schema.
+
+    The vocabulary is built as the published loader builds it: the released special tokens, then the
+    genes of ``gene_tables`` in order (first occurrence wins). The frozen gene vectors are the tables' ESM2
+    vectors (special-token rows: uniform ``[0, 1)`` from ``numpy.random.RandomState(42)``, as the published
+    model initialises them); everything else gets PyTorch's default initialisation, seeded by ``seed``.
+    The result can be passed as ``model=`` anywhere, trained with :func:`transcriptformer.train` and saved
+    in the published layout with :func:`save_checkpoint`.
+
+    Parameters
+    ----------
+    gene_tables
+        Gene-table files in the published HDF5 format (``keys`` + ``arrays``), or species names of the
+        ``all-embeddings`` download (``"homo_sapiens"``), in vocabulary order.
+    assay_vocab
+        Assay labels (a list, or ``{label: index}`` with ``"unknown"``): the cells' ``obs["assay"]`` becomes an
+        auxiliary token. ``None``: no auxiliary token.
+    embed_dim, num_layers, num_heads, model_dim, seq_len, gene_head_hidden_dim, dropout, softcap, activation, mu_link_fn
+        The ``model_config`` entries (``model_dim`` default ``4 * embed_dim``, ``gene_head_hidden_dim``
+        default ``embed_dim``); see :class:`~transcriptformer.config.ModelConfig`.
+    gene_id_loss_weight
+        ``> 0``: the model has the gene-identity head, weighted so in the training loss.
+    seed
+        Seed of the initialisation.
+    name
+        Name of the model in results and messages.
+    cache_dir
+        Where the ``all-embeddings`` download is kept, for species names.
+
+    Returns
+    -------
+    LoadedModel
+        The model (``path`` is ``None`` until it is saved).
+    """
+    import numpy as np
+
+    from . import registry
+    from .config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
+
+    paths = registry.species_tables(gene_tables, cache_dir=cache_dir)
+    table = read_gene_tables(paths)
+    files = {p.name: p for p in paths}
+    if len(files) != len(paths):
+        raise ValueError(f"gene tables must have distinct file names (they are saved side by side): {paths}.")
+    if assay_vocab is None:
+        labels: dict[str, int] = {}
+    elif isinstance(assay_vocab, Mapping):
+        labels = {str(k): int(v) for k, v in assay_vocab.items()}
+    else:
+        labels = {"unknown": 0, **{str(a): i + 1 for i, a in enumerate(x for x in assay_vocab if x != "unknown")}}
+    config = TranscriptFormerConfig(
+        model=ModelConfig(
+            embed_dim=embed_dim,
+            model_dim=model_dim or 4 * embed_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            seq_len=seq_len,
+            aux_len=1 if labels else 0,
+            softcap=softcap,
+            mu_link_fn=mu_link_fn,
+            activation=activation,
+            dropout=dropout,
+            gene_head_hidden_dim=gene_head_hidden_dim or embed_dim,
+        ),
+        data=DataConfig(aux_cols=("assay",) if labels else (), esm2_mappings=tuple(files)),
+        loss=LossConfig(gene_id_loss_weight=gene_id_loss_weight),
+    )
+    dc = config.data
+    vocab = GeneVocab(dc.special_tokens, table.ids, pad_token=dc.gene_pad_token)
+    aux_vocabs = (AuxVocab("assay", labels),) if labels else ()
+    torch.manual_seed(seed)
+    model = TranscriptFormer(
+        config.model,
+        vocab_size=len(vocab),
+        esm_dim=table.dim,
+        aux_vocab_sizes={a.column: len(a) for a in aux_vocabs},
+        aux_unknown=sorted({a.unknown for a in aux_vocabs}),
+        pad_idx=vocab.pad,
+        start_idx=vocab.start,
+        end_idx=vocab.end,
+        gene_head=config.loss.has_gene_head,
+        softplus_approx=config.loss.softplus_approx,
+    )
+    special = np.random.RandomState(42).rand(vocab.n_special, table.dim)
+    esm = torch.from_numpy(np.concatenate([special, table.vectors.astype(np.float64)])).float()
+    with torch.no_grad():
+        model.gene_embeddings.embedding.weight.copy_(esm)
+    model.float().eval().requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        config=config,
+        vocab=vocab,
+        aux_vocabs=aux_vocabs,
+        path=None,
+        name=name,
+        weights_sha256=state_sha256(model.state_dict()),
+        vocab_files=files,
+    )
+
+
+def save_checkpoint(
+    loaded: LoadedModel,
+    folder: str | os.PathLike,
+    *,
+    model: TranscriptFormer | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a model in the published checkpoint layout (``config.json``, ``model_weights.pt``, ``vocabs/``).
+
+    The folder is what :func:`load_model`, the registry layout and the published ``transcriptformer
+    inference --checkpoint-path`` read. Everything is written into a temporary folder first and then moved
+    into place, so a failure while writing never leaves a half-written checkpoint; other files in the
+    folder (training logs, say) are left alone.
+
+    Parameters
+    ----------
+    loaded
+        The model and its vocabularies.
+    folder
+        The checkpoint folder to write.
+    model
+        Weights to save instead of ``loaded.model`` (same architecture; e.g. a trained copy).
+    overwrite
+        Replace a checkpoint already in the folder (otherwise that is an error).
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    folder = Path(folder).expanduser()
+    parts = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_DIR)
+    if any((folder / p).exists() for p in parts) and not overwrite:
+        raise FileExistsError(f"{folder} already holds a checkpoint; pass overwrite=True or choose another folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=folder))
+    try:
+        (tmp / VOCAB_DIR).mkdir()
+        (tmp / CONFIG_FILE).write_text(json.dumps(loaded.config.to_dict(), indent=2) + "\n")
+        net = model if model is not None else loaded.model
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS_FILE)
+        for a in loaded.aux_vocabs:
+            (tmp / VOCAB_DIR / f"{a.column}_vocab.json").write_text(json.dumps(dict(a.labels), indent=1) + "\n")
+        for name in loaded.config.data.esm2_mappings:
+            source = loaded.vocab_files.get(name) or (loaded.path / VOCAB_DIR / name if loaded.path else None)
+            if source is None or not Path(source).is_file():
+                raise FileNotFoundError(f"the gene table {name} of {loaded.name} is not available to copy.")
+            shutil.copyfile(source, tmp / VOCAB_DIR / name)
+        # everything is written: move it into place (other files in the folder are left alone)
+        old = tmp / ".previous-vocabs"
+        if (folder / VOCAB_DIR).exists():
+            os.replace(folder / VOCAB_DIR, old)
+        for part in parts:
+            os.replace(tmp / part, folder / part)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("saved %s to %s", loaded.name, folder)
+    return folder

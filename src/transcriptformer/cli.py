@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="{download,inference}")
+    sub = parser.add_subparsers(dest="command", metavar="{download,inference,finetune,train}")
 
     dl = sub.add_parser(
         "download",
@@ -183,11 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inf.add_argument("--model-type", choices=["transcriptformer"], default="transcriptformer", help="model type")
     inf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inf.add_argument("--adapter", default=None, help="a LoRA adapter folder (from `transcriptformer finetune`)")
     inf.add_argument(
         "--stream-output",
         action="store_true",
         help="write embeddings to the output file window by window (automatic above 2 GiB of embeddings)",
     )
+    from . import cli_training
+
+    cli_training.add_parsers(sub)
     return parser
 
 
@@ -252,15 +256,16 @@ def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return model_overrides
 
 
-def _load(checkpoint: str, overrides: dict[str, Any]):
+def _load(checkpoint: str, overrides: dict[str, Any], adapter: str | None = None):
     from .checkpoint import build_model, load_model
     from .config import TranscriptFormerConfig
 
     loaded = load_model(checkpoint)
     if overrides:
-        config = TranscriptFormerConfig.from_json(loaded.path / "config.json").with_overrides(overrides)
-        loaded = build_model(loaded.path, name=loaded.name, config=config)
-    return loaded
+        path: Path = loaded.path  # type: ignore[assignment]  # loaded from a checkpoint folder
+        config = TranscriptFormerConfig.from_json(path / "config.json").with_overrides(overrides)
+        loaded = build_model(path, name=loaded.name, config=config)
+    return load_model(loaded, adapter=adapter) if adapter else loaded
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -366,7 +371,7 @@ def run_inference(args: argparse.Namespace) -> Path | None:
     device = args.device
     if world > 1 and device in ("auto", "cuda") and _cuda():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    loaded = _load(args.checkpoint_path, overrides)
+    loaded = _load(args.checkpoint_path, overrides, args.adapter)
     path = Path(args.output_path) / args.output_filename
     if "embeddings" in outputs and world == 1 and _stream_output(args, loaded):
         return _run_streaming(args, loaded, outputs, device, path)
@@ -507,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command == "inference" else logging.WARNING,
+        level=logging.INFO if args.verbose or args.command != "download" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s" if args.verbose else "%(message)s",
     )
     if not args.verbose:
@@ -516,10 +521,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        if args.command == "download":
-            run_download(args)
-        else:
-            run_inference(args)
+        from . import cli_training
+
+        runners = {
+            "download": run_download,
+            "inference": run_inference,
+            "finetune": cli_training.run_finetune,
+            "train": cli_training.run_train,
+        }
+        runners[args.command](args)
     except KeyboardInterrupt:
         print("transcriptformer: interrupted", file=sys.stderr)
         return 130

@@ -265,6 +265,47 @@ class TranscriptFormerConfig:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(raw)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The published ``config.json`` layout (``model`` -> ``model_config``, ``data_config``, ``loss_config``).
+
+        Every key the published loader reads is present (it raises on a missing key, SPEC §2), including the
+        runtime keys it overrides anyway, with the values of the released configs.
+        """
+        m, d, loss = self.model, self.data, self.loss
+        model_config = {
+            "_target_": "transcriptformer.data.dataclasses.ModelConfig",
+            **{f.name: getattr(m, f.name) for f in fields(m)},
+            "use_aux": bool(d.aux_cols),
+            "compile_block_mask": False,
+        }
+        data_config = {
+            "_target_": "transcriptformer.data.dataclasses.DataConfig",
+            "aux_cols": ",".join(d.aux_cols) if d.aux_cols else None,
+            "esm2_mappings": list(d.esm2_mappings),
+            "special_tokens": list(d.special_tokens),
+            "pad_zeros": d.pad_zeros,
+            "gene_pad_token": d.gene_pad_token,
+            "aux_pad_token": "unknown",
+            "gene_col_name": "ensembl_id",
+            "pin_memory": True,
+            "aux_vocab_path": None,
+            "esm2_mappings_path": None,
+            "clip_counts": None,
+            "filter_to_vocabs": None,
+            "filter_outliers": None,
+            "normalize_to_scale": 0,
+            "n_data_workers": 1,
+            "sort_genes": None,
+            "randomize_genes": None,
+            "min_expressed_genes": None,
+        }
+        loss_config = {
+            "_target_": "transcriptformer.data.dataclasses.LossConfig",
+            "gene_id_loss_weight": loss.gene_id_loss_weight,
+            "softplus_approx": loss.softplus_approx,
+        }
+        return {"model": {"model_config": model_config, "data_config": data_config, "loss_config": loss_config}}
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> TranscriptFormerConfig:
         """Return a copy with dotted keys replaced, e.g. ``{"model_config.softcap": 0}``.
 

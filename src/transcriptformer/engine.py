@@ -38,6 +38,7 @@ import torch
 from .checkpoint import LoadedModel, species_vocabulary
 from .config import ATTENTION_BACKENDS, DEVICES, PRECISION_ALIASES, PRECISIONS, AttentionBackend, Precision
 from .model import (
+    BiasMode,
     ChunkedAttention,
     DenseAttention,
     FlexAttention,
@@ -57,10 +58,12 @@ __all__ = [
     "HEADS",
     "Accumulator",
     "Batch",
+    "BatchPlanner",
     "Engine",
     "Head",
     "Inference",
     "InferenceResult",
+    "batch_tensors",
     "estimate_flops",
     "infer",
     "resolve_device",
@@ -314,6 +317,12 @@ HEADS: dict[str, Head] = {
         ),
         Head("gene_llh", "slot", lambda b: b.published_gene_nll(), gene_head=True),
         Head("end_nll", "cell", lambda b: b.end_nll(), gene_head=True),
+        Head(
+            "gene_ce",
+            "cell",
+            lambda b: b.published_gene_nll().sum(-1) / (b.tokens != b.model.pad_idx).sum(-1),
+            gene_head=True,
+        ),
         Head("cge", "gene", lambda b: b.hidden.float(), _embed_dim),
         Head("count", "gene", lambda b: b.counts.float()),
         Head("count_nll", "gene", lambda b: b.count_nll, count_head=True),
@@ -679,61 +688,25 @@ class Engine:
 
     # -- batching ---------------------------------------------------------------------------
 
-    def _pad_multiple(self, kernel: Kernel) -> int:
-        """Compiled flex kernels like lengths on a coarse grid (fewer recompilations)."""
-        return {"flex": 256, "flex-dynamic": 128}.get(getattr(kernel, "name", ""), 1)
+    def planner(self, max_tokens: int | None = None, kernel: Kernel | None = None) -> BatchPlanner:
+        """How this engine groups cells into batches (for a token budget and kernel other than its own)."""
+        return BatchPlanner.for_model(
+            self.loaded,
+            self.device.type,
+            max_tokens=max_tokens or self.max_tokens,
+            batch_size=self.batch_size,
+            kernel=getattr(kernel or self.kernel, "name", "chunked"),
+        )
 
     def _width(self, longest: int, kernel: Kernel | None = None) -> int:
         """Sequence length a batch whose longest cell has ``longest`` genes runs at."""
-        S = self.loaded.seq_len
-        width = sequence_width(longest, S)
-        m = self._pad_multiple(kernel or self.kernel)
-        if m > 1:
-            A = self.model.num_aux
-            width = min(S, -(-(width + A) // m) * m - A)
-        return width
-
-    def _cells_per_batch(self, width: int, max_tokens: int | None = None) -> int:
-        """Cells in a full batch running at ``width``: the token budget, capped by ``batch_size``."""
-        n = max(1, (max_tokens or self.max_tokens) // width)
-        return min(n, self.batch_size) if self.batch_size else n
+        return self.planner(kernel=kernel).width(longest)
 
     def plan_batches(
         self, lengths: np.ndarray, max_tokens: int | None = None, kernel: Kernel | None = None
     ) -> list[np.ndarray]:
-        """Group cells (positions into ``lengths``) into batches under the token budget, longest first.
-
-        Cells are sorted by length and cut into consecutive groups. Where to cut is chosen to minimise the
-        estimated time (:func:`batch_cost`): padding a short cell to a long batch costs its arithmetic, a new
-        batch costs a fixed overhead. So a few cells of very different lengths run as separate batches, and
-        many similar cells fill the budget.
-        """
-        lengths = np.asarray(lengths)
-        kernel = kernel or self.kernel
-        order = np.argsort(-lengths, kind="stable")
-        n = len(order)
-        if n == 0:
-            return []
-        widths = np.array([self._width(int(x), kernel) for x in lengths[order]])
-        cap = np.array([self._cells_per_batch(int(w), max_tokens) for w in widths])
-        if getattr(kernel, "name", "") == "flex":  # fixed shapes: fill each width's batch to its usual size
-            cuts, i = [0], 0
-            while i < n:
-                i = min(n, i + int(cap[i]))
-                cuts.append(i)
-        else:
-            cuts = _optimal_cuts(widths, cap, *self._cost_model())
-        return [order[a:b] for a, b in itertools.pairwise(cuts)]
-
-    def _cost_model(self) -> tuple[float, float, float]:
-        """(per-batch overhead, per-token cost, per-(query, key)-pair cost) in FLOPs."""
-        c = self.loaded.config.model
-        E, Fd, L = c.embed_dim, c.model_dim, c.num_layers
-        per_token = 2.0 * (E * E + L * (4 * E * E + 2 * E * Fd))
-        per_pair = 2.0 * L * 2 * E / 2  # causal: about half the pairs
-        kind = self.device.type
-        overhead = _BATCH_OVERHEAD_S.get(kind, 5e-3) * _FLOP_RATE.get(kind, 1e12)
-        return overhead, per_token, per_pair
+        """Group cells into batches (see :meth:`BatchPlanner.plan`)."""
+        return self.planner(max_tokens, kernel).plan(lengths)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -760,21 +733,16 @@ class Engine:
         tables: tuple[torch.Tensor, torch.Tensor] | None,
         clip_counts: float | None,
         embed: Callable | None,
+        mode: BiasMode = "embed",
     ) -> tuple[Batch, dict[str, torch.Tensor]]:
         S = self.loaded.seq_len
-        width = self._width(int(window.lengths[idx].max()), kernel)
+        planner = self.planner(max_tokens, kernel)
+        width = planner.width(int(window.lengths[idx].max()))
         n = len(idx)
-        if getattr(kernel, "name", "") == "flex":  # fixed shapes: fill short batches up to the usual size
-            idx = np.concatenate([idx, np.repeat(idx[:1], max(0, self._cells_per_batch(width, max_tokens) - n))])
-        tokens = np.full((len(idx), width), self.model.pad_idx, dtype=np.int64)
-        counts = np.zeros((len(idx), width), dtype=np.float32)
-        w = min(width, window.tokens.shape[1])
-        tokens[:, :w] = window.tokens[idx, :w]
-        counts[:, :w] = window.counts[idx, :w]
+        if planner.fixed:  # fixed shapes: fill short batches up to the usual size
+            idx = np.concatenate([idx, np.repeat(idx[:1], max(0, planner.cells_per_batch(width) - n))])
         dev = self.device
-        tok = torch.from_numpy(tokens).to(dev, non_blocking=True)
-        cnt = torch.from_numpy(counts).to(dev, non_blocking=True)
-        aux = torch.from_numpy(window.aux[idx]).to(dev, non_blocking=True)
+        tok, cnt, aux = batch_tensors(window, idx, width, self.model.pad_idx, dev)
         lengths = torch.from_numpy(window.lengths[idx]).to(dev)
         model = self.model
         with torch.inference_mode(), autocast(dev, self.precision):
@@ -782,6 +750,7 @@ class Engine:
                 tok,
                 cnt,
                 aux,
+                mode=mode,
                 with_targets=any(h.count_head for h in heads),
                 gene_table=None if tables is None else tables[0],
                 kernel=kernel,
@@ -861,6 +830,7 @@ class Engine:
         gene_tokens: np.ndarray | None = None,
         groups: np.ndarray | None = None,
         n_groups: int = 1,
+        mode: BiasMode = "embed",
     ) -> InferenceResult:
         """Run the model over every cell of ``source``.
 
@@ -882,6 +852,9 @@ class Engine:
             these tokens only (the others are never copied off the device). Special tokens are never kept.
         groups, n_groups
             For ``gene_sum``: each cell's group code (``0 .. n_groups - 1``, ``-1`` for none), in input order.
+        mode
+            ``"embed"`` (inference, the published outputs) or ``"train"`` (the training objective's forward,
+            for evaluating it: :func:`~transcriptformer.training.cell_losses`).
 
         Returns
         -------
@@ -915,7 +888,9 @@ class Engine:
         cache_bytes = (4 << 30) if self.device.type == "cuda" else (1 << 30)
         embed = GeneEmbeddingCache(self.model, None if dev_tables is None else dev_tables[0], self.device, cache_bytes)
         state = _RunState(kernel=self.kernel, max_tokens=self.max_tokens)
-        run_args = (dev_tables, source.options.clip_counts, embed)
+        if mode not in ("embed", "train"):
+            raise ValueError(f"mode={mode!r}; expected 'embed' or 'train'.")
+        run_args = (dev_tables, source.options.clip_counts, embed, mode)
         n_tokens = n_padded = 0
         bar = None
         try:
@@ -969,13 +944,114 @@ class Engine:
         show = self.progress
         if show is None:
             tokens = float(np.minimum(first.lengths + 1, self.loaded.seq_len).sum()) * n_cells / max(len(first), 1)
-            _, per_token, per_pair = self._cost_model()
+            plan = self.planner()
             width = float(np.mean(np.minimum(first.lengths + 1, self.loaded.seq_len))) if len(first) else 1.0
-            seconds = tokens * (per_token + per_pair * width) / _FLOP_RATE.get(self.device.type, 1e12)
+            seconds = tokens * (plan.per_token + plan.per_pair * width) / _FLOP_RATE.get(self.device.type, 1e12)
             show = seconds > 5.0
         return tqdm(
             total=n_cells, unit="cell", desc=f"TranscriptFormer ({self.loaded.name})", disable=not show or self.rank > 0
         )
+
+
+@dataclass(frozen=True)
+class BatchPlanner:
+    """How cells are grouped into batches: a token budget and a cost model.
+
+    Attributes
+    ----------
+    seq_len, num_aux
+        The model's ``S`` and ``A``.
+    max_tokens, batch_size
+        Budget of a batch (cells x width) and the most cells in one (``None``: no cap).
+    overhead, per_token, per_pair
+        Estimated cost (in FLOPs) of a batch beyond its arithmetic, of a token (projections, feed-forward,
+        gene MLP) and of a (query, key) pair of attention.
+    pad_multiple
+        Widths are rounded up to a multiple of this (with the auxiliary tokens): compiled flex kernels like
+        lengths on a coarse grid (fewer recompilations).
+    fixed
+        Fixed shapes: every batch of a width holds the same number of cells (``flex`` compiled per shape).
+    """
+
+    seq_len: int
+    num_aux: int
+    max_tokens: int
+    batch_size: int | None
+    overhead: float
+    per_token: float
+    per_pair: float
+    pad_multiple: int = 1
+    fixed: bool = False
+
+    @classmethod
+    def for_model(
+        cls, loaded: LoadedModel, device_type: str, *, max_tokens: int, batch_size: int | None, kernel: str = "chunked"
+    ) -> BatchPlanner:
+        c = loaded.config.model
+        E, Fd, L = c.embed_dim, c.model_dim, c.num_layers
+        return cls(
+            seq_len=c.seq_len,
+            num_aux=loaded.model.num_aux,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            overhead=_BATCH_OVERHEAD_S.get(device_type, 5e-3) * _FLOP_RATE.get(device_type, 1e12),
+            per_token=2.0 * (E * E + L * (4 * E * E + 2 * E * Fd)),
+            per_pair=2.0 * L * 2 * E / 2,  # causal: about half the pairs
+            pad_multiple={"flex": 256, "flex-dynamic": 128}.get(kernel, 1),
+            fixed=kernel == "flex",
+        )
+
+    def width(self, longest: int) -> int:
+        """Sequence length a batch whose longest cell has ``longest`` genes runs at."""
+        width = sequence_width(longest, self.seq_len)
+        m = self.pad_multiple
+        if m > 1:
+            width = min(self.seq_len, -(-(width + self.num_aux) // m) * m - self.num_aux)
+        return width
+
+    def cells_per_batch(self, width: int) -> int:
+        """Cells in a full batch running at ``width``: the token budget, capped by ``batch_size``."""
+        n = max(1, self.max_tokens // width)
+        return min(n, self.batch_size) if self.batch_size else n
+
+    def plan(self, lengths: np.ndarray) -> list[np.ndarray]:
+        """Group cells (positions into ``lengths``) into batches under the token budget, longest first.
+
+        Cells are sorted by length and cut into consecutive groups. Where to cut is chosen to minimise the
+        estimated cost: padding a short cell to a long batch costs its arithmetic, a new batch costs a fixed
+        overhead. So a few cells of very different lengths run as separate batches, and many similar cells
+        fill the budget. With fixed shapes, each batch is filled to the usual size of its width.
+        """
+        lengths = np.asarray(lengths)
+        order = np.argsort(-lengths, kind="stable")
+        n = len(order)
+        if n == 0:
+            return []
+        widths = np.array([self.width(int(x)) for x in lengths[order]])
+        cap = np.array([self.cells_per_batch(int(w)) for w in widths])
+        if self.fixed:
+            cuts, i = [0], 0
+            while i < n:
+                i = min(n, i + int(cap[i]))
+                cuts.append(i)
+        else:
+            cuts = _optimal_cuts(widths, cap, self.overhead, self.per_token, self.per_pair)
+        return [order[a:b] for a, b in itertools.pairwise(cuts)]
+
+
+def batch_tensors(
+    window: TokenWindow, idx: np.ndarray, width: int, pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, counts and auxiliary tokens of the cells ``idx`` of ``window``, trimmed or padded to ``width``."""
+    tokens = np.full((len(idx), width), pad, dtype=np.int64)
+    counts = np.zeros((len(idx), width), dtype=np.float32)
+    w = min(width, window.tokens.shape[1])
+    tokens[:, :w] = window.tokens[idx, :w]
+    counts[:, :w] = window.counts[idx, :w]
+    tok = torch.from_numpy(tokens).to(device, non_blocking=True)
+    cnt = torch.from_numpy(counts).to(device, non_blocking=True)
+    aux = torch.from_numpy(window.aux[idx]).to(device, non_blocking=True)
+    return tok, cnt, aux
 
 
 def _optimal_cuts(widths: np.ndarray, cap: np.ndarray, overhead: float, per_token: float, per_pair: float):
@@ -1059,6 +1135,7 @@ def infer(
     n_groups: int = 1,
     distributed: bool | None = None,
     data_genes_only: bool = False,
+    mode: BiasMode = "embed",
 ) -> Inference:
     """AnnData -> tokens -> model -> arrays: the pipeline shared by the scanpy tools and the CLI.
 
@@ -1117,6 +1194,7 @@ def infer(
         gene_tokens=gene_tokens,
         groups=groups,
         n_groups=n_groups,
+        mode=mode,
     )
     empty = int((result.n_genes == 0).sum())
     if empty:

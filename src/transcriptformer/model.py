@@ -140,8 +140,10 @@ def dense_attention(
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     allowed = (cols <= rows)[None, None] & key_valid[:, None, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    # a finite fill (exp underflows to exactly 0) keeps rows without any allowed key free of NaN, in the
+    # output and in gradients; such rows are then zeroed
+    scores = scores.masked_fill(~allowed, -1e30)
+    p = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
     return (p @ v.float()).to(q.dtype)
 
 
@@ -755,8 +757,14 @@ class TranscriptFormer(nn.Module):
         A = self.num_aux
         # published: inputs are right-shifted with [START]; counts with a leading 1
         start = tokens.new_full((B, 1), self.start_idx)
-        seq = torch.cat([start, tokens if with_targets else tokens[:, : L - 1]], dim=1)
+        # in training the target embeddings get dropout masks of their own (the published model embeds the
+        # inputs and the targets in two calls); otherwise one call serves both
+        joint = with_targets and not self.training
+        seq = torch.cat([start, tokens if joint else tokens[:, : L - 1]], dim=1)
         ge = embed(seq) if embed is not None else self.gene_embeddings(seq, gene_table)
+        targets = None
+        if with_targets:
+            targets = ge[:, 1:] if joint else self.gene_embeddings(tokens, gene_table)
         shifted = seq[:, :L]
         one = counts.new_ones(B, 1)
         key_bias = self.key_bias(torch.cat([one.expand(B, A), one, counts[:, : L - 1]], dim=1))
@@ -774,7 +782,7 @@ class TranscriptFormer(nn.Module):
         else:
             ctx = LayerContext(inputs, kernel or ChunkedAttention(), steps or LayerSteps())
             x = self.transformer_encoder(x, ctx)
-        return Encoded(x[:, A:], ge[:, 1:] if with_targets else None)
+        return Encoded(x[:, A:], targets)
 
     def extend(
         self,
@@ -829,6 +837,52 @@ class TranscriptFormer(nn.Module):
         cache.length = stop
         return out
 
+    def forward(
+        self,
+        tokens: Tensor,
+        counts: Tensor,
+        aux: Tensor,
+        *,
+        full_length: bool,
+        clip_counts: float | None = 30.0,
+        kernel: Kernel | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The training objective over a batch, as sums: ``(count NLL, gene cross-entropy, genes)``.
+
+        The published training forward (``embed=False``): the count bias on strictly earlier keys only,
+        dropout where the module is in training mode. The count term is the zero-truncated-Poisson NLL of
+        every gene (:meth:`count_nll_per_gene`), the gene term the gene-identity cross-entropy with the
+        published targets (:meth:`gene_targets`; 0 without the gene-identity head). The published batch loss
+        is ``count / genes + gene_id_loss_weight * gene / (cells * seq_len)``
+        (:func:`transcriptformer.training.batch_loss`).
+
+        Parameters
+        ----------
+        tokens, counts, aux
+            As in :meth:`encode` (counts after clipping / normalisation).
+        full_length
+            Position ``L - 1`` is the model's last slot ``S - 1``.
+        clip_counts
+            The data's clipping value, which also bounds the counts in the likelihood.
+        kernel
+            Attention kernel; it must be differentiable for training (:class:`DenseAttention`, or
+            :class:`FlexAttention` on CUDA).
+        """
+        enc = self.encode(tokens, counts, aux, mode="train", with_targets=True, kernel=kernel or DenseAttention())
+        count = self.count_nll_per_gene(
+            enc.hidden,
+            enc.targets,  # type: ignore[arg-type]  # with_targets=True
+            tokens,
+            counts,
+            clip_counts=clip_counts,
+            full_length=full_length,
+        ).sum()
+        if self.gene_id_head is not None:
+            gene = self.gene_nll(enc.hidden, self.gene_targets(tokens, full_length=full_length)).sum()
+        else:
+            gene = count.new_zeros(())
+        return count, gene, (tokens != self.pad_idx).sum()
+
     def cell_embedding(self, hidden: Tensor, tokens: Tensor) -> Tensor:
         """Masked sum of the hidden states over the cell's positions, divided by ``S``.
 
@@ -845,12 +899,15 @@ class TranscriptFormer(nn.Module):
         """Count-head logits ``(B, L)`` float32, before the link function."""
         return self.mu(hidden, target_emb, tokens, gene_bias)
 
+    def link(self, logit: Tensor) -> Tensor:
+        """An elementwise link function applied to count logits (every link but ``softmax``)."""
+        return _ELEMENTWISE_LINKS[self.config.mu_link_fn](logit)
+
     def count_rate(self, hidden: Tensor, target_emb: Tensor, tokens: Tensor, counts: Tensor, gene_bias=None) -> Tensor:
         """Expected count ``mu`` per position (``(B, L)``, float32)."""
         logit = self.count_logits(hidden, target_emb, tokens, gene_bias)
-        link = self.config.mu_link_fn
-        if link != "softmax":
-            return _ELEMENTWISE_LINKS[link](logit)
+        if self.config.mu_link_fn != "softmax":
+            return self.link(logit)
         logit = logit.masked_fill(tokens == self.pad_idx, float("-inf"))
         return torch.softmax(logit, dim=-1) * counts.float().sum(dim=-1, keepdim=True)
 

@@ -7,9 +7,12 @@ loaded or any count is read, with messages that name the option and say what it 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -19,7 +22,15 @@ import numpy as np
 from .config import DEVICES, PRECISION_ALIASES, PRECISIONS, Device, Precision
 from .tokenizer import TokenizeOptions
 
-__all__ = ["RUN_OPTIONS_DOC", "RunOptions", "SpeciesArg", "check_bool", "check_key", "check_positive_int"]
+__all__ = [
+    "RUN_OPTIONS_DOC",
+    "RunOptions",
+    "SpeciesArg",
+    "check_bool",
+    "check_key",
+    "check_positive_int",
+    "with_run_options",
+]
 
 #: Gene-table files or species names for species outside a model's training set.
 SpeciesArg = str | os.PathLike | Sequence[str | os.PathLike] | None
@@ -204,3 +215,33 @@ class RunOptions:
 
 #: The numpy-style documentation of every :class:`RunOptions` parameter (for the tools' docstrings).
 RUN_OPTIONS_DOC = RunOptions.__doc__.split("Parameters\n    ----------\n", 1)[1].rstrip()  # type: ignore[union-attr]
+
+
+def with_run_options(func: Callable) -> Callable:
+    """Give a tool the keyword-only parameters of :class:`~transcriptformer.options.RunOptions`.
+
+    ``func`` takes ``options: RunOptions`` (keyword-only) and has ``{run_options}`` in its docstring's
+    Parameters section. The returned function's signature lists the shared options after ``func``'s own
+    keyword-only parameters (so ``help()``, IDEs and the API docs show them), builds and validates one
+    :class:`RunOptions` from them before anything else runs, and calls ``func`` with it. The shared
+    parameters are documented once, in :class:`RunOptions`.
+    """
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.name != "options"]
+    hints = typing.get_type_hints(RunOptions)
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+        for f in fields(RunOptions)
+    ]
+    names = set(RunOptions.names())
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        options = RunOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        return func(*args, options=options, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*own, *shared])  # type: ignore[attr-defined]
+    annotations = {k: v for k, v in typing.get_type_hints(func).items() if k != "options"}
+    wrapper.__annotations__ = {**annotations, **{p.name: p.annotation for p in shared}}
+    wrapper.__doc__ = (func.__doc__ or "").replace("    {run_options}", RUN_OPTIONS_DOC)
+    return wrapper

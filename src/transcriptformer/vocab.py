@@ -24,7 +24,7 @@ from .errors import TranscriptFormerWarning
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuxVocab", "GeneTable", "GeneVocab", "read_aux_vocab", "read_gene_tables"]
+__all__ = ["AuxVocab", "GeneTable", "GeneVocab", "read_aux_vocab", "read_gene_tables", "write_gene_table"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,26 @@ def _read_one_table(path: Path) -> tuple[list[str], np.ndarray]:
             raise ValueError(f"{path}: the vectors have different widths {sorted(widths)}.")
         vectors = np.stack(rows)
     return keys, vectors
+
+
+def write_gene_table(path: str | Path, ids: Sequence[str], vectors: np.ndarray) -> Path:
+    """Write a gene table in the published HDF5 format (``keys`` in order, ``arrays/<id>`` float32 vectors).
+
+    Such a file can be a model's vocabulary table (:func:`transcriptformer.new_model`) or a
+    ``species_embedding`` for species outside a model's training set.
+    """
+    path = Path(path)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise ValueError(f"{len(ids)} ids but vectors of shape {vectors.shape}.")
+    if len(set(ids)) != len(ids):
+        raise ValueError("gene ids must be unique.")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("keys", data=np.array([str(i).encode() for i in ids], dtype="S"))
+        group = f.create_group("arrays")
+        for key, vector in zip(ids, vectors, strict=True):
+            group.create_dataset(str(key), data=vector)
+    return path
 
 
 def read_gene_tables(paths: Iterable[str | os.PathLike]) -> GeneTable:

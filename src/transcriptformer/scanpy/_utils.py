@@ -2,51 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import typing
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from anndata import AnnData
 
-from ..options import RUN_OPTIONS_DOC, RunOptions, check_bool
+from ..options import check_bool, with_run_options
 
 logger = logging.getLogger("transcriptformer")
 
 __all__ = ["Keys", "Update", "check_adata", "with_run_options"]
-
-
-def with_run_options(func: Callable) -> Callable:
-    """Give a tool the keyword-only parameters of :class:`~transcriptformer.options.RunOptions`.
-
-    ``func`` takes ``options: RunOptions`` (keyword-only) and has ``{run_options}`` in its docstring's
-    Parameters section. The returned function's signature lists the shared options after ``func``'s own
-    keyword-only parameters (so ``help()``, IDEs and the API docs show them), builds and validates one
-    :class:`RunOptions` from them before anything else runs, and calls ``func`` with it. The shared
-    parameters are documented once, in :class:`RunOptions`.
-    """
-    sig = inspect.signature(func)
-    own = [p for p in sig.parameters.values() if p.name != "options"]
-    hints = typing.get_type_hints(RunOptions)
-    shared = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
-        for f in fields(RunOptions)
-    ]
-    names = set(RunOptions.names())
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        options = RunOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
-        return func(*args, options=options, **kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=[*own, *shared])  # type: ignore[attr-defined]
-    annotations = {k: v for k, v in typing.get_type_hints(func).items() if k != "options"}
-    wrapper.__annotations__ = {**annotations, **{p.name: p.annotation for p in shared}}
-    wrapper.__doc__ = (func.__doc__ or "").replace("    {run_options}", RUN_OPTIONS_DOC)
-    return wrapper
 
 
 def check_adata(adata: Any, name: str = "adata") -> None:

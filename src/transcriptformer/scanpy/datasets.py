@@ -19,7 +19,15 @@ import scipy.sparse as sp
 
 from .. import registry
 
-__all__ = ["available_models", "download", "pbmc68k_counts", "tiny_human", "tiny_model_path"]
+__all__ = [
+    "available_models",
+    "demo_model_path",
+    "download",
+    "mouse_val",
+    "pbmc68k_counts",
+    "tiny_human",
+    "tiny_model_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +57,42 @@ def download(
         Download again even if cached.
     """
     return registry.fetch(name, cache_dir=cache_dir, progress=progress, force=force)
+
+
+#: sha256 of the bundled copy of the published repository's ``test/data/mouse_val.h5ad``.
+MOUSE_VAL_SHA256 = "f109995258daf776ceae48def5f5fc81cf478e3b4369aee22c394423aa549281"
+
+
+def demo_model_path() -> Path:
+    """Folder of the bundled demo model ``tf-demo`` (also reachable as ``model="tf-demo"``).
+
+    A small TranscriptFormer (4 layers, width 64, 511 gene slots) trained with this package's training code
+    on 1,190 real cells of two species: human PBMCs (:func:`pbmc68k_counts`) and mouse brain cells
+    (:func:`mouse_val`). Its gene vectors are random, with one-to-one human-mouse orthologs sharing a vector
+    (ESM2 embeddings cannot be computed offline), so it knows only the genes of those two datasets and their
+    orthologs. It is a demonstration of the package on real data, not the published weights: use
+    ``"tf-sapiens"``, ``"tf-exemplar"`` or ``"tf-metazoa"`` for analyses. ``demo_report.json`` in the folder
+    records how it was trained and evaluated; ``scripts/train_demo_model.py`` in the repository reproduces it.
+    """
+    return Path(str(files("transcriptformer") / "_data" / "tf_demo"))
+
+
+def mouse_val() -> ad.AnnData:
+    """1,000 real mouse brain cells measured by MERFISH (1,122 genes), bundled with the package.
+
+    The published TranscriptFormer repository's test file ``test/data/mouse_val.h5ad`` (a subset of a
+    CELLxGENE dataset): raw counts in ``X``, ``var["ensembl_id"]`` (Ensembl mouse ids) and
+    ``var["feature_name"]`` (symbols), ``obs["cell_type"]`` (21 Cell Ontology labels: glutamatergic and
+    GABAergic neurons, oligodendrocytes, astrocytes, endothelial cells, microglia, ...) and
+    ``obs["assay"] == "MERFISH"``. The file's sha256 is checked on reading.
+    """
+    from .._hash import sha256_file
+
+    path = Path(str(files("transcriptformer") / "_data" / "mouse_val.h5ad"))
+    digest = sha256_file(path)
+    if digest != MOUSE_VAL_SHA256:
+        raise ValueError(f"{path} is corrupted (sha256 {digest[:16]}..., expected {MOUSE_VAL_SHA256[:16]}...).")
+    return ad.read_h5ad(path)
 
 
 def tiny_model_path() -> Path:

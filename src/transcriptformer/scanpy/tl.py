@@ -26,12 +26,15 @@ from ._utils import Keys, Update, check_adata, with_run_options
 logger = logging.getLogger("transcriptformer")
 
 __all__ = [
+    "celltype_similarity",
     "contextual_gene_embeddings",
     "embed",
     "gene_embeddings",
+    "generate",
     "likelihood",
     "transcriptformer",
     "transfer_labels",
+    "umap",
 ]
 
 ModelArg = str | os.PathLike | LoadedModel
@@ -62,7 +65,7 @@ def _params(run: Inference, loaded: LoadedModel, options: RunOptions, tool: str,
     params: dict[str, Any] = {
         "tool": tool,
         "model": loaded.name,
-        "model_path": str(loaded.path),
+        "model_path": str(loaded.path) if loaded.path is not None else "in memory",
         "weights_sha256": loaded.weights_sha256,
         **options.record(),
         "gene_key": options.gene_key if options.gene_key is not None else "var_names",
@@ -78,6 +81,10 @@ def _params(run: Inference, loaded: LoadedModel, options: RunOptions, tool: str,
     }
     if "attention_fallback" in stats:
         params["attention_fallback"] = stats["attention_fallback"]
+    if loaded.adapter:
+        params["adapter"] = loaded.adapter["path"]
+        params["adapter_sha256"] = loaded.adapter["sha256"]
+        params["adapter_merged"] = loaded.adapter["merged"]
     if run.species_tables:
         params["species_embedding"] = [str(p) for p in run.species_tables]
     params.update({k: v for k, v in extra.items() if v is not None})
@@ -444,6 +451,165 @@ def gene_embeddings(
     return out
 
 
+def generate(
+    model: ModelArg = "tf-sapiens",
+    n_cells: int | None = None,
+    *,
+    assay: str | Sequence[str] | None = None,
+    prompt: AnnData | None = None,
+    n_prompt_genes: int | None = None,
+    max_genes: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    total_counts: float | Sequence[float] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
+    gene_key: str | None = "ensembl_id",
+    layer: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> AnnData:
+    """In-silico cells sampled from the model, gene by gene, with counts.
+
+    At each slot the gene-identity head gives the next gene (special tokens other than ``[END]`` and genes
+    already in the cell are never sampled), then the count head gives its count (a zero-truncated
+    Poisson). ``[END]`` or ``max_genes`` ends a cell. Attention uses the *training-mode* semantics (a
+    position's own count does not bias its attention to itself), because a gene's count is not known when
+    the gene is predicted; embeddings and likelihoods use the inference mode, where it does. Keys and
+    values are cached across steps, so a cell of ``n`` genes costs ``n`` single-position passes.
+
+    The released models' count head shares the cell's total count among its genes with a softmax over
+    all of them, which a sampler cannot know in advance. The total is taken from ``total_counts`` and the
+    softmax's normaliser is estimated from the genes so far, assuming the cell will have ``max_genes``
+    genes (exact at the last one). The released models were trained with ``[END]`` as a target only at the
+    last slot of full-length cells, so cells usually run to ``max_genes``: set it to the length you want.
+    See :mod:`transcriptformer.generate` for the details.
+
+    Parameters
+    ----------
+    model
+        As in :func:`embed` (it needs the gene-identity head).
+    n_cells
+        Cells to generate (default: one per prompt cell). With a prompt, cell ``i`` continues prompt cell
+        ``i % prompt.n_obs``.
+    assay
+        Assay label of the generated cells (one, or one per cell), from the model's assay vocabulary
+        (e.g. ``"10x 3' v3"``); ignored with a prompt (its ``obs["assay"]`` is used). ``None``: unknown.
+    prompt
+        Real cells (raw counts) to continue: each generated cell starts with the prompt cell's first
+        ``n_prompt_genes`` genes in the order the model reads them (its expressed genes in column order) and
+        their real counts, unchanged.
+    n_prompt_genes
+        Genes taken from each prompt cell (default: all of them, up to ``max_genes``).
+    max_genes
+        Most genes per cell, prompt included (default: the model's ``seq_len``).
+    temperature
+        The gene logits are divided by it before sampling (1: the model's distribution; lower: more
+        typical genes).
+    top_k
+        Sample each gene among the ``top_k`` most likely only.
+    total_counts
+        Total count of each cell that the count rates share (one number, or one per cell). Default: the
+        prompt cell's total as the model sees it (its clipped counts), else 2.5 counts per gene slot
+        (``2.5 * max_genes``), about what droplet data has per detected gene.
+    seed
+        Random seed: the same seed gives the same cells on the same device and precision.
+    device, precision
+        As in :func:`embed`.
+    batch_size
+        Cells generated together (default 64).
+    gene_key, layer
+        How to read the prompt's gene ids and counts (as in :func:`embed`).
+    cache_dir
+        Where registry downloads are kept.
+
+    Returns
+    -------
+    anndata.AnnData
+        One row per generated cell. ``X``: sampled counts (CSR float32), one column per vocabulary gene that
+        occurs in at least one cell (``var_names`` and ``var["ensembl_id"]`` the vocabulary ids, in vocabulary
+        order). ``layers["position"]``: each gene's slot in its cell's sequence (the generation order).
+        ``obs``: ``assay``, ``n_genes``, ``n_prompt_genes``, ``ended`` (``[END]`` was sampled), ``total_counts``,
+        ``gene_logprob`` (summed log-probability of the sampled genes under the model) and, with a prompt,
+        ``prompt_cell`` (the prompt's obs name). ``uns["transcriptformer_generate"]["params"]``.
+
+    Examples
+    --------
+    >>> import transcriptformer.scanpy as tfs
+    >>> cells = tfs.tl.generate(tfs.datasets.tiny_model_path(), 3, assay="10x 3' v3", max_genes=20, seed=1)
+    >>> cells.obs["n_genes"].tolist()
+    [20, 20, 20]
+    """
+    from ..generate import sample_cells
+
+    loaded = load_model(model, cache_dir=cache_dir)
+    if prompt is not None:
+        check_adata(prompt, "prompt")
+    g = sample_cells(
+        loaded,
+        n_cells,
+        assay=assay,
+        prompt=prompt,
+        n_prompt_genes=n_prompt_genes,
+        max_genes=max_genes,
+        temperature=temperature,
+        top_k=top_k,
+        total_counts=total_counts,
+        seed=seed,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        gene_key=gene_key,
+        layer=layer,
+    )
+    n = len(g.lengths)
+    slots = np.arange(g.tokens.shape[1])[None, :]
+    present = slots < g.lengths[:, None]
+    rows, pos = np.nonzero(present)
+    tokens = g.tokens[rows, pos]
+    genes = np.unique(tokens)
+    cols = np.searchsorted(genes, tokens)
+    X = sp.csr_matrix((g.counts[rows, pos], (rows, cols)), shape=(n, len(genes)), dtype=np.float32)
+    order = sp.csr_matrix((pos.astype(np.float32), (rows, cols)), shape=(n, len(genes)), dtype=np.float32)
+    X.sort_indices()
+    order.sort_indices()
+    names = loaded.vocab.names()[genes].astype(str)
+    obs = pd.DataFrame(index=[f"generated_{i}" for i in range(n)])
+    if loaded.aux_vocabs:
+        inverse = {v: k for k, v in loaded.aux_vocabs[0].labels.items()}
+        obs["assay"] = pd.Categorical([inverse.get(int(a), "unknown") for a in g.aux[:, 0]])
+    obs["n_genes"] = g.lengths
+    obs["n_prompt_genes"] = g.n_prompt
+    obs["ended"] = g.ended
+    obs["total_counts"] = g.total_counts
+    obs["gene_logprob"] = np.nansum(g.gene_logprob, axis=1).astype(np.float32)
+    if prompt is not None:
+        obs["prompt_cell"] = pd.Categorical(np.asarray(prompt.obs_names)[g.prompt_index])
+    out = AnnData(X=X, obs=obs, var=pd.DataFrame({"ensembl_id": names}, index=names))
+    out.layers["position"] = order
+    out.uns["transcriptformer_generate"] = {
+        "params": {
+            "tool": "generate",
+            "model": loaded.name,
+            "model_path": str(loaded.path),
+            "weights_sha256": loaded.weights_sha256,
+            "n_cells": n,
+            "assay": "none" if assay is None else (assay if isinstance(assay, str) else list(map(str, assay))),
+            "prompt": prompt is not None,
+            "n_prompt_genes": "all" if n_prompt_genes is None else int(n_prompt_genes),
+            "max_genes": int(g.tokens.shape[1]),
+            "temperature": float(temperature),
+            "top_k": "none" if top_k is None else int(top_k),
+            "seed": int(seed),
+            "device": g.stats["device"],
+            "precision": g.stats["precision"],
+            "transcriptformer_version": __version__,
+        }
+    }
+    return out
+
+
 def transfer_labels(
     adata: AnnData,
     reference: AnnData,
@@ -539,3 +705,163 @@ def transfer_labels(
         {"params": {"key": key, "rep": rep, "method": method, "n_neighbors": n_neighbors, "n_reference": len(y)}},
     )
     return update.apply(adata, copy=copy)
+
+
+def _fingerprint(X) -> str:
+    """A cheap digest of an embedding (shape and a sample of rows), to notice that it changed."""
+    import hashlib
+
+    X = np.asarray(X)
+    sample = np.ascontiguousarray(X[:: max(1, len(X) // 1000)], dtype=np.float32)
+    return hashlib.sha1(repr(X.shape).encode() + sample.tobytes()).hexdigest()
+
+
+def umap(adata: AnnData, *, rep: str = "X_transcriptformer", n_neighbors: int = 15, random_state: int = 0) -> str:
+    """Neighbours and a UMAP of an embedding, under the package's own keys (the user's ``X_umap`` is left alone).
+
+    For ``rep="X_transcriptformer"`` the graph goes to ``uns["transcriptformer_neighbors"]`` (and the
+    matching ``obsp`` entries) and the coordinates to ``obsm["X_umap_transcriptformer"]``. Nothing is
+    recomputed when both exist and were made from the same embedding (a fingerprint of it is kept) with the
+    same settings.
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``obsm[rep]``.
+    rep
+        The embedding.
+    n_neighbors, random_state
+        Passed to :func:`scanpy.pp.neighbors` and :func:`scanpy.tl.umap`.
+
+    Returns
+    -------
+    str
+        The basis name for :func:`scanpy.pl.embedding` (``"X_umap_transcriptformer"``).
+    """
+    import scanpy as sc
+
+    check_adata(adata)
+    if rep not in adata.obsm:
+        raise KeyError(f"adata.obsm has no {rep!r}; run tfs.tl.embed(adata, ...) first (or pass rep=<obsm key>).")
+    base = rep.removeprefix("X_")
+    basis, key = f"X_umap_{base}", f"{base}_neighbors"
+    wanted = {"use_rep": rep, "n_neighbors": n_neighbors, "random_state": random_state}
+    wanted["fingerprint"] = _fingerprint(adata.obsm[rep])
+    params = adata.uns.get(key, {}).get("params", {})
+    if basis not in adata.obsm or any(params.get(k) != v for k, v in wanted.items()):
+        logger.info("computing neighbours and a UMAP of obsm[%r] (stored as obsm[%r], uns[%r])", rep, basis, key)
+        k = min(n_neighbors, adata.n_obs - 1)
+        sc.pp.neighbors(adata, use_rep=rep, n_neighbors=k, key_added=key, random_state=random_state)
+        coords = sc.tl.umap(adata, neighbors_key=key, random_state=random_state, copy=True).obsm["X_umap"]
+        adata.obsm[basis] = coords
+        adata.uns[key]["params"]["fingerprint"] = wanted["fingerprint"]
+        adata.uns[key]["params"]["n_neighbors"] = n_neighbors
+    return basis
+
+
+def celltype_similarity(
+    adatas: AnnData | dict[str, AnnData] | Sequence[AnnData],
+    *,
+    groupby: str,
+    batch_key: str | None = None,
+    rep: str = "X_transcriptformer",
+    method: Literal["centroid_cosine", "knn_transfer"] = "centroid_cosine",
+    n_neighbors: int = 15,
+    key_added: str = "transcriptformer_celltype_similarity",
+) -> pd.DataFrame:
+    """How similar the cell types of different datasets (or species) are in the embedding.
+
+    What the TranscriptFormer paper shows across species: cells of matching types should be close although
+    their genes are those of different species.
+
+    Parameters
+    ----------
+    adatas
+        ``{dataset label: AnnData}``, a list of AnnData (labelled ``"0"``, ``"1"``, ...) or one AnnData whose
+        datasets are told apart by ``batch_key``. Every dataset must have ``obsm[rep]`` from the same model.
+    groupby
+        The ``obs`` column with the cell types.
+    batch_key
+        With one AnnData: the ``obs`` column naming each cell's dataset or species.
+    rep
+        The embedding.
+    method
+        ``"centroid_cosine"``: the cosine similarity of the types' mean embeddings. ``"knn_transfer"``: for a
+        type ``a`` of dataset ``A`` and a type ``b`` of dataset ``B``, the share of ``a``'s cells whose
+        ``n_neighbors`` nearest cells of ``B`` (cosine) vote for ``b``; entries within one dataset are NaN.
+    n_neighbors
+        Neighbours for ``"knn_transfer"``.
+    key_added
+        With one AnnData: the result is also stored in ``adata.uns[key_added]`` (``"similarity"`` and
+        ``"params"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Rows and columns ``"dataset | cell type"`` for every (dataset, type) with at least one cell.
+    """
+    if isinstance(adatas, AnnData):
+        check_adata(adatas)
+        if batch_key is None:
+            parts = {"data": adatas}
+        else:
+            if batch_key not in adatas.obs:
+                raise KeyError(f"adata.obs has no column {batch_key!r}.")
+            labels = adatas.obs[batch_key].astype(str)
+            parts = {b: adatas[(labels == b).to_numpy()] for b in pd.unique(labels)}
+    elif isinstance(adatas, dict):
+        parts = dict(adatas)
+    else:
+        parts = {str(i): a for i, a in enumerate(adatas)}
+    if method not in ("centroid_cosine", "knn_transfer"):
+        raise ValueError(f"method={method!r}; expected 'centroid_cosine' or 'knn_transfer'.")
+    widths = set()
+    for name, a in parts.items():
+        if rep not in a.obsm:
+            raise KeyError(f"dataset {name!r} has no obsm[{rep!r}]; embed it first with tfs.tl.embed.")
+        if groupby not in a.obs:
+            raise KeyError(f"dataset {name!r} has no obs column {groupby!r}.")
+        widths.add(a.obsm[rep].shape[1])
+    if len(widths) > 1:
+        raise ValueError(f"the embeddings have different widths {sorted(widths)}: embed every dataset with one model.")
+    groups: dict[str, tuple[str, str]] = {}  # label -> (dataset, group)
+    data = {}
+    for name, a in parts.items():
+        X = np.asarray(a.obsm[rep], dtype=np.float64)
+        y = a.obs[groupby].astype(str).to_numpy()
+        known = a.obs[groupby].notna().to_numpy()
+        data[name] = (X[known], y[known])
+        for g in sorted(pd.unique(y[known])):
+            groups[f"{name} | {g}"] = (name, g)
+    labels = list(groups)
+    out = pd.DataFrame(np.nan, index=labels, columns=labels)
+    if method == "centroid_cosine":
+        centroids = []
+        for label in labels:
+            name, g = groups[label]
+            X, y = data[name]
+            c = X[y == g].mean(axis=0)
+            centroids.append(c / max(np.linalg.norm(c), 1e-12))
+        C = np.stack(centroids)
+        out[:] = C @ C.T
+    else:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        for a_name, (Xa, ya) in data.items():
+            for b_name, (Xb, yb) in data.items():
+                if a_name == b_name:
+                    continue
+                clf = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(yb)), metric="cosine").fit(Xb, yb)
+                pred = clf.predict(Xa)
+                for g in pd.unique(ya):
+                    share = pd.Series(pred[ya == g]).value_counts(normalize=True)
+                    for h, v in share.items():
+                        out.loc[f"{a_name} | {g}", f"{b_name} | {h}"] = v
+                    cols = [c for c in labels if groups[c][0] == b_name]
+                    out.loc[f"{a_name} | {g}", cols] = out.loc[f"{a_name} | {g}", cols].fillna(0.0)
+    if isinstance(adatas, AnnData):
+        adatas.uns[key_added] = {
+            "similarity": out,
+            "params": {"groupby": groupby, "batch_key": batch_key or "none", "rep": rep, "method": method},
+        }
+    return out

@@ -1,0 +1,197 @@
+"""The ``transcriptformer finetune`` and ``transcriptformer train`` commands (see :mod:`transcriptformer.cli`).
+
+``finetune`` takes the flags of the published LoRA example (``--checkpoint-path``, ``--train-files``,
+``--lora-r``, ``--lora-alpha``, ``--lora-dropout``, ``--lora-target-modules``, ``--epochs``,
+``--batch-size``, ``--dry-run``) plus ``--val-files``, ``--learning-rate``, ``--seed`` and ``--output-dir``;
+``train`` trains all weights of an existing checkpoint or of a new model built from gene tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("transcriptformer")
+
+
+def _common(p: argparse.ArgumentParser, *, lr: float, wd: float) -> None:
+    p.add_argument("--train-files", nargs="+", required=True, metavar="H5AD", help="training cells (h5ad files)")
+    p.add_argument("--val-files", nargs="+", default=None, metavar="H5AD", help="held-out cells, evaluated per epoch")
+    p.add_argument("--output-dir", required=True, help="new folder for the result, epoch checkpoints and logs")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training cells")
+    p.add_argument("--learning-rate", type=float, default=lr, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=wd, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps with a linear warm-up")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to this share of the rate")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--batch-size", type=int, default=None, help="most cells per micro-batch")
+    p.add_argument("--max-tokens", type=int, default=None, help="token budget per micro-batch")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order, dropout, initialisation)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--devices", dest="device", help=argparse.SUPPRESS)  # the published example's spelling
+    p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), 32, bf16, 16")
+    p.add_argument("--gene-col-name", default="ensembl_id", help="var column with Ensembl gene ids")
+    p.add_argument("--clip-counts", type=float, default=30, help="clip counts to this value")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
+    p.add_argument("--dry-run", action="store_true", help="check the model and the data, then exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``finetune`` and ``train`` to the command line's sub-commands."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ft = sub.add_parser(
+        "finetune",
+        help="LoRA fine-tuning (adapters only)",
+        description="Fine-tune a model on h5ad files with LoRA adapters (PEFT format; needs the finetune extra).",
+        formatter_class=fmt,
+    )
+    ft.add_argument("--checkpoint-path", required=True, help="base checkpoint folder or registry name")
+    ft.add_argument("--lora-r", type=int, default=4, help="adapter rank")
+    ft.add_argument("--lora-alpha", type=float, default=16, help="adapter scale (alpha / r)")
+    ft.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input")
+    ft.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=["linear1", "linear2", "linears"],
+        help="layers to adapt: linear1/linear2 (feed-forward), linears (Q, K, V, output projections)",
+    )
+    _common(ft, lr=5e-4, wd=0.0)
+
+    tr = sub.add_parser(
+        "train",
+        help="train all weights (an existing checkpoint, or a new model)",
+        description="Train a TranscriptFormer on h5ad files and save it in the published checkpoint layout.",
+        formatter_class=fmt,
+    )
+    source = tr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint-path", help="checkpoint folder or registry name to train further")
+    source.add_argument("--gene-tables", nargs="+", metavar="H5", help="gene tables (or species names): a new model")
+    tr.add_argument("--assays", nargs="+", default=None, help="assay labels of a new model (obs['assay'])")
+    tr.add_argument("--embed-dim", type=int, default=256, help="new model: residual width")
+    tr.add_argument("--num-layers", type=int, default=4, help="new model: layers")
+    tr.add_argument("--num-heads", type=int, default=8, help="new model: attention heads")
+    tr.add_argument("--model-dim", type=int, default=None, help="new model: feed-forward width (4 x embed-dim)")
+    tr.add_argument("--seq-len", type=int, default=2047, help="new model: gene slots per cell")
+    _common(tr, lr=5.5e-5, wd=0.05)
+
+
+def _fit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "validation": args.val_files,
+        "output_dir": args.output_dir,
+        "epochs": args.epochs,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "warmup_ratio": args.warmup_ratio,
+        "min_lr_ratio": args.min_lr_ratio,
+        "grad_clip": args.grad_clip or None,
+        "accumulate": args.accumulate,
+        "seed": args.seed,
+        "resume": args.resume,
+        "batch_size": args.batch_size,
+        "max_tokens": args.max_tokens,
+        "device": args.device,
+        "precision": args.precision,
+        "gene_key": args.gene_col_name,
+        "clip_counts": args.clip_counts,
+        "progress": False if args.no_progress else None,
+    }
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    from .cli import CLIError
+
+    for f in [*args.train_files, *(args.val_files or [])]:
+        if not Path(f).is_file():
+            raise CLIError(f"data file {f!r} does not exist.")
+
+
+def _dry_run(args: argparse.Namespace, model) -> Path | None:
+    """Build the model and read the data (with every check), then stop."""
+    import anndata as ad
+
+    from .options import RunOptions
+    from .training import _open
+
+    options = RunOptions(gene_key=args.gene_col_name, clip_counts=args.clip_counts)
+    for files in (args.train_files, args.val_files or []):
+        for _, src, _ in _open([ad.read_h5ad(f, backed="r") for f in files], model, options, "data") if files else []:
+            logger.info(
+                "%s: %d cells, %d of %d genes in the vocabulary", src.source, src.n_obs, src.n_matched, src.n_genes
+            )
+    logger.info("dry run: the model and the data are ready; nothing was trained.")
+    return None
+
+
+def _distributed_device(args: argparse.Namespace) -> None:
+    from .cli import _init_distributed
+
+    _, world = _init_distributed()
+    if world > 1 and args.device in ("auto", "cuda"):
+        import os
+
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def run_finetune(args: argparse.Namespace) -> Path | None:
+    """Run ``transcriptformer finetune``."""
+    from .checkpoint import load_model
+    from .training import finetune
+
+    _check_files(args)
+    _distributed_device(args)
+    base = load_model(args.checkpoint_path)
+    if args.dry_run:
+        from . import lora
+
+        net = __import__("copy").deepcopy(base.model)
+        lora.apply_lora(
+            net,
+            r=args.lora_r,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules,
+        )
+        return _dry_run(args, base)
+    return finetune(
+        list(args.train_files),
+        base,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=tuple(args.lora_target_modules),
+        **_fit_kwargs(args),
+    )
+
+
+def run_train(args: argparse.Namespace) -> Path | None:
+    """Run ``transcriptformer train``."""
+    from .checkpoint import load_model, new_model
+    from .training import train
+
+    _check_files(args)
+    _distributed_device(args)
+    if args.checkpoint_path:
+        model = load_model(args.checkpoint_path)
+    else:
+        model = new_model(
+            args.gene_tables,
+            assay_vocab=args.assays,
+            embed_dim=args.embed_dim,
+            num_layers=args.num_layers,
+            num_heads=args.num_heads,
+            model_dim=args.model_dim,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            name=Path(args.output_dir).name,
+        )
+    if args.dry_run:
+        return _dry_run(args, model)
+    return train(model, list(args.train_files), **_fit_kwargs(args))

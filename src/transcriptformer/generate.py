@@ -1,0 +1,433 @@
+"""In-silico cells: sampling genes and counts from TranscriptFormer's generative factorisation.
+
+A cell is generated one gene at a time. At slot ``t`` the model has read the assay token, ``[START]``
+and the genes ``g_0 .. g_{t-1}`` with their counts; its hidden state there gives
+
+* the next gene: the gene-identity head's soft-capped logits, sharpened or flattened by a temperature,
+  optionally cut to the ``top_k`` most likely, over the genes not yet in the cell (special tokens other
+  than ``[END]`` are never sampled). ``[END]`` ends the cell, as does ``max_genes``;
+* its count: a zero-truncated Poisson whose rate comes from the count head (below).
+
+Attention runs in the training-mode semantics: a position's own count does not bias its attention to
+itself (in the inference mode that embeddings use it does), because the model learned to predict a
+gene and its count from what came before. Keys and values are cached across steps
+(:class:`~transcriptformer.model.KVCache`), so a cell of ``n`` genes costs ``n`` single-position layer
+passes rather than ``n`` passes over growing prefixes.
+
+The count head's ``softmax`` link (the released models) gives gene ``j`` of a finished cell the rate
+``total · exp(l_j) / Σ_k exp(l_k)``: a share of the cell's total count, normalised over *all* of the cell's
+genes, which are not known yet while it is generated. The sampler takes the total as given
+(``total_counts``) and estimates the normaliser at slot ``t`` from the logits so far, assuming the cell will
+have ``max_genes`` genes whose mean ``exp(l)`` is that of the genes so far:
+``Ẑ_t = Σ_{k<=t} exp(l_k) · max_genes / (t + 1)``. At the last slot this is exact. The other links give the
+rate from the logit alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedModel
+from .engine import autocast, resolve_device, resolve_precision
+from .model import ChunkedAttention, KVCache, TranscriptFormer
+from .options import check_positive_int
+from .tokenizer import TokenizeOptions, prepare_cells
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_COUNTS_PER_GENE", "GeneratedCells", "sample_cells", "sample_zero_truncated_poisson"]
+
+#: Without a prompt, the default total count of a generated cell is this many counts per gene slot
+#: (``max_genes``): about what droplet data (10x 3') has per detected gene.
+DEFAULT_COUNTS_PER_GENE = 2.5
+
+
+def sample_zero_truncated_poisson(rate: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exact samples of ``Poisson(rate)`` conditioned on being at least 1 (one per element).
+
+    The first event of a Poisson process of intensity ``rate`` on ``[0, 1]``, given that there is one, falls
+    at ``T = -log1p(u · expm1(-rate)) / rate`` (``u`` uniform); the events after it are ``Poisson(rate ·
+    (1 - T))``. So ``1 + Poisson(rate · (1 - T))`` has the zero-truncated distribution, for any rate.
+    """
+    rate = rate.float().clamp_min(1e-12)
+    u = torch.rand(rate.shape, generator=generator, device=rate.device)
+    t = (-torch.log1p(u * torch.expm1(-rate)) / rate).clamp(0.0, 1.0)
+    return 1.0 + torch.poisson(rate * (1.0 - t), generator=generator)
+
+
+@dataclass
+class GeneratedCells:
+    """Cells sampled by :func:`sample_cells`, genes in the order they were generated.
+
+    Attributes
+    ----------
+    tokens
+        ``(n, L)`` int64 vocabulary tokens (``[PAD]`` after each cell's genes).
+    counts
+        ``(n, L)`` float32 sampled counts (prompt genes: their real counts), 0 at padding.
+    lengths
+        ``(n,)`` genes in each cell.
+    n_prompt
+        ``(n,)`` genes taken from the prompt (they come first and are not sampled).
+    ended
+        ``(n,)`` whether the cell ended with ``[END]`` (otherwise it reached ``max_genes``).
+    gene_logprob
+        ``(n, L)`` float32: log-probability of each gene under the model's gene-identity head (before the
+        temperature, top-k and the exclusion of genes already present), NaN for prompt genes and padding.
+    count_logit
+        ``(n, L)`` float32: the count head's logit of each gene (prompt genes included).
+    total_counts
+        ``(n,)`` the total count the count rates were scaled to.
+    aux
+        ``(n, A)`` auxiliary tokens.
+    prompt_index
+        ``(n,)`` the prompt cell each cell continues (``-1``: none).
+    """
+
+    tokens: np.ndarray
+    counts: np.ndarray
+    lengths: np.ndarray
+    n_prompt: np.ndarray
+    ended: np.ndarray
+    gene_logprob: np.ndarray
+    count_logit: np.ndarray
+    total_counts: np.ndarray
+    aux: np.ndarray
+    prompt_index: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _aux_tokens(loaded: LoadedModel, assay: Any, n: int) -> np.ndarray:
+    """Auxiliary tokens for ``n`` cells from a label (or one label per cell); unknown labels map to unknown."""
+    cols = []
+    for voc in loaded.aux_vocabs:
+        labels = [assay] * n if assay is None or isinstance(assay, str) else list(assay)
+        if len(labels) != n:
+            raise ValueError(f"assay has {len(labels)} labels for {n} cells.")
+        unknown = sorted({str(x) for x in labels if x is not None and x not in voc.labels})
+        if unknown:
+            logger.warning(
+                "assay label(s) %s are not in %s's %s vocabulary; they mean 'unknown'. Known: %s.",
+                unknown[:3],
+                loaded.name,
+                voc.column,
+                sorted(voc.labels)[:8],
+            )
+        cols.append(voc.encode(labels))
+    return np.stack(cols, axis=1) if cols else np.zeros((n, 0), dtype=np.int64)
+
+
+def _prompts(
+    loaded: LoadedModel, prompt, n_prompt_genes: int | None, gene_key: str | None, layer: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Prompt cells' first genes with their real counts: tokens, counts, lengths, aux, model-view totals."""
+    src = prepare_cells(
+        prompt,
+        loaded.vocab,
+        loaded.aux_vocabs,
+        seq_len=loaded.seq_len,
+        pad_zeros=loaded.config.data.pad_zeros,
+        options=TokenizeOptions(gene_key=gene_key, layer=layer, clip_counts=None),
+        model_name=loaded.name,
+    )
+    window = src.read(0, src.n_obs)
+    P = window.lengths if n_prompt_genes is None else np.minimum(window.lengths, n_prompt_genes)
+    W = max(1, int(P.max(initial=0)))
+    slots = np.arange(window.tokens.shape[1])[None, :]
+    tokens = np.where(slots < P[:, None], window.tokens, loaded.vocab.pad)[:, :W].astype(np.int64)
+    counts = np.where(slots < P[:, None], window.counts, 0.0)[:, :W].astype(np.float32)
+    # the total the model would see for the whole cell: clipped counts of its first seq_len genes
+    totals = np.minimum(window.counts, 30.0).sum(axis=1)
+    return tokens, counts, P.astype(np.int64), window.aux, totals.astype(np.float32)
+
+
+@torch.inference_mode()
+def sample_cells(
+    loaded: LoadedModel,
+    n_cells: int | None = None,
+    *,
+    assay: Any = None,
+    prompt=None,
+    n_prompt_genes: int | None = None,
+    max_genes: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    total_counts: float | Sequence[float] | np.ndarray | None = None,
+    clip_counts: float = 30.0,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
+    gene_key: str | None = "ensembl_id",
+    layer: str | None = None,
+    use_cache: bool = True,
+) -> GeneratedCells:
+    """Sample cells from a model (see the module documentation for how).
+
+    Parameters
+    ----------
+    loaded
+        The model (it needs the gene-identity head).
+    n_cells
+        Cells to generate (default: one per prompt cell). With a prompt, cell ``i`` continues prompt cell
+        ``i % n_prompt``.
+    assay
+        Assay label of the generated cells (one, or one per cell); ignored with a prompt, whose
+        ``obs["assay"]`` is used. ``None``: unknown.
+    prompt
+        An AnnData of real cells (raw counts) to continue from their first ``n_prompt_genes`` genes (in the
+        order the model reads them: expressed genes in column order).
+    n_prompt_genes
+        Genes taken from each prompt cell (default: all it has, up to ``max_genes``).
+    max_genes
+        Most genes per cell, prompt included (default ``seq_len``).
+    temperature
+        Divides the gene logits before sampling (> 0; 1 samples the model's distribution).
+    top_k
+        Sample among the ``top_k`` most likely genes only.
+    total_counts
+        Total count each cell's count rates are scaled to (softmax link): a number, or one per cell.
+        Default: the prompt cell's total (clipped counts of its genes, as the model sees them), else
+        :data:`DEFAULT_COUNTS_PER_GENE` x ``max_genes``.
+    clip_counts
+        Counts are clipped to this before the model reads them (as in training and inference).
+    seed
+        Random seed: the same seed gives the same cells (on the same device and precision).
+    device, precision
+        As in :class:`~transcriptformer.engine.Engine`.
+    batch_size
+        Cells generated together (default 64; memory: the key/value cache is
+        ``batch x layers x 2 x embed_dim x (max_genes + 2)`` floats).
+    gene_key, layer
+        How to read the prompt (as in ``tl.embed``).
+    use_cache
+        Cache keys and values across steps (default). ``False`` recomputes every prefix (the reference the
+        cache is checked against, and the baseline of the benchmark).
+
+    Returns
+    -------
+    GeneratedCells
+        The cells, genes in generation order.
+    """
+    model_cpu = loaded.model
+    if model_cpu.gene_id_head is None:
+        raise ValueError(f"{loaded.name} has no gene-identity head, so it cannot generate cells.")
+    S = loaded.seq_len
+    max_genes = check_positive_int(max_genes, "max_genes") or S
+    if max_genes > S:
+        raise ValueError(f"max_genes={max_genes} is more than the model's seq_len ({S}).")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not (math.isfinite(temperature) and temperature > 0)
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    top_k = check_positive_int(top_k, "top_k")
+    batch_size = check_positive_int(batch_size, "batch_size") or 64
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+
+    if prompt is not None:
+        p_tok, p_cnt, p_len, p_aux, p_total = _prompts(
+            loaded, prompt, check_positive_int(n_prompt_genes, "n_prompt_genes"), gene_key, layer
+        )
+        n_prompts = len(p_len)
+        n_cells = check_positive_int(n_cells, "n_cells") or n_prompts
+        which = np.arange(n_cells) % n_prompts
+        p_len = np.minimum(p_len[which], max_genes)
+        p_tok, p_cnt, p_aux, default_total = p_tok[which], p_cnt[which], p_aux[which], p_total[which]
+    else:
+        if n_prompt_genes is not None:
+            raise ValueError("n_prompt_genes needs a prompt.")
+        n_cells = check_positive_int(n_cells, "n_cells", allow_none=False)
+        which = np.full(n_cells, -1)
+        p_len = np.zeros(n_cells, dtype=np.int64)
+        p_tok = np.zeros((n_cells, 1), dtype=np.int64)
+        p_cnt = np.zeros((n_cells, 1), dtype=np.float32)
+        p_aux = _aux_tokens(loaded, assay, n_cells)
+        default_total = np.full(n_cells, DEFAULT_COUNTS_PER_GENE * max_genes, dtype=np.float32)
+    if total_counts is None:
+        totals = default_total.astype(np.float32)
+    else:
+        totals = np.broadcast_to(np.asarray(total_counts, dtype=np.float32), (n_cells,)).copy()
+        if not (np.isfinite(totals).all() and (totals > 0).all()):
+            raise ValueError("total_counts must be finite and > 0.")
+    if (totals <= 0).any():
+        raise ValueError("a prompt cell has no count of the model's genes: pass total_counts=...")
+
+    model = loaded.on(dev)
+    out_tok = np.full((n_cells, max_genes), loaded.vocab.pad, dtype=np.int64)
+    out_cnt = np.zeros((n_cells, max_genes), dtype=np.float32)
+    out_lp = np.full((n_cells, max_genes), np.nan, dtype=np.float32)
+    out_logit = np.full((n_cells, max_genes), np.nan, dtype=np.float32)
+    out_len = np.zeros(n_cells, dtype=np.int64)
+    ended = np.zeros(n_cells, dtype=bool)
+    generator = torch.Generator(device=dev).manual_seed(int(seed))
+    # cells with equal prompt lengths run together (their positions stay aligned)
+    order = np.argsort(p_len, kind="stable")
+    steps = 0
+    for start in range(0, n_cells, batch_size):
+        idx = order[start : start + batch_size]
+        groups = [idx[p_len[idx] == p] for p in np.unique(p_len[idx])]
+        for g in groups:
+            tok, cnt, lp, logit, n, end = _generate_batch(
+                model,
+                torch.from_numpy(p_tok[g]).to(dev),
+                torch.from_numpy(p_cnt[g]).to(dev),
+                int(p_len[g][0]),
+                torch.from_numpy(p_aux[g]).to(dev),
+                torch.from_numpy(totals[g]).to(dev),
+                n_special=loaded.vocab.n_special,
+                max_genes=max_genes,
+                temperature=float(temperature),
+                top_k=top_k,
+                clip_counts=float(clip_counts),
+                generator=generator,
+                precision=prec,
+                use_cache=use_cache,
+            )
+            out_tok[g], out_cnt[g], out_lp[g], out_logit[g], out_len[g], ended[g] = tok, cnt, lp, logit, n, end
+            steps += max_genes - int(p_len[g][0])
+    return GeneratedCells(
+        tokens=out_tok,
+        counts=out_cnt,
+        lengths=out_len,
+        n_prompt=p_len.astype(np.int64),
+        ended=ended,
+        gene_logprob=out_lp,
+        count_logit=out_logit,
+        total_counts=totals,
+        aux=p_aux,
+        prompt_index=which.astype(np.int64),
+        stats={"device": str(dev), "precision": prec, "steps": steps, "cached": use_cache},
+    )
+
+
+def _generate_batch(
+    model: TranscriptFormer,
+    p_tok: torch.Tensor,
+    p_cnt: torch.Tensor,
+    P: int,
+    aux: torch.Tensor,
+    totals: torch.Tensor,
+    *,
+    n_special: int,
+    max_genes: int,
+    temperature: float,
+    top_k: int | None,
+    clip_counts: float,
+    generator: torch.Generator,
+    precision: str,
+    use_cache: bool,
+) -> tuple[np.ndarray, ...]:
+    """Generate one batch of cells whose prompts all have ``P`` genes."""
+    dev = p_tok.device
+    B = p_tok.shape[0]
+    V = model.gene_embeddings.embedding.num_embeddings
+    pad, end = model.pad_idx, model.end_idx
+    tokens = torch.full((B, max_genes + 1), pad, dtype=torch.long, device=dev)  # +1: the slot being predicted
+    counts = torch.zeros(B, max_genes + 1, device=dev)
+    logprob = torch.full((B, max_genes), float("nan"), device=dev)
+    logit = torch.full((B, max_genes), float("nan"), device=dev)
+    tokens[:, :P] = p_tok[:, :P]
+    counts[:, :P] = p_cnt[:, :P]
+    banned = torch.zeros(V, dtype=torch.bool, device=dev)
+    banned[:n_special] = True  # special tokens are never sampled ...
+    banned[end] = False  # ... except [END]
+    used = torch.zeros(B, V, dtype=torch.bool, device=dev)
+    used.scatter_(1, tokens[:, :P], True)  # a gene already in the cell is never sampled again
+    alive = torch.ones(B, dtype=torch.bool, device=dev)
+    ended = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.full((B,), P, dtype=torch.long, device=dev)
+    norm = _Normaliser(B, dev)
+    kernel = ChunkedAttention()
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision, torch.float32)
+    cache = KVCache(model, B, model.num_aux + max_genes + 1, device=dev, dtype=dtype) if use_cache else None
+    with autocast(dev, precision):
+        clipped = counts.clamp(max=clip_counts)
+        # the prompt (or nothing) after the assay token and [START]: hidden states of slots 0 .. P
+        hidden = model.encode(tokens[:, : P + 1], clipped, aux, mode="train", kernel=kernel, cache=cache).hidden
+        if P:
+            lg = model.count_logits(hidden[:, :P], model.gene_embeddings(tokens[:, :P]), tokens[:, :P]).double()
+            logit[:, :P] = lg.float()
+            norm.add(lg)
+        h = hidden[:, -1]
+        for t in range(P, max_genes):
+            # the next gene, from the gene-identity head
+            logits = model.gene_logits(h)  # (B, V) float32, soft-capped
+            scores = (logits / temperature).masked_fill(banned[None, :] | used, float("-inf"))
+            if top_k is not None and top_k < V:
+                kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            # only cells still being generated draw random numbers (so a cell's draws depend on it alone)
+            gene = torch.full((B,), pad, dtype=torch.long, device=dev)
+            gene[alive] = torch.multinomial(torch.softmax(scores[alive], dim=-1), 1, generator=generator)[:, 0]
+            ended |= alive & (gene == end)
+            alive &= gene != end
+            if not alive.any():
+                break
+            gene = torch.where(alive, gene, pad)
+            tokens[:, t] = gene
+            picked = torch.log_softmax(logits, dim=-1).gather(1, gene[:, None]).squeeze(1)
+            logprob[:, t] = torch.where(alive, picked, float("nan"))
+            used[alive, gene[alive]] = True
+            lengths += alive.long()
+            # its count, from the count head
+            lg = model.count_logits(h[:, None], model.gene_embeddings(gene[:, None]), gene[:, None])[:, 0].double()
+            logit[:, t] = torch.where(alive, lg, float("nan")).float()
+            rate = norm.rate(model, lg, t + 1, max_genes, totals, alive)
+            counts[alive, t] = sample_zero_truncated_poisson(rate[alive], generator)
+            if t + 1 == max_genes:
+                break
+            # the model reads the gene and its (clipped) count
+            c_in = counts[:, t].clamp(max=clip_counts)
+            if cache is not None:
+                x = model.gene_embeddings(gene[:, None])
+                h = model.extend(x, model.key_bias(c_in[:, None]), alive[:, None], cache, kernel=kernel)[:, 0]
+            else:
+                clipped = counts.clamp(max=clip_counts)
+                h = model.encode(tokens[:, : t + 2], clipped, aux, mode="train", kernel=kernel).hidden[:, -1]
+    return tuple(
+        x.cpu().numpy() for x in (tokens[:, :max_genes], counts[:, :max_genes], logprob, logit, lengths, ended)
+    )
+
+
+class _Normaliser:
+    """The softmax link's normaliser over a cell's genes, estimated while the cell is generated.
+
+    ``Σ_{k<=t} exp(l_k)`` is kept in float64 relative to the running maximum logit; the estimate for a cell
+    of ``max_genes`` genes scales it by ``max_genes / (t + 1)`` (exact at the last slot).
+    """
+
+    def __init__(self, B: int, device: torch.device):
+        self.sum = torch.zeros(B, dtype=torch.float64, device=device)
+        self.shift = torch.full((B,), -math.inf, dtype=torch.float64, device=device)
+
+    def add(self, logits: torch.Tensor, alive: torch.Tensor | None = None) -> None:
+        """Add the logits ``(B,)`` or ``(B, k)`` of genes of the cells (``alive``: only those cells)."""
+        lg = logits if logits.ndim == 2 else logits[:, None]
+        new = torch.maximum(self.shift, lg.max(dim=1).values)
+        total = self.sum * torch.exp(self.shift - new) + torch.exp(lg - new[:, None]).sum(dim=1)
+        if alive is not None:
+            new, total = torch.where(alive, new, self.shift), torch.where(alive, total, self.sum)
+        self.shift, self.sum = new, total
+
+    def rate(
+        self, model: TranscriptFormer, lg: torch.Tensor, n_so_far: int, max_genes: int, totals, alive
+    ) -> torch.Tensor:
+        """Count rate of the genes with logits ``lg`` (``(B,)``); ``n_so_far`` genes, this one included."""
+        link = model.config.mu_link_fn
+        if link != "softmax":
+            return model.link(lg.float())
+        self.add(lg, alive)
+        z = self.sum * (max_genes / n_so_far)
+        return (totals.double() * torch.exp(lg - self.shift) / z).float()
