@@ -63,8 +63,9 @@ def cli(capsys):
     """``cli(*args)`` runs ``transcriptformer ARGS`` in this process: a CompletedProcess (code, stdout, stderr).
 
     ``check=True`` raises on a non-zero exit status. argparse's exits (``--help``, ``--version``,
-    usage errors) become the exit status, as in a process. Logging settings that ``main`` changes are
-    restored afterwards.
+    usage errors) become the exit status, as in a process. The root logger starts without handlers, as in
+    a new process, so ``main``'s ``logging.basicConfig`` sends log records to the captured stderr (a
+    traceback logged there shows in ``stderr``); the logging configuration is restored afterwards.
     """
     from transcriptformer.cli import main
 
@@ -73,6 +74,7 @@ def cli(capsys):
         root, ours = logging.getLogger(), logging.getLogger("transcriptformer")
         saved = (list(root.handlers), root.level, ours.level)
         capsys.readouterr()
+        root.handlers[:] = []
         try:
             code = main(argv)
         except SystemExit as e:
