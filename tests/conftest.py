@@ -1,17 +1,28 @@
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
+import torch
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
 
-DATA = Path(__file__).parent / "data"
-REFERENCE = DATA / "reference"
+# snapshot and assert_unchanged are re-exported for tests written before helpers.py: import them from helpers
+from helpers import DATA, REFERENCE, assert_unchanged, snapshot  # noqa: F401
+
+
+def pytest_configure(config):
+    # The tests run a model of width 32 on tens of cells: a second intra-op thread only adds a barrier to
+    # every small op, and on a loaded 2-core machine each barrier waits for a time slice (3x slower suite).
+    # OMP_NUM_THREADS, when set, decides instead. Subprocesses (torchrun, the memory test) are not affected.
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,32 +67,35 @@ def reference():
     }
 
 
-def snapshot(adata: ad.AnnData) -> dict:
-    """A deep copy of everything a tool could write to, for 'input unchanged' assertions."""
-    X = adata.X
-    return {
-        "X": X.copy() if X is not None else None,
-        "obs": adata.obs.copy(),
-        "var": adata.var.copy(),
-        "obsm": {k: np.array(v, copy=True) for k, v in adata.obsm.items()},
-        "uns": set(adata.uns.keys()),
-        "layers": set(adata.layers.keys()),
-        "raw": None if adata.raw is None else adata.raw.X.copy(),
-    }
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)`` runs ``transcriptformer ARGS`` in this process: a CompletedProcess (code, stdout, stderr).
 
+    ``check=True`` raises on a non-zero exit status. argparse's exits (``--help``, ``--version``,
+    usage errors) become the exit status, as in a process. The root logger starts without handlers, as in
+    a new process, so ``main``'s ``logging.basicConfig`` sends log records to the captured stderr (a
+    traceback logged there shows in ``stderr``); the logging configuration is restored afterwards.
+    """
+    from transcriptformer.cli import main
 
-def assert_unchanged(adata: ad.AnnData, before: dict) -> None:
-    after = snapshot(adata)
-    for key in ("X", "raw"):
-        a, b = before[key], after[key]
-        if a is None:
-            assert b is None
-            continue
-        a = a.toarray() if sp.issparse(a) else np.asarray(a)
-        b = b.toarray() if sp.issparse(b) else np.asarray(b)
-        np.testing.assert_array_equal(a, b)
-    assert before["obs"].equals(after["obs"]), "obs changed"
-    assert before["var"].equals(after["var"]), "var changed"
-    assert before["obsm"].keys() == after["obsm"].keys(), "obsm keys changed"
-    assert before["uns"] == after["uns"], "uns keys changed"
-    assert before["layers"] == after["layers"], "layers changed"
+    def run(*args, check: bool = True) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        root, ours = logging.getLogger(), logging.getLogger("transcriptformer")
+        saved = (list(root.handlers), root.level, ours.level)
+        capsys.readouterr()
+        root.handlers[:] = []
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            ours.setLevel(saved[2])
+        out, err = capsys.readouterr()
+        proc = subprocess.CompletedProcess(["transcriptformer", *argv], code, out, err)
+        if check and code != 0:
+            raise AssertionError(f"exit {code}\nstdout:\n{out}\nstderr:\n{err}")
+        return proc
+
+    return run

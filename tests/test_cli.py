@@ -1,4 +1,9 @@
-"""The installed `transcriptformer` command, run as a subprocess, against the published outputs."""
+"""The `transcriptformer` command against the published outputs.
+
+Most tests call ``transcriptformer.cli.main`` in this process (the ``cli`` fixture: exit status, stdout,
+stderr); ``test_installed_command`` and ``test_python_dash_m`` run real processes, and the torchrun tests
+in test_engine.py run ``python -m transcriptformer.cli``.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +18,15 @@ import numpy as np
 import pytest
 
 import transcriptformer
-from conftest import DATA
+from helpers import DATA
 
 ATOL = 1e-5
 EXE = shutil.which("transcriptformer") or str(Path(sys.executable).parent / "transcriptformer")
 
 
-def run_cli(*args: str, cwd=None, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+def run_exe(*args: str, check=True) -> subprocess.CompletedProcess:
+    """The installed console script, in a new process."""
+    proc = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -35,9 +41,9 @@ def human_h5ad(tmp_path_factory):
     return path
 
 
-def _infer(tmp_path, tiny_path, data, *extra) -> ad.AnnData:
+def _infer(cli, tmp_path, tiny_path, data, *extra) -> ad.AnnData:
     files = data if isinstance(data, list) else [data]
-    run_cli(
+    cli(
         "inference",
         "--checkpoint-path",
         tiny_path,
@@ -63,8 +69,8 @@ def _same_obs(out, ref):
         np.testing.assert_array_equal(out.obs[col].astype(str).to_numpy(), ref.obs[col].astype(str).to_numpy())
 
 
-def test_cell_embeddings(tmp_path, tiny_path, human_h5ad, reference):
-    out = _infer(tmp_path, tiny_path, human_h5ad)
+def test_cell_embeddings(cli, tmp_path, tiny_path, human_h5ad, reference):
+    out = _infer(cli, tmp_path, tiny_path, human_h5ad)
     ref = reference["cell"]
     assert out.n_vars == 0 and set(out.obsm) == {"embeddings"} and not out.uns
     np.testing.assert_allclose(out.obsm["embeddings"], ref.obsm["embeddings"], atol=ATOL, rtol=0)
@@ -72,33 +78,35 @@ def test_cell_embeddings(tmp_path, tiny_path, human_h5ad, reference):
     _same_obs(out, ref)
 
 
-def test_raw_input(tmp_path, tiny_path, reference):
-    out = _infer(tmp_path, tiny_path, DATA / "tiny_human_raw.h5ad", "--use-raw", "auto")
+def test_raw_input(cli, tmp_path, tiny_path, reference):
+    out = _infer(cli, tmp_path, tiny_path, DATA / "tiny_human_raw.h5ad", "--use-raw", "auto")
     np.testing.assert_allclose(out.obsm["embeddings"], reference["raw_cell"].obsm["embeddings"], atol=ATOL, rtol=0)
     _same_obs(out, reference["raw_cell"])
 
 
-def test_llh_published_override_and_flag(tmp_path, tiny_path, human_h5ad, reference):
+def test_llh_published_override_and_flag(cli, tmp_path, tiny_path, human_h5ad, reference):
     ref = reference["llh"]
     # the published way: only llh
-    out = _infer(tmp_path, tiny_path, human_h5ad, "--config-override", "model.inference_config.output_keys.0=llh")
+    out = _infer(cli, tmp_path, tiny_path, human_h5ad, "--config-override", "model.inference_config.output_keys.0=llh")
     assert "embeddings" not in out.obsm
     np.testing.assert_allclose(out.uns["llh"]["llh"].to_numpy(), ref.uns["llh"]["llh"].to_numpy(), atol=ATOL, rtol=0)
     np.testing.assert_allclose(out.obsm["llh"], ref.obsm["llh"], atol=ATOL, rtol=0)
     assert out.obsm["llh"].shape == (21, 1)
     # ours: embeddings and llh in one run
-    out = _infer(tmp_path, tiny_path, human_h5ad, "--llh")
+    out = _infer(cli, tmp_path, tiny_path, human_h5ad, "--llh")
     np.testing.assert_allclose(out.obsm["embeddings"], reference["cell"].obsm["embeddings"], atol=ATOL, rtol=0)
     np.testing.assert_allclose(out.uns["llh"]["llh"].to_numpy(), ref.uns["llh"]["llh"].to_numpy(), atol=ATOL, rtol=0)
 
 
-def test_gene_llh(tmp_path, tiny_path, human_h5ad, reference):
-    out = _infer(tmp_path, tiny_path, human_h5ad, "--config-override", "model.inference_config.output_keys.0=gene_llh")
+def test_gene_llh(cli, tmp_path, tiny_path, human_h5ad, reference):
+    out = _infer(
+        cli, tmp_path, tiny_path, human_h5ad, "--config-override", "model.inference_config.output_keys.0=gene_llh"
+    )
     np.testing.assert_allclose(out.obsm["gene_llh"], reference["gene_llh"].obsm["gene_llh"], atol=ATOL, rtol=0)
 
 
-def test_cge(tmp_path, tiny_path, human_h5ad, reference):
-    out = _infer(tmp_path, tiny_path, human_h5ad, "--emb-type", "cge", "--batch-size", "3")
+def test_cge(cli, tmp_path, tiny_path, human_h5ad, reference):
+    out = _infer(cli, tmp_path, tiny_path, human_h5ad, "--emb-type", "cge", "--batch-size", "3")
     ref = reference["cge"].uns
     assert not out.obsm
     np.testing.assert_array_equal(out.uns["cge_cell_indices"], ref["cge_cell_indices"])
@@ -106,15 +114,16 @@ def test_cge(tmp_path, tiny_path, human_h5ad, reference):
     np.testing.assert_allclose(out.uns["cge_embeddings"], ref["cge_embeddings"], atol=ATOL, rtol=0)
 
 
-def test_several_data_files_are_concatenated(tmp_path, tiny_path, human_h5ad, reference):
-    out = _infer(tmp_path, tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"])
+def test_several_data_files_are_concatenated(cli, tmp_path, tiny_path, human_h5ad, reference):
+    out = _infer(cli, tmp_path, tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"])
     assert out.n_obs == 42
     np.testing.assert_allclose(out.obsm["embeddings"][21:], reference["raw_cell"].obsm["embeddings"], atol=ATOL)
     assert list(out.obs_names) == [str(i) for i in range(42)]
 
 
-def test_obs_keys_override_and_normalize(tmp_path, tiny_path, human_h5ad):
+def test_obs_keys_override_and_normalize(cli, tmp_path, tiny_path, human_h5ad):
     out = _infer(
+        cli,
         tmp_path,
         tiny_path,
         human_h5ad,
@@ -130,7 +139,7 @@ def test_obs_keys_override_and_normalize(tmp_path, tiny_path, human_h5ad):
     np.testing.assert_allclose(out.obsm["embeddings"], expected.obsm["X_transcriptformer"], atol=1e-6)
 
 
-def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_path, human_h5ad):
+def test_bad_input_exits_nonzero_with_one_line(cli, tmp_path, tiny_path, human_h5ad):
     cases = [
         ("--checkpoint-path", tmp_path / "missing", "--data-file", human_h5ad),
         ("--checkpoint-path", tiny_path, "--data-file", tmp_path / "missing.h5ad"),
@@ -146,7 +155,7 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_path, human_h5ad):
         ("--checkpoint-path", tiny_path, "--data-file", human_h5ad, "--config-override", "nonsense"),
     ]
     for args in cases:
-        proc = run_cli("inference", *args, "--output-path", tmp_path / "o", check=False)
+        proc = cli("inference", *args, "--output-path", tmp_path / "o", check=False)
         assert proc.returncode == 1, proc.stderr
         err = [line for line in proc.stderr.splitlines() if line.startswith("transcriptformer: error:")]
         assert len(err) == 1, proc.stderr
@@ -154,18 +163,36 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_path, human_h5ad):
     assert not (tmp_path / "o" / "embeddings.h5ad").exists()
 
 
-def test_version_and_help():
-    proc = run_cli("--version")
+def test_version_and_help(cli):
+    proc = cli("--version")
     assert transcriptformer.__version__ in proc.stdout
     for args in (["--help"], ["inference", "--help"], ["download", "--help"]):
-        proc = run_cli(*args)
+        proc = cli(*args)
         assert "usage: transcriptformer" in proc.stdout
-    assert "--checkpoint-path" in run_cli("inference", "--help").stdout
-    assert "--checkpoint-dir" in run_cli("download", "--help").stdout
-    proc = run_cli("download", "tf-unknown", check=False)
+    assert "--checkpoint-path" in cli("inference", "--help").stdout
+    assert "--checkpoint-dir" in cli("download", "--help").stdout
+    proc = cli("download", "tf-unknown", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
-    proc = run_cli(check=False)
+    proc = cli(check=False)
     assert proc.returncode == 2
+
+
+def test_installed_command(tmp_path, human_h5ad):
+    """The console script in a new process: main's status 1 is the exit status; one error line, no traceback."""
+    proc = run_exe(
+        "inference",
+        "--checkpoint-path",
+        tmp_path / "missing",
+        "--data-file",
+        human_h5ad,
+        "--output-path",
+        tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.startswith("transcriptformer: error:")]
+    assert len(err) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_python_dash_m(tmp_path):
@@ -173,10 +200,12 @@ def test_python_dash_m(tmp_path):
     assert proc.returncode == 0 and transcriptformer.__version__ in proc.stdout
 
 
-def test_stream_output_writes_the_same_file(tmp_path, tiny_path, human_h5ad, reference):
+def test_stream_output_writes_the_same_file(cli, tmp_path, tiny_path, human_h5ad, reference):
     """--stream-output fills obsm['embeddings'] in the output file window by window: same file contents."""
-    streamed = _infer(tmp_path / "s", tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"], "--llh", "--stream-output")
-    plain = _infer(tmp_path / "p", tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"], "--llh")
+    streamed = _infer(
+        cli, tmp_path / "s", tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"], "--llh", "--stream-output"
+    )
+    plain = _infer(cli, tmp_path / "p", tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"], "--llh")
     assert set(streamed.obsm) == set(plain.obsm) == {"embeddings", "llh"}
     np.testing.assert_array_equal(streamed.obsm["embeddings"], plain.obsm["embeddings"])
     np.testing.assert_allclose(streamed.obsm["embeddings"][:21], reference["cell"].obsm["embeddings"], atol=ATOL)
@@ -185,11 +214,11 @@ def test_stream_output_writes_the_same_file(tmp_path, tiny_path, human_h5ad, ref
     assert streamed.obs.equals(plain.obs)
 
 
-def test_output_permissions_and_use_raw_override(tmp_path, tiny_path, reference):
+def test_output_permissions_and_use_raw_override(cli, tmp_path, tiny_path, reference):
     umask = os.umask(0)
     os.umask(umask)
     out = _infer(
-        tmp_path, tiny_path, DATA / "tiny_human_raw.h5ad", "--config-override", "model.data_config.use_raw=auto"
+        cli, tmp_path, tiny_path, DATA / "tiny_human_raw.h5ad", "--config-override", "model.data_config.use_raw=auto"
     )
     np.testing.assert_allclose(out.obsm["embeddings"], reference["raw_cell"].obsm["embeddings"], atol=ATOL)
     mode = (tmp_path / "out" / "result.h5ad").stat().st_mode & 0o777

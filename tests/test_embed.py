@@ -16,7 +16,7 @@ import torch
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from transcriptformer.tokenizer import TranscriptFormerWarning
 
 
@@ -60,8 +60,10 @@ def test_alias_and_key_added_and_copy(tiny_path, tiny_adata, ref_embedding):
 
 
 def test_neighbors_downstream(tiny_path, tiny_adata):
+    # exact neighbours with Gaussian weights: no numba compilation of pynndescent / umap for 21 cells
+    # (the README quickstart test runs the default umap method on the same embedding)
     tfs.tl.embed(tiny_adata, model=tiny_path)
-    sc.pp.neighbors(tiny_adata, use_rep="X_transcriptformer", n_neighbors=5)
+    sc.pp.neighbors(tiny_adata, use_rep="X_transcriptformer", n_neighbors=5, method="gauss", transformer="sklearn")
     assert tiny_adata.obsp["connectivities"].shape == (21, 21)
 
 

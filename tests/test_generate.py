@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 
 import transcriptformer.scanpy as tfs
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from transcriptformer.generate import sample_cells, sample_zero_truncated_poisson
 from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 

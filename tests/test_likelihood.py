@@ -15,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 
 import transcriptformer.scanpy as tfs
-from conftest import DATA, assert_unchanged, snapshot
+from helpers import DATA, assert_unchanged, snapshot
 from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
 RTOL = 1e-5

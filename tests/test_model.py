@@ -67,6 +67,7 @@ def test_attention_reduced_precision_close_to_fp32():
     assert (out - ref).abs().max() < 5e-2
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_for_full_length_sequences():
     """One batch at seq_len 2047: peak RSS growth far below the full score matrix.
 
@@ -238,7 +239,7 @@ def test_cache_reloads_when_files_change(tiny_path, tmp_path):
 
 
 def test_state_dict_keys_are_the_published_ones(tiny_model):
-    from conftest import DATA
+    from helpers import DATA
 
     shapes = json.loads((DATA / "state_dict_shapes.json").read_text())
     own = {k: list(v.shape) for k, v in tiny_model.model.state_dict().items()}

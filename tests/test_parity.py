@@ -33,7 +33,7 @@ def _source(model, adata, **options):
 def test_vocabulary_order_matches_published(tiny_model, stages):
     import json
 
-    from conftest import REFERENCE
+    from helpers import REFERENCE
 
     meta = json.loads((REFERENCE / "stages_human.meta.json").read_text())
     assert list(tiny_model.vocab.names()) == meta["vocab_in_index_order"]

@@ -15,10 +15,17 @@ import scanpy as sc
 import transcriptformer.scanpy as tfs
 
 
+@pytest.fixture(scope="module")
+def _embedded_once(tiny_path):
+    adata = tfs.datasets.tiny_human()
+    tfs.tl.embed(adata, model=tiny_path, llh=True)
+    return adata
+
+
 @pytest.fixture
-def embedded(tiny_path, tiny_adata):
-    tfs.tl.embed(tiny_adata, model=tiny_path, llh=True)
-    return tiny_adata
+def embedded(_embedded_once):
+    """The tiny data embedded once per module; each test gets its own copy."""
+    return _embedded_once.copy()
 
 
 def _points(ax) -> int:

@@ -13,8 +13,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -510,39 +508,28 @@ def test_concurrent_fetches_download_once(registry_server, cache):
 # --------------------------------------------------------------------------- end to end
 
 
-def _cli(*args, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / "transcriptformer"
-    env = {**os.environ, **env_extra}
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
-
-
-def test_cli_download_published_layout(registry_server, tmp_path):
+def test_cli_download_published_layout(registry_server, tmp_path, cli, monkeypatch):
     for top in ("tf_exemplar", "tf_metazoa"):
         registry_server.files[f"{top}.tar.gz"] = _tar_bytes(_checkpoint_entries(top=top))
-    env = {"TRANSCRIPTFORMER_BASE_URL": registry_server.url}
-    proc = _cli("download", "tf-sapiens", "--checkpoint-dir", tmp_path / "ckpts", "--no-progress", env_extra=env)
+    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", registry_server.url)
+    proc = cli("download", "tf-sapiens", "--checkpoint-dir", tmp_path / "ckpts", "--no-progress", check=False)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "ckpts" / "tf_sapiens" / "model_weights.pt").read_bytes() == (
         TINY / "model_weights.pt"
     ).read_bytes()
     assert (tmp_path / "ckpts" / "tf_sapiens" / "vocabs" / "assay_vocab.json").is_file()
-    proc = _cli("download", "all", "--checkpoint-dir", tmp_path / "ckpts", "--no-progress", env_extra=env)
+    proc = cli("download", "all", "--checkpoint-dir", tmp_path / "ckpts", "--no-progress", check=False)
     assert proc.returncode == 0, proc.stderr
     for top in ("tf_sapiens", "tf_exemplar", "tf_metazoa", "all_embeddings"):
         assert (tmp_path / "ckpts" / top).is_dir()
     assert registry_server.requests.count(PREFIX + "tf_sapiens.tar.gz") == 1  # cached the second time
-    proc = _cli(
-        "download",
-        "tf-sapiens",
-        "--checkpoint-dir",
-        tmp_path / "none",
-        env_extra={"TRANSCRIPTFORMER_BASE_URL": "http://127.0.0.1:9/unreachable/"},
-    )
+    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", "http://127.0.0.1:9/unreachable/")
+    proc = cli("download", "tf-sapiens", "--checkpoint-dir", tmp_path / "none", check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("transcriptformer: error:")]
     assert proc.returncode == 1 and len(errors) == 1 and "could not download" in errors[0], proc.stderr
 
 
-def test_registry_names_end_to_end(registry_server, cache, tmp_path):
+def test_registry_names_end_to_end(registry_server, cache, tmp_path, cli, monkeypatch):
     """model="tf-sapiens", species_embedding="mus_musculus" and the CLI's --checkpoint-path tf-sapiens."""
     import anndata as ad
     import numpy as np
@@ -560,7 +547,9 @@ def test_registry_names_end_to_end(registry_server, cache, tmp_path):
     np.testing.assert_allclose(own.obsm["X_transcriptformer"], ref, atol=1e-6)
     data = tmp_path / "cells.h5ad"
     tfs.datasets.tiny_human().write_h5ad(data)
-    proc = _cli(
+    transcriptformer.clear_cache()  # the command resolves the name itself, as a new process would
+    monkeypatch.setenv("TRANSCRIPTFORMER_CACHE", str(cache))
+    proc = cli(
         "inference",
         "--checkpoint-path",
         "tf-sapiens",
@@ -569,7 +558,7 @@ def test_registry_names_end_to_end(registry_server, cache, tmp_path):
         "--output-path",
         tmp_path / "out",
         "--no-progress",
-        env_extra={"TRANSCRIPTFORMER_CACHE": str(cache)},
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad").obsm["embeddings"], ref, atol=1e-5)

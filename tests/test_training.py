@@ -21,7 +21,7 @@ import torch
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from conftest import DATA
+from helpers import DATA
 from transcriptformer.checkpoint import new_model, save_checkpoint
 from transcriptformer.training import batch_loss, cell_losses
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _hash
 from ._hash import VerificationRecord, file_stamp, read_json
-from .config import TranscriptFormerConfig
+from .config import Activation, MuLink, TranscriptFormerConfig
 from .vocab import AuxVocab, GeneVocab, read_aux_vocab, read_gene_tables, read_table_ids
 
 if TYPE_CHECKING:
@@ -694,8 +694,8 @@ def new_model(
     gene_head_hidden_dim: int | None = None,
     dropout: float = 0.1,
     softcap: float = 10.0,
-    activation: str = "gelu",
-    mu_link_fn: str = "softmax",
+    activation: Activation = "gelu",
+    mu_link_fn: MuLink = "softmax",
     gene_id_loss_weight: float = 1.0,
     seed: int = 0,
     name: str = "new-model",

@@ -365,6 +365,7 @@ def _load(checkpoint: str, overrides: dict[str, Any], adapter: str | None = None
 
     loaded = load_model(checkpoint)
     if overrides:
+        assert loaded.path is not None  # loaded from a checkpoint folder
         config = loaded.config.with_overrides(overrides)
         loaded = build_model(loaded.path, name=loaded.name, config=config, weights_sha256=loaded.weights_sha256)
     return load_model(loaded, adapter=adapter) if adapter else loaded

@@ -225,7 +225,7 @@ class Batch:
         """``(b, w)`` zero-truncated-Poisson NLL per position (0 at padding)."""
         return self.model.count_nll_per_gene(
             self.hidden,
-            self.targets,
+            self.targets,  # type: ignore[arg-type]  # set whenever a count head runs
             self.tokens,
             self.counts,
             clip_counts=self.clip_counts,
@@ -492,7 +492,7 @@ class Accumulator:
         genes = None
         part: dict[str, np.ndarray] = {}
         for h in self.heads:
-            value = results[h.name]
+            value: Any = results[h.name]  # a tensor, then for cell and slot heads its numpy copy
             if h.layout == "cell":
                 value = value.float().cpu().numpy()
                 if h.name == "embeddings" and self._window_emb is not None:
@@ -511,7 +511,7 @@ class Accumulator:
                 else:
                     self._add_sums(rows, batch, b, j, value[b, j])
         if part:
-            b, j = genes
+            b, j = genes  # type: ignore[misc]  # read by the first gene head
             part.update(cell=rows[b.cpu().numpy()], position=j.cpu().numpy(), token=batch.tokens[b, j].cpu().numpy())
             self._window_genes.append(part)
 
@@ -519,20 +519,20 @@ class Accumulator:
         """Batch rows and slots of the read genes of this batch (kept tokens only)."""
         w = batch.tokens.shape[1]
         real = torch.arange(w, device=batch.tokens.device)[None, :] < batch.lengths[:, None]
-        return torch.nonzero(real & self._keep_dev[batch.tokens], as_tuple=True)
+        return torch.nonzero(real & self._keep_dev[batch.tokens], as_tuple=True)  # type: ignore[return-value]
 
     def _add_sums(self, rows: np.ndarray, batch: Batch, b: torch.Tensor, j: torch.Tensor, values: torch.Tensor):
         group = torch.from_numpy(self.groups[rows]).to(b.device)[b]
         row = self._sum_rows_dev[batch.tokens[b, j]]
         ok = (group >= 0) & (row >= 0)
         index = group[ok] * len(self.sum_tokens) + row[ok]
-        self.sums.index_add_(0, index, values[ok].to(torch.float64))
+        self.sums.index_add_(0, index, values[ok].to(torch.float64))  # type: ignore[union-attr]
         self.sum_n.index_add_(0, index, torch.ones_like(index))
 
     def end_window(self, window: TokenWindow, base: int) -> None:
         """The window is complete: flush streamed embeddings and order its gene rows."""
         if self._window_emb is not None:
-            self.embeddings_out[base : base + len(window)] = self._window_emb
+            self.embeddings_out[base : base + len(window)] = self._window_emb  # type: ignore[index]
             self._window_emb = None
         parts, self._window_genes = self._window_genes, []
         if parts:
@@ -946,7 +946,7 @@ class Engine:
             "padded_tokens": n_padded,
             "device": str(self.device),
             "precision": self.precision,
-            "attention": state.kernel.name,
+            "attention": state.kernel.name,  # type: ignore[attr-defined]  # every kernel class has a name
             "oom_retries": state.oom_retries,
             "max_tokens": state.max_tokens,
             "world_size": self.world,

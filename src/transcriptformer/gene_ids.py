@@ -263,7 +263,7 @@ def map_symbols(
         raise ValueError(f"ambiguous must be 'primary' or 'unmapped', got {ambiguous!r}.")
     hits, fold = _lookup(species)
     given = list(symbols)
-    rows = []
+    rows: list[tuple[str | None, str, str | None, bool, str]] = []
     for s in given:
         key = s.strip() if isinstance(s, str) else None
         hit, table_symbol, by_case = None, None, False

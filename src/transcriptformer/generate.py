@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,7 +159,7 @@ def sample_cells(
     max_genes: int | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
-    total_counts: float | np.ndarray | None = None,
+    total_counts: float | Sequence[float] | np.ndarray | None = None,
     clip_counts: float = 30.0,
     seed: int = 0,
     device: str | torch.device = "auto",

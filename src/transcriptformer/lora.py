@@ -212,7 +212,7 @@ def load_adapter(base: LoadedModel, folder: str | os.PathLike, *, merge: bool = 
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"the adapter in {folder} does not fit {base.name}: unexpected keys {unexpected[:3]}.")
-    net = wrapped.merge_and_unload() if merge else wrapped.model
+    net = wrapped.merge_and_unload() if merge else wrapped.model  # type: ignore[assignment]  # still a TranscriptFormer
     net.float().eval().requires_grad_(False)
     from ._hash import sha256_file
 

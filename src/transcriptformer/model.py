@@ -256,7 +256,9 @@ def chunked_attention(
             if diagonal_bias is not None:
                 sc[:, :, s:e].diagonal(dim1=1, dim2=2).sub_(diagonal_bias[h0:h1, s:e])
             if num_aux is None:
-                blocked = causal_off[s:e, :e] | blocked_key[h0:h1, None, :e]
+                blocked: Tensor | tuple[Tensor, Tensor, Tensor | None] = (
+                    causal_off[s:e, :e] | blocked_key[h0:h1, None, :e]
+                )
             else:
                 blocked = (causal_off[s:e, s:e], mine, bad_aux[h0:h1][mine][:, None, :] if len(mine) else None)
             if capped and not stable:
@@ -309,7 +311,7 @@ def flex_attention(
     else:
         blocked = torch.zeros_like(key_valid)
         blocked[:, :num_aux] = ~key_valid[:, :num_aux]
-        block_mask = causal_mask if causal_mask is not None else _causal_block_mask(T, q.device)
+        block_mask = causal_mask if causal_mask is not None else _causal_block_mask(T, q.device)  # type: ignore[assignment]
     train = mode == "train"
 
     def score_mod(score, b, h, q_idx, kv_idx):
@@ -868,7 +870,12 @@ class TranscriptFormer(nn.Module):
         """
         enc = self.encode(tokens, counts, aux, mode="train", with_targets=True, kernel=kernel or DenseAttention())
         count = self.count_nll_per_gene(
-            enc.hidden, enc.targets, tokens, counts, clip_counts=clip_counts, full_length=full_length
+            enc.hidden,
+            enc.targets,  # type: ignore[arg-type]  # with_targets=True
+            tokens,
+            counts,
+            clip_counts=clip_counts,
+            full_length=full_length,
         ).sum()
         if self.gene_id_head is not None:
             gene = self.gene_nll(enc.hidden, self.gene_targets(tokens, full_length=full_length)).sum()

@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -44,6 +44,10 @@ def check_bool(value: Any, name: str) -> bool:
     raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
+@overload
+def check_positive_int(value: Any, name: str, *, allow_none: Literal[False]) -> int: ...
+@overload
+def check_positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None: ...
 def check_positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
     """``None`` (if allowed) or a positive integer; booleans, floats, strings and NaN are refused."""
     if value is None and allow_none:
@@ -220,7 +224,7 @@ class RunOptions:
 
 
 #: The numpy-style documentation of every :class:`RunOptions` parameter (for the tools' docstrings).
-RUN_OPTIONS_DOC = RunOptions.__doc__.split("Parameters\n    ----------\n", 1)[1].rstrip()
+RUN_OPTIONS_DOC = RunOptions.__doc__.split("Parameters\n    ----------\n", 1)[1].rstrip()  # type: ignore[union-attr]
 
 
 def with_run_options(func: Callable) -> Callable:

@@ -474,9 +474,9 @@ def _retrieve(url: str, known: str | None, fname: str, downloads: Path, progress
             progressbar=progress,
         )
     except requests.exceptions.RequestException as e:
-        root_cause = e
-        while root_cause.__cause__ or root_cause.__context__:
-            root_cause = root_cause.__cause__ or root_cause.__context__
+        root_cause: BaseException = e
+        while (inner := root_cause.__cause__ or root_cause.__context__) is not None:
+            root_cause = inner
         reason = f"{type(root_cause).__name__}: {str(root_cause).splitlines()[0][:200] if str(root_cause) else ''}"
         raise _download_error()(
             f"could not download {url} ({reason}). Nothing was cached. Check the connection and retry, "
@@ -616,6 +616,7 @@ def verify_checkpoint(
         if not _manifest_path(folder).is_file():
             return {}
         record = _open_manifest(folder)
+    assert record is not None  # given, or just opened
     recorded = record.data["files"]
     hint = _redownload_hint(folder)
     checked = {}

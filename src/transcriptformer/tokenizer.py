@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -119,7 +119,7 @@ def sequence_width(n_genes: int, seq_len: int) -> int:
     return min(int(n_genes) + 1, int(seq_len))
 
 
-def strip_version(ids: Sequence[Any]) -> np.ndarray:
+def strip_version(ids: Iterable[Any]) -> np.ndarray:
     """Cut each id at its first ``.`` (``ENSG00000141510.16`` -> ``ENSG00000141510``); non-strings become ``""``."""
     return np.asarray([s.split(".", 1)[0] if isinstance(s, str) else "" for s in ids], dtype=object)
 
@@ -288,7 +288,7 @@ class CellSource:
                 "adata.var_names are not unique, so results read from another matrix cannot be placed by gene "
                 "name; run adata.var_names_make_unique() first."
             )
-        out[self.column_tokens[genes]] = var_names.get_indexer(self.var_names[self.columns[genes]])
+        out[self.column_tokens[genes]] = var_names.get_indexer(self.var_names[self.columns[genes]])  # type: ignore[index]
         return out
 
     def _read_block(self, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
@@ -338,13 +338,13 @@ class CellSource:
 
         Reads the rows once, with the same value checks (and raw-count warning) as :meth:`read`.
         """
-        block = self._read_block(start, stop)
+        block: Any = self._read_block(start, stop)  # an ndarray or a CSR matrix (sp.issparse tells)
         self._check_block(block.data if sp.issparse(block) else block.ravel(), start)
         return np.asarray((block != 0).sum(axis=1)).ravel().astype(np.int64)
 
     def read(self, start: int, stop: int) -> TokenWindow:
         """Tokenise cells ``[start, stop)``."""
-        block = self._read_block(start, stop)
+        block: Any = self._read_block(start, stop)  # an ndarray or a CSR matrix (sp.issparse tells)
         n = block.shape[0]
         S = self.seq_len
         if sp.issparse(block):
@@ -408,8 +408,8 @@ def unknown_aux_labels(values: Sequence[Any], vocab: AuxVocab, limit: int = 5) -
         key = "missing" if missing else repr(_plain(v))
         counts[key] = counts.get(key, 0) + 1
         examples.setdefault(key, None if missing else v)
-    out = {}
-    for key in sorted(counts, key=counts.get, reverse=True)[:limit]:
+    out: dict[str, Any] = {}
+    for key in sorted(counts, key=lambda k: counts[k], reverse=True)[:limit]:
         v = examples[key]
         if v is None:
             out[key] = []

@@ -480,7 +480,15 @@ def _is_trainable(net: torch.nn.Module, key: str) -> bool:
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:
     """The options that must not change when a run is resumed."""
-    keys = ("base_model", "base_weights_sha256", "epochs", "learning_rate", "weight_decay", "betas", "warmup_ratio")
+    keys: tuple[str, ...] = (
+        "base_model",
+        "base_weights_sha256",
+        "epochs",
+        "learning_rate",
+        "weight_decay",
+        "betas",
+        "warmup_ratio",
+    )
     keys += ("min_lr_ratio", "grad_clip", "accumulate", "seed", "window", "max_tokens", "batch_size", "world_size")
     keys += ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "train")
     return {k: record.get(k) for k in keys}

@@ -10,6 +10,7 @@ winning.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,11 +93,11 @@ def _read_one_table(path: Path) -> tuple[list[str], np.ndarray]:
         missing = [k for k in keys if k not in arrays]
         if missing:
             raise ValueError(f"{path}: 'arrays' has no vector for {len(missing)} key(s), e.g. {missing[:3]}.")
-        vectors = [np.asarray(arrays[k][:], dtype=np.float32).reshape(-1) for k in keys]
-        widths = {v.shape[0] for v in vectors}
+        rows = [np.asarray(arrays[k][:], dtype=np.float32).reshape(-1) for k in keys]
+        widths = {v.shape[0] for v in rows}
         if len(widths) > 1:
             raise ValueError(f"{path}: the vectors have different widths {sorted(widths)}.")
-        vectors = np.stack(vectors)
+        vectors = np.stack(rows)
     return keys, vectors
 
 
@@ -167,7 +168,7 @@ def read_table_ids(paths: Iterable[str | Path]) -> tuple[tuple[str, ...], int]:
     return tuple(ids), dim
 
 
-def read_gene_tables(paths: Iterable[str | Path]) -> GeneTable:
+def read_gene_tables(paths: Iterable[str | os.PathLike]) -> GeneTable:
     """Read gene tables in order and concatenate them; an id seen before keeps its first vector.
 
     Parameters

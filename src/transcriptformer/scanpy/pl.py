@@ -191,10 +191,10 @@ def species_umap(
     basis = tl.umap(joint, rep=rep, n_neighbors=n_neighbors, random_state=random_state)
     panels = ["species"] + ([color] if color else [])
     if ax is None:
-        fig, axes = plt.subplots(
+        fig, grid = plt.subplots(
             1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, gridspec_kw={"wspace": 0.7}
         )
-        axes = list(axes[0])
+        axes = list(grid[0])
     else:
         axes = list(ax) if isinstance(ax, Sequence) else [ax]
         if len(axes) < len(panels):

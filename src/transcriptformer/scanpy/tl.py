@@ -824,7 +824,7 @@ def celltype_similarity(
         widths.add(a.obsm[rep].shape[1])
     if len(widths) > 1:
         raise ValueError(f"the embeddings have different widths {sorted(widths)}: embed every dataset with one model.")
-    groups: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}  # label -> (dataset, cells' embeddings, mask)
+    groups: dict[str, tuple[str, str]] = {}  # label -> (dataset, group)
     data = {}
     for name, a in parts.items():
         X = np.asarray(a.obsm[rep], dtype=np.float64)
