@@ -382,8 +382,10 @@ def test_environment_variables_are_honoured(registry_tarballs, monkeypatch, tmp_
         assert registry.cache_path() == env_cache
         assert registry.cache_path(tmp_path / "arg") == tmp_path / "arg"
 
-        before = registry.available()
-        assert list(before.index) == ["tf-sapiens", "tf-exemplar", "tf-metazoa", "all-embeddings"]
+        listing = registry.available()
+        assert list(listing.index[:4]) == ["tf-sapiens", "tf-exemplar", "tf-metazoa", "all-embeddings"]
+        assert set(listing.index[listing["cached"]]) == {"tf-demo", "mouse-val"}  # they ship with the package
+        before = listing.iloc[:4]
         assert not before["cached"].any()
         assert before["path"].isna().all()
         assert before.loc["tf-sapiens", "url"] == server.url + "tf_sapiens.tar.gz"
@@ -395,7 +397,7 @@ def test_environment_variables_are_honoured(registry_tarballs, monkeypatch, tmp_
         assert (env_cache / "known_hashes.json").is_file()
         assert not (tmp_path / "arg").exists()
 
-        after = registry.available()
+        after = registry.available().iloc[:4]
         assert after["cached"].to_dict() == {
             "tf-sapiens": True,
             "tf-exemplar": False,
@@ -403,7 +405,7 @@ def test_environment_variables_are_honoured(registry_tarballs, monkeypatch, tmp_
             "all-embeddings": False,
         }
         assert after.loc["tf-sapiens", "path"] == str(env_cache / "tf_sapiens")
-        assert not registry.available(tmp_path / "arg")["cached"].any()  # cache_dir wins over the variable
+        assert not registry.available(tmp_path / "arg").iloc[:4]["cached"].any()  # cache_dir wins over the variable
 
         assert transcriptformer.load_model("tf-sapiens").path == folder.resolve()
     finally:
@@ -473,7 +475,51 @@ def test_names():
     assert not registry.is_registered("tf-foo")
     assert not registry.is_registered("./tf_sapiens/")
     assert set(registry.MODEL_NAMES) < set(registry.REGISTRY)
-    assert all(e.file == f"{e.folder}.tar.gz" for e in registry.ENTRIES)
+    downloads = [e for e in registry.ENTRIES if e.kind != "dataset" and e.bundled is None]
+    assert all(e.file == f"{e.folder}.tar.gz" for e in downloads)
+    assert "tf-demo" in registry.MODEL_NAMES and "human-val" in registry.DATASET_NAMES
+
+
+def test_bundled_demo_model_by_name():
+    m = transcriptformer.load_model("tf-demo")
+    assert m.path == registry.bundled_path(registry.REGISTRY["tf-demo"]).resolve()
+    assert registry.fetch("tf-demo") == registry.bundled_path(registry.REGISTRY["tf-demo"])
+
+
+def test_datasets_are_pinned_and_recorded(monkeypatch, tmp_path):
+    """Published test files: git blob ids checked on download, sha256 recorded at the first one."""
+    mouse = registry.fetch_dataset("mouse-val")  # bundled: no download
+    assert registry.git_blob_sha1(mouse) == registry.REGISTRY["mouse-val"].git_blob_sha1
+    fake = b"not the published human_val.h5ad"
+    server = _RegistryServer(
+        {"human_val.h5ad": fake, "Macaca_mulatta_ERP132582_droplet_based_curated.h5ad": b"cells"}, prefix="/data/"
+    )
+    try:
+        monkeypatch.setenv("TRANSCRIPTFORMER_DATA_URL", server.url)
+        with pytest.raises(ValueError, match="git blob id differs"):  # pinned by the published repository
+            registry.fetch_dataset("human-val", cache_dir=tmp_path, progress=False)
+        assert not (tmp_path / "datasets" / "human_val.h5ad").exists()
+        path = registry.fetch_dataset("testis-macaque", cache_dir=tmp_path, progress=False)  # no pin: recorded
+        assert path.read_bytes() == b"cells"
+        recorded = json.loads((tmp_path / "known_hashes.json").read_text())[path.name]
+        assert recorded == hashlib.sha256(b"cells").hexdigest()
+        assert registry.fetch_dataset("testis-macaque", cache_dir=tmp_path, progress=False) == path
+        assert len(server.requests) == 2  # the second call is served from the cache
+        path.write_bytes(b"cellz")
+        with pytest.raises(ValueError, match="corrupted"):
+            registry.fetch_dataset("testis-macaque", cache_dir=tmp_path, progress=False)
+        server.files["Macaca_mulatta_ERP132582_droplet_based_curated.h5ad"] = b"other"
+        path.unlink()
+        with pytest.raises(ValueError, match="does not match the sha256 recorded"):  # the first download's pin
+            registry.fetch_dataset("testis-macaque", cache_dir=tmp_path, progress=False)
+        assert not path.exists()
+        # force: the server's new file replaces the recorded pin (as for the weights), with a warning
+        assert registry.fetch_dataset("testis-macaque", cache_dir=tmp_path, progress=False, force=True) == path
+        assert (
+            json.loads((tmp_path / "known_hashes.json").read_text())[path.name] == hashlib.sha256(b"other").hexdigest()
+        )
+    finally:
+        server.close()
 
 
 def test_unknown_name_does_not_touch_network_or_cache(registry_server, cache):

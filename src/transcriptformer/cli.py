@@ -215,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download, verify and unpack published TranscriptFormer artifacts into DIR/<name>/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    dl.add_argument("model", choices=DOWNLOAD_CHOICES, help="'all': the three models and the gene tables")
+    dl.add_argument(
+        "model",
+        choices=DOWNLOAD_CHOICES,
+        help="'all': the three published models and the gene tables; datasets by name",
+    )
     dl.add_argument("--checkpoint-dir", default="./checkpoints", help="folder that receives <name>/ folders")
     dl.add_argument("--force", action="store_true", help="download again even if present")
     dl.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -690,7 +694,8 @@ def run_download(args: argparse.Namespace) -> list[Path]:
     """Run the ``download`` command."""
     from . import registry
 
-    names = list(REGISTRY) if args.model == "all" else [args.model]
+    published = [e.name for e in registry.ENTRIES if e.kind in ("model", "tables") and e.bundled is None]
+    names = published if args.model == "all" else [args.model]
     folders = []
     for name in names:
         folder = registry.fetch(name, cache_dir=args.checkpoint_dir, progress=not args.no_progress, force=args.force)

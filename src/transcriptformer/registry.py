@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASE_URL",
+    "DATASET_NAMES",
     "ENTRIES",
     "MODEL_NAMES",
     "REGISTRY",
@@ -58,6 +59,8 @@ __all__ = [
     "cache_path",
     "canonical_name",
     "fetch",
+    "fetch_dataset",
+    "git_blob_sha1",
     "is_registered",
     "species_table",
     "species_tables",
@@ -79,11 +82,13 @@ class Entry:
     name
         Registry name (``"tf-sapiens"``); ``_`` and case are ignored when looking it up.
     kind
-        ``"model"`` (a checkpoint folder, usable as ``model=``) or ``"tables"`` (gene tables).
+        ``"model"`` (a checkpoint folder, usable as ``model=``), ``"tables"`` (gene tables) or ``"dataset"``
+        (one h5ad file of cells).
     file
-        File name under the base URL (``$TRANSCRIPTFORMER_BASE_URL`` or :data:`BASE_URL`).
+        File name under the base URL (``$TRANSCRIPTFORMER_BASE_URL`` or :data:`BASE_URL`); for datasets, the
+        file's name (under ``$TRANSCRIPTFORMER_DATA_URL`` when that mirror is set, else at ``url``).
     folder
-        The folder the tarball unpacks to.
+        The folder the tarball unpacks to (datasets: the cache sub-folder that holds the file).
     sha256
         sha256 of the file, or ``None`` where the publisher gives none (then the first download is recorded
         and later ones must match it: trust on first use).
@@ -95,16 +100,37 @@ class Entry:
         Most bytes the unpacked folder may take. A tarball whose members add up to more (a small archive
         can expand to anything) is refused before anything is written. The limits are about three times
         the sizes the models' parameter counts imply.
+    url
+        Datasets: the public URL of the file.
+    git_blob_sha1
+        Datasets from a git repository: the file's git blob id, a content pin checked after every download
+        (the sha1 of ``blob <size>``, a NUL byte, then the content) where no sha256 is published.
+    bundled
+        Path inside the package of an entry that ships with it (no download).
     """
 
     name: str
-    kind: Literal["model", "tables"]
+    kind: Literal["model", "tables", "dataset"]
     file: str
     folder: str
     sha256: str | None
     size: int | None
     description: str
     max_unpacked: int = 8 * GiB
+    url: str | None = None
+    git_blob_sha1: str | None = None
+    bundled: str | None = None
+
+    def source_url(self, base: str | None = None, data: str | None = None) -> str | None:
+        """Where the entry is downloaded from (``None``: it ships with the package)."""
+        if self.kind == "dataset":
+            mirror = data or os.environ.get("TRANSCRIPTFORMER_DATA_URL")
+            if mirror:
+                return (mirror if mirror.endswith("/") else mirror + "/") + self.file
+            return self.url
+        if self.bundled is not None:
+            return None
+        return base_url(base) + self.file
 
 
 #: Everything the registry can download. The command line's choices, :func:`available` and the docs derive
@@ -152,11 +178,93 @@ ENTRIES: tuple[Entry, ...] = (
     ),
 )
 
+#: The published repository's test data, at the commit that added it (plain git blobs, no LFS).
+_TEST_DATA = (
+    "https://raw.githubusercontent.com/czi-ai/transcriptformer/241fa556e8b70c9cef073300020e6a825f6f8c55/test/data/"
+)
+#: The cross-species testis data of the published notebook (Murat et al. 2023), public S3 bucket.
+_TESTIS = "https://cz-benchmarks-data.s3.amazonaws.com/datasets/v1/evo_distance/testis/"
+_TESTIS_FILES = {
+    "marmoset": "Callithrix_jacchus_ERP132588",
+    "chicken": "Gallus_gallus_ERP132576",
+    "gorilla": "Gorilla_gorilla_ERP132581",
+    "human": "Homo_sapiens_ERP132584",
+    "macaque": "Macaca_mulatta_ERP132582",
+    "opossum": "Monodelphis_domestica_ERP132579",
+    "mouse": "Mus_musculus_ERP132577",
+    "platypus": "Ornithorhynchus_anatinus_ERP132578",
+    "chimpanzee": "Pan_troglodytes_ERP139683",
+}
+
+ENTRIES += (
+    Entry(
+        "tf-demo",
+        "model",
+        "",
+        "tf_demo",
+        None,
+        None,
+        "Demo model trained here on 1,190 real human and mouse cells (ships with the package; not the "
+        "published weights)",
+        bundled="_data/tf_demo",
+    ),
+    Entry(
+        "human-val",
+        "dataset",
+        "human_val.h5ad",
+        "datasets",
+        None,
+        None,
+        "The published repository's human test cells (test/data/human_val.h5ad)",
+        url=_TEST_DATA + "human_val.h5ad",
+        git_blob_sha1="7be18b5f093c5e97731295dd4490a24b973922d6",
+    ),
+    Entry(
+        "mouse-val",
+        "dataset",
+        "mouse_val.h5ad",
+        "datasets",
+        "f109995258daf776ceae48def5f5fc81cf478e3b4369aee22c394423aa549281",
+        1_440_602,
+        "The published repository's 1,000 mouse MERFISH test cells (test/data/mouse_val.h5ad; also bundled)",
+        url=_TEST_DATA + "mouse_val.h5ad",
+        git_blob_sha1="342d7772b1539f414c915aa7b2ebceb582dabc27",
+        bundled="_data/mouse_val.h5ad",
+    ),
+    Entry(
+        "chicken-val",
+        "dataset",
+        "chicken_val.h5ad",
+        "datasets",
+        None,
+        None,
+        "The published repository's chicken test cells (test/data/chicken_val.h5ad)",
+        url=_TEST_DATA + "chicken_val.h5ad",
+        git_blob_sha1="0b9e7beabb964505b4d91a3b0a39b037682f5da3",
+    ),
+    *(
+        Entry(
+            f"testis-{organism}",
+            "dataset",
+            f"{stem}_droplet_based_curated.h5ad",
+            "datasets",
+            None,
+            None,
+            f"Testis cells of {organism} (Murat et al. 2023), used by the published cross-species notebook",
+            url=f"{_TESTIS}{stem}_droplet_based_curated.h5ad",
+        )
+        for organism, stem in _TESTIS_FILES.items()
+    ),
+)
+
 #: Registry name -> entry.
 REGISTRY: dict[str, Entry] = {e.name: e for e in ENTRIES}
 
 #: Names usable as ``model=``.
 MODEL_NAMES: tuple[str, ...] = tuple(e.name for e in ENTRIES if e.kind == "model")
+
+#: Names of the datasets (:func:`fetch_dataset`).
+DATASET_NAMES: tuple[str, ...] = tuple(e.name for e in ENTRIES if e.kind == "dataset")
 
 KNOWN_HASHES_FILE = "known_hashes.json"
 
@@ -440,6 +548,10 @@ def fetch(
 
     """
     entry = REGISTRY[canonical_name(name)]
+    if entry.kind == "dataset":
+        return fetch_dataset(entry.name, cache_dir=cache_dir, progress=progress, force=force)
+    if entry.bundled is not None:
+        return bundled_path(entry)
     root = cache_path(cache_dir)  # the environment is read here, at the entry point
     folder = root / entry.folder
     if root.exists() and not root.is_dir():
@@ -459,6 +571,117 @@ def fetch(
         _download_and_unpack(entry, base_url() + entry.file, root, folder, progress, force)
     logger.info("%s ready in %s", entry.name, folder)
     return folder
+
+
+def bundled_path(entry: Entry) -> Path:
+    """Where an entry that ships with the package lies."""
+    from importlib.resources import files
+
+    assert entry.bundled is not None
+    return Path(str(files("transcriptformer").joinpath(entry.bundled)))
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The git blob id of a file: the sha1 of ``blob <size>``, a NUL byte, then the content."""
+    import hashlib
+
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_dataset(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> Path:
+    """Download (once) one of the registry's datasets; return the h5ad file.
+
+    A dataset that ships with the package (``mouse-val``) is returned from there. Downloads are checked
+    against the published sha256 where there is one, against the file's git blob id where it comes from a
+    git repository, and otherwise against the sha256 recorded at their first download (trust on first
+    use, as for the weights; ``known_hashes.json`` in the cache). ``$TRANSCRIPTFORMER_DATA_URL`` points at a
+    mirror serving the same file names.
+
+    Parameters
+    ----------
+    name
+        One of :data:`DATASET_NAMES` (``"human-val"``, ``"mouse-val"``, ``"chicken-val"``,
+        ``"testis-macaque"``, ...).
+    cache_dir, progress, force
+        As in :func:`fetch`.
+
+    Returns
+    -------
+    pathlib.Path
+        The h5ad file.
+    """
+    entry = REGISTRY[canonical_name(name)]
+    if entry.kind != "dataset":
+        raise ValueError(f"{entry.name!r} is not a dataset; datasets: {', '.join(DATASET_NAMES)}.")
+    mirror = os.environ.get("TRANSCRIPTFORMER_DATA_URL")
+    if entry.bundled is not None and not (mirror and force):
+        path = bundled_path(entry)
+        if path.is_file():
+            digest = _hash.sha256_file(path)
+            if entry.sha256 and digest != entry.sha256:
+                raise ValueError(f"the bundled {path} is corrupted (sha256 {digest[:16]}...); reinstall the package.")
+            return path
+    url = entry.source_url(data=mirror)
+    assert url is not None
+    root = cache_path(cache_dir)
+    folder = root / entry.folder
+    target = folder / entry.file
+    folder.mkdir(parents=True, exist_ok=True)
+    with _lock(root, f"{entry.folder}-{entry.file}"):
+        if target.is_file() and not force:
+            _check_dataset(entry, target, root)
+            return target
+        known = entry.sha256 or (None if force else _recorded_hash(root, entry.file))
+        downloads = root / ".downloads"
+        tmp = downloads / entry.file
+        tmp.unlink(missing_ok=True)
+        try:
+            _retrieve(url, known, entry.file, downloads, progress, root)
+            if entry.git_blob_sha1 and git_blob_sha1(tmp) != entry.git_blob_sha1:
+                raise ValueError(
+                    f"the downloaded {entry.file} is not the published file (its git blob id differs from "
+                    f"{entry.git_blob_sha1}); nothing was cached. Retry, or check the mirror."
+                )
+            digest = _hash.sha256_file(tmp)
+            if known is None:
+                previous = _recorded_hash(root, entry.file)
+                if previous is not None and previous != digest:
+                    logger.warning(
+                        "%s changed on the server (sha256 %s... recorded at its first download, now %s...); "
+                        "force: recording the new file.",
+                        entry.file,
+                        previous[:16],
+                        digest[:16],
+                    )
+                _record_hash(root, entry.file, digest)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    logger.info("%s ready in %s", entry.name, target)
+    return target
+
+
+def _check_dataset(entry: Entry, path: Path, root: Path) -> None:
+    """A cached dataset file still has the sha256 it was pinned to (published or recorded at download)."""
+    expected = entry.sha256 or _recorded_hash(root, entry.file)
+    if expected is None:
+        return
+    digest = _hash.sha256_file(path)
+    if digest != expected:
+        raise ValueError(
+            f"cached file {path} is corrupted: sha256 {digest[:16]}... differs from {expected[:16]}...; delete it "
+            f"(or pass force=True) to download it again."
+        )
 
 
 def _retrieve(url: str, known: str | None, fname: str, downloads: Path, progress: bool, root: Path) -> None:
@@ -696,17 +919,22 @@ def available(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     url = base_url()
     rows = []
     for e in ENTRIES:
-        folder = root / e.folder
-        cached = _is_cached(folder)
+        if e.bundled is not None:
+            path: Path | None = bundled_path(e)
+        elif e.kind == "dataset":
+            path = root / e.folder / e.file
+        else:
+            path = root / e.folder
+        cached = e.bundled is not None or (path.is_file() if e.kind == "dataset" else _is_cached(path))  # type: ignore[union-attr]
         rows.append(
             {
                 "name": e.name,
                 "kind": e.kind,
                 "description": e.description,
-                "url": url + e.file,
+                "url": e.source_url(url),
                 "sha256": e.sha256,
                 "cached": cached,
-                "path": str(folder) if cached else None,
+                "path": str(path) if cached else None,
             }
         )
     return pd.DataFrame(rows).set_index("name")

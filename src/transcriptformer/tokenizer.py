@@ -166,11 +166,14 @@ def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:
     return adata.layers[layer], adata.var, f"layers[{layer!r}]"
 
 
-def read_gene_ids(var: pd.DataFrame, gene_key: str | None, where: str) -> tuple[np.ndarray, str]:
+def read_gene_ids(
+    var: pd.DataFrame, gene_key: str | None, where: str, *, adata_var: pd.DataFrame | None = None
+) -> tuple[np.ndarray, str]:
     """Gene ids of ``var`` by the tokeniser's rules, and where they came from (for messages).
 
     ``gene_key=None`` uses ``var_names``; the default column ``"ensembl_id"``, when absent, falls back to
-    ``var_names`` if they look like Ensembl ids.
+    ``var_names`` if they look like Ensembl ids. ``adata_var`` (the AnnData's own ``var`` when ``var`` is
+    ``raw.var``) only improves the message when the column is missing.
     """
     if gene_key is None:
         return np.asarray(var.index, dtype=object), "var_names"
@@ -179,11 +182,24 @@ def read_gene_ids(var: pd.DataFrame, gene_key: str | None, where: str) -> tuple[
     if gene_key == DEFAULT_GENE_KEY and _looks_like_ensembl(var.index):
         logger.info("var has no %r column; using var_names, which look like Ensembl ids.", gene_key)
         return np.asarray(var.index, dtype=object), "var_names"
-    raise KeyError(
-        f"gene id column {gene_key!r} not found in the var of {where}; its columns are "
-        f"{list(var.columns) or 'none'} and var_names look like {list(var.index[:3])}. "
-        "Pass gene_key=<column with Ensembl ids>, or gene_key=None to use var_names."
+    msg = (
+        f"gene id column {gene_key!r} not found in the var of {where} (where the counts come from); its columns are "
+        f"{list(var.columns) or 'none'} and var_names look like {list(var.index[:3])}."
     )
+    if where == "raw.X" and adata_var is not None and gene_key in adata_var.columns:
+        msg += (
+            f" adata.var has {gene_key!r}, but with .raw present the counts (and their gene ids) come from .raw: "
+            f"pass layer='X' if X holds raw counts, or copy the column, adata.raw.var[{gene_key!r}] = "
+            f"adata.var[{gene_key!r}] (tfs.pp.symbols_to_ensembl writes both)."
+        )
+    elif _looks_like_symbols([str(i) for i in var.index[:2000]]):
+        msg += (
+            " var_names look like gene symbols: map them to Ensembl ids with "
+            f"tfs.pp.symbols_to_ensembl(adata, species=...), which writes var[{gene_key!r}] (and raw.var's)."
+        )
+    else:
+        msg += " Pass gene_key=<column with Ensembl ids>, or gene_key=None to use var_names."
+    raise KeyError(msg)
 
 
 def _describe_no_match(raw_ids: np.ndarray, ids: np.ndarray, source: str, vocab: GeneVocab, model_name: str) -> str:
@@ -532,7 +548,7 @@ def prepare_cells(
         raise ValueError(f"adata.{source} is empty.")
     if matrix.shape[0] != adata.n_obs or matrix.shape[1] != len(var):
         raise ValueError(f"adata.{source} has shape {matrix.shape}, which does not match obs/var.")
-    raw_ids, id_source = read_gene_ids(var, options.gene_key, source)
+    raw_ids, id_source = read_gene_ids(var, options.gene_key, source, adata_var=adata.var)
     ids = strip_version(raw_ids)
     first = ~pd.Index(ids).duplicated(keep="first") | (ids == "")
     if not first.all():

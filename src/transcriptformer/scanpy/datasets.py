@@ -25,6 +25,8 @@ __all__ = [
     "download",
     "mouse_val",
     "pbmc68k_counts",
+    "published_test_data",
+    "testis",
     "tiny_human",
     "tiny_model_path",
 ]
@@ -74,7 +76,7 @@ def demo_model_path() -> Path:
     ``"tf-sapiens"``, ``"tf-exemplar"`` or ``"tf-metazoa"`` for analyses. ``demo_report.json`` in the folder
     records how it was trained and evaluated; ``scripts/train_demo_model.py`` in the repository reproduces it.
     """
-    return Path(str(files("transcriptformer") / "_data" / "tf_demo"))
+    return registry.bundled_path(registry.REGISTRY["tf-demo"])
 
 
 def mouse_val() -> ad.AnnData:
@@ -93,6 +95,43 @@ def mouse_val() -> ad.AnnData:
     if digest != MOUSE_VAL_SHA256:
         raise ValueError(f"{path} is corrupted (sha256 {digest[:16]}..., expected {MOUSE_VAL_SHA256[:16]}...).")
     return ad.read_h5ad(path)
+
+
+def published_test_data(
+    species: str = "human", *, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> ad.AnnData:
+    """The published TranscriptFormer repository's validation cells of one species (downloaded once).
+
+    ``"human"``, ``"mouse"`` (bundled: no download; the same as :func:`mouse_val`) or ``"chicken"``: the files
+    ``test/data/<species>_val.h5ad`` of github.com/czi-ai/transcriptformer at the commit that added them. Each
+    download is checked against the file's git blob id (a content pin published by the repository) and its
+    sha256 recorded (see :func:`transcriptformer.registry.fetch_dataset`).
+    """
+    if species not in ("human", "mouse", "chicken"):
+        raise ValueError(f"species={species!r}; expected 'human', 'mouse' or 'chicken'.")
+    return ad.read_h5ad(registry.fetch_dataset(f"{species}-val", cache_dir=cache_dir, progress=progress))
+
+
+def testis(
+    organism: str = "macaque",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    backed: bool = False,
+) -> ad.AnnData:
+    """Testis cells of one of nine species (Murat et al. 2023), as the published cross-species notebook uses.
+
+    ``organism``: ``"human"``, ``"chimpanzee"``, ``"gorilla"``, ``"macaque"``, ``"marmoset"``, ``"mouse"``,
+    ``"opossum"``, ``"platypus"`` or ``"chicken"``. Downloaded once from the public benchmark bucket (no
+    checksum is published: the sha256 of the first download is recorded and later downloads must match it).
+    ``backed=True`` opens the file backed (read in windows by the tools).
+    """
+    name = f"testis-{organism}"
+    if name not in registry.REGISTRY:
+        known = sorted(n.removeprefix("testis-") for n in registry.DATASET_NAMES if n.startswith("testis-"))
+        raise ValueError(f"organism={organism!r}; expected one of {', '.join(known)}.")
+    path = registry.fetch_dataset(name, cache_dir=cache_dir, progress=progress)
+    return ad.read_h5ad(path, backed="r" if backed else None)
 
 
 def tiny_model_path() -> Path:
