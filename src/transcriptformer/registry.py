@@ -920,12 +920,13 @@ def available(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     rows = []
     for e in ENTRIES:
         if e.bundled is not None:
-            path: Path | None = bundled_path(e)
+            path, cached = bundled_path(e), True
         elif e.kind == "dataset":
             path = root / e.folder / e.file
+            cached = path.is_file()
         else:
             path = root / e.folder
-        cached = e.bundled is not None or (path.is_file() if e.kind == "dataset" else _is_cached(path))  # type: ignore[union-attr]
+            cached = _is_cached(path)
         rows.append(
             {
                 "name": e.name,
