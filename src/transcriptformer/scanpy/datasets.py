@@ -26,7 +26,7 @@ __all__ = [
     "mouse_val",
     "pbmc68k_counts",
     "published_test_data",
-    "testis_cells",
+    "species_testis",
     "tiny_human",
     "tiny_model_path",
 ]
@@ -112,7 +112,7 @@ def published_test_data(
     return ad.read_h5ad(registry.fetch_dataset(f"{species}-val", cache_dir=cache_dir, progress=progress))
 
 
-def testis_cells(
+def species_testis(
     organism: str = "macaque",
     *,
     cache_dir: str | os.PathLike | None = None,
