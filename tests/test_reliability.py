@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -756,11 +757,16 @@ def test_non_count_values_are_noticed_in_any_window(tiny_model):
     adata = ad.AnnData(X=X, var=pd.DataFrame({"ensembl_id": genes}, index=genes))
     adata.obs["assay"] = "unknown"
     source = prepare_cells(adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=tiny_model.seq_len)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", TranscriptFormerWarning)
-        source.read(0, 30)
-    with pytest.warns(TranscriptFormerWarning, match=r"non-integer values such as 2\.5 in the cells from row 30"):
-        source.read(30, 60)
-    with warnings.catch_warnings():  # once per input
-        warnings.simplefilter("error", TranscriptFormerWarning)
-        source.read(30, 60)
+    source.read(0, 30)
+    assert source.counts_look_raw
+    source.read(30, 60)
+    assert not source.counts_look_raw and source.non_integer_count == (2.5, 30)
+    assert re.search(r"non-integer values such as 2\.5 in the cells from row 30", source.raw_count_warning())
+    # the tools warn once, attributed to the caller's line (not a thread pool), and record it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tfs.tl.embed(adata, model=tiny_model, batch_size=8)
+    raw = [w for w in caught if "do not look like raw counts" in str(w.message)]
+    assert len(raw) == 1 and raw[0].filename == __file__
+    assert adata.uns["transcriptformer"]["params"]["counts_look_raw"] is False
+    assert tfs.pp.check_input(adata, tiny_model)["counts_look_raw"] is False

