@@ -64,7 +64,7 @@ def _infer(cli, tmp_path, tiny_path, data, *extra) -> ad.AnnData:
 
 
 def _same_obs(out, ref):
-    assert list(out.obs_names) == [str(i) for i in range(ref.n_obs)]
+    assert out.n_obs == ref.n_obs
     for col in ref.obs.columns:
         np.testing.assert_array_equal(out.obs[col].astype(str).to_numpy(), ref.obs[col].astype(str).to_numpy())
 
@@ -72,7 +72,10 @@ def _same_obs(out, ref):
 def test_cell_embeddings(cli, tmp_path, tiny_path, human_h5ad, reference):
     out = _infer(cli, tmp_path, tiny_path, human_h5ad)
     ref = reference["cell"]
-    assert out.n_vars == 0 and set(out.obsm) == {"embeddings"} and not out.uns
+    assert out.n_vars == 0 and set(out.obsm) == {"embeddings"} and set(out.uns) == {"transcriptformer"}
+    params = out.uns["transcriptformer"]["params"]  # how it was made, as the Python API records it
+    assert params["tool"] == "inference" and len(params["weights_sha256"]) == 64 and params["precision"] == "32"
+    assert list(out.obs_names) == list(ad.read_h5ad(human_h5ad).obs_names)  # the input's cell names are kept
     np.testing.assert_allclose(out.obsm["embeddings"], ref.obsm["embeddings"], atol=ATOL, rtol=0)
     assert out.obsm["embeddings"].dtype == np.float32
     _same_obs(out, ref)
@@ -118,7 +121,7 @@ def test_several_data_files_are_concatenated(cli, tmp_path, tiny_path, human_h5a
     out = _infer(cli, tmp_path, tiny_path, [human_h5ad, DATA / "tiny_human_raw.h5ad"])
     assert out.n_obs == 42
     np.testing.assert_allclose(out.obsm["embeddings"][21:], reference["raw_cell"].obsm["embeddings"], atol=ATOL)
-    assert list(out.obs_names) == [str(i) for i in range(42)]
+    assert out.obs_names.is_unique and out.obs_names[0] == "cell000"  # the inputs' names, made unique
 
 
 def test_obs_keys_override_and_normalize(cli, tmp_path, tiny_path, human_h5ad):
@@ -223,3 +226,18 @@ def test_output_permissions_and_use_raw_override(cli, tmp_path, tiny_path, refer
     np.testing.assert_allclose(out.obsm["embeddings"], reference["raw_cell"].obsm["embeddings"], atol=ATOL)
     mode = (tmp_path / "out" / "result.h5ad").stat().st_mode & 0o777
     assert mode == 0o666 & ~umask  # like any file the user writes, not mkstemp's 0600
+
+
+def test_published_index_and_quiet_by_default(cli, tmp_path, tiny_path, human_h5ad):
+    out = _infer(cli, tmp_path, tiny_path, human_h5ad, "--published-index")
+    assert list(out.obs_names) == [str(i) for i in range(out.n_obs)]  # the published tool's index
+    proc = cli(
+        "inference", "--checkpoint-path", str(tiny_path), "--data-file", str(human_h5ad),
+        "--output-path", str(tmp_path / "quiet"), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0 and "matched" not in proc.stderr  # INFO messages only with -v
+    proc = cli(
+        "-v", "inference", "--checkpoint-path", str(tiny_path), "--data-file", str(human_h5ad),
+        "--output-path", str(tmp_path / "loud"), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0 and "matched" in proc.stderr

@@ -125,7 +125,7 @@ def test_an_existing_folder_wins_over_a_registry_name(tmp_path, tiny_path, monke
     assert adata.uns["transcriptformer"]["params"]["model_path"] == str(loaded.path)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="transcriptformer"):
-        code, err = run_cli(capsys, *infer_args("tf_sapiens", h5ad, tmp_path / "out"))
+        code, err = run_cli(capsys, "-v", *infer_args("tf_sapiens", h5ad, tmp_path / "out"))  # INFO with -v
     assert code == 0, err
     assert "using the local folder" in caplog.text
     # an existing file of that name wins too: a clear error, not a download

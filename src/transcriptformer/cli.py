@@ -288,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--no-progress", action="store_true", help="no progress bar")
     inf.add_argument("--adapter", default=None, help="a LoRA adapter folder (from `transcriptformer finetune`)")
     inf.add_argument(
+        "--published-index",
+        action="store_true",
+        help="index the output cells '0'..'N-1' as the published tool does (default: the input's cell names)",
+    )
+    inf.add_argument(
         "--stream-output",
         action="store_true",
         help="write embeddings to the output file window by window (automatic above 2 GiB of embeddings)",
@@ -547,7 +552,8 @@ def _run_file(
     finally:
         if adata.isbacked:
             adata.file.close()
-    return {"obs": obs, "result": run.result, "vocab": run.vocab}
+    params = run.params(loaded, options, "inference", data_file=str(path), heads=list(heads))
+    return {"obs": obs, "result": run.result, "vocab": run.vocab, "params": params}
 
 
 def run_inference(args: argparse.Namespace) -> Path | None:
@@ -587,21 +593,32 @@ def run_inference(args: argparse.Namespace) -> Path | None:
     parts = [_run_file(p, loaded, args, outputs, options) for p in args.data_file]
     if rank != 0:
         return None
-    out = _output_adata(parts, outputs)
+    out = _output_adata(parts, outputs, published_index=args.published_index)
     _write_atomic(out, path)
     logger.info("wrote %s (%d cells)", path, out.n_obs)
     return path
 
 
-def _output_adata(parts: list[dict[str, Any]], outputs, embeddings: bool = True):
-    """The published output layout; ``embeddings=False`` leaves ``obsm['embeddings']`` out (streamed)."""
+def _output_adata(parts: list[dict[str, Any]], outputs, embeddings: bool = True, published_index: bool = False):
+    """The published output layout; ``embeddings=False`` leaves ``obsm['embeddings']`` out (streamed).
+
+    Unlike the published tool, the input's cell names are kept as the index (made unique across several
+    files); ``published_index`` gives the published ``'0'..'N-1'``. Rows are in input order either way.
+    """
     import numpy as np
     import pandas as pd
     from anndata import AnnData
 
-    obs = pd.concat([p["obs"] for p in parts], ignore_index=True) if len(parts) > 1 else parts[0]["obs"].copy()
-    obs.index = pd.RangeIndex(len(obs)).astype(str)
+    obs = pd.concat([p["obs"] for p in parts]) if len(parts) > 1 else parts[0]["obs"].copy()
+    if published_index:
+        obs.index = pd.RangeIndex(len(obs)).astype(str)
     out = AnnData(obs=obs)
+    if not published_index and not out.obs_names.is_unique:  # several files may share cell names
+        out.obs_names_make_unique()
+    # how it was made (the published output has no such record)
+    out.uns["transcriptformer"] = {
+        "params": {**parts[0]["params"], "data_file": [p["params"]["data_file"] for p in parts]}
+    }
     results = [p["result"] for p in parts]
     if "embeddings" in outputs and embeddings:
         out.obsm["embeddings"] = np.concatenate([r.embeddings for r in results]).astype(np.float32)
@@ -654,7 +671,7 @@ def _run_streaming(args: argparse.Namespace, loaded, outputs, options, path: Pat
 
     tmp = _temporary_beside(path)
     try:
-        ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(sum(sizes)).astype(str))).write_h5ad(tmp)
+        ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(sum(sizes)).astype(str))).write_h5ad(tmp)  # obs: below
         with h5py.File(tmp, "r+") as h:
             E = loaded.embed_dim
             ds = h["obsm"].create_dataset(
@@ -666,7 +683,7 @@ def _run_streaming(args: argparse.Namespace, loaded, outputs, options, path: Pat
                 _run_file(f, loaded, args, outputs, options, embeddings_out=_Rows(ds, int(off)))
                 for f, off in zip(args.data_file, offsets, strict=True)
             ]
-            rest = _output_adata(parts, outputs, embeddings=False)
+            rest = _output_adata(parts, outputs, embeddings=False, published_index=args.published_index)
             del h["obs"]
             write_elem(h, "obs", rest.obs)
             for key, value in rest.obsm.items():
@@ -720,12 +737,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    # quiet by default (warnings and errors); -v: progress messages, timestamps and tracebacks
     logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command != "download" else logging.WARNING,
+        level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s" if args.verbose else "%(message)s",
     )
-    if not args.verbose:
-        logging.getLogger("transcriptformer").setLevel(logging.INFO)
+    logging.getLogger("transcriptformer").setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

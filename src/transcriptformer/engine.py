@@ -1141,6 +1141,43 @@ class Inference:
     engine: Engine
     species_tables: list[Path] | None
 
+    def params(self, loaded: LoadedModel, options: Any, tool: str, **extra: Any) -> dict[str, Any]:
+        """Everything needed to reproduce the run, h5ad-writable (no ``None``), for ``uns[...]["params"]``.
+
+        ``options`` is the :class:`~transcriptformer.options.RunOptions` the run was made with.
+        """
+        from . import __version__
+
+        src, stats = self.source, self.result.stats
+        params: dict[str, Any] = {
+            "tool": tool,
+            "model": loaded.name,
+            "model_path": str(loaded.path) if loaded.path is not None else "in memory",
+            "weights_sha256": loaded.weights_sha256,
+            **options.record(),
+            "gene_key": options.gene_key if options.gene_key is not None else "var_names",
+            "counts_source": src.source,
+            "counts_look_raw": src.counts_look_raw,
+            "n_genes_matched": src.n_matched,
+            "n_genes": src.n_genes,
+            "seq_len": loaded.seq_len,
+            "device": stats["device"],
+            "precision": stats["precision"],
+            "attention": stats["attention"],
+            "max_tokens": stats["max_tokens"],
+            "transcriptformer_version": __version__,
+        }
+        if "attention_fallback" in stats:
+            params["attention_fallback"] = stats["attention_fallback"]
+        if loaded.adapter:
+            params["adapter"] = loaded.adapter["path"]
+            params["adapter_sha256"] = loaded.adapter["sha256"]
+            params["adapter_merged"] = loaded.adapter["merged"]
+        if self.species_tables:
+            params["species_embedding"] = [str(p) for p in self.species_tables]
+        params.update({k: v for k, v in extra.items() if v is not None})
+        return params
+
 
 def infer(
     adata,

@@ -57,35 +57,7 @@ def _run(
 
 def _params(run: Inference, loaded: LoadedModel, options: RunOptions, tool: str, **extra: Any) -> dict[str, Any]:
     """Everything needed to reproduce a run (h5ad-writable: no None values)."""
-    src, stats = run.source, run.result.stats
-    params: dict[str, Any] = {
-        "tool": tool,
-        "model": loaded.name,
-        "model_path": str(loaded.path) if loaded.path is not None else "in memory",
-        "weights_sha256": loaded.weights_sha256,
-        **options.record(),
-        "gene_key": options.gene_key if options.gene_key is not None else "var_names",
-        "counts_source": src.source,
-        "counts_look_raw": src.counts_look_raw,
-        "n_genes_matched": src.n_matched,
-        "n_genes": src.n_genes,
-        "seq_len": loaded.seq_len,
-        "device": stats["device"],
-        "precision": stats["precision"],
-        "attention": stats["attention"],
-        "max_tokens": stats["max_tokens"],
-        "transcriptformer_version": __version__,
-    }
-    if "attention_fallback" in stats:
-        params["attention_fallback"] = stats["attention_fallback"]
-    if loaded.adapter:
-        params["adapter"] = loaded.adapter["path"]
-        params["adapter_sha256"] = loaded.adapter["sha256"]
-        params["adapter_merged"] = loaded.adapter["merged"]
-    if run.species_tables:
-        params["species_embedding"] = [str(p) for p in run.species_tables]
-    params.update({k: v for k, v in extra.items() if v is not None})
-    return params
+    return run.params(loaded, options, tool, **extra)
 
 
 def _likelihood_update(update: Update, keys: Keys, run: Inference, adata: AnnData, params: dict, level: str) -> None:
