@@ -472,3 +472,26 @@ def test_contextual_gene_embeddings_gene_filter(tiny_path, tiny_adata, reference
     np.testing.assert_array_equal(some.obs["position"], full.obs["position"].to_numpy()[expected])
     with pytest.raises(ValueError, match="none of the 1 requested genes"):
         tfs.tl.contextual_gene_embeddings(tiny_adata, tiny_path, genes=["nonsense"])
+
+
+def test_messages_follow_scanpys_verbosity(tiny_path, tiny_adata):
+    import io
+    import logging
+
+    ours = logging.getLogger("transcriptformer")
+    level, saved = sc.settings.verbosity, ours.level
+    stream = io.StringIO()
+    shown = logging.StreamHandler(stream)  # stands for scanpy's handler (which writes to the session's stderr)
+    sc.settings._root_logger.addHandler(shown)
+    try:
+        ours.setLevel(logging.NOTSET)
+        sc.settings.verbosity = "warning"
+        tfs.tl.embed(tiny_adata, model=tiny_path)
+        assert "matched 165 of 205 genes" not in stream.getvalue()
+        sc.settings.verbosity = "info"
+        tfs.tl.embed(tiny_adata, model=tiny_path)
+        assert "matched 165 of 205 genes" in stream.getvalue()  # through scanpy's handlers
+    finally:
+        sc.settings._root_logger.removeHandler(shown)
+        sc.settings.verbosity = level
+        ours.setLevel(saved)

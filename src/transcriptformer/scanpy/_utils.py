@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,11 +14,57 @@ from ..options import check_bool, with_run_options
 
 logger = logging.getLogger("transcriptformer")
 
-__all__ = ["Keys", "Update", "check_adata", "check_writable", "in_memory_copy", "with_run_options"]
+__all__ = [
+    "Keys",
+    "Update",
+    "check_adata",
+    "check_writable",
+    "follow_scanpy_logging",
+    "in_memory_copy",
+    "with_run_options",
+]
+
+
+class _ScanpyHandler(logging.Handler):
+    """Shows the package's log messages the way scanpy shows its own, at ``sc.settings.verbosity``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sc = sys.modules.get("scanpy")
+        if sc is None:
+            return
+        root = sc.settings._root_logger
+        if record.levelno >= root.level:
+            record = logging.makeLogRecord(record.__dict__)  # a copy with the fields scanpy's formatter reads
+            for extra in ("time_passed", "deep"):
+                if not hasattr(record, extra):
+                    setattr(record, extra, None)
+            for handler in root.handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+
+def follow_scanpy_logging() -> None:
+    """Route the package's messages through scanpy's logging when scanpy is in use (it is not imported here).
+
+    Once scanpy has been imported, messages go to scanpy's handler (its format, its stream) and their level
+    follows ``sc.settings.verbosity`` (``"info"`` shows progress messages such as the genes matched), unless
+    the user set the ``transcriptformer`` logger's level themselves. Messages still propagate to the root
+    logger for users who configure :mod:`logging` directly.
+    """
+    sc = sys.modules.get("scanpy")
+    if sc is None or not hasattr(sc, "settings"):
+        return
+    if not any(isinstance(h, _ScanpyHandler) for h in logger.handlers):
+        logger.addHandler(_ScanpyHandler())
+    # follow the verbosity unless the level was set by someone else (the user, a test's caplog)
+    if logger.level in (logging.NOTSET, getattr(logger, "_scanpy_level", None)):
+        logger.setLevel(sc.settings._root_logger.level)
+        logger._scanpy_level = logger.level  # type: ignore[attr-defined]
 
 
 def check_adata(adata: Any, name: str = "adata") -> None:
-    """An AnnData with at least one cell."""
+    """An AnnData with at least one cell (and scanpy's logging followed: every tool checks its input)."""
+    follow_scanpy_logging()
     if not isinstance(adata, AnnData):
         raise TypeError(f"{name} must be an AnnData, got {type(adata).__name__}.")
     if adata.n_obs == 0:
