@@ -36,8 +36,8 @@ What is written
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import contextlib
+import importlib.metadata
 import io
 import json
 import os
@@ -98,8 +98,6 @@ def make_unseen_datasets(ckpt: Path, out: Path) -> dict[str, Path]:
     import scipy.sparse as sp
 
     vocab = _vocab_gene_ids(ckpt)
-    human = [g for g in vocab if g.startswith("ENSG")]
-    mouse = [g for g in vocab if g.startswith("ENSMUSG")]
     oov = [f"ENSG00000990{i:03d}" for i in range(20)] + [f"ENSMUSG00000990{i:03d}" for i in range(10)]
     assays = ["10x 3' v3", "10x 3' v2", "10x 5' v1", "Smart-seq2", "unknown", "MERFISH", "Visium", "sci-RNA-seq3"]
     cell_types = ["T cell", "B cell", "NK cell", "monocyte", "neuron"]
@@ -132,8 +130,10 @@ def make_unseen_datasets(ckpt: Path, out: Path) -> dict[str, Path]:
             index=[f"c{seed}_{i:03d}" for i in range(n_cells)],
         )
         obs["n_counts_input"] = X.sum(1).astype(np.float64)
-        var = pd.DataFrame({"ensembl_id": shown, "feature_name": [f"G{i}" for i in range(len(shown))]},
-                           index=[f"G{i}" for i in range(len(shown))])
+        var = pd.DataFrame(
+            {"ensembl_id": shown, "feature_name": [f"G{i}" for i in range(len(shown))]},
+            index=[f"G{i}" for i in range(len(shown))],
+        )
         return X, obs, var
 
     # 1) 40 cells, human + mouse ids + OOV ids, 1..150 expressed in-vocab genes (several above
@@ -173,8 +173,20 @@ def run_cli(ckpt: Path, data: Path, dest: Path, extra: list[str]) -> list[str]:
     """One ``transcriptformer inference`` run in a scratch directory; the output goes to ``dest``."""
     exe = Path(sys.executable).parent / "transcriptformer"
     with tempfile.TemporaryDirectory() as tmp:
-        args = [str(exe), "inference", "--checkpoint-path", str(ckpt), "--data-file", str(data),
-                "--output-path", tmp, "--output-filename", "out.h5ad", *CLI_COMMON, *extra]
+        args = [
+            str(exe),
+            "inference",
+            "--checkpoint-path",
+            str(ckpt),
+            "--data-file",
+            str(data),
+            "--output-path",
+            tmp,
+            "--output-filename",
+            "out.h5ad",
+            *CLI_COMMON,
+            *extra,
+        ]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         proc = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -206,8 +218,16 @@ def cli_config(ckpt: Path, data: Path, extra: list[str]):
         raise _Captured
 
     argv, real = sys.argv, tcli.run_inference
-    sys.argv = ["transcriptformer", "inference", "--checkpoint-path", str(ckpt), "--data-file", str(data),
-                *CLI_COMMON, *extra]
+    sys.argv = [
+        "transcriptformer",
+        "inference",
+        "--checkpoint-path",
+        str(ckpt),
+        "--data-file",
+        str(data),
+        *CLI_COMMON,
+        *extra,
+    ]
     tcli.run_inference = _capture
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -227,9 +247,15 @@ def load_published(cfg):
 
     (gene_vocab, aux_vocab), emb = load_vocabs_and_embeddings(cfg)
     m = cfg.model
-    model = Transcriptformer(data_config=m.data_config, model_config=m.model_config, loss_config=m.loss_config,
-                             inference_config=m.inference_config, gene_vocab_dict=gene_vocab,
-                             aux_vocab_dict=aux_vocab, emb_matrix=emb)
+    model = Transcriptformer(
+        data_config=m.data_config,
+        model_config=m.model_config,
+        loss_config=m.loss_config,
+        inference_config=m.inference_config,
+        gene_vocab_dict=gene_vocab,
+        aux_vocab_dict=aux_vocab,
+        emb_matrix=emb,
+    )
     model.eval()
     state = torch.load(m.inference_config.load_checkpoint, weights_only=True, map_location="cpu")
     model.load_state_dict(state)
@@ -243,15 +269,28 @@ def published_batches(cfg, files, gene_vocab, aux_vocab):
 
     m = cfg.model
     d = m.data_config
-    ds = AnnDataset(files, gene_vocab, aux_vocab=aux_vocab, max_len=m.model_config.seq_len, pad_zeros=d.pad_zeros,
-                    pad_token=d.gene_pad_token, sort_genes=d.sort_genes, filter_to_vocab=d.filter_to_vocabs,
-                    filter_outliers=d.filter_outliers, gene_col_name=d.gene_col_name,
-                    normalize_to_scale=d.normalize_to_scale, randomize_order=d.randomize_genes,
-                    min_expressed_genes=d.min_expressed_genes, clip_counts=d.clip_counts,
-                    obs_keys=m.inference_config.obs_keys, remove_duplicate_genes=d.remove_duplicate_genes,
-                    use_raw=d.use_raw)
-    return ds, DataLoader(ds, batch_size=m.inference_config.batch_size, num_workers=0, drop_last=False,
-                          collate_fn=ds.collate_fn)
+    ds = AnnDataset(
+        files,
+        gene_vocab,
+        aux_vocab=aux_vocab,
+        max_len=m.model_config.seq_len,
+        pad_zeros=d.pad_zeros,
+        pad_token=d.gene_pad_token,
+        sort_genes=d.sort_genes,
+        filter_to_vocab=d.filter_to_vocabs,
+        filter_outliers=d.filter_outliers,
+        gene_col_name=d.gene_col_name,
+        normalize_to_scale=d.normalize_to_scale,
+        randomize_order=d.randomize_genes,
+        min_expressed_genes=d.min_expressed_genes,
+        clip_counts=d.clip_counts,
+        obs_keys=m.inference_config.obs_keys,
+        remove_duplicate_genes=d.remove_duplicate_genes,
+        use_raw=d.use_raw,
+    )
+    return ds, DataLoader(
+        ds, batch_size=m.inference_config.batch_size, num_workers=0, drop_last=False, collate_fn=ds.collate_fn
+    )
 
 
 class Hooks:
@@ -277,15 +316,20 @@ class Hooks:
 
         model._score_mod_factory = score_factory
         mm.pad_mask_factory = pad_factory
-        self.handles.append(model.transformer_encoder.register_forward_pre_hook(
-            lambda mod, args, kw: rec.__setitem__("encoder_input", kw["x"].detach().clone()), with_kwargs=True))
+        self.handles.append(
+            model.transformer_encoder.register_forward_pre_hook(
+                lambda mod, args, kw: rec.__setitem__("encoder_input", kw["x"].detach().clone()), with_kwargs=True
+            )
+        )
         for i, layer in enumerate(model.transformer_encoder.encoder_layers):
-            self.handles.append(layer.register_forward_hook(
-                lambda mod, a, out, i=i: rec.__setitem__(f"layer{i}", out.detach().clone())))
+            self.handles.append(
+                layer.register_forward_hook(lambda mod, a, out, i=i: rec.__setitem__(f"layer{i}", out.detach().clone()))
+            )
         calls = []
         rec["_ge_calls"] = calls
-        self.handles.append(model.gene_embeddings.register_forward_hook(
-            lambda mod, a, out: calls.append(out.detach().clone())))
+        self.handles.append(
+            model.gene_embeddings.register_forward_hook(lambda mod, a, out: calls.append(out.detach().clone()))
+        )
         return rec
 
     def __exit__(self, *exc):
@@ -334,16 +378,25 @@ def make_stages(ckpt: Path, data: Path, out: Path) -> None:
         mu, input_counts = trim(captured["mu"]), trim(captured["input_counts"])
         llh = model.criterion(mu=mu, input_counts=input_counts, mask=mask, eval_mode=True)
         model.gene_id_criterion.reduction = None
-        ce = model.gene_id_criterion(logits=trim(captured["gene_logit"]),
-                                     input_ids=trim(captured["input_gene_token_indices"]), mask=mask)
+        ce = model.gene_id_criterion(
+            logits=trim(captured["gene_logit"]), input_ids=trim(captured["input_gene_token_indices"]), mask=mask
+        )
         model.gene_id_criterion.reduction = "mean"
         row = {
-            "gene_token_indices": batch.gene_token_indices, "gene_counts": batch.gene_counts,
-            "aux_token_indices": batch.aux_token_indices, "encoder_input": trim(rec["encoder_input"]),
-            "log_counts": trim(rec["log_counts"]), "key_valid": trim(rec["key_valid"]),
+            "gene_token_indices": batch.gene_token_indices,
+            "gene_counts": batch.gene_counts,
+            "aux_token_indices": batch.aux_token_indices,
+            "encoder_input": trim(rec["encoder_input"]),
+            "log_counts": trim(rec["log_counts"]),
+            "key_valid": trim(rec["key_valid"]),
             "layer_outputs": torch.stack([trim(rec[f"layer{i}"]) for i in range(L)]),
-            "gene_output": trim(rec[f"layer{L - 1}"][:, A:]), "target_gene_emb": trim(rec["_ge_calls"][1]),
-            "mu": mu, "loss_mask": mask, "input_counts": input_counts, "nll": llh, "gene_ce": ce,
+            "gene_output": trim(rec[f"layer{L - 1}"][:, A:]),
+            "target_gene_emb": trim(rec["_ge_calls"][1]),
+            "mu": mu,
+            "loss_mask": mask,
+            "input_counts": input_counts,
+            "nll": llh,
+            "gene_ce": ce,
             "cell_embeddings": res["embeddings"],
         }
         for k, v in row.items():
@@ -353,11 +406,16 @@ def make_stages(ckpt: Path, data: Path, out: Path) -> None:
     arrays["gene_names"] = _names(arrays["gene_token_indices"], inv)
     np.savez(out / "stages_human.npz", **arrays)
     meta = {
-        "pad_idx": model.gene_vocab.pad_idx, "start_idx": model.gene_vocab.start_idx,
-        "end_idx": model.gene_vocab.end_idx, "vocab_pad": gene_vocab["[PAD]"], "vocab_start": gene_vocab["[START]"],
+        "pad_idx": model.gene_vocab.pad_idx,
+        "start_idx": model.gene_vocab.start_idx,
+        "end_idx": model.gene_vocab.end_idx,
+        "vocab_pad": gene_vocab["[PAD]"],
+        "vocab_start": gene_vocab["[START]"],
         "inference_batch_size": int(cfg.model.inference_config.batch_size),
-        "emb_type": cfg.model.inference_config.emb_type, "output_keys": list(cfg.model.inference_config.output_keys),
-        "torch": torch.__version__, "vocab_in_index_order": [inv[i] for i in range(len(inv))],
+        "emb_type": cfg.model.inference_config.emb_type,
+        "output_keys": list(cfg.model.inference_config.output_keys),
+        "torch": torch.__version__,
+        "vocab_in_index_order": [inv[i] for i in range(len(inv))],
     }
     (out / "stages_human.meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -390,11 +448,13 @@ TRAIN_FIELDS = {
     "batch8_n_cells": "(ceil(N/8),) int64 cells in each batch",
     "cell_llh_inference_path": "(N,) float32 the llh as the published inference step computes it (embed=True forward) - equals the CLI output",
 }
-GRAD_DOC = ("<name>_grads.npz: gradient of full_total_loss (all N cells as one batch, model.eval() so no dropout, "
-            "fp32) with respect to every trainable parameter of the published model, keyed by parameter name; "
-            "the frozen gene_embeddings.embedding.weight has none. Computed on CPU through torch's eager "
-            "flex_attention path with its CPU-backward device check switched off (the published code cannot "
-            "differentiate on CPU as shipped); spot-checked against central finite differences.")
+GRAD_DOC = (
+    "<name>_grads.npz: gradient of full_total_loss (all N cells as one batch, model.eval() so no dropout, "
+    "fp32) with respect to every trainable parameter of the published model, keyed by parameter name; "
+    "the frozen gene_embeddings.embedding.weight has none. Computed on CPU through torch's eager "
+    "flex_attention path with its CPU-backward device check switched off (the published code cannot "
+    "differentiate on CPU as shipped); spot-checked against central finite differences."
+)
 
 
 def make_training(ckpt: Path, data: Path, extra: list[str], out: Path, name: str) -> dict:
@@ -408,8 +468,11 @@ def make_training(ckpt: Path, data: Path, extra: list[str], out: Path, name: str
     inv = {v: k for k, v in gene_vocab.items()}
     full = ds.data
     N, S = full.gene_token_indices.shape
-    batch = BatchData(gene_counts=full.gene_counts, gene_token_indices=full.gene_token_indices,
-                      aux_token_indices=full.aux_token_indices)
+    batch = BatchData(
+        gene_counts=full.gene_counts,
+        gene_token_indices=full.gene_token_indices,
+        aux_token_indices=full.aux_token_indices,
+    )
     crit, ce_crit = model.criterion, model.gene_id_criterion
     assert not model.training
     with torch.no_grad():
@@ -420,8 +483,9 @@ def make_training(ckpt: Path, data: Path, extra: list[str], out: Path, name: str
         gene_output = rec[f"layer{len(model.transformer_encoder.encoder_layers) - 1}"][:, A:]
         infer = model(batch, embed=True)
         mu, ic, mask = res["mu"], res["input_counts"], res["mask"]
-        pos_nll = torch.stack([crit(mu=mu[:, j:j + 1], input_counts=ic[:, j:j + 1], eval_mode=True)
-                               for j in range(S)], dim=1).masked_fill(mask, 0.0)
+        pos_nll = torch.stack(
+            [crit(mu=mu[:, j : j + 1], input_counts=ic[:, j : j + 1], eval_mode=True) for j in range(S)], dim=1
+        ).masked_fill(mask, 0.0)
         cell_nll = crit(mu=mu, input_counts=ic, mask=mask, eval_mode=True)
         ce_crit.reduction = None
         pos_ce = ce_crit(logits=res["gene_logit"], input_ids=res["input_gene_token_indices"], mask=mask)
@@ -429,8 +493,13 @@ def make_training(ckpt: Path, data: Path, extra: list[str], out: Path, name: str
         n_genes = (~mask).sum(1)
 
         def losses(sl):
-            r = model(BatchData(gene_counts=batch.gene_counts[sl], gene_token_indices=batch.gene_token_indices[sl],
-                                aux_token_indices=batch.aux_token_indices[sl]))
+            r = model(
+                BatchData(
+                    gene_counts=batch.gene_counts[sl],
+                    gene_token_indices=batch.gene_token_indices[sl],
+                    aux_token_indices=batch.aux_token_indices[sl],
+                )
+            )
             c = crit(mu=r["mu"], input_counts=r["input_counts"], mask=r["mask"])
             g = ce_crit(logits=r["gene_logit"], input_ids=r["input_gene_token_indices"], mask=r["mask"])
             return float(c), float(g), r
@@ -440,21 +509,30 @@ def make_training(ckpt: Path, data: Path, extra: list[str], out: Path, name: str
         for s in range(0, N, 8):
             c, g, r = losses(slice(s, min(s + 8, N)))
             # rows never interact: the batch-of-8 forward equals the full-batch forward
-            assert torch.allclose(r["mu"], mu[s:s + 8], atol=1e-5, rtol=1e-5)
+            assert torch.allclose(r["mu"], mu[s : s + 8], atol=1e-5, rtol=1e-5)
             b8.append((c, g, c + g, min(s + 8, N) - s))
         # the llh the published inference step would give (embed=True, padded to batch_size)
         llh = torch.cat([model.inference(b)["llh"] for b in loader])
 
     arrays = {
-        "gene_token_indices": batch.gene_token_indices.numpy(), "gene_counts": batch.gene_counts.numpy(),
-        "aux_token_indices": batch.aux_token_indices.numpy(), "gene_names": _names(batch.gene_token_indices.numpy(), inv),
-        "n_genes": n_genes.numpy().astype(np.int64), "train_mu": mu.numpy(), "infer_mu": infer["mu"].numpy(),
-        "train_gene_output": gene_output.numpy(), "train_input_counts": ic.numpy(),
-        "train_target_tokens": res["input_gene_token_indices"].numpy(), "train_loss_mask": mask.numpy(),
-        "train_count_nll_pos": pos_nll.numpy().astype(np.float32), "train_gene_ce_pos": pos_ce.numpy(),
+        "gene_token_indices": batch.gene_token_indices.numpy(),
+        "gene_counts": batch.gene_counts.numpy(),
+        "aux_token_indices": batch.aux_token_indices.numpy(),
+        "gene_names": _names(batch.gene_token_indices.numpy(), inv),
+        "n_genes": n_genes.numpy().astype(np.int64),
+        "train_mu": mu.numpy(),
+        "infer_mu": infer["mu"].numpy(),
+        "train_gene_output": gene_output.numpy(),
+        "train_input_counts": ic.numpy(),
+        "train_target_tokens": res["input_gene_token_indices"].numpy(),
+        "train_loss_mask": mask.numpy(),
+        "train_count_nll_pos": pos_nll.numpy().astype(np.float32),
+        "train_gene_ce_pos": pos_ce.numpy(),
         "train_count_nll_cell": cell_nll.numpy().astype(np.float32),
         "train_gene_ce_cell": (pos_ce.sum(1) / n_genes).numpy().astype(np.float32),
-        "full_count_loss": np.float32(fc), "full_gene_loss": np.float32(fg), "full_total_loss": np.float32(fc + fg),
+        "full_count_loss": np.float32(fc),
+        "full_gene_loss": np.float32(fg),
+        "full_total_loss": np.float32(fc + fg),
         "batch8_count_loss": np.array([b[0] for b in b8], np.float32),
         "batch8_gene_loss": np.array([b[1] for b in b8], np.float32),
         "batch8_total_loss": np.array([b[2] for b in b8], np.float32),
@@ -476,20 +554,28 @@ def make_training(ckpt: Path, data: Path, extra: list[str], out: Path, name: str
         model.zero_grad(set_to_none=True)
         r = model(batch)
         total = crit(mu=r["mu"], input_counts=r["input_counts"], mask=r["mask"]) + ce_crit(
-            logits=r["gene_logit"], input_ids=r["input_gene_token_indices"], mask=r["mask"])
+            logits=r["gene_logit"], input_ids=r["input_gene_token_indices"], mask=r["mask"]
+        )
         total.backward()
     finally:
         fa._validate_device = check
     grads = {k: p.grad.numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
     np.savez(out / f"{name}_grads.npz", **grads)
-    return {"cells": int(N), "full_total_loss": float(fc + fg), "grad_total_loss": float(total.detach()),
-            "config": {"clip_counts": cfg.model.data_config.clip_counts,
-                       "normalize_to_scale": cfg.model.data_config.normalize_to_scale,
-                       "use_raw": cfg.model.data_config.use_raw, "seq_len": cfg.model.model_config.seq_len,
-                       "log_counts_eps": cfg.model.model_config.log_counts_eps,
-                       "softcap": cfg.model.model_config.softcap,
-                       "gene_id_loss_weight": cfg.model.loss_config.gene_id_loss_weight,
-                       "softplus_approx": cfg.model.loss_config.softplus_approx}}
+    return {
+        "cells": int(N),
+        "full_total_loss": float(fc + fg),
+        "grad_total_loss": float(total.detach()),
+        "config": {
+            "clip_counts": cfg.model.data_config.clip_counts,
+            "normalize_to_scale": cfg.model.data_config.normalize_to_scale,
+            "use_raw": cfg.model.data_config.use_raw,
+            "seq_len": cfg.model.model_config.seq_len,
+            "log_counts_eps": cfg.model.model_config.log_counts_eps,
+            "softcap": cfg.model.model_config.softcap,
+            "gene_id_loss_weight": cfg.model.loss_config.gene_id_loss_weight,
+            "softplus_approx": cfg.model.loss_config.softplus_approx,
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,11 +628,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--parity", type=Path, default=Path("/work/shared/parity"))
-    ap.add_argument("--check", type=Path, default=None,
-                    help="reference folder to compare OUT/reference with (default: the project's tests/data/reference)")
+    ap.add_argument(
+        "--check",
+        type=Path,
+        default=None,
+        help="reference folder to compare OUT/reference with (default: the project's tests/data/reference)",
+    )
     args = ap.parse_args()
     import torch
-    import transcriptformer
 
     torch.manual_seed(0)
     ckpt = args.parity / "tf_tiny"
@@ -554,8 +643,13 @@ def main() -> None:
     ref, train, unseen = args.out / "reference", args.out / "reference_train", args.out / "reference_unseen"
     for d in (ref, train, unseen):
         d.mkdir(parents=True, exist_ok=True)
-    manifest = {"transcriptformer": importlib.metadata.version("transcriptformer"),
-                "torch": torch.__version__, "checkpoint": str(ckpt), "cli_common": CLI_COMMON, "runs": {}}
+    manifest = {
+        "transcriptformer": importlib.metadata.version("transcriptformer"),
+        "torch": torch.__version__,
+        "checkpoint": str(ckpt),
+        "cli_common": CLI_COMMON,
+        "runs": {},
+    }
 
     # 1) the project's tests/data/reference
     for kind, extra in OUTPUT_KINDS.items():
@@ -574,15 +668,19 @@ def main() -> None:
     manifest["training"] = {"tiny_human": make_training(ckpt, tiny, [], train, "tiny_human")}
     for name, spec in UNSEEN.items():
         manifest["training"][name] = make_training(ckpt, paths[name], spec["cli"], train, name)
-    (train / "FIELDS.json").write_text(json.dumps({"arrays": TRAIN_FIELDS, "grads": GRAD_DOC,
-                                                   "inputs": {k: v["cli"] for k, v in UNSEEN.items()}}, indent=1))
+    (train / "FIELDS.json").write_text(
+        json.dumps(
+            {"arrays": TRAIN_FIELDS, "grads": GRAD_DOC, "inputs": {k: v["cli"] for k, v in UNSEEN.items()}}, indent=1
+        )
+    )
 
     # 4) check against the existing references
     check = args.check
     if check is None:
         here = Path(__file__).resolve()
         for cand in [p / "tests" / "data" / "reference" for p in (here.parent, *here.parents)] + [
-                Path("/work/main/tests/data/reference")]:
+            Path("/work/main/tests/data/reference")
+        ]:
             if cand.is_dir():
                 check = cand
                 break
@@ -597,7 +695,8 @@ def main() -> None:
                 llh_inproc = z["cell_llh_inference_path"]
             cli = ad.read_h5ad((ref / "human_llh.h5ad") if name == "tiny_human" else (unseen / f"{name}_llh.h5ad"))
             manifest["check"][f"{name}: in-process llh vs CLI llh"] = float(
-                np.nanmax(np.abs(llh_inproc - cli.obsm["llh"].ravel())))
+                np.nanmax(np.abs(llh_inproc - cli.obsm["llh"].ravel()))
+            )
     (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1, default=str))
     print(f"done: {args.out}")
 

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import scanpy as sc
 from sklearn.decomposition import PCA
 from sklearn.metrics import accuracy_score, f1_score
@@ -107,7 +106,10 @@ def pca_baseline(train: ad.AnnData, test: ad.AnnData, label: str) -> dict[str, f
 
     pca = PCA(n_components=50, random_state=0).fit(lognorm(train))
     return knn_accuracy(
-        pca.transform(lognorm(train)), train.obs[label].astype(str), pca.transform(lognorm(test)), test.obs[label].astype(str)
+        pca.transform(lognorm(train)),
+        train.obs[label].astype(str),
+        pca.transform(lognorm(test)),
+        test.obs[label].astype(str),
     )
 
 
@@ -133,7 +135,9 @@ def main() -> None:
     m_train, m_test = split(mouse, "cell_type")
     tables = gene_tables(list(pbmc.var["ensembl_id"]), list(mouse.var["ensembl_id"]), work)
     model = transcriptformer.new_model(tables, assay_vocab=ASSAYS, seed=0, name="tf-demo", **SHAPE)
-    logging.info("vocabulary: %d tokens; %d parameters", len(model.vocab), sum(p.numel() for p in model.model.parameters()))
+    logging.info(
+        "vocabulary: %d tokens; %d parameters", len(model.vocab), sum(p.numel() for p in model.model.parameters())
+    )
 
     t0 = time.perf_counter()
     transcriptformer.train(
