@@ -74,7 +74,7 @@ def worker(spec: dict) -> dict:
     from bench import contention, cpu_snapshot
 
     import transcriptformer
-    from transcriptformer import tokenize as tk
+    from transcriptformer import tokenizer as tk
 
     reads: list[tuple[float, int, int]] = []
     snaps: list[tuple[float, float, float]] = []
@@ -98,12 +98,12 @@ def worker(spec: dict) -> dict:
         tfs.tl.embed(adata, model=loaded, device="cpu", progress=False)
         emb = adata.obsm["X_transcriptformer"]
     else:
-        from transcriptformer.engine import Engine, Outputs
+        from transcriptformer.engine import Engine
         from transcriptformer.tokenizer import prepare_cells
 
         source = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
         out = np.lib.format.open_memmap(spec["memmap"], mode="w+", dtype=np.float32, shape=(n, loaded.embed_dim))
-        Engine(loaded, device="cpu", progress=False).run(source, Outputs(embeddings=True), embeddings_out=out)
+        Engine(loaded, device="cpu", progress=False).run(source, ("embeddings",), embeddings_out=out)
         out.flush()
         emb = out
     seconds = time.perf_counter() - t0
