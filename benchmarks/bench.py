@@ -277,6 +277,12 @@ def worker_engine(spec: dict) -> dict:
     source = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
     naive = spec["mode"] == "naive"
     cls = _naive_engine_class() if naive else Engine
+    if spec.get("planner") == "greedy":  # the planner before the cost model: fill to the budget, pad to the longest
+        from padding import greedy_cuts
+
+        import transcriptformer.engine as engine_mod
+
+        engine_mod._optimal_cuts = greedy_cuts
     kwargs = dict(device="cpu", precision="32", attention=spec.get("attention", "auto"), progress=False)
     if spec.get("max_tokens"):
         kwargs["max_tokens"] = spec["max_tokens"]
@@ -414,7 +420,7 @@ def run_quiet(spec: dict, args) -> dict:
             best = r
         else:
             best.setdefault("noisier_attempts", []).append(_summary(r))
-        if other <= args.max_other_cpu:
+        if other <= args.max_other_cpu or attempt == max(0, args.retries):
             break
         print(
             f"    other processes used {100 * other:.0f}% of the machine; running {spec['name']} again",
@@ -515,10 +521,15 @@ def workload_a(args, report: dict, save) -> None:
         configs.append(dict(name="engine@naive_cells", mode="engine", cells=n_naive))
     if not args.skip_naive:
         configs.append(dict(name="naive", mode="naive", cells=n_naive, llh=True, gene_llh=True, attention="dense"))
+    if args.only:
+        keep = set(args.only.split(","))
+        configs = [c for c in configs if c["name"] in keep]
+    if args.greedy_planner:  # this src/ with the former planner (no cost model)
+        configs += [dict(c, name=f"{c['name']}[greedy]", planner="greedy") for c in configs if c["mode"] == "engine"]
     if args.baseline:  # the same engine configurations with another commit's src/, interleaved
         base_src = baseline_src(args.baseline, Path(args.outdir))
         rep["baseline"] = {"rev": args.baseline, "src": str(base_src)}
-        for c in [c for c in configs if c["mode"] == "engine"]:
+        for c in [c for c in configs if c["mode"] == "engine" and "planner" not in c]:
             configs.append(dict(c, name=f"{c['name']}[{args.baseline}]", src=str(base_src)))
     results = rep.setdefault("configs", {})
     todo = []
@@ -556,19 +567,28 @@ def workload_a(args, report: dict, save) -> None:
             if len(runs) > 1:
                 results[c["name"]]["rounds"] = [_summary(x) | {"round": x["round"]} for x in every[c["name"]]]
             save()
-    if args.baseline:
-        cmp_ = rep.setdefault("baseline_comparison", {})
-        for c in [c for c in configs if c["mode"] == "engine" and "src" not in c]:
-            b = f"{c['name']}[{args.baseline}]"
-            if c["name"] in every and b in every:
-                per_round = [x["seconds"] / y["seconds"] for x, y in zip(every[b], every[c["name"]], strict=False)]
-                cmp_[c["name"]] = {
-                    "cells_per_s": results[c["name"]]["cells_per_s"],
-                    "cells_per_s_baseline": results[b]["cells_per_s"],
-                    "speedup_median_runs": results[b]["seconds"] / results[c["name"]]["seconds"],
-                    "speedup_per_round": per_round,
-                    "speedup_median_of_rounds": float(np.median(per_round)),
-                }
+    pairs = []
+    for c in [c for c in configs if c["mode"] == "engine" and "src" not in c and "planner" not in c]:
+        if args.baseline:
+            pairs.append((c["name"], f"{c['name']}[{args.baseline}]", "baseline_comparison"))
+        if args.greedy_planner:
+            pairs.append((c["name"], f"{c['name']}[greedy]", "greedy_planner_comparison"))
+    for name, b, section in pairs:
+        cmp_ = rep.setdefault(section, {})
+        if name in every and b in every:
+            pr = list(zip(every[b], every[name], strict=False))
+            per_round = [x["seconds"] / y["seconds"] for x, y in pr]
+            cpu = [x["contention"]["own_cpu_s"] / y["contention"]["own_cpu_s"] for x, y in pr]
+            cmp_[name] = {
+                "other": b,
+                "cells_per_s": results[name]["cells_per_s"],
+                "cells_per_s_other": results[b]["cells_per_s"],
+                "speedup_median_runs": results[b]["seconds"] / results[name]["seconds"],
+                "speedup_per_round": per_round,
+                "speedup_median_of_rounds": float(np.median(per_round)),
+                "own_cpu_ratio_per_round": cpu,
+                "own_cpu_ratio_median_of_rounds": float(np.median(cpu)),
+            }
     if args.published_cli:
         for label, cells in (("published", n_naive), ("published_startup", 8)):
             if label == "published_startup" and n_naive <= 8:
@@ -636,14 +656,18 @@ def workload_a(args, report: dict, save) -> None:
     arrays = {k: np.load(v["npz"]) for k, v in results.items() if "npz" in v}
     agree = rep.setdefault("agreement", {})
     e = arrays["engine"]
-    agree["engine+llh_vs_engine_embeddings"] = compare(arrays["engine+llh"]["embeddings"], e["embeddings"])
+    if "engine+llh" in arrays:
+        agree["engine+llh_vs_engine_embeddings"] = compare(arrays["engine+llh"]["embeddings"], e["embeddings"])
+    if "engine[greedy]" in arrays:
+        agree["engine_vs_greedy_planner_embeddings"] = compare(e["embeddings"], arrays["engine[greedy]"]["embeddings"])
     if args.baseline:
         for name in [k for k in arrays if k.endswith(f"[{args.baseline}]")]:
             mine = name.split("[")[0]
             agree[f"{mine}_vs_baseline_embeddings"] = compare(arrays[mine]["embeddings"], arrays[name]["embeddings"])
     if "naive" in arrays:
         agree["engine_vs_naive_embeddings"] = compare(e["embeddings"], arrays["naive"]["embeddings"])
-        agree["engine_vs_naive_llh"] = compare(arrays["engine+llh"]["llh"], arrays["naive"]["llh"])
+        if "engine+llh" in arrays:
+            agree["engine_vs_naive_llh"] = compare(arrays["engine+llh"]["llh"], arrays["naive"]["llh"])
     if "published" in arrays:
         agree["engine_vs_published_embeddings"] = compare(e["embeddings"], arrays["published"]["embeddings"])
         if "naive" in arrays:
@@ -958,6 +982,10 @@ def main(argv=None) -> None:
     )
     p.add_argument("--retries", type=int, default=2, help="reruns allowed per configuration for --max-other-cpu")
     p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, interleaved")
+    p.add_argument("--only", help="comma-separated configurations of workload (a) to run (e.g. engine)")
+    p.add_argument(
+        "--greedy-planner", action="store_true", help="also run the engine configurations with the former planner"
+    )
     p.add_argument(
         "--baseline",
         metavar="REV",

@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,7 @@ def timed_runs(loaded, source, rounds: int, heads=("embeddings",), extra: dict |
     out["bf16_speedup_per_round"] = [1 / x for x in per_round]
     out["bf16_speedup_median"] = float(np.median([1 / x for x in per_round]))
     out["_embeddings"] = embs
+    out["peak_rss_mb_process_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.update(extra or {})
     return out
 
