@@ -406,12 +406,32 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
     return _run_worker(__file__, spec, timeout)
 
 
+def other_cpu_now(seconds: float = 3.0) -> float:
+    """Fraction of the machine that other processes used over the next ``seconds`` (this process sleeps)."""
+    a = cpu_snapshot()
+    time.sleep(seconds)
+    return contention(a, cpu_snapshot())["other_cpu_fraction_of_machine"]
+
+
+def wait_quiet(limit_s: float, threshold: float) -> dict:
+    """Wait (at most ``limit_s``) until other processes use less than ``threshold`` of the machine."""
+    t0 = time.perf_counter()
+    seen = other_cpu_now()
+    while seen > threshold and time.perf_counter() - t0 < limit_s:
+        time.sleep(7.0)
+        seen = other_cpu_now()
+    return {"waited_s": time.perf_counter() - t0, "other_cpu_at_start": seen}
+
+
 def run_quiet(spec: dict, args) -> dict:
     """Run a worker; while other processes used more than ``--max-other-cpu`` of the machine during its
     timed part (a shared machine), run it again (at most ``--retries`` times) and keep the quietest run."""
     best = None
     for attempt in range(1 + max(0, args.retries)):
+        gate = wait_quiet(args.wait_quiet, args.max_other_cpu) if args.wait_quiet else None
         r = run_worker(spec)
+        if gate:
+            r["quiet_gate"] = gate
         r["attempt"] = attempt
         other = r.get("contention", {}).get("other_cpu_fraction_of_machine", 0.0)
         if best is None or other < best.get("contention", {}).get("other_cpu_fraction_of_machine", 0.0):
@@ -982,6 +1002,13 @@ def main(argv=None) -> None:
     )
     p.add_argument("--retries", type=int, default=2, help="reruns allowed per configuration for --max-other-cpu")
     p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, interleaved")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each run, wait up to this long for other processes to use < --max-other-cpu of the machine",
+    )
     p.add_argument("--only", help="comma-separated configurations of workload (a) to run (e.g. engine)")
     p.add_argument(
         "--greedy-planner", action="store_true", help="also run the engine configurations with the former planner"

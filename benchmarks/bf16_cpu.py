@@ -50,7 +50,10 @@ sys.path.insert(0, str(HERE))
 
 import make_checkpoint as mc  # noqa: E402
 import synthetic  # noqa: E402
-from bench import _flops, _jsonable, contention, cpu_snapshot, machine_info, matmul_rate  # noqa: E402
+from bench import _flops, _jsonable, contention, cpu_snapshot, machine_info, matmul_rate, wait_quiet  # noqa: E402
+
+#: set by --wait-quiet: (seconds to wait at most, other-process CPU fraction to wait for) before each timed run
+QUIET: tuple[float, float] | None = None
 
 PARTS = ("cpu", "matmul", "speed_medium", "speed_sapiens", "real_mouse", "real_pbmc")
 FLAGS = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8", "avx512_vnni", "avx_vnni")
@@ -181,6 +184,7 @@ def timed_runs(loaded, source, rounds: int, heads=("embeddings",), extra: dict |
     embs = {}
     for r in range(rounds):
         for p, e in engines.items():
+            gate = wait_quiet(*QUIET) if QUIET else None
             la = os.getloadavg()
             snap = cpu_snapshot()
             res = e.run(source, heads)
@@ -192,6 +196,7 @@ def timed_runs(loaded, source, rounds: int, heads=("embeddings",), extra: dict |
                     "loadavg_before": la,
                     "loadavg_after": os.getloadavg(),
                     "other_cpu_fraction_of_machine": c["other_cpu_fraction_of_machine"],
+                    "quiet_gate": gate,
                 }
             )
             embs[p] = res.embeddings
@@ -292,11 +297,20 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each timed run, wait up to this long for other processes to use < 5%% of the machine",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes and few cells (checks the code in < 1 min)")
     p.add_argument("--outdir", default=str(OUT_DIR))
     p.add_argument("--json")
     a = p.parse_args(argv)
     parts = [x for x in a.parts.split(",") if x]
+    global QUIET
+    QUIET = (a.wait_quiet, 0.05) if a.wait_quiet else None
     import torch
 
     if a.threads:
