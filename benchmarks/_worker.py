@@ -13,11 +13,15 @@ ROOT = HERE.parent
 
 
 def run_worker(script: str | Path, spec: dict, timeout: float | None = None) -> dict:
-    """Run ``script --_worker <spec as JSON>``; return the JSON its last line of output holds."""
+    """Run ``script --_worker <spec as JSON>``; return the JSON its last line of output holds.
+
+    The worker imports ``transcriptformer`` from ``spec["src"]`` if given (e.g. an older commit's ``src/``
+    exported with ``git archive``), else from this checkout's ``src/``.
+    """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
+    src = spec.get("src") or str(ROOT / "src")
+    env["TF_BENCH_SRC"] = src  # bench.py puts it first on sys.path
+    env["PYTHONPATH"] = os.pathsep.join([src, str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run(
         [sys.executable, str(Path(script).resolve()), "--_worker", json.dumps(spec)],
         capture_output=True,

@@ -11,7 +11,7 @@ RSS is per configuration:
 * ``naive``         -- our own code configured like the published implementation: every cell padded
   to ``seq_len``, fixed batches of 8 in input order, dense attention (materialises the score matrix
   like the published eager flex_attention), and the count head and gene-id head computed for every
-  batch (``Outputs(embeddings, llh, gene_llh)``);
+  batch (heads ``("embeddings", "llh", "gene_llh")``);
 * ``published``     -- with ``--published-cli PYTHON``: the published ``transcriptformer inference``
   (0.6.1) of another venv (see PUBLISHED.md), ``--precision 32 --batch-size 8 --device cpu``.
 
@@ -52,8 +52,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT_DIR = HERE / "out"
 sys.path.insert(0, str(HERE))
-if (ROOT / "src").is_dir():
-    sys.path.insert(0, str(ROOT / "src"))
+# the package under test: this checkout's src/, or another one (a worker of --baseline sets TF_BENCH_SRC)
+SRC = Path(os.environ.get("TF_BENCH_SRC") or ROOT / "src")
+if SRC.is_dir():
+    sys.path.insert(0, str(SRC))
 
 import make_checkpoint as mc  # noqa: E402
 import synthetic  # noqa: E402
@@ -225,10 +227,10 @@ def _naive_engine_class():
 
         naive_batch = 8
 
-        def _width(self, longest: int) -> int:
+        def _width(self, longest: int, kernel=None) -> int:
             return self.loaded.seq_len
 
-        def plan_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
+        def plan_batches(self, lengths: np.ndarray, max_tokens=None, kernel=None) -> list[np.ndarray]:
             n = len(lengths)
             return [np.arange(i, min(i + self.naive_batch, n)) for i in range(0, n, self.naive_batch)]
 
@@ -260,8 +262,12 @@ def worker_engine(spec: dict) -> dict:
     import anndata as ad
 
     from transcriptformer.checkpoint import build_model
-    from transcriptformer.engine import Engine, Outputs
-    from transcriptformer.tokenizer import prepare_cells
+    from transcriptformer.engine import Engine
+
+    try:
+        from transcriptformer.tokenizer import prepare_cells
+    except ImportError:  # a --baseline src from before the tokenizer module was renamed
+        from transcriptformer.tokenize import prepare_cells
 
     t0 = time.perf_counter()
     loaded = build_model(spec["checkpoint"])
@@ -271,20 +277,34 @@ def worker_engine(spec: dict) -> dict:
     source = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
     naive = spec["mode"] == "naive"
     cls = _naive_engine_class() if naive else Engine
+    if spec.get("planner") == "greedy":  # the planner before the cost model: fill to the budget, pad to the longest
+        from padding import greedy_cuts
+
+        import transcriptformer.engine as engine_mod
+
+        engine_mod._optimal_cuts = greedy_cuts
     kwargs = dict(device="cpu", precision="32", attention=spec.get("attention", "auto"), progress=False)
     if spec.get("max_tokens"):
         kwargs["max_tokens"] = spec["max_tokens"]
     engine = cls(loaded, **kwargs)
-    outputs = Outputs(embeddings=True, llh=spec.get("llh", False), gene_llh=spec.get("gene_llh", False))
+    outputs = ("embeddings",) + (("llh",) if spec.get("llh") else ()) + (("gene_llh",) if spec.get("gene_llh") else ())
+    try:  # a --baseline src from before the engine took head names
+        from transcriptformer.engine import Outputs
+
+        outputs = Outputs(embeddings=True, llh="llh" in outputs, gene_llh="gene_llh" in outputs)
+    except ImportError:
+        pass
     # warm-up on a few cells (not timed)
     warm = prepare_cells(adata[: min(4, spec["cells"])], loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
     engine.run(warm, outputs)
     rss_before = _peak_rss_mb()
     # the machine's matmul rate right before and after the timed run, in this process (same threads)
     mm_before = matmul_rate(*spec["mm_shape"]) if spec.get("mm_shape") else None
+    loadavg_before = os.getloadavg()
     snap = cpu_snapshot()
     res = engine.run(source, outputs)
     load = contention(snap, cpu_snapshot())
+    load["loadavg_before"], load["loadavg_after"] = loadavg_before, os.getloadavg()
     mm_after = matmul_rate(*spec["mm_shape"]) if spec.get("mm_shape") else None
     n_tokens, flops = _flops(res.n_genes, loaded, llh=spec.get("llh", False))
     np.savez(
@@ -309,6 +329,7 @@ def worker_engine(spec: dict) -> dict:
         "peak_rss_mb_after_load": rss_before,
         "matmul_flops_per_s_before_after": [m["flops_per_s"] for m in (mm_before, mm_after) if m],
         "contention": load,
+        "src": str(SRC),
     }
 
 
@@ -385,12 +406,32 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
     return _run_worker(__file__, spec, timeout)
 
 
+def other_cpu_now(seconds: float = 3.0) -> float:
+    """Fraction of the machine that other processes used over the next ``seconds`` (this process sleeps)."""
+    a = cpu_snapshot()
+    time.sleep(seconds)
+    return contention(a, cpu_snapshot())["other_cpu_fraction_of_machine"]
+
+
+def wait_quiet(limit_s: float, threshold: float) -> dict:
+    """Wait (at most ``limit_s``) until other processes use less than ``threshold`` of the machine."""
+    t0 = time.perf_counter()
+    seen = other_cpu_now()
+    while seen > threshold and time.perf_counter() - t0 < limit_s:
+        time.sleep(7.0)
+        seen = other_cpu_now()
+    return {"waited_s": time.perf_counter() - t0, "other_cpu_at_start": seen}
+
+
 def run_quiet(spec: dict, args) -> dict:
     """Run a worker; while other processes used more than ``--max-other-cpu`` of the machine during its
     timed part (a shared machine), run it again (at most ``--retries`` times) and keep the quietest run."""
     best = None
     for attempt in range(1 + max(0, args.retries)):
+        gate = wait_quiet(args.wait_quiet, args.max_other_cpu) if args.wait_quiet else None
         r = run_worker(spec)
+        if gate:
+            r["quiet_gate"] = gate
         r["attempt"] = attempt
         other = r.get("contention", {}).get("other_cpu_fraction_of_machine", 0.0)
         if best is None or other < best.get("contention", {}).get("other_cpu_fraction_of_machine", 0.0):
@@ -399,7 +440,7 @@ def run_quiet(spec: dict, args) -> dict:
             best = r
         else:
             best.setdefault("noisier_attempts", []).append(_summary(r))
-        if other <= args.max_other_cpu:
+        if other <= args.max_other_cpu or attempt == max(0, args.retries):
             break
         print(
             f"    other processes used {100 * other:.0f}% of the machine; running {spec['name']} again",
@@ -410,8 +451,10 @@ def run_quiet(spec: dict, args) -> dict:
 
 
 def _summary(r: dict) -> dict:
+    c = r.get("contention", {})
     return {k: r.get(k) for k in ("seconds", "wall_seconds", "cells_per_s")} | {
-        "other_cpu_fraction_of_machine": r.get("contention", {}).get("other_cpu_fraction_of_machine")
+        "other_cpu_fraction_of_machine": c.get("other_cpu_fraction_of_machine"),
+        "loadavg_before_after": [c.get("loadavg_before"), c.get("loadavg_after")],
     }
 
 
@@ -446,6 +489,19 @@ def subset_file(data: Path, k: int, where: Path) -> Path:
     if not path.exists():
         ad.read_h5ad(data)[:k].copy().write_h5ad(path)
     return path
+
+
+def baseline_src(rev: str, outdir: Path) -> Path:
+    """``src/`` of git revision ``rev``, exported (once) with ``git archive`` under ``outdir``."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dest = Path(outdir) / f"src-{commit}"
+    if not (dest / "src" / "transcriptformer").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit, "src"], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"
 
 
 def workload_a(args, report: dict, save) -> None:
@@ -485,7 +541,18 @@ def workload_a(args, report: dict, save) -> None:
         configs.append(dict(name="engine@naive_cells", mode="engine", cells=n_naive))
     if not args.skip_naive:
         configs.append(dict(name="naive", mode="naive", cells=n_naive, llh=True, gene_llh=True, attention="dense"))
+    if args.only:
+        keep = set(args.only.split(","))
+        configs = [c for c in configs if c["name"] in keep]
+    if args.greedy_planner:  # this src/ with the former planner (no cost model)
+        configs += [dict(c, name=f"{c['name']}[greedy]", planner="greedy") for c in configs if c["mode"] == "engine"]
+    if args.baseline:  # the same engine configurations with another commit's src/, interleaved
+        base_src = baseline_src(args.baseline, Path(args.outdir))
+        rep["baseline"] = {"rev": args.baseline, "src": str(base_src)}
+        for c in [c for c in configs if c["mode"] == "engine" and "planner" not in c]:
+            configs.append(dict(c, name=f"{c['name']}[{args.baseline}]", src=str(base_src)))
     results = rep.setdefault("configs", {})
+    todo = []
     for c in configs:
         old = results.get(c["name"])
         if (
@@ -496,18 +563,52 @@ def workload_a(args, report: dict, save) -> None:
         ):
             print(f"[a] {c['name']}: reusing the result in {args.json}", file=sys.stderr)
             continue
-        spec = dict(
-            c,
-            checkpoint=str(ckpt),
-            data=str(data),
-            out=str(tmp / f"{c['name']}.npz"),
-            threads=args.threads,
-            mm_shape=rep["matmul"]["square"]["shape"],
-        )
-        print(f"[a] {c['name']} on {c['cells']} cells ...", file=sys.stderr, flush=True)
-        results[c["name"]] = run_quiet(spec, args)
-        results[c["name"]]["npz"] = spec["out"]
-        save()
+        todo.append(c)
+    # with --rounds N every configuration runs N times, round by round (A, B, A, B, ...), so that
+    # configurations meet the same load from other processes; each keeps its median run
+    every: dict[str, list[dict]] = {}
+    for rnd in range(max(1, args.rounds)):
+        for c in todo:
+            spec = dict(
+                c,
+                checkpoint=str(ckpt),
+                data=str(data),
+                out=str(tmp / f"{c['name']}.npz"),
+                threads=args.threads,
+                mm_shape=rep["matmul"]["square"]["shape"],
+            )
+            print(f"[a] {c['name']} on {c['cells']} cells (round {rnd}) ...", file=sys.stderr, flush=True)
+            r = run_quiet(spec, args)
+            r["npz"] = spec["out"]
+            r["round"] = rnd
+            every.setdefault(c["name"], []).append(r)
+            runs = sorted(every[c["name"]], key=lambda x: x["seconds"])
+            results[c["name"]] = dict(runs[(len(runs) - 1) // 2])  # the median run (lower median)
+            if len(runs) > 1:
+                results[c["name"]]["rounds"] = [_summary(x) | {"round": x["round"]} for x in every[c["name"]]]
+            save()
+    pairs = []
+    for c in [c for c in configs if c["mode"] == "engine" and "src" not in c and "planner" not in c]:
+        if args.baseline:
+            pairs.append((c["name"], f"{c['name']}[{args.baseline}]", "baseline_comparison"))
+        if args.greedy_planner:
+            pairs.append((c["name"], f"{c['name']}[greedy]", "greedy_planner_comparison"))
+    for name, b, section in pairs:
+        cmp_ = rep.setdefault(section, {})
+        if name in every and b in every:
+            pr = list(zip(every[b], every[name], strict=False))
+            per_round = [x["seconds"] / y["seconds"] for x, y in pr]
+            cpu = [x["contention"]["own_cpu_s"] / y["contention"]["own_cpu_s"] for x, y in pr]
+            cmp_[name] = {
+                "other": b,
+                "cells_per_s": results[name]["cells_per_s"],
+                "cells_per_s_other": results[b]["cells_per_s"],
+                "speedup_median_runs": results[b]["seconds"] / results[name]["seconds"],
+                "speedup_per_round": per_round,
+                "speedup_median_of_rounds": float(np.median(per_round)),
+                "own_cpu_ratio_per_round": cpu,
+                "own_cpu_ratio_median_of_rounds": float(np.median(cpu)),
+            }
     if args.published_cli:
         for label, cells in (("published", n_naive), ("published_startup", 8)):
             if label == "published_startup" and n_naive <= 8:
@@ -575,10 +676,18 @@ def workload_a(args, report: dict, save) -> None:
     arrays = {k: np.load(v["npz"]) for k, v in results.items() if "npz" in v}
     agree = rep.setdefault("agreement", {})
     e = arrays["engine"]
-    agree["engine+llh_vs_engine_embeddings"] = compare(arrays["engine+llh"]["embeddings"], e["embeddings"])
+    if "engine+llh" in arrays:
+        agree["engine+llh_vs_engine_embeddings"] = compare(arrays["engine+llh"]["embeddings"], e["embeddings"])
+    if "engine[greedy]" in arrays:
+        agree["engine_vs_greedy_planner_embeddings"] = compare(e["embeddings"], arrays["engine[greedy]"]["embeddings"])
+    if args.baseline:
+        for name in [k for k in arrays if k.endswith(f"[{args.baseline}]")]:
+            mine = name.split("[")[0]
+            agree[f"{mine}_vs_baseline_embeddings"] = compare(arrays[mine]["embeddings"], arrays[name]["embeddings"])
     if "naive" in arrays:
         agree["engine_vs_naive_embeddings"] = compare(e["embeddings"], arrays["naive"]["embeddings"])
-        agree["engine_vs_naive_llh"] = compare(arrays["engine+llh"]["llh"], arrays["naive"]["llh"])
+        if "engine+llh" in arrays:
+            agree["engine_vs_naive_llh"] = compare(arrays["engine+llh"]["llh"], arrays["naive"]["llh"])
     if "published" in arrays:
         agree["engine_vs_published_embeddings"] = compare(e["embeddings"], arrays["published"]["embeddings"])
         if "naive" in arrays:
@@ -613,7 +722,7 @@ def workload_b(args, report: dict, save) -> None:
     import torch
 
     from transcriptformer.checkpoint import build_model
-    from transcriptformer.engine import Engine, Outputs
+    from transcriptformer.engine import Engine
     from transcriptformer.tokenizer import prepare_cells
 
     dev = "cuda" if (args.device == "cuda" and not args.smoke) else "cpu"
@@ -658,7 +767,7 @@ def workload_b(args, report: dict, save) -> None:
         synthetic.synthetic_var(tids),
     )
     tsrc = prepare_cells(tad, tiny.vocab, tiny.aux_vocabs, seq_len=tiny.seq_len)
-    outs = Outputs(embeddings=True, llh=True, gene_llh=True)
+    outs = ("embeddings", "llh", "gene_llh")
     cpu_ref = Engine(tiny, device="cpu", precision="32", attention="chunked", progress=False).run(tsrc, outs)
     tiny_rep = rep.setdefault("tiny_fp32_vs_cpu", {})
     for att in ("chunked", "dense", "flex", "auto"):
@@ -711,9 +820,7 @@ def workload_b(args, report: dict, save) -> None:
     def fp32_reference():
         sub_ad = synthetic.MiniAnnData(adata.X[:k], adata.obs.iloc[:k], adata.var)
         sub = prepare_cells(sub_ad, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
-        r = Engine(loaded, device=dev, precision="32", attention="chunked", progress=False).run(
-            sub, Outputs(embeddings=True)
-        )
+        r = Engine(loaded, device=dev, precision="32", attention="chunked", progress=False).run(sub, ("embeddings",))
         cmp_rep.update({"cells": k, "fp32_seconds": r.seconds, "fp32_attention": "chunked", "tf32": False})
         return r
 
@@ -731,7 +838,7 @@ def workload_b(args, report: dict, save) -> None:
             if dev == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            cold = eng.run(source, Outputs(embeddings=True))
+            cold = eng.run(source, ("embeddings",))
             entry = {
                 "attention": eng.attention,
                 "cold_seconds": cold.seconds,
@@ -750,7 +857,7 @@ def workload_b(args, report: dict, save) -> None:
                 if dev == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                res = eng.run(source, Outputs(embeddings=True))
+                res = eng.run(source, ("embeddings",))
             n_tokens, flops = _flops(res.n_genes, loaded, llh=False)
             entry.update(
                 {
@@ -894,6 +1001,23 @@ def main(argv=None) -> None:
         help="rerun a configuration if other processes used more than this fraction of the machine",
     )
     p.add_argument("--retries", type=int, default=2, help="reruns allowed per configuration for --max-other-cpu")
+    p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, interleaved")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each run, wait up to this long for other processes to use < --max-other-cpu of the machine",
+    )
+    p.add_argument("--only", help="comma-separated configurations of workload (a) to run (e.g. engine)")
+    p.add_argument(
+        "--greedy-planner", action="store_true", help="also run the engine configurations with the former planner"
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the engine configurations with src/ of this git revision (git archive into --outdir)",
+    )
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:

@@ -24,7 +24,7 @@ import synthetic  # noqa: E402
 from bench import _flops, compare, matmul_rate  # noqa: E402
 
 from transcriptformer.checkpoint import build_model  # noqa: E402
-from transcriptformer.engine import Engine, Outputs  # noqa: E402
+from transcriptformer.engine import Engine  # noqa: E402
 from transcriptformer.tokenizer import prepare_cells  # noqa: E402
 
 
@@ -65,8 +65,8 @@ def main() -> None:
         entry = rep.setdefault(name, {})
         try:
             eng = Engine(loaded, device=dev, precision="bf16", attention="auto", fuse=fuse, progress=False)
-            cold = eng.run(source, Outputs())
-            res = eng.run(source, Outputs())
+            cold = eng.run(source, ("embeddings",))
+            res = eng.run(source, ("embeddings",))
             tokens, flops = _flops(res.n_genes, loaded, llh=False)
             entry.update(
                 attention=eng.attention,
@@ -93,7 +93,9 @@ def main() -> None:
         seq_len=loaded.seq_len,
     )
     for name, att in (("fp32_chunked", "chunked"), ("fp32_flex", "auto")):
-        r = Engine(loaded, device=dev, precision="32", attention=att, fuse=False, progress=False).run(sub, Outputs())
+        r = Engine(loaded, device=dev, precision="32", attention=att, fuse=False, progress=False).run(
+            sub, ("embeddings",)
+        )
         embs[name] = r.embeddings
         rep[name] = {"seconds": r.seconds, "attention": r.stats["attention"], "cells": k}
     rep["fp32_flex_vs_fp32_chunked"] = compare(embs["fp32_flex"], embs["fp32_chunked"])
@@ -115,10 +117,10 @@ def main() -> None:
         eng = Engine(
             loaded, device=dev, precision="bf16", attention="auto", fuse=best.endswith("fused"), progress=False
         )
-        eng.run(sub, Outputs())
+        eng.run(sub, ("embeddings",))
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
         with profile(activities=acts) as prof:
-            eng.run(sub, Outputs())
+            eng.run(sub, ("embeddings",))
         key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
         rep["profile_config"] = best

@@ -20,6 +20,12 @@ Usage::
     python benchmarks/make_checkpoint.py benchmarks/out/ckpt_medium --preset medium
     python benchmarks/make_checkpoint.py /tmp/sapiens --preset sapiens
     python benchmarks/make_checkpoint.py DIR --E 32 --F 64 --L 1 --H 2 --seq-len 2047 --D 16 --n-genes 20000
+    python benchmarks/make_checkpoint.py DIR --preset medium --genes-from cells.h5ad --gene-column ensembl_id
+
+``--genes-from H5AD`` makes the vocabulary of the genes of a dataset (``var[--gene-column]``, or
+``var_names`` with ``--gene-column index``; version suffixes stripped, empty and duplicate ids
+dropped, file order kept) instead of synthetic ids, so that real cells can be embedded; ``n_genes``
+becomes their number. The assay labels of its ``obs["assay"]`` are added to the assay vocabulary.
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ PRESETS = {
     "medium": Shape(E=256, F=1024, L=4, H=8, seq_len=2047, D=2560, n_genes=20000, Hg=256),
     # the shape of the released TF-Sapiens (SPEC §9): V = 23,830 with 7 special tokens
     "sapiens": Shape(E=2048, F=2048, L=12, H=16, seq_len=2047, D=2560, n_genes=23823, Hg=2048),
+    # the TF-Sapiens network with the vocabulary of the released TF-Metazoa (SPEC §9): V ~ 247,389 tokens incl. the
+    # 7 special ones, gene-id head 512 wide (the real TF-Metazoa's layer count and widths equal TF-Sapiens')
+    "metazoa": Shape(E=2048, F=2048, L=12, H=16, seq_len=2047, D=2560, n_genes=247382, Hg=512),
     # small model at the real sequence length, for the data-pipeline (streaming) benchmark
     "stream": Shape(E=32, F=64, L=1, H=2, seq_len=2047, D=16, n_genes=20000, Hg=16),
     # sizes for --smoke runs
@@ -75,6 +84,33 @@ PRESETS = {
 def gene_ids(n_genes: int) -> list[str]:
     """Synthetic Ensembl-like human gene ids, in vocabulary order."""
     return [f"ENSG{i:011d}" for i in range(1, n_genes + 1)]
+
+
+def genes_of_h5ad(path: str | os.PathLike, column: str = "ensembl_id") -> tuple[list[str], list[str]]:
+    """(gene ids, assay labels) of an h5ad: ``var[column]`` (``"index"``: ``var_names``) without version
+    suffixes, empty or duplicate ids, in file order; the distinct values of ``obs["assay"]`` if present."""
+    import anndata as ad
+
+    a = ad.read_h5ad(path, backed="r")
+    try:
+        return genes_of_adata(a, column)
+    finally:
+        a.file.close()
+
+
+def genes_of_adata(adata, column: str = "ensembl_id") -> tuple[list[str], list[str]]:
+    """:func:`genes_of_h5ad` for an AnnData object."""
+    values = adata.var_names if column == "index" else adata.var[column]
+    ids, seen = [], set()
+    for v in values:
+        if not isinstance(v, str) or not v.strip() or v.strip().lower() in ("nan", "none"):
+            continue
+        g = v.strip().split(".")[0] if v.startswith("ENS") else v.strip()
+        if g not in seen:
+            seen.add(g)
+            ids.append(g)
+    assays = sorted({str(x) for x in adata.obs["assay"].unique()}) if "assay" in adata.obs.columns else []
+    return ids, assays
 
 
 def state_dict_shapes(s: Shape, n_assay: int = len(ASSAYS)) -> dict[str, tuple[int, ...]]:
@@ -123,11 +159,11 @@ def _is_layernorm(key: str) -> bool:
     return ".norm1." in key or ".norm2." in key or ".layers.2." in key
 
 
-def random_state_dict(s: Shape, device: str = "cpu") -> dict[str, torch.Tensor]:
+def random_state_dict(s: Shape, device: str = "cpu", n_assay: int = len(ASSAYS)) -> dict[str, torch.Tensor]:
     """Random weights for ``s``: N(0, std), ESM table N(0, esm_std), LayerNorm 1/0, biases 0 (float32, CPU)."""
     g = torch.Generator(device=device).manual_seed(s.seed)
     state = {}
-    for key, shape in state_dict_shapes(s).items():
+    for key, shape in state_dict_shapes(s, n_assay).items():
         if _is_layernorm(key):
             t = torch.ones(shape) if key.endswith(".weight") else torch.zeros(shape)
         elif key.endswith(".bias"):
@@ -204,19 +240,42 @@ def write_gene_table(path: Path, ids: list[str], vectors: np.ndarray) -> None:
             arrays.create_dataset(k, data=v)
 
 
-def make_checkpoint(folder: str | os.PathLike, shape: Shape, *, device: str = "cpu", verify: bool = True) -> Path:
-    """Write a random checkpoint for ``shape`` into ``folder`` (created; overwritten)."""
+def make_checkpoint(
+    folder: str | os.PathLike,
+    shape: Shape,
+    *,
+    device: str = "cpu",
+    verify: bool = True,
+    genes: list[str] | None = None,
+    extra_assays: list[str] | None = None,
+) -> Path:
+    """Write a random checkpoint for ``shape`` into ``folder`` (created; overwritten).
+
+    ``genes``: the vocabulary's gene ids (default :func:`gene_ids`; their number must be ``shape.n_genes``);
+    ``extra_assays``: labels added to the assay vocabulary.
+    """
+    genes = gene_ids(shape.n_genes) if genes is None else list(genes)
+    if len(genes) != shape.n_genes:
+        raise ValueError(f"{len(genes)} gene ids for n_genes={shape.n_genes}")
+    assays = dict(ASSAYS)
+    for label in extra_assays or []:
+        assays.setdefault(label, len(assays))
     folder = Path(folder)
     (folder / "vocabs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    state = random_state_dict(shape, device=device)
+    state = random_state_dict(shape, device=device, n_assay=len(assays))
     torch.save(state, folder / "model_weights.pt")
     (folder / "config.json").write_text(json.dumps(config_json(shape), indent=2))
-    (folder / "vocabs" / "assay_vocab.json").write_text(json.dumps(ASSAYS, indent=1))
+    (folder / "vocabs" / "assay_vocab.json").write_text(json.dumps(assays, indent=1))
     # the table's values are overwritten by the state_dict at load time; write the same ones
     esm = state["gene_embeddings.embedding.weight"][len(SPECIAL_TOKENS) :].numpy()
-    write_gene_table(folder / "vocabs" / "homo_sapiens_gene.h5", gene_ids(shape.n_genes), esm)
+    write_gene_table(folder / "vocabs" / "homo_sapiens_gene.h5", genes, esm)
     (folder / "shape.json").write_text(json.dumps(asdict(shape), indent=1))
+    source = folder / "genes_source.json"
+    if genes != gene_ids(shape.n_genes):  # ensure_checkpoint never reuses such a folder for synthetic ids
+        source.write_text(json.dumps({"n_genes": len(genes), "first": genes[:3], "assays": assays}, indent=1))
+    else:
+        source.unlink(missing_ok=True)
     n = sum(t.numel() for t in state.values())
     print(f"wrote {folder} ({n / 1e6:.1f} M parameters) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if verify:
@@ -238,7 +297,7 @@ def ensure_checkpoint(folder: str | os.PathLike, shape: Shape, *, device: str = 
     """Reuse ``folder`` if it was written for ``shape``, else (re)write it."""
     folder = Path(folder)
     meta = folder / "shape.json"
-    if meta.is_file() and (folder / "model_weights.pt").is_file():
+    if meta.is_file() and (folder / "model_weights.pt").is_file() and not (folder / "genes_source.json").exists():
         try:
             if Shape(**json.loads(meta.read_text())) == shape:
                 return folder
@@ -257,11 +316,18 @@ def main(argv=None) -> None:
     p.add_argument("--n-genes", type=int)
     p.add_argument("--std", type=float)
     p.add_argument("--device", default="cpu", help="where random numbers are drawn (cuda is faster for big shapes)")
+    p.add_argument("--genes-from", metavar="H5AD", help="vocabulary = the genes of this h5ad (see above)")
+    p.add_argument("--gene-column", default="ensembl_id", help="var column of --genes-from ('index': var_names)")
     p.add_argument("--no-verify", action="store_true")
     a = p.parse_args(argv)
     over = {k: getattr(a, k) for k in ("E", "F", "L", "H", "D", "Hg", "seed", "seq_len", "n_genes", "std")}
+    genes, assays = genes_of_h5ad(a.genes_from, a.gene_column) if a.genes_from else (None, None)
+    if genes is not None:
+        if a.n_genes is not None and a.n_genes != len(genes):
+            p.error(f"--n-genes {a.n_genes} but {a.genes_from} has {len(genes)} distinct gene ids")
+        over["n_genes"] = len(genes)
     shape = replace(PRESETS[a.preset], **{k: v for k, v in over.items() if v is not None})
-    make_checkpoint(a.folder, shape, device=a.device, verify=not a.no_verify)
+    make_checkpoint(a.folder, shape, device=a.device, verify=not a.no_verify, genes=genes, extra_assays=assays)
 
 
 if __name__ == "__main__":

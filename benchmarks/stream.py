@@ -41,8 +41,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT_DIR = HERE / "out"
 sys.path.insert(0, str(HERE))
-if (ROOT / "src").is_dir():
-    sys.path.insert(0, str(ROOT / "src"))
+SRC = Path(os.environ.get("TF_BENCH_SRC") or ROOT / "src")  # a worker of --baseline gets another src/
+if SRC.is_dir():
+    sys.path.insert(0, str(SRC))
 
 import make_checkpoint as mc  # noqa: E402
 import synthetic  # noqa: E402
@@ -74,7 +75,11 @@ def worker(spec: dict) -> dict:
     from bench import contention, cpu_snapshot
 
     import transcriptformer
-    from transcriptformer import tokenize as tk
+
+    try:
+        from transcriptformer import tokenizer as tk
+    except ImportError:  # a --baseline src from before the module was renamed
+        from transcriptformer import tokenize as tk
 
     reads: list[tuple[float, int, int]] = []
     snaps: list[tuple[float, float, float]] = []
@@ -98,12 +103,17 @@ def worker(spec: dict) -> dict:
         tfs.tl.embed(adata, model=loaded, device="cpu", progress=False)
         emb = adata.obsm["X_transcriptformer"]
     else:
-        from transcriptformer.engine import Engine, Outputs
-        from transcriptformer.tokenizer import prepare_cells
+        from transcriptformer.engine import Engine
 
-        source = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
+        source = tk.prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
         out = np.lib.format.open_memmap(spec["memmap"], mode="w+", dtype=np.float32, shape=(n, loaded.embed_dim))
-        Engine(loaded, device="cpu", progress=False).run(source, Outputs(embeddings=True), embeddings_out=out)
+        try:
+            from transcriptformer.engine import Outputs  # a --baseline src from before head names
+
+            heads = Outputs(embeddings=True)
+        except ImportError:
+            heads = ("embeddings",)
+        Engine(loaded, device="cpu", progress=False).run(source, heads, embeddings_out=out)
         out.flush()
         emb = out
     seconds = time.perf_counter() - t0
@@ -152,6 +162,7 @@ def worker(spec: dict) -> dict:
         "contention": whole,
         "embeddings_check": emb_check,
         "threads": torch.get_num_threads(),
+        "src": str(SRC),
     }
 
 
@@ -201,6 +212,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-data", action="store_true", help="keep the h5ad files (default: delete after use)")
+    p.add_argument("--baseline", metavar="REV", help="also run each size with src/ of this git revision, interleaved")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each size (and of the baseline), interleaved")
     p.add_argument("--outdir", default=str(OUT_DIR))
     p.add_argument("--json")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -215,7 +228,7 @@ def main(argv=None) -> None:
     ids = mc.gene_ids(shape.n_genes)
     profile = synthetic.Profile(scale_genes=a.scale_genes)
     sizes = [a.probe] if a.probe else [int(s) for s in a.sizes.split(",")]
-    from bench import git_state, machine_info
+    from bench import baseline_src, git_state, machine_info
 
     report = {
         "checkpoint": str(ckpt),
@@ -237,27 +250,33 @@ def main(argv=None) -> None:
         else:
             stats = {"file_bytes": data.stat().st_size}
         modes = [a.mode] + (["memmap"] if a.also_memmap_largest and n == max(sizes) and a.mode != "memmap" else [])
-        for mode in modes:
-            print(f"embedding {n:,} cells ({mode}) ...", file=sys.stderr, flush=True)
-            spec = {
-                "checkpoint": str(ckpt),
-                "data": str(data),
-                "mode": mode,
-                "threads": a.threads,
-                "memmap": str(out / f"stream_{n}.npy"),
-            }
-            r = run_worker(spec)
-            r["data"] = stats
-            r["flatness"] = flatness(r["window_seconds_per_cell"], r.get("window_other_cpu_fraction"))
-            report["runs"].append(r)
-            save()
-            print(
-                f"  {n:>8,} cells {mode:<7} {r['seconds']:8.1f} s  {r['seconds_per_cell'] * 1e3:7.3f} ms/cell  "
-                f"peak RSS {r['peak_rss_mb']:7.0f} MB  windows {r['windows']}  flatness {r['flatness']}",
-                flush=True,
-            )
-            if mode == "memmap":
-                Path(spec["memmap"]).unlink(missing_ok=True)
+        srcs = [None] + ([str(baseline_src(a.baseline, out))] if a.baseline else [])
+        for rnd in range(max(1, a.rounds)):
+            for mode in modes:
+                for src in srcs:
+                    label = f"{mode}[{a.baseline}]" if src else mode
+                    print(f"embedding {n:,} cells ({label}, round {rnd}) ...", file=sys.stderr, flush=True)
+                    spec = {
+                        "checkpoint": str(ckpt),
+                        "data": str(data),
+                        "mode": mode,
+                        "threads": a.threads,
+                        "memmap": str(out / f"stream_{n}.npy"),
+                        "src": src,
+                    }
+                    r = run_worker(spec)
+                    r.update(data=stats, label=label, round=rnd, baseline=a.baseline if src else None)
+                    r["flatness"] = flatness(r["window_seconds_per_cell"], r.get("window_other_cpu_fraction"))
+                    report["runs"].append(r)
+                    save()
+                    print(
+                        f"  {n:>8,} cells {label:<16} {r['seconds']:8.1f} s  {r['seconds_per_cell'] * 1e3:7.3f} ms/cell"
+                        f"  peak RSS {r['peak_rss_mb']:7.0f} MB  windows {r['windows']}  "
+                        f"other CPU {r['contention'].get('other_cpu_fraction_of_machine', float('nan')):.2f}",
+                        flush=True,
+                    )
+                    if mode == "memmap":
+                        Path(spec["memmap"]).unlink(missing_ok=True)
         if not a.keep_data and not a.probe:
             data.unlink(missing_ok=True)
     report["git_state_at_end"] = git_state()

@@ -210,12 +210,16 @@ def write_h5ad_chunked(
     profile: Profile = Profile(),
     chunk: int = 2048,
     verbose: bool = True,
+    head: int | None = None,
 ) -> dict:
     """Write ``n_cells`` synthetic cells to ``path`` (h5ad, CSR ``X``), ``chunk`` cells at a time.
 
     Memory stays at about one chunk (``chunk x n_genes`` float32 for the sampling, plus its CSR).
-    Returns :func:`describe`-like statistics of the written data.
+    ``head``: write only the first ``head`` cells of those ``n_cells`` (the same cells as the start of the
+    full file). Returns :func:`describe`-like statistics of the written data.
     """
+    full = n_cells
+    n_cells = min(n_cells, head) if head is not None else n_cells
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     gm = GeneModel(len(gene_ids), profile, seed)
@@ -235,7 +239,7 @@ def write_h5ad_chunked(
         indptr = X.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
         indptr[0] = 0
         for i, s in enumerate(range(0, n_cells, chunk)):
-            m = _chunk(gm, np.random.default_rng([seed, 1, i]), min(chunk, n_cells - s))
+            m = _chunk(gm, np.random.default_rng([seed, 1, i]), min(chunk, full - s))[: n_cells - s]
             e = s + m.shape[0]
             data.resize((nnz + m.nnz,))
             indices.resize((nnz + m.nnz,))
@@ -249,7 +253,7 @@ def write_h5ad_chunked(
             count_max = max(count_max, float(m.data.max(initial=0)))
             if verbose and (i % 10 == 0 or e == n_cells):
                 print(f"  {path.name}: {e:,}/{n_cells:,} cells ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-        _write_df(f, "obs", synthetic_obs(n_cells, seed))
+        _write_df(f, "obs", synthetic_obs(full, seed).iloc[:n_cells])
         _write_df(f, "var", synthetic_var(gene_ids))
         for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
             g = f.create_group(key)
