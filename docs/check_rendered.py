@@ -8,7 +8,8 @@ home page) this script
 2. opens the page in headless Chromium inside a small wrapper page and records, for every ``<img>``
    of the rendered page, whether the browser loaded it (``complete`` and a natural width above 0),
    read back with ``--dump-dom``;
-3. takes a screenshot of the page (``--window-size=1200,3000``) into the output folder, to look at.
+3. takes a screenshot of the page, 1200 pixels wide and as tall as the page (at least 3000, at most
+   16,000 pixels; ``--window-height`` fixes it), into the output folder, to look at.
 
 It exits with status 1 if any image is missing or did not load, or if a page that must show
 figures (the executed tutorials) has none; 2 if Chromium or the built pages are not found.
@@ -62,6 +63,8 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--hide-scrollbars",
 )
+#: Tallest screenshot taken (pixels); longer pages are cut there.
+MAX_HEIGHT = 16000
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"<svg", b"<?xml", b"RIFF")
 
 # Loaded in the wrapper page: waits for the page in the iframe, then writes what its images did into
@@ -77,11 +80,14 @@ frame.addEventListener("load", () => {{
     let out;
     try {{
       const doc = frame.contentDocument;
-      out = Array.from(doc.images).map(img => ({{
-        src: img.getAttribute("src") || "",
-        complete: img.complete,
-        width: img.naturalWidth,
-      }}));
+      out = {{
+        height: Math.max(doc.documentElement.scrollHeight, doc.body.scrollHeight),
+        images: Array.from(doc.images).map(img => ({{
+          src: img.getAttribute("src") || "",
+          complete: img.complete,
+          width: img.naturalWidth,
+        }})),
+      }};
     }} catch (e) {{
       out = {{error: String(e)}};
     }}
@@ -147,8 +153,8 @@ def run_chromium(chromium: str, args: list[str], timeout: float) -> subprocess.C
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def browser_problems(chromium: str, page: Path, timeout: float) -> tuple[int, int, list[str]]:
-    """Images of the page as Chromium rendered it, how many loaded, and those that did not load."""
+def browser_problems(chromium: str, page: Path, timeout: float) -> tuple[int, int, list[str], int]:
+    """Images of the page as Chromium rendered it, how many loaded, those that did not, and the page's height."""
     with tempfile.TemporaryDirectory(prefix="check-rendered-") as tmp:
         wrapper = Path(tmp) / "wrapper.html"
         wrapper.write_text(WRAPPER.format(src=html.escape(page.as_uri(), quote=True)), encoding="utf-8")
@@ -159,23 +165,24 @@ def browser_problems(chromium: str, page: Path, timeout: float) -> tuple[int, in
         )
     start = result.stdout.find('<pre id="result">')
     if start < 0:
-        return 0, 0, [f"Chromium printed no DOM (exit {result.returncode}): {result.stderr.strip()[-500:]}"]
+        return 0, 0, [f"Chromium printed no DOM (exit {result.returncode}): {result.stderr.strip()[-500:]}"], 0
     text = result.stdout[start + len('<pre id="result">') :].split("</pre>", 1)[0]
     try:
-        images = json.loads(html.unescape(text))
+        found = json.loads(html.unescape(text))
     except json.JSONDecodeError:
-        return 0, 0, [f"the page did not finish loading in Chromium (result: {text[:100]!r})"]
-    if isinstance(images, dict):
-        return 0, 0, [f"could not read the page's images: {images.get('error')}"]
+        return 0, 0, [f"the page did not finish loading in Chromium (result: {text[:100]!r})"], 0
+    if "error" in found:
+        return 0, 0, [f"could not read the page's images: {found['error']}"], 0
+    images = found["images"]
     bad = [f"{i['src'][:80]}: not loaded in the browser" for i in images if not (i["complete"] and i["width"] > 0)]
-    return len(images), len(images) - len(bad), bad
+    return len(images), len(images) - len(bad), bad, int(found["height"])
 
 
-def screenshot(chromium: str, page: Path, target: Path, timeout: float) -> str | None:
+def screenshot(chromium: str, page: Path, target: Path, timeout: float, height: int = 3000) -> str | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     result = run_chromium(
         chromium,
-        ["--window-size=1200,3000", "--virtual-time-budget=10000", f"--screenshot={target}", page.as_uri()],
+        [f"--window-size=1200,{height}", "--virtual-time-budget=10000", f"--screenshot={target}", page.as_uri()],
         timeout,
     )
     if not target.is_file() or target.stat().st_size == 0:
@@ -190,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "_build" / "screenshots"), help="screenshots (default: %(default)s)")
     parser.add_argument("--chromium", default=None, help="Chromium binary (default: $CHROMIUM or chromium on PATH)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per Chromium run")
+    parser.add_argument(
+        "--window-height",
+        type=int,
+        default=None,
+        help="screenshot height in pixels (default: the whole page, at least 3000, at most %d)" % MAX_HEIGHT,
+    )
     args = parser.parse_args(argv)
 
     root = Path(args.html).resolve()
@@ -211,14 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     for page in pages:
         rel = page.relative_to(root).as_posix()
         n_static, problems = static_problems(page)
-        n_browser, n_loaded, loading = browser_problems(chromium, page, args.timeout)
+        n_browser, n_loaded, loading, page_height = browser_problems(chromium, page, args.timeout)
         problems += loading
         if n_browser != n_static and not loading:
             problems.append(f"{n_static} <img> in the HTML but {n_browser} in the rendered page")
         if rel in MUST_HAVE_FIGURES and n_static == 0:
             problems.append("no figure, but this page must show some")
         shot = out / (rel.removesuffix(".html").replace("/", "__") + ".png")
-        problem = screenshot(chromium, page, shot, args.timeout)
+        height = 3000 if args.window_height else min(max(3000, page_height + 100), MAX_HEIGHT)
+        problem = screenshot(chromium, page, shot, args.timeout, args.window_height or height)
         if problem:
             problems.append(problem)
         status = "FAIL" if problems else "ok"
