@@ -61,6 +61,7 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "sphinx_autodoc_typehints",  # after napoleon, so it sees the converted docstrings
+    "api_fixes",  # local (_ext/): after sphinx_autodoc_typehints
     "sphinx_copybutton",
 ]
 
