@@ -5,9 +5,11 @@ Build locally (from the repository root)::
     pip install -e ".[doc]"
     sphinx-build -W --keep-going -b html docs docs/_build/html
 
-Notebooks under ``tutorials/`` are stored without outputs and executed by myst-nb at build time
-(cached in ``docs/_build/.jupyter_cache``). They use the tiny bundled checkpoint, so the build
-needs neither a GPU nor the published weights.
+Notebooks under ``tutorials/`` (and the MyST notebook ``finetuning.md``) are stored without
+outputs and executed by myst-nb at build time (cached in ``docs/_build/.jupyter_cache``). They
+use the bundled demo model and datasets, so the build needs neither a GPU nor the published
+weights. Their kernels inherit this process's environment (``PYTHONPATH`` included).
+``check_rendered.py`` then checks the built pages in headless Chromium (``development.md``).
 
 Environment variables:
 
@@ -59,6 +61,7 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "sphinx_autodoc_typehints",  # after napoleon, so it sees the converted docstrings
+    "api_fixes",  # local (_ext/): after sphinx_autodoc_typehints
     "sphinx_copybutton",
 ]
 
@@ -104,7 +107,7 @@ myst_heading_anchors = 3
 myst_url_schemes = ("http", "https", "mailto")
 
 nb_execution_mode = os.environ.get("TRANSCRIPTFORMER_DOCS_EXECUTE", "cache")
-nb_execution_timeout = 120
+nb_execution_timeout = 900  # per cell; fine-tuning on two busy CPU cores can take minutes
 nb_execution_raise_on_error = True  # a failing tutorial fails the build
 nb_execution_show_tb = True
 nb_merge_streams = True
