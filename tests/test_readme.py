@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -20,9 +22,19 @@ def test_quickstart_runs(capsys, monkeypatch, tmp_path):
     namespace: dict = {}
     exec(compile(blocks[0], "README-quickstart", "exec"), namespace)
     adata = namespace["adata"]
-    assert adata.obsm["X_transcriptformer"].shape == (21, 32)
+    assert adata.obsm["X_transcriptformer"].shape == (700, 64)  # the demo model's width
     assert "X_umap" in adata.obsm
-    assert namespace["cge"].n_obs == 767
+    # per-gene layers: entries only at the genes the model read, and their row mean is the cell's llh
+    layer = adata.layers["transcriptformer_count_nll"]
+    assert layer.format == "csr" and layer.nnz == int(adata.obs["transcriptformer_n_genes"].sum())
+    np.testing.assert_allclose(
+        np.asarray(layer.sum(axis=1)).ravel() / np.diff(layer.indptr), adata.obs["transcriptformer_llh"], rtol=1e-5
+    )
+    query = namespace["query"]
+    accuracy = (query.obs["bulk_labels_transferred"] == query.obs["bulk_labels"]).mean()
+    assert accuracy > 0.5  # 0.73 with the demo model; 10 cell types, the largest is 34% of the cells
+    fake = namespace["fake"]
+    assert fake.n_obs == 4 and (fake.obs["n_genes"] <= 100).all() and fake.X.sum() > 0
     assert "n_genes_matched" in capsys.readouterr().out
 
 

@@ -966,7 +966,7 @@ class Engine:
 
     def _progress_bar(self, first: TokenWindow, n_cells: int):
         """A progress bar, shown when the run is expected to take more than a few seconds (from the tokens)."""
-        from tqdm.auto import tqdm
+        from ._progress import tqdm
 
         show = self.progress
         if show is None:

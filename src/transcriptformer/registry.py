@@ -463,7 +463,7 @@ def _safe_extract(tarball: Path, target: Path, expected_top: str, progress: bool
         the archive is damaged or cut short.
 
     """
-    from tqdm.auto import tqdm
+    from ._progress import tqdm
 
     try:
         with tarfile.open(tarball, "r:*") as tar:

@@ -370,7 +370,7 @@ def _fit(
             {"epoch": 0, "step": 0, "validation": _evaluate(view(), val_sources, options, str(device), precision)}
         )
         logger.info("validation before training: %s", history[-1]["validation"])
-    from tqdm.auto import tqdm
+    from ._progress import tqdm
 
     show = options.progress if options.progress is not None else True
     n_tokens, flops = 0, 0.0
