@@ -192,16 +192,18 @@ def screenshot(chromium: str, page: Path, target: Path, timeout: float, height: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("pages", nargs="*", help="pages relative to --html (default: %s)" % ", ".join(DEFAULT_PAGES))
+    parser.add_argument("pages", nargs="*", help=f"pages relative to --html (default: {', '.join(DEFAULT_PAGES)})")
     parser.add_argument("--html", default=str(HERE / "_build" / "html"), help="the built HTML (default: %(default)s)")
-    parser.add_argument("--out", default=str(HERE / "_build" / "screenshots"), help="screenshots (default: %(default)s)")
+    parser.add_argument(
+        "--out", default=str(HERE / "_build" / "screenshots"), help="screenshots (default: %(default)s)"
+    )
     parser.add_argument("--chromium", default=None, help="Chromium binary (default: $CHROMIUM or chromium on PATH)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per Chromium run")
     parser.add_argument(
         "--window-height",
         type=int,
         default=None,
-        help="screenshot height in pixels (default: the whole page, at least 3000, at most %d)" % MAX_HEIGHT,
+        help=f"screenshot height in pixels (default: the whole page, at least 3000, at most {MAX_HEIGHT})",
     )
     args = parser.parse_args(argv)
 
