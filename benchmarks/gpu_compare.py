@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE))
 
 import make_checkpoint as mc  # noqa: E402
 import synthetic  # noqa: E402
+from bench import _jsonable  # noqa: E402
 
 SAPIENS_GENES = mc.PRESETS["sapiens"].n_genes
 
@@ -75,18 +76,6 @@ def save_section(path: str, key: str, value) -> None:
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(_jsonable(rep), indent=1))
     tmp.replace(path)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return str(x)
-    return x
 
 
 class GpuMemorySampler:
