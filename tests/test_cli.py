@@ -81,6 +81,30 @@ def test_cell_embeddings(cli, tmp_path, tiny_path, human_h5ad, reference):
     _same_obs(out, ref)
 
 
+def test_gene_ids_from_var_names(cli, tmp_path, tiny_path, human_h5ad, reference):
+    """--gene-col-name var_names reads the ids from the var index (the API's gene_key=None)."""
+    adata = ad.read_h5ad(human_h5ad)
+    adata.var_names = adata.var.pop("ensembl_id").astype(str).to_numpy()
+    path = tmp_path / "ids_in_index.h5ad"
+    adata.write_h5ad(path)
+    out = _infer(cli, tmp_path, tiny_path, path, "--gene-col-name", "var_names")
+    np.testing.assert_allclose(out.obsm["embeddings"], reference["cell"].obsm["embeddings"], atol=ATOL, rtol=0)
+    # a missing column: the error names the flag's value that reads var_names
+    proc = cli(
+        "inference",
+        "--checkpoint-path",
+        tiny_path,
+        "--data-file",
+        path,
+        "--gene-col-name",
+        "nope",
+        "--output-path",
+        tmp_path / "o",
+        check=False,
+    )
+    assert proc.returncode == 1 and "--gene-col-name var_names" in proc.stderr, proc.stderr
+
+
 def test_raw_input(cli, tmp_path, tiny_path, reference):
     out = _infer(cli, tmp_path, tiny_path, DATA / "tiny_human_raw.h5ad", "--use-raw", "auto")
     np.testing.assert_allclose(out.obsm["embeddings"], reference["raw_cell"].obsm["embeddings"], atol=ATOL, rtol=0)

@@ -70,7 +70,7 @@ _DEFAULT_ONLY = {
 
 #: How the library's error messages name options, and the flags that set them here.
 _FLAG_NAMES = {
-    "gene_key=None to use var_names": "a var column of Ensembl ids",
+    "gene_key=None to use var_names": "--gene-col-name var_names to use var_names",
     "gene_key=<": "--gene-col-name <",
     "duplicate_genes='first'": "--remove-duplicate-genes",
     "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
@@ -164,6 +164,16 @@ def _as_text_or_none(text: str) -> str | None:
     return None if text.strip().lower() in ("none", "null") else _as_text(text)
 
 
+#: ``--gene-col-name`` value that reads the gene ids from ``var_names`` (the API's ``gene_key=None``)
+VAR_NAMES = "var_names"
+GENE_COL_HELP = f"var column with Ensembl gene ids, or {VAR_NAMES!r} for the var index"
+
+
+def gene_column(text: str) -> str | None:
+    """The ``gene_key`` of a ``--gene-col-name`` value: ``var_names`` (or none/null) means the var index."""
+    return None if text.strip() == VAR_NAMES else _as_text_or_none(text)
+
+
 def _as_use_raw(text: str) -> bool | None:
     try:
         return _bool_or_auto(text)
@@ -180,7 +190,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "model.inference_config.output_filename": ("output_filename", _as_text),
     "model.inference_config.device": ("device", _as_choice(*DEVICES)),
     "model.inference_config.pretrained_embedding": ("pretrained_embedding", _as_text_or_none),
-    "model.data_config.gene_col_name": ("gene_col_name", _as_text_or_none),
+    "model.data_config.gene_col_name": ("gene_col_name", gene_column),
     "model.data_config.clip_counts": ("clip_counts", _as_number(0.0)),
     "model.data_config.filter_to_vocabs": ("filter_to_vocabs", _as_bool),
     "model.data_config.normalize_to_scale": ("normalize_to_scale", _as_number(0.0, zero_ok=True)),
@@ -238,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="most cells per batch; unset: limited by --max-tokens"
     )
     inf.add_argument("--max-tokens", type=int, default=None, help="token budget per batch")
-    inf.add_argument("--gene-col-name", default="ensembl_id", help="var column with Ensembl gene ids")
+    inf.add_argument("--gene-col-name", type=gene_column, default="ensembl_id", help=GENE_COL_HELP)
     inf.add_argument(
         "--precision",
         default="auto",

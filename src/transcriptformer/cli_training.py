@@ -17,6 +17,8 @@ logger = logging.getLogger("transcriptformer")
 
 
 def _common(p: argparse.ArgumentParser, *, lr: float, wd: float) -> None:
+    from .cli import GENE_COL_HELP, gene_column
+
     p.add_argument("--train-files", nargs="+", required=True, metavar="H5AD", help="training cells (h5ad files)")
     p.add_argument("--val-files", nargs="+", default=None, metavar="H5AD", help="held-out cells, evaluated per epoch")
     p.add_argument("--output-dir", required=True, help="new folder for the result, epoch checkpoints and logs")
@@ -33,7 +35,7 @@ def _common(p: argparse.ArgumentParser, *, lr: float, wd: float) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--devices", dest="device", help=argparse.SUPPRESS)  # the published example's spelling
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), 32, bf16, 16")
-    p.add_argument("--gene-col-name", default="ensembl_id", help="var column with Ensembl gene ids")
+    p.add_argument("--gene-col-name", type=gene_column, default="ensembl_id", help=GENE_COL_HELP)
     p.add_argument("--clip-counts", type=float, default=30, help="clip counts to this value")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
     p.add_argument("--dry-run", action="store_true", help="check the model and the data, then exit")
