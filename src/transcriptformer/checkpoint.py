@@ -380,6 +380,24 @@ def _save(path: Path, record: VerificationRecord | None, download: bool) -> None
         record.save()
 
 
+def _network(config: TranscriptFormerConfig, vocab: GeneVocab, aux_vocabs: Sequence[AuxVocab], esm_dim: int):
+    """The network that a config, a gene vocabulary and auxiliary vocabularies describe (weights as initialised)."""
+    from .model import TranscriptFormer
+
+    return TranscriptFormer(
+        config.model,
+        vocab_size=len(vocab),
+        esm_dim=esm_dim,
+        aux_vocab_sizes={a.column: len(a) for a in aux_vocabs},
+        aux_unknown=sorted({a.unknown for a in aux_vocabs}),
+        pad_idx=vocab.pad,
+        start_idx=vocab.start,
+        end_idx=vocab.end,
+        gene_head=config.loss.has_gene_head,
+        softplus_approx=config.loss.softplus_approx,
+    )
+
+
 def build_model(
     path: str | Path,
     *,
@@ -395,8 +413,6 @@ def build_model(
     """
     import torch
 
-    from .model import TranscriptFormer
-
     path = Path(path).expanduser().resolve()
     config = check_folder(path, config)
     dc = config.data
@@ -409,18 +425,7 @@ def build_model(
         torch.device("meta"),
         _skip_init_mode(),
     ):  # no memory, no random initialisation: every tensor comes from the weights
-        model = TranscriptFormer(
-            config.model,
-            vocab_size=len(vocab),
-            esm_dim=esm_dim,
-            aux_vocab_sizes={a.column: len(a) for a in aux_vocabs},
-            aux_unknown=sorted({a.unknown for a in aux_vocabs}),
-            pad_idx=vocab.pad,
-            start_idx=vocab.start,
-            end_idx=vocab.end,
-            gene_head=config.loss.has_gene_head,
-            softplus_approx=config.loss.softplus_approx,
-        )
+        model = _network(config, vocab, aux_vocabs, esm_dim)
     weights = path / WEIGHTS_FILE
     files = {str(f): file_stamp(f) for f in (path / CONFIG_FILE, weights, *tables, *aux_files)}
     stamp = files[str(weights)]
@@ -740,7 +745,6 @@ def new_model(
 
     from . import registry
     from .config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
-    from .model import TranscriptFormer
 
     paths = registry.species_tables(gene_tables, cache_dir=cache_dir)
     table = read_gene_tables(paths)
@@ -774,18 +778,7 @@ def new_model(
     vocab = GeneVocab(dc.special_tokens, table.ids, pad_token=dc.gene_pad_token)
     aux_vocabs = (AuxVocab("assay", labels),) if labels else ()
     torch.manual_seed(seed)
-    model = TranscriptFormer(
-        config.model,
-        vocab_size=len(vocab),
-        esm_dim=table.dim,
-        aux_vocab_sizes={a.column: len(a) for a in aux_vocabs},
-        aux_unknown=sorted({a.unknown for a in aux_vocabs}),
-        pad_idx=vocab.pad,
-        start_idx=vocab.start,
-        end_idx=vocab.end,
-        gene_head=config.loss.has_gene_head,
-        softplus_approx=config.loss.softplus_approx,
-    )
+    model = _network(config, vocab, aux_vocabs, table.dim)
     special = np.random.RandomState(42).rand(vocab.n_special, table.dim)
     esm = torch.from_numpy(np.concatenate([special, table.vectors.astype(np.float64)])).float()
     with torch.no_grad():
