@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from .model import TranscriptFormer
+    from .tokenizer import CellSource, TokenizeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,24 @@ class LoadedModel:
                 "changed mid-way; load the model again (transcriptformer.load_model) and re-run. To update a "
                 "checkpoint safely, write a new file and rename it over the old one."
             )
+
+    def cells(self, adata: Any, options: TokenizeOptions, vocab: GeneVocab | None = None) -> CellSource:
+        """``adata`` as this model reads it, validated (:func:`~transcriptformer.tokenizer.prepare_cells`).
+
+        The model's vocabulary (or ``vocab``, e.g. built from another species' gene tables), auxiliary
+        vocabularies, ``seq_len`` and zero-padding rule apply.
+        """
+        from .tokenizer import prepare_cells
+
+        return prepare_cells(
+            adata,
+            self.vocab if vocab is None else vocab,
+            self.aux_vocabs,
+            seq_len=self.seq_len,
+            pad_zeros=self.config.data.pad_zeros,
+            options=options,
+            model_name=self.name,
+        )
 
     def on(self, device: torch.device | str) -> TranscriptFormer:
         """The network on ``device`` (copied once per device and kept in :attr:`runtime`)."""

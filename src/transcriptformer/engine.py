@@ -49,7 +49,7 @@ from .model import (
     flex_attention,
 )
 from .options import check_positive_int
-from .tokenizer import CellSource, TokenizeOptions, TokenWindow, prepare_cells, sequence_width
+from .tokenizer import CellSource, TokenizeOptions, TokenWindow, sequence_width
 from .vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -1237,15 +1237,7 @@ def infer(
         progress=progress,
         distributed=distributed,
     )
-    source = prepare_cells(
-        adata,
-        vocab,
-        loaded.aux_vocabs,
-        seq_len=loaded.seq_len,
-        pad_zeros=loaded.config.data.pad_zeros,
-        options=tokenize,
-        model_name=loaded.name,
-    )
+    source = loaded.cells(adata, tokenize, vocab)
     gene_tokens = None if genes is None else vocab.mask(genes, what="requested genes")
     if data_genes_only:
         in_data = np.zeros(len(vocab), dtype=bool)

@@ -38,7 +38,7 @@ from .checkpoint import LoadedModel
 from .engine import autocast, resolve_device, resolve_precision
 from .model import ChunkedAttention, KVCache, TranscriptFormer
 from .options import check_positive_int
-from .tokenizer import TokenizeOptions, prepare_cells
+from .tokenizer import TokenizeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +128,7 @@ def _prompts(
     loaded: LoadedModel, prompt, n_prompt_genes: int | None, gene_key: str | None, layer: str | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Prompt cells' first genes with their real counts: tokens, counts, lengths, aux, model-view totals."""
-    src = prepare_cells(
-        prompt,
-        loaded.vocab,
-        loaded.aux_vocabs,
-        seq_len=loaded.seq_len,
-        pad_zeros=loaded.config.data.pad_zeros,
-        options=TokenizeOptions(gene_key=gene_key, layer=layer, clip_counts=None),
-        model_name=loaded.name,
-    )
+    src = loaded.cells(prompt, TokenizeOptions(gene_key=gene_key, layer=layer, clip_counts=None))
     window = src.read(0, src.n_obs)
     P = window.lengths if n_prompt_genes is None else np.minimum(window.lengths, n_prompt_genes)
     W = max(1, int(P.max(initial=0)))

@@ -44,7 +44,7 @@ from .engine import BatchPlanner, autocast, batch_tensors, estimate_flops, resol
 from .errors import warn
 from .model import DenseAttention, FlexAttention, TranscriptFormer
 from .options import RunOptions, check_bool, check_positive_int, with_run_options
-from .tokenizer import CellSource, prepare_cells
+from .tokenizer import CellSource
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +90,7 @@ def _open(data: Any, loaded: LoadedModel, options: RunOptions, what: str) -> lis
             raise TypeError(f"{what} must hold AnnData objects or h5ad paths, got {type(item).__name__}.")
         if adata.n_obs == 0:
             raise ValueError(f"{label} has no cells.")
-        source = prepare_cells(
-            adata,
-            loaded.vocab,
-            loaded.aux_vocabs,
-            seq_len=loaded.seq_len,
-            pad_zeros=loaded.config.data.pad_zeros,
-            options=options.tokenize(),
-            model_name=loaded.name,
-        )
+        source = loaded.cells(adata, options.tokenize())
         out.append((label, source, adata))
     return out
 

@@ -14,7 +14,7 @@ from .. import gene_ids
 from ..checkpoint import LoadedModel, load_model
 from ..errors import warn
 from ..options import RunOptions, check_bool, check_key, check_positive_int
-from ..tokenizer import prepare_cells, read_gene_ids, strip_version, unknown_aux_labels
+from ..tokenizer import read_gene_ids, strip_version, unknown_aux_labels
 from ._utils import check_adata, check_writable, in_memory_copy
 
 __all__ = ["check_input", "match_genes", "symbols_to_ensembl"]
@@ -68,15 +68,7 @@ def check_input(
         cache_dir=cache_dir,
     ).tokenize()
     loaded = load_model(model, cache_dir=cache_dir)
-    src = prepare_cells(
-        adata,
-        loaded.vocab,
-        loaded.aux_vocabs,
-        seq_len=loaded.seq_len,
-        pad_zeros=loaded.config.data.pad_zeros,
-        options=options,
-        model_name=loaded.name,
-    )
+    src = loaded.cells(adata, options)
     expressed = _expressed_counts(src, window)
     raw_warning = src.raw_count_warning()
     if raw_warning:
