@@ -127,6 +127,21 @@ def test_counts_from_raw_with_fewer_genes_in_var(tiny_path, tiny_raw_adata, refe
     assert missing > 0 and stored + missing == sub.obs["transcriptformer_n_genes"].sum()
 
 
+def test_genes_outside_the_vocabulary_read_as_unknown(tiny_path, tiny_adata, caplog):
+    """filter_to_vocab=False: such genes count in obs but have no gene identity, hence no layer entry (counted)."""
+    a = tiny_adata.copy()
+    with caplog.at_level("WARNING", logger="transcriptformer"):
+        tfs.tl.likelihood(a, tiny_path, level="gene", filter_to_vocab=False)
+    assert "'unknown' token" in caplog.text
+    unknown = a.uns["transcriptformer_llh"]["params"]["n_genes_read_as_unknown"]
+    stored = a.layers["transcriptformer_count_nll"].nnz
+    assert unknown > 0 and stored + unknown == a.obs["transcriptformer_n_genes"].sum()
+    b = tiny_adata.copy()  # the default reads only vocabulary genes: every read gene is in the layers
+    tfs.tl.likelihood(b, tiny_path, level="gene")
+    assert b.uns["transcriptformer_llh"]["params"]["n_genes_read_as_unknown"] == 0
+    assert b.layers["transcriptformer_count_nll"].nnz == b.obs["transcriptformer_n_genes"].sum()
+
+
 def test_runs_under_one_key_never_mix(tiny_path, tiny_adata):
     tfs.tl.embed(tiny_adata, tiny_path, llh=True)
     assert "transcriptformer_llh" in tiny_adata.obs

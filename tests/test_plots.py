@@ -94,6 +94,22 @@ def test_label_transfer_plot(embedded):
     plt.close("all")
 
 
+def test_label_transfer_plot_leaves_out_cells_without_a_true_label(embedded):
+    query = embedded.copy()
+    query.obs["predicted"] = query.obs["cell_type"].astype(str)  # every labelled cell right
+    query.obs["truth"] = query.obs["cell_type"].astype(object)
+    query.obs.loc[query.obs_names[:4], "truth"] = np.nan
+    ax = tfs.pl.label_transfer(query, true_key="truth", key="predicted", show=False)
+    assert (
+        ax.get_title().startswith("accuracy 1.000, macro-F1 1.000") and "4 cells without a true label" in ax.get_title()
+    )
+    assert "nan" not in [t.get_text() for t in ax.get_yticklabels()]
+    plt.close("all")
+    query.obs["truth"] = np.nan
+    with pytest.raises(ValueError, match="no labels"):
+        tfs.pl.label_transfer(query, true_key="truth", key="predicted", show=False)
+
+
 def test_celltype_similarity_tables_and_heatmap(embedded):
     a, b = embedded[::2].copy(), embedded[1::2].copy()
     table = tfs.tl.celltype_similarity({"A": a, "B": b}, groupby="cell_type")
@@ -138,6 +154,19 @@ def test_gene_embeddings_plot(tiny_path, tiny_adata):
     plt.close("all")
     with pytest.raises(KeyError, match=r"tl\.gene_embeddings"):
         tfs.pl.gene_embeddings(tfs.datasets.tiny_human())
+
+
+def test_gene_embeddings_plot_follows_a_new_embedding(tiny_path, tiny_adata):
+    """The kept UMAP is reused only for the embedding and settings it was made from."""
+    tfs.tl.gene_embeddings(tiny_adata, tiny_path)
+    tfs.pl.gene_embeddings(tiny_adata, show=False)
+    first = tiny_adata.varm["X_transcriptformer_genes_umap"].copy()
+    tfs.pl.gene_embeddings(tiny_adata, show=False)  # same embedding, same settings: reused as it is
+    np.testing.assert_array_equal(tiny_adata.varm["X_transcriptformer_genes_umap"], first)
+    tfs.tl.gene_embeddings(tiny_adata, tiny_path, normalize_to_scale=10, clip_counts=2)  # another embedding
+    tfs.pl.gene_embeddings(tiny_adata, show=False)
+    assert not np.array_equal(tiny_adata.varm["X_transcriptformer_genes_umap"], first, equal_nan=True)
+    plt.close("all")
 
 
 def test_label_transfer_needs_both_columns(embedded):

@@ -168,3 +168,14 @@ class Update:
         for slot, key, value in self.writes:
             getattr(adata, slot)[key] = value
         return adata if copy else None
+
+
+def fingerprint(X) -> str:
+    """A cheap digest of an embedding (shape and a sample of rows), to notice that it changed."""
+    import hashlib
+
+    import numpy as np
+
+    X = np.asarray(X)
+    sample = np.ascontiguousarray(X[:: max(1, len(X) // 1000)], dtype=np.float32)
+    return hashlib.sha1(repr(X.shape).encode() + sample.tobytes()).hexdigest()

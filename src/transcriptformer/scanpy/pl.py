@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ._utils import fingerprint
+
 logger = logging.getLogger("transcriptformer")
 
 __all__ = ["celltype_similarity", "gene_embeddings", "label_transfer", "llh", "species_umap", "umap"]
@@ -286,15 +288,19 @@ def label_transfer(
     Returns
     -------
     The axes with ``show=False``, the figure with ``return_fig=True``, else ``None``. The accuracy and macro-F1
-    are also in ``ax.get_title()``.
+    are also in ``ax.get_title()``. Cells whose true label is missing are left out of both (the title says how
+    many); a missing transferred label counts as wrong.
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
     for k in (true_key, key):
         if k not in adata.obs:
             raise KeyError(f"adata.obs has no column {k!r}.")
-    truth = adata.obs[true_key].astype(str).to_numpy()
-    pred = adata.obs[key].astype(str).to_numpy()
+    labelled = adata.obs[true_key].notna().to_numpy()  # cells without a true label cannot be scored
+    if not labelled.any():
+        raise ValueError(f"adata.obs[{true_key!r}] has no labels (all missing): nothing to score.")
+    truth = adata.obs[true_key][labelled].astype(str).to_numpy()
+    pred = adata.obs[key][labelled].astype(str).to_numpy()
     rows = sorted(set(truth))
     cols = rows + sorted(set(pred) - set(rows))
     cm = confusion_matrix(truth, pred, labels=cols)[: len(rows)].astype(float)
@@ -308,7 +314,9 @@ def label_transfer(
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel(f"transferred ({key})")
     ax.set_ylabel(f"true ({true_key})")
-    ax.set_title(f"accuracy {accuracy:.3f}, macro-F1 {macro_f1:.3f}")
+    unscored = int((~labelled).sum())
+    note = f"\n({unscored} cells without a true label left out)" if unscored else ""
+    ax.set_title(f"accuracy {accuracy:.3f}, macro-F1 {macro_f1:.3f}{note}")
     fig.colorbar(image, ax=ax, label="share of the row" if normalize else "cells", shrink=0.8)
     return _finish(fig, ax, "label_transfer_transcriptformer", show, save, return_fig)
 
@@ -403,7 +411,8 @@ def gene_embeddings(
     """UMAP of the per-gene embeddings in ``adata.varm[key]`` (:func:`~transcriptformer.scanpy.tl.gene_embeddings`).
 
     Genes without an embedding (never read) are left out. The UMAP is computed the first time (logged) and
-    kept in ``adata.varm[f"{key}_umap"]``.
+    kept in ``adata.varm[f"{key}_umap"]`` (its settings and a fingerprint of the embedding in
+    ``adata.uns[f"{key}_umap"]``); it is computed again when the embedding or the settings change.
 
     Parameters
     ----------
@@ -438,7 +447,10 @@ def gene_embeddings(
         raise ValueError(f"only {int(read.sum())} genes have an embedding in varm[{key!r}]: too few for a UMAP.")
     umap_key = f"{key}_umap"
     coords = adata.varm.get(umap_key)
-    if coords is None or not np.isfinite(np.asarray(coords)[read]).all():
+    # recomputed when the embedding or the settings changed since it was made (a fingerprint is kept in uns)
+    wanted = {"fingerprint": fingerprint(X), "n_neighbors": n_neighbors, "random_state": random_state}
+    made = adata.uns.get(umap_key, {}).get("params", {})
+    if coords is None or any(made.get(k) != v for k, v in wanted.items()):
         logger.info("computing a UMAP of %d gene embeddings (kept in adata.varm[%r])", int(read.sum()), umap_key)
         genes_ad = AnnData(X=X[read])
         sc.pp.neighbors(
@@ -448,6 +460,7 @@ def gene_embeddings(
         coords = np.full((adata.n_vars, 2), np.nan, dtype=np.float32)
         coords[read] = genes_ad.obsm["X_umap"]
         adata.varm[umap_key] = coords
+        adata.uns[umap_key] = {"params": wanted}
     coords = np.asarray(coords)[read]
     names = np.asarray(adata.var_names)[read]
     fig, ax = _axes(ax, figsize=(5.5, 5))

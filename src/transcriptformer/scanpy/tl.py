@@ -20,7 +20,7 @@ from anndata import AnnData
 from .. import __version__
 from ..checkpoint import LoadedModel, load_model
 from ..options import RunOptions, check_bool, check_genes, check_key
-from ._utils import Keys, Update, check_adata, check_writable, with_run_options
+from ._utils import Keys, Update, check_adata, check_writable, fingerprint, with_run_options
 
 if TYPE_CHECKING:
     from ..engine import Inference
@@ -85,6 +85,18 @@ def _likelihood_update(update: Update, keys: Keys, run: Inference, adata: AnnDat
                 run.source.source,
                 keys.obs("llh"),
             )
+        # with filter_to_vocab=False, genes outside the vocabulary are read as the 'unknown' token: they count in
+        # obs (as in the published llh) but have no gene identity, so the layers leave them out
+        n_unknown = int(res.n_genes.sum()) - len(cols)
+        if n_unknown:
+            logger.warning(
+                "%s read genes (of %s) are outside the vocabulary and were read as the 'unknown' token "
+                "(filter_to_vocab=False); the layers hold only vocabulary genes, obs %r covers all.",
+                f"{n_unknown:,}",
+                f"{int(res.n_genes.sum()):,}",
+                keys.obs("llh"),
+            )
+        params["n_genes_read_as_unknown"] = n_unknown
         for what in ("count_nll", "gene_nll"):
             values = genes[what][placed].astype(np.float32)
             layer = sp.csr_matrix(
@@ -243,7 +255,10 @@ def likelihood(
     When the counts come from ``.raw`` and ``raw.var`` has genes that ``adata.var`` lacks (e.g. ``adata`` was
     subset to highly variable genes), those genes' entries cannot be placed in ``adata.layers`` and are left
     out (a warning says how many; ``params["n_genes_not_in_var"]`` records it); the per-cell values in
-    ``obs`` still cover them. A run replaces everything an earlier likelihood run wrote under ``key_added``.
+    ``obs`` still cover them. Likewise, with ``filter_to_vocab=False`` genes outside the vocabulary are read as
+    the ``unknown`` token: they count in ``obs`` (as in the published ``llh``) but have no gene identity and no
+    entry in the layers (``params["n_genes_read_as_unknown"]``, with a warning). A run replaces everything an
+    earlier likelihood run wrote under ``key_added``.
 
     Examples
     --------
@@ -680,15 +695,6 @@ def transfer_labels(
     return update.apply(adata, copy=copy)
 
 
-def _fingerprint(X) -> str:
-    """A cheap digest of an embedding (shape and a sample of rows), to notice that it changed."""
-    import hashlib
-
-    X = np.asarray(X)
-    sample = np.ascontiguousarray(X[:: max(1, len(X) // 1000)], dtype=np.float32)
-    return hashlib.sha1(repr(X.shape).encode() + sample.tobytes()).hexdigest()
-
-
 def umap(adata: AnnData, *, rep: str = "X_transcriptformer", n_neighbors: int = 15, random_state: int = 0) -> str:
     """Neighbours and a UMAP of an embedding, under the package's own keys (the user's ``X_umap`` is left alone).
 
@@ -719,7 +725,7 @@ def umap(adata: AnnData, *, rep: str = "X_transcriptformer", n_neighbors: int = 
     base = rep.removeprefix("X_")
     basis, key = f"X_umap_{base}", f"{base}_neighbors"
     wanted = {"use_rep": rep, "n_neighbors": n_neighbors, "random_state": random_state}
-    wanted["fingerprint"] = _fingerprint(adata.obsm[rep])
+    wanted["fingerprint"] = fingerprint(adata.obsm[rep])
     params = adata.uns.get(key, {}).get("params", {})
     if basis not in adata.obsm or any(params.get(k) != v for k, v in wanted.items()):
         logger.info("computing neighbours and a UMAP of obsm[%r] (stored as obsm[%r], uns[%r])", rep, basis, key)
