@@ -187,8 +187,18 @@ def test_total_counts_scales_the_counts(tiny_model):
         ({"n_prompt_genes": 3}, "needs a prompt"),
         ({"total_counts": -1}, "total_counts"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": 2**64}, "seed must be an integer from 0"),
+        ({"seed": -1}, "seed must be an integer from 0"),
+        ({"total_counts": [10, 20, 30]}, r"one per generated cell \(2\), got shape \(3,\)"),
+        ({"total_counts": [[10, 20]]}, "one per generated cell"),
+        ({"total_counts": "many"}, "total_counts must be a number"),
     ],
 )
 def test_bad_options(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sample_cells(tiny_model, 2, **kwargs)
+
+
+def test_numpy_numbers_are_options_too(tiny_model):
+    cells = sample_cells(tiny_model, 3, max_genes=4, temperature=np.float32(0.5), total_counts=np.array([10, 20, 30]))
+    assert len(cells.lengths) == 3

@@ -175,3 +175,9 @@ def test_label_transfer_needs_both_columns(embedded):
     with pytest.raises(KeyError, match="batch"):
         tfs.tl.celltype_similarity(embedded, groupby="cell_type", batch_key="batch")
     assert isinstance(tfs.tl.celltype_similarity(embedded, groupby="cell_type"), pd.DataFrame)
+
+
+def test_umap_needs_a_few_cells(embedded):
+    with pytest.raises(ValueError, match="at least 4 cells; adata has 3"):
+        tfs.tl.umap(embedded[:3].copy())
+    assert tfs.tl.umap(embedded[:4].copy()) == "X_umap_transcriptformer"

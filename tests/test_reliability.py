@@ -417,8 +417,17 @@ def test_views_of_backed_data(tiny_path, tiny_adata, tmp_path, no_model_load):
         lambda: tfs.tl.gene_embeddings(view, model=tiny_path),
         lambda: tfs.pp.match_genes(view, tiny_path),
         lambda: tfs.pp.symbols_to_ensembl(view, symbol_key="feature_name"),
+        lambda: tfs.tl.transfer_labels(view, tiny_adata, key="cell_type"),
     ):
         with pytest.raises(ValueError, match=r"view of a backed AnnData.*copy=True"):
+            call()
+    for call in (  # no copy option: the message offers only loading the subset
+        lambda: tfs.tl.umap(view),
+        lambda: tfs.tl.celltype_similarity(view, groupby="cell_type"),
+    ):
+        with pytest.raises(
+            ValueError, match=r"view of a backed AnnData.*Load the subset first: adata = adata\[\.\.\.\]\.to_memory"
+        ):
             call()
     assert no_model_load == []
 

@@ -200,6 +200,15 @@ def test_bad_finetune_options(tiny_path, tiny_adata, tmp_path):
         transcriptformer.finetune(tiny_adata, tiny_path, output_dir=tmp_path / "b", lora_r=0)
     with pytest.raises(ValueError, match="epochs"):
         transcriptformer.finetune(tiny_adata, tiny_path, output_dir=tmp_path / "c", epochs=0)
+    for bad, match in [
+        ({"lora_alpha": -1.0}, "lora_alpha must be a finite number > 0"),
+        ({"min_lr_ratio": 3.0}, "min_lr_ratio must be between 0 and 1"),
+        ({"warmup_ratio": 5.0}, "warmup_ratio must be between 0 and 1"),
+        ({"seed": 2**64}, "seed must be an integer from 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            transcriptformer.finetune(tiny_adata, tiny_path, output_dir=tmp_path / "d", **bad)
+        assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):

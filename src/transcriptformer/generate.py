@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,15 +217,15 @@ def sample_cells(
     if max_genes > S:
         raise ValueError(f"max_genes={max_genes} is more than the model's seq_len ({S}).")
     if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
+        isinstance(temperature, bool | np.bool_)
+        or not isinstance(temperature, numbers.Real)
         or not (math.isfinite(temperature) and temperature > 0)
     ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
     top_k = check_positive_int(top_k, "top_k")
     batch_size = check_positive_int(batch_size, "batch_size") or 64
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}.")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
 
@@ -250,7 +251,16 @@ def sample_cells(
     if total_counts is None:
         totals = default_total.astype(np.float32)
     else:
-        totals = np.broadcast_to(np.asarray(total_counts, dtype=np.float32), (n_cells,)).copy()
+        try:
+            totals = np.array(total_counts, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"total_counts must be a number or one number per cell, got {total_counts!r}.") from None
+        if totals.ndim == 0:
+            totals = np.full(n_cells, totals, dtype=np.float32)
+        elif totals.shape != (n_cells,):
+            raise ValueError(
+                f"total_counts must be one number or one per generated cell ({n_cells}), got shape {totals.shape}."
+            )
         if not (np.isfinite(totals).all() and (totals > 0).all()):
             raise ValueError("total_counts must be finite and > 0.")
     if (totals <= 0).any():

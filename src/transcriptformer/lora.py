@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -107,6 +108,8 @@ def apply_lora(
         raise ValueError(f"lora_r must be a positive integer, got {r!r}.")
     if not (isinstance(dropout, int | float) and 0 <= dropout < 1):
         raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"lora_alpha must be a finite number > 0 (the scale is lora_alpha / lora_r), got {alpha!r}.")
     names = resolve_target_modules(model, target_modules)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=names)
     wrapped = LoraModel(model, config, "default")

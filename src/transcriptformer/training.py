@@ -243,10 +243,13 @@ class FitOptions:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}.")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
+        for name in ("warmup_ratio", "min_lr_ratio"):  # shares of the run / of the peak rate
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}.")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, int | float) and self.grad_clip > 0):
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}.")
 
 
 def _train_kernel(device: torch.device, attention: str):

@@ -71,12 +71,16 @@ def check_adata(adata: Any, name: str = "adata") -> None:
         raise ValueError(f"{name} has no cells.")
 
 
-def check_writable(adata: AnnData, copy: bool) -> None:
-    """Refuse up front what could only fail after the compute: writing into a view of a backed file."""
+def check_writable(adata: AnnData, copy: bool | None) -> None:
+    """Refuse up front what could only fail after the compute: writing into a view of a backed file.
+
+    ``copy=None``: the function has no ``copy`` option, so the message does not offer it.
+    """
     if adata.is_view and adata.isbacked and not copy:
+        offer = "Pass copy=True (returns an in-memory copy with the results), or load" if copy is not None else "Load"
         raise ValueError(
-            "adata is a view of a backed AnnData, which cannot take results in place. Pass copy=True (returns an "
-            "in-memory copy with the results), or load the subset first: adata = adata[...].to_memory()."
+            f"adata is a view of a backed AnnData, which cannot take results in place. {offer} the subset "
+            "first: adata = adata[...].to_memory()."
         )
 
 

@@ -649,6 +649,7 @@ def transfer_labels(
 
     n_neighbors = check_positive_int(n_neighbors, "n_neighbors", allow_none=False)
     copy = check_bool(copy, "copy")
+    check_writable(adata, copy)
     for name, a in (("adata", adata), ("reference", reference)):
         if rep not in a.obsm:
             raise KeyError(f"{name}.obsm has no {rep!r}; embed it first with tfs.tl.embed(...).")
@@ -695,6 +696,10 @@ def transfer_labels(
     return update.apply(adata, copy=copy)
 
 
+#: Fewest cells :func:`umap` accepts (scanpy's neighbour graph and spectral layout fail below it)
+MIN_UMAP_CELLS = 4
+
+
 def umap(adata: AnnData, *, rep: str = "X_transcriptformer", n_neighbors: int = 15, random_state: int = 0) -> str:
     """Neighbours and a UMAP of an embedding, under the package's own keys (the user's ``X_umap`` is left alone).
 
@@ -720,8 +725,11 @@ def umap(adata: AnnData, *, rep: str = "X_transcriptformer", n_neighbors: int = 
     import scanpy as sc
 
     check_adata(adata)
+    check_writable(adata, copy=None)
     if rep not in adata.obsm:
         raise KeyError(f"adata.obsm has no {rep!r}; run tfs.tl.embed(adata, ...) first (or pass rep=<obsm key>).")
+    if adata.n_obs < MIN_UMAP_CELLS:
+        raise ValueError(f"a UMAP needs at least {MIN_UMAP_CELLS} cells; adata has {adata.n_obs}.")
     base = rep.removeprefix("X_")
     basis, key = f"X_umap_{base}", f"{base}_neighbors"
     wanted = {"use_rep": rep, "n_neighbors": n_neighbors, "random_state": random_state}
@@ -781,6 +789,7 @@ def celltype_similarity(
     """
     if isinstance(adatas, AnnData):
         check_adata(adatas)
+        check_writable(adatas, copy=None)  # the table goes to its uns
         if batch_key is None:
             parts = {"data": adatas}
         else:
