@@ -16,6 +16,7 @@ import textwrap
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -53,6 +54,16 @@ def test_cell_losses_equal_the_published_training_objective(tiny_model, name):
     np.testing.assert_allclose(df["gene_nll"], ref["train_gene_ce_cell"], rtol=1e-5)
     # the training objective differs from the inference likelihood (the count bias of a position's own key)
     assert np.abs(df["count_nll"].to_numpy() - ref["cell_llh_inference_path"]).max() > 1e-3
+
+
+def test_cell_losses_of_an_h5ad_path(tiny_model, tiny_adata, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    tiny_adata.write_h5ad(path)
+    pd.testing.assert_frame_equal(cell_losses(tiny_model, path), cell_losses(tiny_model, tiny_adata))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cell_losses(tiny_model, tmp_path / "missing.h5ad")
+    with pytest.raises(TypeError, match="AnnData or the path of an h5ad file, got list"):
+        cell_losses(tiny_model, [tiny_adata])
 
 
 def _forward(model, ref, rows, clip):
@@ -297,6 +308,11 @@ def test_cli_train_a_new_model(tiny_path, tiny_adata, tmp_path, capsys):
     assert transcriptformer.load_model(tmp_path / "model").embed_dim == 16
     assert main([*args[:-3], "--output-dir", str(tmp_path / "model"), "--no-progress"]) == 1
     assert "resume" in capsys.readouterr().err
+    # the shape flags describe a new model: with --checkpoint-path they are refused, not ignored
+    again = ["train", "--checkpoint-path", str(tmp_path / "model"), "--embed-dim", "32", "--assays", "x",
+             "--train-files", str(tmp_path / "train.h5ad"), "--output-dir", str(tmp_path / "more")]  # fmt: skip
+    assert main(again) == 1 and not (tmp_path / "more").exists()
+    assert "--embed-dim, --assays describe a new model" in capsys.readouterr().err
 
 
 # -- several processes -----------------------------------------------------------------------------------

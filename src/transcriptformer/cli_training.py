@@ -16,6 +16,20 @@ from typing import Any
 logger = logging.getLogger("transcriptformer")
 
 
+#: Flags of ``train`` that give the shape of a new model (unset: :func:`~transcriptformer.new_model`'s defaults)
+NEW_MODEL_FLAGS = {
+    "--embed-dim": "residual width (default 256)",
+    "--num-layers": "layers (default 4)",
+    "--num-heads": "attention heads (default 8)",
+    "--model-dim": "feed-forward width (default 4 x embed-dim)",
+    "--seq-len": "gene slots per cell (default 2047)",
+}
+
+
+def _new_model_dests() -> list[str]:
+    return [flag.removeprefix("--").replace("-", "_") for flag in NEW_MODEL_FLAGS]
+
+
 def _common(p: argparse.ArgumentParser, *, lr: float, wd: float) -> None:
     from .cli import GENE_COL_HELP, gene_column
 
@@ -72,12 +86,10 @@ def add_parsers(sub: Any) -> None:
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint-path", help="checkpoint folder or registry name to train further")
     source.add_argument("--gene-tables", nargs="+", metavar="H5", help="gene tables (or species names): a new model")
-    tr.add_argument("--assays", nargs="+", default=None, help="assay labels of a new model (obs['assay'])")
-    tr.add_argument("--embed-dim", type=int, default=256, help="new model: residual width")
-    tr.add_argument("--num-layers", type=int, default=4, help="new model: layers")
-    tr.add_argument("--num-heads", type=int, default=8, help="new model: attention heads")
-    tr.add_argument("--model-dim", type=int, default=None, help="new model: feed-forward width (4 x embed-dim)")
-    tr.add_argument("--seq-len", type=int, default=2047, help="new model: gene slots per cell")
+    # the shape of a new model (--gene-tables): unset unless given, so that they can be refused with --checkpoint-path
+    tr.add_argument("--assays", nargs="+", default=None, help="new model: assay labels (obs['assay'])")
+    for flag, what in NEW_MODEL_FLAGS.items():
+        tr.add_argument(flag, type=int, default=argparse.SUPPRESS, help=f"new model: {what}")  # absent unless given
     _common(tr, lr=5.5e-5, wd=0.05)
 
 
@@ -176,21 +188,26 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
 def run_train(args: argparse.Namespace) -> Path | None:
     """Run ``transcriptformer train``."""
     from .checkpoint import load_model, new_model
+    from .cli import CLIError
     from .training import train
 
     _check_files(args)
     _distributed_device(args)
+    shape = {dest: getattr(args, dest, None) for dest in _new_model_dests()}
     if args.checkpoint_path:
+        given = [flag for flag, dest in zip(NEW_MODEL_FLAGS, shape, strict=True) if shape[dest] is not None]
+        given += ["--assays"] if args.assays is not None else []
+        if given:
+            raise CLIError(
+                f"{', '.join(given)} describe a new model (with --gene-tables); --checkpoint-path trains the "
+                "checkpoint's own architecture and vocabularies. Drop them, or start a new model."
+            )
         model = load_model(args.checkpoint_path)
     else:
         model = new_model(
             args.gene_tables,
             assay_vocab=args.assays,
-            embed_dim=args.embed_dim,
-            num_layers=args.num_layers,
-            num_heads=args.num_heads,
-            model_dim=args.model_dim,
-            seq_len=args.seq_len,
+            **{k: v for k, v in shape.items() if v is not None},
             seed=args.seed,
             name=Path(args.output_dir).name,
         )

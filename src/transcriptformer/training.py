@@ -110,7 +110,7 @@ def cell_losses(model: Any, adata: Any, *, options: RunOptions) -> pd.DataFrame:
         A checkpoint folder, registry name, loaded model or ``(model, adapter)``, as everywhere.
     adata
         Cells (raw counts) as for :func:`~transcriptformer.scanpy.tl.embed`: an AnnData (in memory, a view or
-        backed).
+        backed), or the path of an h5ad file (opened backed, as ``finetune`` and ``train`` open theirs).
     {run_options}
 
     Returns
@@ -120,19 +120,33 @@ def cell_losses(model: Any, adata: Any, *, options: RunOptions) -> pd.DataFrame:
         gene-identity head) and ``n_genes`` (the genes read; ``count_nll`` and ``gene_nll`` are NaN for a cell
         without any).
     """
+    import anndata as ad
+
     from .engine import infer
 
     if options.species_embedding is not None:
         raise ValueError("cell_losses is over the model's own vocabulary; species_embedding is not supported.")
-    loaded = load_model(model, cache_dir=options.cache_dir)
-    heads = ("llh", "gene_ce") if loaded.model.gene_id_head is not None else ("llh",)
-    run = infer(adata, loaded, heads=heads, tokenize=options.tokenize(), mode="train", **options.engine())
-    cells = run.result.cells
-    gene = cells["gene_ce"] if "gene_ce" in cells else np.full(adata.n_obs, np.nan, dtype=np.float32)
-    return pd.DataFrame(
-        {"count_nll": cells["llh"], "gene_nll": gene, "n_genes": run.result.n_genes},
-        index=pd.Index(adata.obs_names, name=adata.obs_names.name),
-    )
+    opened = None
+    if isinstance(adata, str | os.PathLike):
+        path = Path(adata).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"h5ad file {str(adata)!r} does not exist.")
+        adata = opened = ad.read_h5ad(path, backed="r")
+    elif not isinstance(adata, ad.AnnData):
+        raise TypeError(f"adata must be an AnnData or the path of an h5ad file, got {type(adata).__name__}.")
+    try:
+        loaded = load_model(model, cache_dir=options.cache_dir)
+        heads = ("llh", "gene_ce") if loaded.model.gene_id_head is not None else ("llh",)
+        run = infer(adata, loaded, heads=heads, tokenize=options.tokenize(), mode="train", **options.engine())
+        cells = run.result.cells
+        gene = cells["gene_ce"] if "gene_ce" in cells else np.full(adata.n_obs, np.nan, dtype=np.float32)
+        return pd.DataFrame(
+            {"count_nll": cells["llh"], "gene_nll": gene, "n_genes": run.result.n_genes},
+            index=pd.Index(adata.obs_names, name=adata.obs_names.name),
+        )
+    finally:
+        if opened is not None:
+            opened.file.close()
 
 
 def _evaluate(view: LoadedModel, sources, options: RunOptions, device: str, precision: str) -> dict[str, float]:
