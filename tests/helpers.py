@@ -79,3 +79,16 @@ def flex_unavailable(attention: str, device: str, loaded) -> str | None:
         first = (str(e).strip().splitlines() or [""])[0]
         return f"{type(e).__name__}: {first[:200]}"
     return None
+
+
+def spy_on(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` by a wrapper that records the positional arguments of every call (returned list)."""
+    calls: list = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls

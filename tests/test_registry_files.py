@@ -28,6 +28,7 @@ import torch
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
+from helpers import spy_on
 from transcriptformer import _hash, checkpoint, registry
 
 TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
@@ -125,18 +126,6 @@ def _nothing_cached(cache: Path) -> None:
     assert [p.name for p in cache.iterdir() if p.name.startswith(".tf_sapiens-")] == []
 
 
-def _spy(monkeypatch, module, name):
-    calls = []
-    original = getattr(module, name)
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
-    return calls
-
-
 # ----------------------------------------------------------------------------- 15. layout before caching, --force
 
 
@@ -217,7 +206,7 @@ def test_extraction_is_bounded_and_sparse_members_are_refused(server, cache):
 
 def test_a_download_is_hashed_once_then_only_when_a_file_changes(server, cache, monkeypatch):
     folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
-    hashes = _spy(monkeypatch, _hash, "sha256_file")
+    hashes = spy_on(monkeypatch, _hash, "sha256_file")
     loaded = transcriptformer.load_model("tf-sapiens", cache_dir=cache)
     transcriptformer.clear_cache()  # as a new process
     transcriptformer.load_model("tf-sapiens", cache_dir=cache)

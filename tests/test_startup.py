@@ -12,6 +12,7 @@ import time
 import pytest
 
 import transcriptformer
+from helpers import spy_on
 from transcriptformer import _hash, checkpoint
 
 PROBE = """
@@ -83,18 +84,6 @@ def user_cache(tmp_path, monkeypatch):
     transcriptformer.clear_cache()
 
 
-def _spy(monkeypatch, module, name):
-    calls = []
-    original = getattr(module, name)
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, spy)
-    return calls
-
-
 def test_second_load_reads_the_hash_record_not_the_weights(tiny_path, tmp_path, user_cache, monkeypatch):
     ckpt = _copy_tiny(tiny_path, tmp_path)
     before = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*"))
@@ -109,8 +98,8 @@ def test_second_load_reads_the_hash_record_not_the_weights(tiny_path, tmp_path, 
 
     # a new process would start from the record: no hash, no finiteness scan
     transcriptformer.clear_cache()
-    hashes = _spy(monkeypatch, _hash, "sha256_file")
-    scans = _spy(monkeypatch, checkpoint, "_non_finite")
+    hashes = spy_on(monkeypatch, _hash, "sha256_file")
+    scans = spy_on(monkeypatch, checkpoint, "_non_finite")
     second = transcriptformer.load_model(ckpt)
     assert hashes == [] and scans == []
     assert second is not first and second.weights_sha256 == first.weights_sha256
@@ -134,7 +123,7 @@ def test_a_replaced_weights_file_is_hashed_again(tiny_path, tmp_path, user_cache
     os.replace(tmp_path / "new.pt", weights)
     now = os.stat(weights)
     assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and now.st_ino != st.st_ino
-    hashes = _spy(monkeypatch, _hash, "sha256_file")
+    hashes = spy_on(monkeypatch, _hash, "sha256_file")
     second = transcriptformer.load_model(ckpt)  # the in-memory cache notices too
     assert second is not first and len(hashes) == 1
     assert second.weights_sha256 == first.weights_sha256
