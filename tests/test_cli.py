@@ -105,6 +105,12 @@ def test_gene_ids_from_var_names(cli, tmp_path, tiny_path, human_h5ad, reference
     assert proc.returncode == 1 and "--gene-col-name var_names" in proc.stderr, proc.stderr
 
 
+def test_library_advice_in_the_command_lines_words(cli, tmp_path, tiny_path, human_h5ad):
+    proc = cli("inference", "--checkpoint-path", tiny_path, "--data-file", human_h5ad, "--use-raw", "True",
+               "--output-path", tmp_path / "o", check=False)  # fmt: skip
+    assert proc.returncode == 1 and "--use-raw False" in proc.stderr and "layer=" not in proc.stderr, proc.stderr
+
+
 def test_raw_input(cli, tmp_path, tiny_path, reference):
     out = _infer(cli, tmp_path, tiny_path, DATA / "tiny_human_raw.h5ad", "--use-raw", "auto")
     np.testing.assert_allclose(out.obsm["embeddings"], reference["raw_cell"].obsm["embeddings"], atol=ATOL, rtol=0)

@@ -575,6 +575,28 @@ def test_cli_download_published_layout(registry_server, tmp_path, cli, monkeypat
     assert proc.returncode == 1 and len(errors) == 1 and "could not download" in errors[0], proc.stderr
 
 
+def test_cli_download_of_what_ships_with_the_package(tmp_path, cli):
+    """tf-demo and mouse-val are bundled: download copies them into --checkpoint-dir like any artifact."""
+    import transcriptformer.scanpy as tfs
+
+    proc = cli("download", "tf-demo", "--checkpoint-dir", tmp_path / "ckpts", check=False)
+    assert proc.returncode == 0, proc.stderr
+    copied = tmp_path / "ckpts" / "tf_demo"
+    assert proc.stdout.strip().endswith(str(copied))
+    assert (copied / "model_weights.pt").read_bytes() == (
+        tfs.datasets.demo_model_path() / "model_weights.pt"
+    ).read_bytes()
+    assert transcriptformer.load_model(copied).name == "tf_demo"
+    (copied / "config.json").write_text("{}")  # present: kept as it is, unless --force
+    assert cli("download", "tf-demo", "--checkpoint-dir", tmp_path / "ckpts", check=False).returncode == 0
+    assert (copied / "config.json").read_text() == "{}"
+    assert cli("download", "tf-demo", "--checkpoint-dir", tmp_path / "ckpts", "--force", check=False).returncode == 0
+    assert (copied / "config.json").read_text() != "{}"
+    assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["tf_demo"]  # no staging folder left
+    proc = cli("download", "mouse-val", "--checkpoint-dir", tmp_path / "data", check=False)
+    assert proc.returncode == 0 and (tmp_path / "data" / "mouse_val.h5ad").stat().st_size > 1e6
+
+
 def test_registry_names_end_to_end(registry_server, cache, tmp_path, cli, monkeypatch):
     """model="tf-sapiens", species_embedding="mus_musculus" and the CLI's --checkpoint-path tf-sapiens."""
     import anndata as ad

@@ -71,6 +71,9 @@ _DEFAULT_ONLY = {
 #: How the library's error messages name options, and the flags that set them here.
 _FLAG_NAMES = {
     "gene_key=None to use var_names": "--gene-col-name var_names to use var_names",
+    "layer='raw' but adata.raw is None; pass layer='X' or the name of a layer of counts.": (
+        "--use-raw True but the file has no .raw; pass --use-raw False (counts in X) or auto."
+    ),
     "gene_key=<": "--gene-col-name <",
     "duplicate_genes='first'": "--remove-duplicate-genes",
     "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
@@ -364,7 +367,7 @@ def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
                         f"--config-override {key}={text}: only the default ({_DEFAULT_ONLY[name]}) is supported."
                     )
             elif section in ("model_config", "data_config", "loss_config") and len(parts) == 3:
-                model_overrides[f"{section}.{name}"] = _parse_value(text)
+                model_overrides[key] = _parse_value(text)  # the key as written, for the messages
             else:
                 raise CLIError(f"--config-override {key}: unknown configuration key.")
         except ValueError as e:
@@ -726,9 +729,37 @@ def run_download(args: argparse.Namespace) -> list[Path]:
     folders = []
     for name in names:
         folder = registry.fetch(name, cache_dir=args.checkpoint_dir, progress=not args.no_progress, force=args.force)
+        if registry.REGISTRY[registry.canonical_name(name)].bundled is not None:
+            folder = _copy_bundled(folder, Path(args.checkpoint_dir).expanduser(), force=args.force)
         print(folder)
         folders.append(folder)
     return folders
+
+
+def _copy_bundled(source: Path, root: Path, *, force: bool) -> Path:
+    """A copy of an artifact that ships with the package in ``root`` (as a download would put it there)."""
+    import shutil
+    import tempfile
+
+    dest = root / source.name
+    if dest.exists() and not force:
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=root))  # complete before it takes the name
+    try:
+        staged = tmp / source.name
+        if source.is_dir():  # contents only: the installed package's read-only modes are not copied
+            shutil.copytree(source, staged, copy_function=shutil.copyfile)
+        else:
+            shutil.copyfile(source, staged)
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.unlink()
+        staged.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 class _Terminated(BaseException):

@@ -12,7 +12,7 @@ import inspect
 import math
 import os
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -176,7 +176,12 @@ class RunOptions:
         if self.cache_dir is not None and not isinstance(self.cache_dir, str | os.PathLike):
             raise ValueError(f"cache_dir must be a path or None, got {self.cache_dir!r}.")
         se = self.species_embedding
-        items = [se] if isinstance(se, str | os.PathLike) else (list(se) if se is not None else [])
+        if isinstance(se, str | os.PathLike):
+            items = [se]
+        elif isinstance(se, Iterable) and not isinstance(se, bytes | Mapping):
+            items = list(se)
+        else:
+            items = []
         if se is not None and (not items or not all(isinstance(i, str | os.PathLike) and str(i) for i in items)):
             raise ValueError(f"species_embedding must be gene-table paths or species names, got {se!r}.")
 
