@@ -481,6 +481,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
         "max_abs_ref": float(np.abs(b).max(initial=0)),
         "cos_min": float(cos.min(initial=1)),
         "cos_mean": float(cos.mean()) if n else 1.0,
+        "cos_median": float(np.median(cos)) if n else 1.0,
     }
 
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 
 import make_checkpoint as mc  # noqa: E402
 import synthetic  # noqa: E402
-from bench import _jsonable  # noqa: E402
+from bench import _jsonable, compare  # noqa: E402
 
 SAPIENS_GENES = mc.PRESETS["sapiens"].n_genes
 
@@ -127,20 +127,6 @@ class GpuMemorySampler:
             "nvidia_smi_peak_gb": None if self.peak_mib is None else self.peak_mib / 1024,
             "nvidia_smi_before_gb": None if self.baseline_mib is None else self.baseline_mib / 1024,
         }
-
-
-def compare(a: np.ndarray, b: np.ndarray) -> dict:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    n = min(len(a), len(b))
-    a, b = a[:n], b[:n]
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return {
-        "n": int(n),
-        "max_abs": float(np.abs(a - b).max(initial=0)),
-        "max_abs_ref": float(np.abs(b).max(initial=0)),
-        "cos_min": float(cos.min(initial=1)),
-        "cos_median": float(np.median(cos)) if n else 1.0,
-    }
 
 
 # ------------------------------------------------------------------------------------------------
