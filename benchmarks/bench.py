@@ -223,7 +223,7 @@ def cpu_matmul_reference(smoke: bool, E: int, F: int, D: int) -> dict:
 
 
 def _naive_engine_class():
-    from transcriptformer.engine import Engine
+    from transcriptformer.inference.engine import Engine
 
     class NaiveEngine(Engine):
         """Our code run like the published implementation: pad to seq_len, batches of 8 in input order."""
@@ -241,7 +241,7 @@ def _naive_engine_class():
 
 
 def _flops(n_genes: np.ndarray, loaded, llh: bool) -> tuple[int, float]:
-    from transcriptformer.engine import estimate_flops
+    from transcriptformer.inference.batching import estimate_flops
 
     tokens = np.minimum(n_genes + 1, loaded.seq_len)  # START + genes, at most S slots
     return int(tokens.sum()), float(estimate_flops(tokens, loaded, llh=llh))
@@ -264,11 +264,11 @@ def worker_engine(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     import anndata as ad
 
-    from transcriptformer.checkpoint import build_model
-    from transcriptformer.engine import Engine
+    from transcriptformer.inference.engine import Engine
+    from transcriptformer.weights.checkpoint import build_model
 
     try:
-        from transcriptformer.tokenizer import prepare_cells
+        from transcriptformer.data.tokenizer import prepare_cells
     except ImportError:  # a --baseline src from before the tokenizer module was renamed
         from transcriptformer.tokenize import prepare_cells
 
@@ -281,9 +281,8 @@ def worker_engine(spec: dict) -> dict:
     naive = spec["mode"] == "naive"
     cls = _naive_engine_class() if naive else Engine
     if spec.get("planner") == "greedy":  # the planner before the cost model: fill to the budget, pad to the longest
-        from padding import greedy_cuts
-
         import transcriptformer.engine as engine_mod
+        from padding import greedy_cuts
 
         engine_mod._optimal_cuts = greedy_cuts
     kwargs = dict(device="cpu", precision="32", attention=spec.get("attention", "auto"), progress=False)
@@ -292,7 +291,7 @@ def worker_engine(spec: dict) -> dict:
     engine = cls(loaded, **kwargs)
     outputs = ("embeddings",) + (("llh",) if spec.get("llh") else ()) + (("gene_llh",) if spec.get("gene_llh") else ())
     try:  # a --baseline src from before the engine took head names
-        from transcriptformer.engine import Outputs
+        from transcriptformer.inference.engine import Outputs
 
         outputs = Outputs(embeddings=True, llh="llh" in outputs, gene_llh="gene_llh" in outputs)
     except ImportError:
@@ -725,9 +724,9 @@ def workload_a(args, report: dict, save) -> None:
 def workload_b(args, report: dict, save) -> None:
     import torch
 
-    from transcriptformer.checkpoint import build_model
-    from transcriptformer.engine import Engine
-    from transcriptformer.tokenizer import prepare_cells
+    from transcriptformer.data.tokenizer import prepare_cells
+    from transcriptformer.inference.engine import Engine
+    from transcriptformer.weights.checkpoint import build_model
 
     dev = "cuda" if (args.device == "cuda" and not args.smoke) else "cpu"
     if args.device == "cuda" and args.smoke and torch.cuda.is_available():

@@ -174,7 +174,7 @@ def kmeans_ari(a: np.ndarray, b: np.ndarray, n_clusters: int) -> dict:
 
 def timed_runs(loaded, source, rounds: int, heads=("embeddings",), extra: dict | None = None) -> dict:
     """fp32 and bf16 runs, alternating; seconds, load, and the embeddings of the last run of each."""
-    from transcriptformer.engine import Engine
+    from transcriptformer.inference.engine import Engine
 
     engines = {p: Engine(loaded, device="cpu", precision=p, progress=False) for p in ("32", "bf16")}
     # warm-up of each precision (first-call costs, oneDNN's bf16 kernels), not timed
@@ -219,14 +219,14 @@ def timed_runs(loaded, source, rounds: int, heads=("embeddings",), extra: dict |
 
 def _head(source, n):
     """The first ``n`` cells of a source, as a source (for warm-ups)."""
-    from transcriptformer.tokenizer import prepare_cells
+    from transcriptformer.data.tokenizer import prepare_cells
 
     sub = source.adata[: min(n, source.n_obs)]
     return prepare_cells(sub, source.vocab, source.aux_vocabs, seq_len=source.seq_len)
 
 
 def source_of(adata, loaded):
-    from transcriptformer.tokenizer import prepare_cells
+    from transcriptformer.data.tokenizer import prepare_cells
 
     src = prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
     # what _head needs to re-tokenise a prefix
@@ -248,7 +248,7 @@ def synthetic_adata(n: int, ids: list[str], seed: int, smoke: bool):
 def real_part(name: str, adata, label_key: str, a, rep: dict, save) -> None:
     """Embed real cells in fp32 and bf16 with a checkpoint made of their genes; agreement and speed."""
     import transcriptformer
-    from transcriptformer.engine import Engine
+    from transcriptformer.inference.engine import Engine
 
     outdir = Path(a.outdir)
     shape_name = "smoke" if a.smoke else "medium"

@@ -77,7 +77,7 @@ def worker_generation(spec: dict) -> dict:
     import torch
 
     import transcriptformer
-    from transcriptformer.generate import sample_cells
+    from transcriptformer.inference.generation import sample_cells
 
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     loaded = transcriptformer.load_model(spec["checkpoint"])

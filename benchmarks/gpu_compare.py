@@ -20,8 +20,8 @@ Every step adds its section to one JSON file (``--json``), so a session cut shor
               ours (bf16) and with our fp32 run.
 ``summary``   a short table of everything above.
 
-Model FLOPs: ``transcriptformer.engine.estimate_flops`` on the real tokens (the same count for both tools; the
-published tool also runs the count head and the vocabulary-wide gene head on every batch, which that count
+Model FLOPs: ``transcriptformer.inference.batching.estimate_flops`` on the real tokens (the same count for both
+tools; the published tool also runs the count head and the vocabulary-wide gene head on every batch, which that count
 leaves out, so its "useful" rate is the embedding's FLOPs over its time).
 """
 
@@ -208,8 +208,9 @@ def step_ours(a) -> None:
     import torch
 
     import transcriptformer
-    from transcriptformer.engine import Engine, estimate_flops
-    from transcriptformer.tokenizer import prepare_cells
+    from transcriptformer.data.tokenizer import prepare_cells
+    from transcriptformer.inference.batching import estimate_flops
+    from transcriptformer.inference.engine import Engine
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -22,7 +22,6 @@ sys.path.insert(0, str(HERE))
 import make_checkpoint as mc  # noqa: E402
 import synthetic  # noqa: E402
 from bench import _flops, compare, matmul_rate  # noqa: E402
-
 from transcriptformer.checkpoint import build_model  # noqa: E402
 from transcriptformer.engine import Engine  # noqa: E402
 from transcriptformer.tokenizer import prepare_cells  # noqa: E402

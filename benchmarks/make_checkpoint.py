@@ -285,7 +285,7 @@ def make_checkpoint(
 
 def verify_checkpoint(folder: str | os.PathLike, shape: Shape) -> None:
     """Load with the project's loader (strict) and check the vocabulary size."""
-    from transcriptformer.checkpoint import build_model
+    from transcriptformer.weights.checkpoint import build_model
 
     loaded = build_model(folder)
     assert len(loaded.vocab) == shape.V, (len(loaded.vocab), shape.V)

@@ -4,11 +4,11 @@ Three synthetic cells of 500, 1,500 and 2,047 expressed genes (default) on a che
 shape (``make_checkpoint.py DIR --preset sapiens``), all in ONE process, measured interleaved round by round:
 
 * ``one_call``      -- one default ``tfs.tl.embed(adata, model=loaded)`` call with the three cells
-  (the engine's cost-model planner, :meth:`transcriptformer.engine.Engine.plan_batches`);
+  (the engine's cost-model planner, :meth:`transcriptformer.inference.engine.Engine.plan_batches`);
 * ``single_calls``  -- three ``tfs.tl.embed`` calls of one cell each; the time is their sum;
 * ``one_call_padded`` -- the same single call with the planner of before the cost model: every batch is
   filled greedily up to the token budget and padded to its longest cell (emulated by replacing
-  ``transcriptformer.engine._optimal_cuts`` with the greedy rule for that call only).
+  ``transcriptformer.inference.batching._optimal_cuts`` with the greedy rule for that call only).
 
 Reported per round and as medians: seconds of each, the ratios ``one_call / single_calls`` (target
 <= 1.15) and ``one_call_padded / single_calls``, the batches each plan makes (cells and width), the
@@ -82,10 +82,11 @@ def main(argv=None) -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    import transcriptformer
     import transcriptformer.engine as engine_mod
+
+    import transcriptformer
     import transcriptformer.scanpy as tfs
-    from transcriptformer.engine import Engine
+    from transcriptformer.inference.engine import Engine
 
     report: dict = {"machine": machine_info(), "args": vars(a), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -65,7 +65,7 @@ else:
     loaded = transcriptformer.load_model(what)
     out["load_model"] = time.perf_counter() - t
     out["load_model_parts"] = parts
-    from transcriptformer.engine import Engine
+    from transcriptformer.inference.engine import Engine
     t = time.perf_counter()
     Engine(loaded, device="cpu", progress=False)
     out["first_engine_cpu"] = time.perf_counter() - t

@@ -77,7 +77,7 @@ def worker(spec: dict) -> dict:
     import transcriptformer
 
     try:
-        from transcriptformer import tokenizer as tk
+        from transcriptformer.data import tokenizer as tk
     except ImportError:  # a --baseline src from before the module was renamed
         from transcriptformer import tokenize as tk
 
@@ -103,7 +103,7 @@ def worker(spec: dict) -> dict:
         tfs.tl.embed(adata, model=loaded, device="cpu", progress=False)
         emb = adata.obsm["X_transcriptformer"]
     else:
-        from transcriptformer.engine import Engine
+        from transcriptformer.inference.engine import Engine
 
         source = tk.prepare_cells(adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len)
         out = np.lib.format.open_memmap(spec["memmap"], mode="w+", dtype=np.float32, shape=(n, loaded.embed_dim))

@@ -42,7 +42,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from transcriptformer import gene_ids
+from transcriptformer.data import gene_ids
 from transcriptformer.vocab import write_gene_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--install", action="store_true", help="copy the result into the package")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("transcriptformer.tokenizer").setLevel(logging.WARNING)
+    logging.getLogger("transcriptformer.data.tokenizer").setLevel(logging.WARNING)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)

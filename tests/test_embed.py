@@ -17,7 +17,7 @@ import torch
 import transcriptformer
 import transcriptformer.scanpy as tfs
 from helpers import assert_unchanged, snapshot
-from transcriptformer.tokenizer import TranscriptFormerWarning
+from transcriptformer.data.tokenizer import TranscriptFormerWarning
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_backed_dense_input_is_read_in_windows(tiny_path, tiny_adata, ref_embedd
     tiny_adata.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
     reads = []
-    from transcriptformer.tokenizer import CellSource
+    from transcriptformer.data.tokenizer import CellSource
 
     original = CellSource._read_block
 
@@ -133,8 +133,8 @@ def test_backed_dense_input_is_read_in_windows(tiny_path, tiny_adata, ref_embedd
         return original(self, start, stop)
 
     monkeypatch.setattr(CellSource, "_read_block", spy)
-    from transcriptformer.engine import Engine
-    from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
+    from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
+    from transcriptformer.inference.engine import Engine
 
     m = transcriptformer.load_model(tiny_path)
     src = prepare_cells(backed, m.vocab, m.aux_vocabs, seq_len=m.seq_len, options=TokenizeOptions())
@@ -173,7 +173,7 @@ def test_normalize_to_scale_and_clip(tiny_path, tiny_adata, tiny_model):
     out = tfs.tl.embed(tiny_adata, model=tiny_path, normalize_to_scale=100, llh=True, copy=True)
     base = tfs.tl.embed(tiny_adata, model=tiny_path, llh=True, copy=True)
     assert not np.allclose(out.obsm["X_transcriptformer"], base.obsm["X_transcriptformer"])
-    from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
+    from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
 
     w = prepare_cells(
         tiny_adata,
@@ -335,7 +335,7 @@ def test_bad_options(tiny_path, tiny_adata):
 
 
 def test_input_unchanged_when_model_fails_midway(tiny_path, tiny_adata, monkeypatch):
-    from transcriptformer.engine import Engine
+    from transcriptformer.inference.engine import Engine
 
     calls = {"n": 0}
     original = Engine._forward
@@ -427,7 +427,7 @@ def test_pad_zeros_false_sparse_equals_dense(tiny_path, tiny_adata, tmp_path):
     dense = tfs.tl.embed(tiny_adata, model=ckpt, llh=True, copy=True)
     np.testing.assert_allclose(sparse.obsm["X_transcriptformer"], dense.obsm["X_transcriptformer"], atol=1e-6)
     np.testing.assert_allclose(sparse.obs["transcriptformer_llh"], dense.obs["transcriptformer_llh"], atol=1e-6)
-    from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
+    from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
 
     m = transcriptformer.load_model(ckpt)
     w = prepare_cells(tiny_adata, m.vocab, m.aux_vocabs, seq_len=63, pad_zeros=False, options=TokenizeOptions()).read(

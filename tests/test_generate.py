@@ -1,4 +1,4 @@
-"""In-silico cells: `tfs.tl.generate` and `transcriptformer.generate.sample_cells`."""
+"""In-silico cells: `tfs.tl.generate` and `transcriptformer.inference.generation.sample_cells`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 import transcriptformer.scanpy as tfs
 from helpers import assert_unchanged, snapshot
-from transcriptformer.generate import sample_cells, sample_zero_truncated_poisson
-from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.inference.generation import sample_cells, sample_zero_truncated_poisson
 
 ASSAY = "10x 3' v3"
 

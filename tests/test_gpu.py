@@ -8,8 +8,8 @@ import torch
 
 import transcriptformer.scanpy as tfs
 from helpers import flex_unavailable
-from transcriptformer.engine import Engine
-from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.inference.engine import Engine
 
 pytestmark = [
     pytest.mark.gpu,

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 import transcriptformer.scanpy as tfs
 from helpers import DATA, assert_unchanged, snapshot
-from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
 
 RTOL = 1e-5
 UNSEEN = {  # name -> options the published run used

@@ -16,9 +16,9 @@ import torch
 import transcriptformer
 import transcriptformer.scanpy as tfs
 from transcriptformer.config import ModelConfig, TranscriptFormerConfig
-from transcriptformer.engine import Engine
+from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.inference.engine import Engine
 from transcriptformer.model import chunked_attention, dense_attention
-from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
 
 def _inputs(B=3, H=2, T=150, dk=16, seed=0):
@@ -255,7 +255,7 @@ def test_weights_load_with_weights_only(tiny_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    transcriptformer.checkpoint.build_model(tiny_path)
+    transcriptformer.weights.checkpoint.build_model(tiny_path)
     assert seen.get("weights_only") is True
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import transcriptformer.scanpy as tfs
-from transcriptformer.engine import Engine
+from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.inference.engine import Engine
 from transcriptformer.model import ChunkedAttention, DenseAttention
-from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
 
 ATOL = 1e-5
 

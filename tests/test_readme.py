@@ -50,10 +50,10 @@ def test_ci_runs_the_readme_commands():
 def test_docstring_examples_run():
     import doctest
 
-    import transcriptformer.checkpoint
     import transcriptformer.scanpy.tl
+    import transcriptformer.weights.checkpoint
 
-    for module in (transcriptformer.checkpoint, transcriptformer.scanpy.tl):
+    for module in (transcriptformer.weights.checkpoint, transcriptformer.scanpy.tl):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -21,8 +21,8 @@ import pytest
 import requests
 
 import transcriptformer
-from transcriptformer import registry
-from transcriptformer.registry import species_tables as resolve_species_tables
+from transcriptformer.weights import registry
+from transcriptformer.weights.registry import species_tables as resolve_species_tables
 
 TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
 PREFIX = "/weights/"

@@ -29,7 +29,8 @@ import torch
 import transcriptformer
 import transcriptformer.scanpy as tfs
 from helpers import spy_on
-from transcriptformer import _hash, checkpoint, registry
+from transcriptformer import _files
+from transcriptformer.weights import checkpoint, registry
 
 TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
 
@@ -206,7 +207,7 @@ def test_extraction_is_bounded_and_sparse_members_are_refused(server, cache):
 
 def test_a_download_is_hashed_once_then_only_when_a_file_changes(server, cache, monkeypatch):
     folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
-    hashes = spy_on(monkeypatch, _hash, "sha256_file")
+    hashes = spy_on(monkeypatch, _files, "sha256_file")
     loaded = transcriptformer.load_model("tf-sapiens", cache_dir=cache)
     transcriptformer.clear_cache()  # as a new process
     transcriptformer.load_model("tf-sapiens", cache_dir=cache)
@@ -402,7 +403,7 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, tiny_adata, value):
 
 SLOW_RUN = """
 import sys, time
-import transcriptformer.engine as engine
+import transcriptformer.inference.outputs as engine
 from transcriptformer.cli import main
 
 original = engine.Accumulator.end_window

@@ -24,11 +24,14 @@ import scipy.sparse as sp
 import transcriptformer
 import transcriptformer.scanpy as tfs
 from conftest import assert_unchanged, snapshot
-from transcriptformer import checkpoint, cli
+from transcriptformer import cli
+from transcriptformer.cli import inference as cli_inference
+from transcriptformer.cli._common import CLIError
 from transcriptformer.config import TranscriptFormerConfig
+from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
 from transcriptformer.errors import TranscriptFormerWarning
-from transcriptformer.options import RunOptions
-from transcriptformer.tokenizer import TokenizeOptions, prepare_cells
+from transcriptformer.inference.options import RunOptions
+from transcriptformer.weights import checkpoint
 
 
 @pytest.fixture
@@ -386,11 +389,11 @@ def test_cli_checks_the_output_before_loading_the_model(tmp_path, tiny_path, h5a
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(cli_inference.tempfile, "mkstemp", denied)
     code, err = run_cli(capsys, *infer_args(tiny_path, h5ad, tmp_path / "adir"))
     assert code == 1 and "cannot write to the output folder" in error_line(err) and "Permission denied" in err
     monkeypatch.undo()
-    monkeypatch.setattr(cli.os, "access", lambda *a, **k: False)
+    monkeypatch.setattr(cli_inference.os, "access", lambda *a, **k: False)
     code, err = run_cli(capsys, *infer_args(tiny_path, h5ad, tmp_path / "new" / "deeper"))
     assert code == 1 and "is not writable" in error_line(err)
     assert no_model_load == []
@@ -500,7 +503,7 @@ def test_run_options_are_refused_before_the_model_loads(tiny_path, tiny_adata, n
 def test_device_names_follow_one_rule(tiny_path, tiny_adata):
     import torch
 
-    from transcriptformer.engine import resolve_device
+    from transcriptformer.inference.devices import resolve_device
 
     for ok in ("CPU", " cpu ", torch.device("cpu"), "auto"):
         RunOptions(device=ok)
@@ -664,7 +667,7 @@ def _overrides(*items: str):
             *[a for i in items for a in ("--config-override", i)],
         ]
     )
-    return args, cli._apply_overrides(args)
+    return args, cli_inference._apply_overrides(args)
 
 
 @pytest.mark.parametrize(
@@ -707,7 +710,7 @@ def test_config_override_booleans_are_strict(text, value):
 )
 def test_config_override_errors_name_the_key(item, message):
     key = item.split("=", 1)[0]  # as written
-    with pytest.raises(cli.CLIError, match=message) as info:
+    with pytest.raises(CLIError, match=message) as info:
         _overrides(item)
     assert key in str(info.value)
 

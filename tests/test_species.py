@@ -11,8 +11,8 @@ import scipy.sparse as sp
 import torch
 
 import transcriptformer.scanpy as tfs
-from transcriptformer.checkpoint import species_vocabulary
-from transcriptformer.engine import infer
+from transcriptformer.inference.pipeline import infer
+from transcriptformer.weights.checkpoint import species_vocabulary
 
 
 def _write_table(path, ids, vectors):

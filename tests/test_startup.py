@@ -13,7 +13,8 @@ import pytest
 
 import transcriptformer
 from helpers import spy_on
-from transcriptformer import _hash, checkpoint
+from transcriptformer import _files
+from transcriptformer.weights import checkpoint
 
 PROBE = """
 import json, sys
@@ -41,8 +42,9 @@ def test_import_does_not_import_torch_or_scanpy():
 
 
 def test_lazy_attributes_are_the_real_objects():
-    from transcriptformer.checkpoint import LoadedModel, load_model
     from transcriptformer.model import TranscriptFormer
+    from transcriptformer.weights.checkpoint import load_model
+    from transcriptformer.weights.loaded import LoadedModel
 
     assert transcriptformer.load_model is load_model
     assert transcriptformer.LoadedModel is LoadedModel
@@ -93,12 +95,12 @@ def test_second_load_reads_the_hash_record_not_the_weights(tiny_path, tmp_path, 
     assert len(records) == 1
     record = json.loads(records[0].read_text())
     assert record["path"] == str(ckpt.resolve())
-    assert record["verified"]["model_weights.pt"]["sha256"] == _hash.sha256_file(ckpt / "model_weights.pt")
+    assert record["verified"]["model_weights.pt"]["sha256"] == _files.sha256_file(ckpt / "model_weights.pt")
     assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before  # nothing written into the checkpoint
 
     # a new process would start from the record: no hash, no finiteness scan
     transcriptformer.clear_cache()
-    hashes = spy_on(monkeypatch, _hash, "sha256_file")
+    hashes = spy_on(monkeypatch, _files, "sha256_file")
     scans = spy_on(monkeypatch, checkpoint, "_non_finite")
     second = transcriptformer.load_model(ckpt)
     assert hashes == [] and scans == []
@@ -123,7 +125,7 @@ def test_a_replaced_weights_file_is_hashed_again(tiny_path, tmp_path, user_cache
     os.replace(tmp_path / "new.pt", weights)
     now = os.stat(weights)
     assert (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and now.st_ino != st.st_ino
-    hashes = spy_on(monkeypatch, _hash, "sha256_file")
+    hashes = spy_on(monkeypatch, _files, "sha256_file")
     second = transcriptformer.load_model(ckpt)  # the in-memory cache notices too
     assert second is not first and len(hashes) == 1
     assert second.weights_sha256 == first.weights_sha256
@@ -135,7 +137,7 @@ def test_unwritable_cache_only_means_hashing_again(tiny_path, tmp_path, monkeypa
     monkeypatch.setenv("TRANSCRIPTFORMER_CACHE", str(blocker))
     transcriptformer.clear_cache()
     ckpt = _copy_tiny(tiny_path, tmp_path)
-    assert transcriptformer.load_model(ckpt).weights_sha256 == _hash.sha256_file(ckpt / "model_weights.pt")
+    assert transcriptformer.load_model(ckpt).weights_sha256 == _files.sha256_file(ckpt / "model_weights.pt")
     transcriptformer.clear_cache()
 
 

@@ -23,8 +23,8 @@ import torch
 import transcriptformer
 import transcriptformer.scanpy as tfs
 from helpers import DATA
-from transcriptformer.checkpoint import new_model, save_checkpoint
-from transcriptformer.training import batch_loss, cell_losses
+from transcriptformer.training.fit import batch_loss, cell_losses
+from transcriptformer.weights.checkpoint import new_model, save_checkpoint
 
 peft = pytest.importorskip("peft")
 
@@ -180,7 +180,7 @@ def test_finetune_is_deterministic_and_resumes_exactly(tiny_path, tmp_path, monk
     other = transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "seed", seed=1, **kwargs)
     assert not all(torch.equal(w1[k], _weights(other)[k]) for k in w1)
     # an interrupted run (killed while saving epoch 2) resumed gives the uninterrupted run's adapter
-    from transcriptformer import lora
+    from transcriptformer.training import lora
 
     real_save = lora.save_adapter
 

@@ -1,7 +1,7 @@
 """Two fixes for how the API reference renders the package's docstrings.
 
-**Signatures of functions with shared run options.** :func:`transcriptformer.options.with_run_options`
-gives a tool the keyword-only parameters of :class:`~transcriptformer.options.RunOptions` through the
+**Signatures of functions with shared run options.** :func:`transcriptformer.inference.options.with_run_options`
+gives a tool the keyword-only parameters of :class:`~transcriptformer.inference.options.RunOptions` through the
 wrapper's ``__signature__`` and ``__annotations__`` (what :func:`inspect.signature` and :func:`help`
 show). sphinx-autodoc-typehints unwraps every function completely (``inspect.unwrap`` without a
 ``stop``), so it would document the inner function instead: a parameter ``options`` in the signature

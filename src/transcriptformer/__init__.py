@@ -9,53 +9,35 @@ first used (``transcriptformer.load_model``, ``tfs.tl.embed``, ...), not before.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("transcriptformer")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0+unknown"
+from ._meta import __version__
 
 if TYPE_CHECKING:
-    from ._versions import show_versions, versions
-    from .checkpoint import LoadedModel, clear_cache, load_model, new_model, save_checkpoint
+    from ._meta import show_versions, versions
     from .config import TranscriptFormerConfig
     from .model import TranscriptFormer
-    from .training import cell_losses, finetune, train
+    from .training.fit import cell_losses, finetune, train
+    from .weights.checkpoint import clear_cache, load_model, new_model, save_checkpoint
+    from .weights.loaded import LoadedModel
 
 #: Public name -> the module that defines it (imported on first access).
 _LAZY = {
-    "LoadedModel": ".checkpoint",
-    "clear_cache": ".checkpoint",
-    "load_model": ".checkpoint",
-    "new_model": ".checkpoint",
-    "save_checkpoint": ".checkpoint",
-    "cell_losses": ".training",
-    "finetune": ".training",
-    "train": ".training",
+    "LoadedModel": ".weights.loaded",
+    "clear_cache": ".weights.checkpoint",
+    "load_model": ".weights.checkpoint",
+    "new_model": ".weights.checkpoint",
+    "save_checkpoint": ".weights.checkpoint",
+    "cell_losses": ".training.fit",
+    "finetune": ".training.fit",
+    "train": ".training.fit",
     "TranscriptFormer": ".model",
     "TranscriptFormerConfig": ".config",
-    "show_versions": "._versions",
-    "versions": "._versions",
+    "show_versions": "._meta",
+    "versions": "._meta",
 }
-_SUBMODULES = (
-    "checkpoint",
-    "cli",
-    "config",
-    "engine",
-    "errors",
-    "gene_ids",
-    "generate",
-    "lora",
-    "model",
-    "options",
-    "registry",
-    "scanpy",
-    "tokenizer",
-    "training",
-    "vocab",
-)
+#: The sub-packages, bottom layer first (each imports only from those before it).
+_SUBMODULES = ("config", "vocab", "errors", "model", "data", "weights", "inference", "training", "scanpy", "cli")
 
 __all__ = [
     "LoadedModel",

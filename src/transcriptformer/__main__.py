@@ -1,4 +1,4 @@
-"""`python -m transcriptformer` runs the command line."""
+"""``python -m transcriptformer`` runs the command line."""
 
 import sys
 

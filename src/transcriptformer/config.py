@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from ._files import read_json
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -87,7 +89,7 @@ def device_name(device: Any) -> str:
 
     Accepts those strings (any case, surrounding spaces ignored) and ``torch.device`` objects of those kinds.
     Whether the device exists here is checked when a run starts
-    (:func:`~transcriptformer.engine.resolve_device`).
+    (:func:`~transcriptformer.inference.devices.resolve_device`).
 
     Raises
     ------
@@ -304,8 +306,6 @@ class TranscriptFormerConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> TranscriptFormerConfig:
         """Read ``config.json`` from ``path``."""
-        from ._hash import read_json
-
         path = Path(path)
         raw = read_json(path, "the checkpoint's config", "Restore it from the checkpoint's download.")
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._hash import read_json
+from ._files import read_json
 from .errors import warn
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any
 
 from anndata import AnnData
 
-from ..options import check_bool, with_run_options
+from ..inference.options import check_bool, with_run_options
 
 logger = logging.getLogger("transcriptformer")
 

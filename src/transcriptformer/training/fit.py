@@ -38,13 +38,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
-from .checkpoint import LoadedModel, load_model, save_checkpoint
-from .engine import BatchPlanner, autocast, batch_tensors, estimate_flops, resolve_device, resolve_precision
-from .errors import warn
-from .model import DenseAttention, FlexAttention, TranscriptFormer
-from .options import RunOptions, check_bool, check_positive_int, with_run_options
-from .tokenizer import CellSource
+from .._meta import __version__
+from .._progress import tqdm
+from ..data.tokenizer import CellSource
+from ..errors import warn
+from ..inference.batching import BatchPlanner, batch_tensors, estimate_flops
+from ..inference.devices import autocast, resolve_device, resolve_precision
+from ..inference.options import RunOptions, check_bool, check_positive_int, with_run_options
+from ..inference.pipeline import infer
+from ..model import DenseAttention, FlexAttention, TranscriptFormer
+from ..weights.checkpoint import load_model, save_checkpoint
+from ..weights.loaded import LoadedModel
+from . import lora
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +126,6 @@ def cell_losses(model: Any, adata: Any, *, options: RunOptions) -> pd.DataFrame:
         without any).
     """
     import anndata as ad
-
-    from .engine import infer
 
     if options.species_embedding is not None:
         raise ValueError("cell_losses is over the model's own vocabulary; species_embedding is not supported.")
@@ -379,8 +382,6 @@ def _fit(
             {"epoch": 0, "step": 0, "validation": _evaluate(view(), val_sources, options, str(device), precision)}
         )
         logger.info("validation before training: %s", history[-1]["validation"])
-    from ._progress import tqdm
-
     show = options.progress if options.progress is not None else True
     n_tokens, flops = 0, 0.0
     t_start = time.perf_counter()
@@ -664,8 +665,6 @@ def finetune(
     pathlib.Path
         ``output_dir`` (the adapter folder).
     """
-    from . import lora
-
     fit = FitOptions(
         epochs=epochs,
         learning_rate=learning_rate,

@@ -1,4 +1,4 @@
-"""The ``transcriptformer finetune`` and ``transcriptformer train`` commands (see :mod:`transcriptformer.cli`).
+"""``transcriptformer finetune`` and ``transcriptformer train``.
 
 ``finetune`` takes the flags of the published LoRA example (``--checkpoint-path``, ``--train-files``,
 ``--lora-r``, ``--lora-alpha``, ``--lora-dropout``, ``--lora-target-modules``, ``--epochs``,
@@ -12,6 +12,8 @@ import argparse
 import logging
 from pathlib import Path
 from typing import Any
+
+from ._common import GENE_COL_HELP, CLIError, gene_column, init_distributed
 
 logger = logging.getLogger("transcriptformer")
 
@@ -31,8 +33,6 @@ def _new_model_dests() -> list[str]:
 
 
 def _common(p: argparse.ArgumentParser, *, lr: float, wd: float) -> None:
-    from .cli import GENE_COL_HELP, gene_column
-
     p.add_argument("--train-files", nargs="+", required=True, metavar="H5AD", help="training cells (h5ad files)")
     p.add_argument("--val-files", nargs="+", default=None, metavar="H5AD", help="held-out cells, evaluated per epoch")
     p.add_argument("--output-dir", required=True, help="new folder for the result, epoch checkpoints and logs")
@@ -117,8 +117,6 @@ def _fit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_files(args: argparse.Namespace) -> None:
-    from .cli import CLIError
-
     for f in [*args.train_files, *(args.val_files or [])]:
         if not Path(f).is_file():
             raise CLIError(f"data file {f!r} does not exist.")
@@ -128,8 +126,8 @@ def _dry_run(args: argparse.Namespace, model) -> Path | None:
     """Build the model and read the data (with every check), then stop."""
     import anndata as ad
 
-    from .options import RunOptions
-    from .training import _open
+    from ..inference.options import RunOptions
+    from ..training.fit import _open
 
     options = RunOptions(gene_key=args.gene_col_name, clip_counts=args.clip_counts)
     for files in (args.train_files, args.val_files or []):
@@ -142,9 +140,7 @@ def _dry_run(args: argparse.Namespace, model) -> Path | None:
 
 
 def _distributed_device(args: argparse.Namespace) -> None:
-    from .cli import _init_distributed
-
-    _, world = _init_distributed()
+    _, world = init_distributed()
     if world > 1 and args.device in ("auto", "cuda"):
         import os
 
@@ -156,14 +152,14 @@ def _distributed_device(args: argparse.Namespace) -> None:
 
 def run_finetune(args: argparse.Namespace) -> Path | None:
     """Run ``transcriptformer finetune``."""
-    from .checkpoint import load_model
-    from .training import finetune
+    from ..training.fit import finetune
+    from ..weights.checkpoint import load_model
 
     _check_files(args)
     _distributed_device(args)
     base = load_model(args.checkpoint_path)
     if args.dry_run:
-        from . import lora
+        from ..training import lora
 
         net = __import__("copy").deepcopy(base.model)
         lora.apply_lora(
@@ -187,9 +183,8 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
 
 def run_train(args: argparse.Namespace) -> Path | None:
     """Run ``transcriptformer train``."""
-    from .checkpoint import load_model, new_model
-    from .cli import CLIError
-    from .training import train
+    from ..training.fit import train
+    from ..weights.checkpoint import load_model, new_model
 
     _check_files(args)
     _distributed_device(args)

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import TranscriptFormerWarning, warn
-from .vocab import AuxVocab, GeneVocab
+from ..errors import TranscriptFormerWarning, warn
+from ..vocab import AuxVocab, GeneVocab
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import pandas as pd
 
-from .errors import warn
+from ..errors import warn
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def map_symbols(
         After the exact lookup, look the remaining symbols up ignoring case (``CD3E`` finds mouse ``Cd3e``).
     ambiguous
         For symbols carried by several Ensembl genes: ``"primary"`` keeps the one gene the tables mark as
-        the reference copy (see :mod:`transcriptformer.gene_ids`) and leaves the rest unmapped;
+        the reference copy (see :mod:`transcriptformer.data.gene_ids`) and leaves the rest unmapped;
         ``"unmapped"`` leaves all of them unmapped.
     check
         Warn (:class:`UserWarning`) when :func:`diagnose` finds a problem, e.g. symbols of the other species.
@@ -252,7 +252,7 @@ def map_symbols(
 
     Examples
     --------
-    >>> from transcriptformer.gene_ids import map_symbols
+    >>> from transcriptformer.data.gene_ids import map_symbols
     >>> out = map_symbols(["CD3E", "HLA-DRA", "HLA-DPA1", "IGJ"], "homo_sapiens", check=False)
     >>> out["ensembl_id"].tolist()
     ['ENSG00000198851', 'ENSG00000204287', None, None]

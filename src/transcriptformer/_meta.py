@@ -1,10 +1,15 @@
-"""Versions of everything that matters for a bug report (``transcriptformer.show_versions()``)."""
+"""The package's version, and the versions of everything that matters for a bug report (``show_versions()``)."""
 
 from __future__ import annotations
 
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("transcriptformer")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
 
 PACKAGES = (
     "transcriptformer",

@@ -19,8 +19,8 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from .config import PRECISION_ALIASES, PRECISIONS, Device, Precision, device_name
-from .tokenizer import TokenizeOptions
+from ..config import PRECISION_ALIASES, PRECISIONS, Device, Precision, device_name
+from ..data.tokenizer import TokenizeOptions
 
 __all__ = [
     "RUN_OPTIONS_DOC",
@@ -202,7 +202,7 @@ class RunOptions:
         )
 
     def engine(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~transcriptformer.engine.infer` besides the tokenisation."""
+        """Keyword arguments of :func:`~transcriptformer.inference.pipeline.infer` besides the tokenisation."""
         return {
             "species_embedding": self.species_embedding,
             "device": self.device,
@@ -233,7 +233,7 @@ RUN_OPTIONS_DOC = RunOptions.__doc__.split("Parameters\n    ----------\n", 1)[1]
 
 
 def with_run_options(func: Callable) -> Callable:
-    """Give a tool the keyword-only parameters of :class:`~transcriptformer.options.RunOptions`.
+    """Give a tool the keyword-only parameters of :class:`~transcriptformer.inference.options.RunOptions`.
 
     ``func`` takes ``options: RunOptions`` (keyword-only) and has ``{run_options}`` in its docstring's
     Parameters section. The returned function's signature lists the shared options after ``func``'s own

@@ -1,19 +1,14 @@
-"""The ``transcriptformer`` command line, compatible with the published tool.
+"""``transcriptformer inference``: the published command, flags and output layout.
 
-``transcriptformer download MODEL [--checkpoint-dir DIR]`` and
-``transcriptformer inference --checkpoint-path P --data-file F [...]`` accept the published
-flags and write the published output layout: an h5ad with no genes, the input ``obs`` (fresh
-``'0'..'N-1'`` index), ``obsm['embeddings']``, with likelihoods ``uns['llh']`` (DataFrame) and
-``obsm['llh']``, with ``--emb-type cge`` ``uns['cge_embeddings' | 'cge_cell_indices' |
-'cge_gene_names']``. Unlike the published tool, embeddings and likelihoods can be asked for in
-one run (``--llh``). Under ``torchrun`` each process embeds a shard and rank 0 writes the file.
+An h5ad with no genes, the input ``obs``, ``obsm['embeddings']``, with likelihoods ``uns['llh']`` (DataFrame)
+and ``obsm['llh']``, with ``--emb-type cge`` ``uns['cge_embeddings' | 'cge_cell_indices' | 'cge_gene_names']``.
+Unlike the published tool, embeddings and likelihoods can be asked for in one run (``--llh``). Under
+``torchrun`` each process embeds a shard and rank 0 writes the file.
 
 Everything that can be checked without the model is checked before it is loaded: every option and
-``--config-override`` value (by type and range, with the same rules as the Python API), the output
-location (writable, not a folder, not one of the inputs) and the input files (h5ad, with cells). The
-output is written under a temporary name and renamed when complete; an error, Ctrl-C or SIGTERM removes
-the temporary file. The module imports only the standard library until a command runs, so ``--help`` and
-``--version`` are instant.
+``--config-override`` value (by type and range, with the same rules as the Python API), the output location
+(writable, not a folder, not one of the inputs) and the input files (h5ad, with cells). The output is written
+under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -22,24 +17,37 @@ import argparse
 import logging
 import os
 import re
-import signal
-import sys
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ATTENTION_BACKENDS, DEVICES, PRECISION_ALIASES, PRECISIONS, parse_bool
-from .registry import REGISTRY
+from ..config import ATTENTION_BACKENDS, DEVICES, PRECISION_ALIASES, PRECISIONS, TranscriptFormerConfig
+from ._common import (
+    GENE_COL_HELP,
+    CLIError,
+    _as_bool,
+    _as_choice,
+    _as_number,
+    _as_positive_int,
+    _as_text,
+    _as_text_or_none,
+    _as_use_raw,
+    _bool_or_auto,
+    _parse_value,
+    gene_column,
+    init_distributed,
+    temporary_beside,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger("transcriptformer")
 
-#: ``download`` takes every registry name, or ``all``.
-DOWNLOAD_CHOICES = (*REGISTRY, "all")
+__all__ = ["add_parser", "run"]
+
 
 # config overrides that change nothing here (the published runtime's own knobs)
 _NO_EFFECT = {
@@ -68,123 +76,6 @@ _DEFAULT_ONLY = {
 }
 
 
-#: How the library's error messages name options, and the flags that set them here.
-_FLAG_NAMES = {
-    "gene_key=None to use var_names": "--gene-col-name var_names to use var_names",
-    "layer='raw' but adata.raw is None; pass layer='X' or the name of a layer of counts.": (
-        "--use-raw True but the file has no .raw; pass --use-raw False (counts in X) or auto."
-    ),
-    "gene_key=<": "--gene-col-name <",
-    "duplicate_genes='first'": "--remove-duplicate-genes",
-    "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
-    "layer=<layer of raw counts>": "an input with raw counts in X or .raw (--use-raw)",
-}
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 1."""
-
-
-def _parse_value(text: str) -> Any:
-    """The published override parsing: true/false/none/null and plain integers convert, the rest is a string.
-
-    Numbers with a decimal point or exponent become floats here (the published tool kept them as strings).
-    """
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if text.strip().lstrip("-").isdigit():
-        return int(text)
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _bool_or_auto(text: str) -> bool | None:
-    low = text.strip().lower()
-    if low in ("auto", "none", "null"):
-        return None
-    try:
-        return parse_bool(low)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected True, False or auto, got {text!r}") from None
-
-
-# -- strict parsers of --config-override values: each returns the value or raises ValueError(what it expects)
-
-
-def _as_bool(text: str) -> bool:
-    return parse_bool(text)
-
-
-def _as_positive_int(text: str) -> int | None:
-    value = _parse_value(text)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a positive integer (or null), got {text!r}")
-    return value
-
-
-def _as_number(minimum: float, *, zero_ok: bool = False) -> Callable[[str], float | None]:
-    def parse(text: str) -> float | None:
-        import math
-
-        value = _parse_value(text)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"expected a number (or null), got {text!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"expected a finite number, got {text!r}")
-        if value < minimum or (value == minimum and not zero_ok):
-            raise ValueError(f"expected a number {'>=' if zero_ok else '>'} {minimum:g}, got {text!r}")
-        return float(value)
-
-    return parse
-
-
-def _as_choice(*choices: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip()
-        if value not in choices and value.lower() not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
-        return value if value in choices else value.lower()
-
-    return parse
-
-
-def _as_text(text: str) -> str:
-    if not text.strip():
-        raise ValueError("expected a non-empty value")
-    return text.strip()
-
-
-def _as_text_or_none(text: str) -> str | None:
-    return None if text.strip().lower() in ("none", "null") else _as_text(text)
-
-
-#: ``--gene-col-name`` value that reads the gene ids from ``var_names`` (the API's ``gene_key=None``)
-VAR_NAMES = "var_names"
-GENE_COL_HELP = f"var column with Ensembl gene ids, or {VAR_NAMES!r} for the var index"
-
-
-def gene_column(text: str) -> str | None:
-    """The ``gene_key`` of a ``--gene-col-name`` value: ``var_names`` (or none/null) means the var index."""
-    return None if text.strip() == VAR_NAMES else _as_text_or_none(text)
-
-
-def _as_use_raw(text: str) -> bool | None:
-    try:
-        return _bool_or_auto(text)
-    except argparse.ArgumentTypeError as e:
-        raise ValueError(str(e)) from None
-
-
-#: ``--config-override`` keys this command implements: the argument they set and how their value is parsed.
 _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "model.inference_config.batch_size": ("batch_size", _as_positive_int),
     "model.inference_config.precision": ("precision", _as_choice(*PRECISIONS, *PRECISION_ALIASES)),
@@ -210,33 +101,8 @@ _DEFAULT_ONLY_PARSERS: dict[str, Callable[[str], Any]] = {
 _OUTPUT_KEYS = ("embeddings", "llh", "gene_llh")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="transcriptformer",
-        description="TranscriptFormer single-cell foundation models: download weights and run inference.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="{download,inference,finetune,train}")
-
-    dl = sub.add_parser(
-        "download",
-        help="download and unpack model weights",
-        description="Download, verify and unpack published TranscriptFormer artifacts into DIR/<name>/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    dl.add_argument(
-        "model",
-        choices=DOWNLOAD_CHOICES,
-        help="'all': the three published models and the gene tables; datasets by name",
-    )
-    dl.add_argument("--checkpoint-dir", default="./checkpoints", help="folder that receives <name>/ folders")
-    dl.add_argument("--force", action="store_true", help="download again even if present")
-    dl.add_argument("--no-progress", action="store_true", help="no progress bars")
-
+def add_parser(sub: Any) -> None:
+    """Add ``inference`` to the sub-commands."""
     inf = sub.add_parser(
         "inference",
         help="embed cells of an h5ad file",
@@ -310,13 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write embeddings to the output file window by window (automatic above 2 GiB of embeddings)",
     )
-    from . import cli_training
-
-    cli_training.add_parsers(sub)
-    return parser
-
-
-# -- inference ----------------------------------------------------------------------------
 
 
 def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -373,8 +232,6 @@ def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError as e:
             raise CLIError(f"--config-override {key}={text}: {e}.") from None
     if model_overrides:
-        from .config import TranscriptFormerConfig
-
         try:  # names, types and choices now; rules between values once combined with the checkpoint's config
             TranscriptFormerConfig.parse_overrides(model_overrides)
         except ValueError as e:
@@ -383,7 +240,7 @@ def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(checkpoint: str, overrides: dict[str, Any], adapter: str | None = None):
-    from .checkpoint import build_model, load_model
+    from ..weights.checkpoint import build_model, load_model  # lazily: start-up time
 
     loaded = load_model(checkpoint)
     if overrides:
@@ -393,43 +250,6 @@ def _load(checkpoint: str, overrides: dict[str, Any], adapter: str | None = None
     return load_model(loaded, adapter=adapter) if adapter else loaded
 
 
-def _init_distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _temporary_beside(path: Path) -> str:
-    """A new empty file next to ``path`` with the permissions a plain ``open(path, "w")`` would give."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".h5ad.tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
-    return tmp
-
-
-def _write_atomic(adata, path: Path) -> None:
-    tmp = _temporary_beside(path)
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-#: The command line's flag for each run option (for messages of the shared validation).
 _OPTION_FLAGS = {
     "gene_key": "--gene-col-name",
     "clip_counts": "--clip-counts",
@@ -445,7 +265,7 @@ _OPTION_FLAGS = {
 
 def _run_options(args: argparse.Namespace, device: str):
     """The run options, validated by the same rules as the Python API (before any model is loaded)."""
-    from .options import RunOptions
+    from ..inference.options import RunOptions  # lazily: numpy and pandas (start-up time)
 
     try:
         return RunOptions(
@@ -543,7 +363,7 @@ def _run_file(
 ) -> dict[str, Any]:
     import anndata as ad
 
-    from .engine import infer
+    from ..inference.pipeline import infer  # lazily: torch
 
     adata = ad.read_h5ad(path, backed="r")
     try:
@@ -569,7 +389,7 @@ def _run_file(
     return {"obs": obs, "result": run.result, "vocab": run.vocab, "params": params}
 
 
-def run_inference(args: argparse.Namespace) -> Path | None:
+def run(args: argparse.Namespace) -> Path | None:
     """Run the ``inference`` command; returns the output path (None on ranks other than 0).
 
     Every check that does not need the model runs first: options, overrides, the output location and the
@@ -593,10 +413,10 @@ def run_inference(args: argparse.Namespace) -> Path | None:
     for f, n in zip(args.data_file, sizes, strict=True):
         if n == 0:
             raise CLIError(f"data file {f!r} has no cells.")
-    from .engine import resolve_device
+    from ..inference.devices import resolve_device  # lazily: torch
 
     resolve_device(device)  # an unavailable device is an error before the model is loaded
-    rank, world = _init_distributed()
+    rank, world = init_distributed()
     if world > 1 and device in ("auto", "cuda") and _cuda():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         options = _run_options(args, device)
@@ -607,7 +427,7 @@ def run_inference(args: argparse.Namespace) -> Path | None:
     if rank != 0:
         return None
     out = _output_adata(parts, outputs, published_index=args.published_index)
-    _write_atomic(out, path)
+    write_atomic(out, path)
     logger.info("wrote %s (%d cells)", path, out.n_obs)
     return path
 
@@ -682,7 +502,7 @@ def _run_streaming(args: argparse.Namespace, loaded, outputs, options, path: Pat
     except ImportError:  # anndata < 0.11
         from anndata.experimental import write_elem
 
-    tmp = _temporary_beside(path)
+    tmp = temporary_beside(path)
     try:
         ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(sum(sizes)).astype(str))).write_h5ad(tmp)  # obs: below
         with h5py.File(tmp, "r+") as h:
@@ -715,112 +535,3 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-# -- download -----------------------------------------------------------------------------
-
-
-def run_download(args: argparse.Namespace) -> list[Path]:
-    """Run the ``download`` command."""
-    from . import registry
-
-    published = [e.name for e in registry.ENTRIES if e.kind in ("model", "tables") and e.bundled is None]
-    names = published if args.model == "all" else [args.model]
-    folders = []
-    for name in names:
-        folder = registry.fetch(name, cache_dir=args.checkpoint_dir, progress=not args.no_progress, force=args.force)
-        if registry.REGISTRY[registry.canonical_name(name)].bundled is not None:
-            folder = _copy_bundled(folder, Path(args.checkpoint_dir).expanduser(), force=args.force)
-        print(folder)
-        folders.append(folder)
-    return folders
-
-
-def _copy_bundled(source: Path, root: Path, *, force: bool) -> Path:
-    """A copy of an artifact that ships with the package in ``root`` (as a download would put it there)."""
-    import shutil
-    import tempfile
-
-    dest = root / source.name
-    if dest.exists() and not force:
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=root))  # complete before it takes the name
-    try:
-        staged = tmp / source.name
-        if source.is_dir():  # contents only: the installed package's read-only modes are not copied
-            shutil.copytree(source, staged, copy_function=shutil.copyfile)
-        else:
-            shutil.copyfile(source, staged)
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        elif dest.exists():
-            dest.unlink()
-        staged.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-class _Terminated(BaseException):
-    """SIGTERM arrived (SLURM, containers and ``kill`` send it): unwinds like Ctrl-C, removing temporary files."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``transcriptformer`` command.
-
-    Returns 0 on success, 1 on an error (one line on stderr, or a traceback with ``--verbose``), 2 for a usage
-    error, 130 on Ctrl-C and 143 on SIGTERM; the last two remove any temporary output first.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # quiet by default (warnings and errors); -v: progress messages, timestamps and tracebacks
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s" if args.verbose else "%(message)s",
-    )
-    logging.getLogger("transcriptformer").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        from . import cli_training
-
-        runners = {
-            "download": run_download,
-            "inference": run_inference,
-            "finetune": cli_training.run_finetune,
-            "train": cli_training.run_train,
-        }
-        runners[args.command](args)
-    except KeyboardInterrupt:
-        print("transcriptformer: interrupted", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("transcriptformer: terminated (SIGTERM); temporary files removed", file=sys.stderr)
-        return 143
-    except Exception as e:
-        if args.verbose:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = msg.strip("\"'")
-        for api, flag in _FLAG_NAMES.items():  # the library's advice, in the command line's words
-            msg = msg.replace(api, flag)
-        print(f"transcriptformer: error: {msg}", file=sys.stderr)
-        return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m transcriptformer.cli`
-    sys.exit(main())

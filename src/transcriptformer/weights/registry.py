@@ -38,8 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _hash
-from ._hash import VerificationRecord, file_stamp, read_json, write_json_atomic
+from .. import _files
+from .._files import VerificationRecord, file_stamp, read_json, write_json_atomic
+from .._progress import tqdm
+from .layout import check_folder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -334,21 +336,22 @@ def base_url(url: str | None = None) -> str:
     return url if url.endswith("/") else url + "/"
 
 
-def _manifest_path(folder: Path) -> Path:
+def manifest_path(folder: Path) -> Path:
+    """Where the record of a downloaded folder's files lies: ``<folder>.sha256.json`` beside it."""
     return folder.parent / f"{folder.name}.sha256.json"
 
 
 def _redownload_hint(folder: Path) -> str:
     name = folder.name.replace("_", "-")
     return (
-        f"Delete {folder} and {_manifest_path(folder).name} (or run `transcriptformer download {name} --force`) "
+        f"Delete {folder} and {manifest_path(folder).name} (or run `transcriptformer download {name} --force`) "
         "to download it again."
     )
 
 
 def _open_manifest(folder: Path) -> VerificationRecord:
     """The manifest written when ``folder`` was unpacked, validated; a damaged one is an error with the fix."""
-    path = _manifest_path(folder)
+    path = manifest_path(folder)
     record = VerificationRecord.open(
         path, strict=True, what=f"the record of the files of {folder.name}", fix=_redownload_hint(folder)
     )
@@ -361,7 +364,7 @@ def _open_manifest(folder: Path) -> VerificationRecord:
 
 
 def _is_cached(folder: Path) -> bool:
-    return folder.is_dir() and _manifest_path(folder).is_file()
+    return folder.is_dir() and manifest_path(folder).is_file()
 
 
 def _is_complete(folder: Path) -> bool:
@@ -382,7 +385,7 @@ def _hash_tree(folder: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
         if p.is_file() and not p.is_symlink():
             rel = p.relative_to(folder).as_posix()
             stamps[rel] = file_stamp(p)
-            digests[rel] = _hash.sha256_file(p)
+            digests[rel] = _files.sha256_file(p)
     return digests, stamps
 
 
@@ -463,8 +466,6 @@ def _safe_extract(tarball: Path, target: Path, expected_top: str, progress: bool
         the archive is damaged or cut short.
 
     """
-    from ._progress import tqdm
-
     try:
         with tarfile.open(tarball, "r:*") as tar:
             members = []
@@ -504,11 +505,9 @@ def _size(n: int) -> str:
 
 def _check_unpacked(entry: Entry, folder: Path, tarball: str) -> None:
     """The unpacked folder has the layout its kind needs (before it is cached or its hash recorded)."""
-    from . import checkpoint
-
     try:
         if entry.kind == "model":
-            checkpoint.check_folder(folder)
+            check_folder(folder)
         elif not any(folder.glob("*_gene.h5")):
             raise ValueError("it holds no gene table (<species>_gene.h5).")
     except (OSError, ValueError) as e:
@@ -627,7 +626,7 @@ def fetch_dataset(
     if entry.bundled is not None and not (mirror and force):
         path = bundled_path(entry)
         if path.is_file():
-            digest = _hash.sha256_file(path)
+            digest = _files.sha256_file(path)
             if entry.sha256 and digest != entry.sha256:
                 raise ValueError(f"the bundled {path} is corrupted (sha256 {digest[:16]}...); reinstall the package.")
             return path
@@ -652,7 +651,7 @@ def fetch_dataset(
                     f"the downloaded {entry.file} is not the published file (its git blob id differs from "
                     f"{entry.git_blob_sha1}); nothing was cached. Retry, or check the mirror."
                 )
-            digest = _hash.sha256_file(tmp)
+            digest = _files.sha256_file(tmp)
             if known is None:
                 previous = _recorded_hash(root, entry.file)
                 if previous is not None and previous != digest:
@@ -676,7 +675,7 @@ def _check_dataset(entry: Entry, path: Path, root: Path) -> None:
     expected = entry.sha256 or _recorded_hash(root, entry.file)
     if expected is None:
         return
-    digest = _hash.sha256_file(path)
+    digest = _files.sha256_file(path)
     if digest != expected:
         raise ValueError(
             f"cached file {path} is corrupted: sha256 {digest[:16]}... differs from {expected[:16]}...; delete it "
@@ -736,7 +735,7 @@ def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progr
     pooch_logger.setLevel(logging.WARNING)  # its "use this as known_hash" advice does not apply here
     try:
         _retrieve(url, known, fname, downloads, progress, root)
-        digest = _hash.sha256_file(tarball)
+        digest = _files.sha256_file(tarball)
         repin = pinned is not None and digest != pinned
         if repin:
             logger.warning(
@@ -765,9 +764,9 @@ def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progr
                 _record_hash(root, fname, digest)
             if folder.exists():
                 shutil.rmtree(folder)
-            _manifest_path(folder).unlink(missing_ok=True)
+            manifest_path(folder).unlink(missing_ok=True)
             os.replace(unpacked, folder)
-            write_json_atomic(_manifest_path(folder), manifest)
+            write_json_atomic(manifest_path(folder), manifest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
@@ -777,8 +776,8 @@ def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progr
 
 
 def open_record(folder: Path) -> VerificationRecord | None:
-    """The manifest of a downloaded folder as a :class:`~transcriptformer._hash.VerificationRecord` (or None)."""
-    return _open_manifest(folder) if _manifest_path(folder).is_file() else None
+    """The manifest of a downloaded folder as a :class:`~transcriptformer._files.VerificationRecord` (or None)."""
+    return _open_manifest(folder) if manifest_path(folder).is_file() else None
 
 
 def save_record(folder: Path, record: VerificationRecord) -> None:
@@ -802,7 +801,7 @@ def save_record(folder: Path, record: VerificationRecord) -> None:
             current.save()
             record.dirty = False
     except (OSError, ValueError) as e:  # a read-only shared cache, or a download under way: hash again next time
-        logger.info("could not update %s (%s)", _manifest_path(folder), e)
+        logger.info("could not update %s (%s)", manifest_path(folder), e)
 
 
 def verify_checkpoint(
@@ -836,7 +835,7 @@ def verify_checkpoint(
     folder = Path(folder)
     own = record is None
     if own:
-        if not _manifest_path(folder).is_file():
+        if not manifest_path(folder).is_file():
             return {}
         record = _open_manifest(folder)
     assert record is not None  # given, or just opened
@@ -852,7 +851,7 @@ def verify_checkpoint(
         stamp = file_stamp(path)
         digest = record.known_digest(rel, stamp)
         if digest is None:
-            digest = _hash.sha256_file(path)
+            digest = _files.sha256_file(path)
             if digest == recorded[rel]:
                 record.set_digest(rel, stamp, digest)
         if digest != recorded[rel]:

@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import LoadedModel
-from .engine import autocast, resolve_device, resolve_precision
-from .model import ChunkedAttention, KVCache, TranscriptFormer
+from ..data.tokenizer import TokenizeOptions
+from ..model import ChunkedAttention, KVCache, TranscriptFormer
+from ..weights.loaded import LoadedModel
+from .devices import autocast, resolve_device, resolve_precision
 from .options import check_positive_int
-from .tokenizer import TokenizeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def sample_cells(
     seed
         Random seed: the same seed gives the same cells (on the same device and precision).
     device, precision
-        As in :class:`~transcriptformer.engine.Engine`.
+        As in :class:`~transcriptformer.inference.engine.Engine`.
     batch_size
         Cells generated together (default 64; memory: the key/value cache is
         ``batch x layers x 2 x embed_dim x (max_genes + 2)`` floats).

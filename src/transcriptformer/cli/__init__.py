@@ -1,0 +1,116 @@
+"""The ``transcriptformer`` command line, compatible with the published tool.
+
+Sub-commands, one module each: ``download`` (:mod:`.download`), ``inference`` (:mod:`.inference`), ``finetune``
+and ``train`` (:mod:`.training`); what they share is :mod:`._common`. They accept the published tool's flags and
+write its output layout. An error, Ctrl-C or SIGTERM removes any temporary output. The modules import only the
+standard library until a command runs (the heavy imports inside the ``run`` functions are for start-up time), so
+``--help`` and ``--version`` are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .._meta import __version__
+from . import download, inference, training
+
+logger = logging.getLogger("transcriptformer")
+
+__all__ = ["main"]
+
+
+#: How the library's error messages name options, and the flags that set them here.
+_FLAG_NAMES = {
+    "gene_key=None to use var_names": "--gene-col-name var_names to use var_names",
+    "layer='raw' but adata.raw is None; pass layer='X' or the name of a layer of counts.": (
+        "--use-raw True but the file has no .raw; pass --use-raw False (counts in X) or auto."
+    ),
+    "gene_key=<": "--gene-col-name <",
+    "duplicate_genes='first'": "--remove-duplicate-genes",
+    "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
+    "layer=<layer of raw counts>": "an input with raw counts in X or .raw (--use-raw)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``transcriptformer`` parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="transcriptformer",
+        description="TranscriptFormer single-cell foundation models: download weights and run inference.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="{download,inference,finetune,train}")
+    download.add_parser(sub)
+    inference.add_parser(sub)
+    training.add_parsers(sub)
+    return parser
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (SLURM, containers and ``kill`` send it): unwinds like Ctrl-C, removing temporary files."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``transcriptformer`` command.
+
+    Returns 0 on success, 1 on an error (one line on stderr, or a traceback with ``--verbose``), 2 for a usage
+    error, 130 on Ctrl-C and 143 on SIGTERM; the last two remove any temporary output first.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # quiet by default (warnings and errors); -v: progress messages, timestamps and tracebacks
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s" if args.verbose else "%(message)s",
+    )
+    logging.getLogger("transcriptformer").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        runners = {
+            "download": download.run,
+            "inference": inference.run,
+            "finetune": training.run_finetune,
+            "train": training.run_train,
+        }
+        runners[args.command](args)
+    except KeyboardInterrupt:
+        print("transcriptformer: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("transcriptformer: terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return 143
+    except Exception as e:
+        if args.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):
+            msg = msg.strip("\"'")
+        for api, flag in _FLAG_NAMES.items():  # the library's advice, in the command line's words
+            msg = msg.replace(api, flag)
+        print(f"transcriptformer: error: {msg}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m transcriptformer.cli`
+    sys.exit(main())
