@@ -211,6 +211,16 @@ ENTRIES += (
         bundled="_data/tf_demo",
     ),
     Entry(
+        "tf-tiny",
+        "model",
+        "",
+        "tf_tiny",
+        None,
+        None,
+        "Tiny random checkpoint in the published layout (ships with the package; for examples and tests)",
+        bundled="_data/tf_tiny",
+    ),
+    Entry(
         "human-val",
         "dataset",
         "human_val.h5ad",
