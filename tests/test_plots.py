@@ -36,6 +36,7 @@ def _points(ax) -> int:
 def _close_figures():
     """Every figure a test opens is closed after it (pass or fail)."""
     yield
+    plt.close("all")
 
 
 def test_umap(embedded):

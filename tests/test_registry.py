@@ -384,7 +384,8 @@ def test_environment_variables_are_honoured(registry_tarballs, monkeypatch, tmp_
 
         listing = registry.available()
         assert list(listing.index[:4]) == ["tf-sapiens", "tf-exemplar", "tf-metazoa", "all-embeddings"]
-        assert set(listing.index[listing["cached"]]) == {"tf-demo", "tf-tiny", "mouse-val"}  # they ship with the package
+        shipped = {"tf-demo", "tf-tiny", "mouse-val"}
+        assert set(listing.index[listing["cached"]]) == shipped  # they ship with the package
         before = listing.iloc[:4]
         assert not before["cached"].any()
         assert before["path"].isna().all()
