@@ -309,6 +309,9 @@ class AuxVocab:
     def __post_init__(self) -> None:
         if "unknown" not in self.labels:
             raise ValueError(f"{self.column}_vocab.json must contain the label 'unknown'.")
+        bad = {k: v for k, v in self.labels.items() if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v}
+        if bad:
+            raise ValueError(f"{self.column} vocabulary: indices must be non-negative integers, got {bad}.")
 
     def __len__(self) -> int:
         return max(self.labels.values()) + 1

@@ -428,7 +428,7 @@ def run(args: argparse.Namespace) -> Path | None:
         return None
     out = _output_adata(parts, outputs, published_index=args.published_index)
     write_atomic(out, path)
-    logger.info("wrote %s (%d cells)", path, out.n_obs)
+    _wrote(path, out.n_obs, outputs)
     return path
 
 
@@ -527,8 +527,15 @@ def _run_streaming(args: argparse.Namespace, loaded, outputs, options, path: Pat
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    logger.info("wrote %s (%d cells, embeddings streamed)", path, sum(sizes))
+    _wrote(path, sum(sizes), outputs)
     return path
+
+
+def _wrote(path: Path, n_cells: int, outputs: Sequence[str]) -> None:
+    """Say what was written where (standard output: the command's result)."""
+    where = {"embeddings": "obsm['embeddings']", "llh": "uns['llh'], obsm['llh']", "gene_llh": "obsm['gene_llh']"}
+    where["cge"] = "uns['cge_embeddings', 'cge_cell_indices', 'cge_gene_names']"
+    print(f"wrote {path}: {n_cells:,} cells; {', '.join(where[o] for o in outputs)}")
 
 
 def _cuda() -> bool:

@@ -133,7 +133,7 @@ def _dry_run(args: argparse.Namespace, model) -> Path | None:
             logger.info(
                 "%s: %d cells, %d of %d genes in the vocabulary", src.source, src.n_obs, src.n_matched, src.n_genes
             )
-    logger.info("dry run: the model and the data are ready; nothing was trained.")
+    print("dry run: the model, the data and the output folder are ready; nothing was trained.")
     return None
 
 
@@ -150,10 +150,11 @@ def _distributed_device(args: argparse.Namespace) -> None:
 
 def run_finetune(args: argparse.Namespace) -> Path | None:
     """Run ``transcriptformer finetune``."""
-    from ..training.fit import finetune
+    from ..training.fit import check_output_dir, finetune
     from ..weights.checkpoint import load_model
 
     _check_files(args)
+    check_output_dir(Path(args.output_dir), args.resume)  # before any model is loaded or cell read
     _distributed_device(args)
     base = load_model(args.checkpoint_path)
     if args.dry_run:
@@ -168,7 +169,7 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
             target_modules=args.lora_target_modules,
         )
         return _dry_run(args, base)
-    return finetune(
+    out = finetune(
         list(args.train_files),
         base,
         lora_r=args.lora_r,
@@ -177,14 +178,17 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
         target_modules=tuple(args.lora_target_modules),
         **_fit_kwargs(args),
     )
+    print(f"wrote a LoRA adapter to {out}; use it as --checkpoint-path {args.checkpoint_path} --adapter {out}")
+    return out
 
 
 def run_train(args: argparse.Namespace) -> Path | None:
     """Run ``transcriptformer train``."""
-    from ..training.fit import train
+    from ..training.fit import check_output_dir, train
     from ..weights.checkpoint import load_model, new_model
 
     _check_files(args)
+    check_output_dir(Path(args.output_dir), args.resume)  # before any model is loaded or cell read
     _distributed_device(args)
     shape = {dest: getattr(args, dest, None) for dest in _new_model_dests()}
     if args.checkpoint_path:
@@ -206,4 +210,6 @@ def run_train(args: argparse.Namespace) -> Path | None:
         )
     if args.dry_run:
         return _dry_run(args, model)
-    return train(model, list(args.train_files), **_fit_kwargs(args))
+    out = train(list(args.train_files), model, **_fit_kwargs(args))
+    print(f"wrote a checkpoint to {out} (training.json: options and losses); use it as --checkpoint-path {out}")
+    return out
