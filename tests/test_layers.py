@@ -160,9 +160,7 @@ def _layer_violations(graph: dict[str, list[tuple[str, int]]]) -> list[str]:
             if tgt[0] in FACES and tgt[0] != src[0] and not (src[0] == "__main__" and tgt[0] == "cli"):
                 bad.append(f"{_where(source, line)}: {source} -> {target} (a face is imported by another module)")
             elif RANKS[tgt[0]] > RANKS[src[0]]:
-                bad.append(
-                    f"{_where(source, line)}: {source} (layer {src[0]}) -> {target} (higher layer {tgt[0]})"
-                )
+                bad.append(f"{_where(source, line)}: {source} (layer {src[0]}) -> {target} (higher layer {tgt[0]})")
     return bad
 
 

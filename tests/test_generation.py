@@ -1,4 +1,4 @@
-"""In-silico cells: `tfs.tl.generate` and `transcriptformer.inference.generation.sample_cells`."""
+"""In-silico cells: ``transcriptformer.inference.generation.sample_cells`` and its face ``tfs.tl.generate``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ ASSAY = "10x 3' v3"
 @pytest.fixture(scope="module")
 def cells(tiny_model):
     return sample_cells(tiny_model, 6, assay=ASSAY, seed=3)
+
+
+# --- sample_cells ---------------------------------------------------------------------------------------------------
 
 
 def test_same_seed_same_cells_other_seed_other_cells(tiny_model, cells):
@@ -117,41 +120,6 @@ def test_zero_truncated_poisson_sampler():
             np.testing.assert_allclose(np.bincount(x.astype(int), minlength=6)[1:6] / len(x), pk, atol=0.01)
 
 
-def test_prompts_are_continued_never_altered(tiny_path, tiny_model, tiny_adata):
-    before = snapshot(tiny_adata)
-    out = tfs.tl.generate(tiny_path, prompt=tiny_adata[:5], n_prompt_genes=4, seed=2, max_genes=12)
-    assert_unchanged(tiny_adata, before)
-    src = prepare_cells(
-        tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions(clip_counts=None)
-    )
-    window = src.read(0, 5)
-    names = tiny_model.vocab.names()
-    position = out.layers["position"].toarray()
-    X = out.X.toarray()
-    for i in range(5):
-        p = min(4, window.lengths[i])
-        assert out.obs["n_prompt_genes"].iloc[i] == p
-        cols = [out.var_names.get_loc(names[t]) for t in window.tokens[i, :p]]
-        np.testing.assert_array_equal(position[i, cols], np.arange(p))  # first, in the prompt's order
-        np.testing.assert_array_equal(X[i, cols], window.counts[i, :p])  # with their real (unclipped) counts
-    assert list(out.obs["prompt_cell"].astype(str)) == list(tiny_adata.obs_names[:5])
-    assert list(out.obs["assay"].astype(str)) == [
-        a if a in tiny_model.aux_vocabs[0].labels else "unknown" for a in tiny_adata.obs["assay"][:5]
-    ]
-
-
-def test_generate_anndata(tiny_path, tiny_model):
-    out = tfs.tl.generate(tiny_path, 4, assay=ASSAY, max_genes=15, temperature=0.7, top_k=20, seed=1)
-    assert out.n_obs == 4 and sp.issparse(out.X) and out.X.dtype == np.float32
-    assert (out.obs["n_genes"] == np.diff(out.X.indptr)).all()
-    assert list(out.var_names) == list(out.var["ensembl_id"])
-    assert set(out.var_names) <= set(tiny_model.vocab.genes)
-    assert (np.asarray(out.X.sum(axis=0)).ravel() > 0).all()  # only genes that occur
-    params = out.uns["transcriptformer_generate"]["params"]
-    assert params["top_k"] == 20 and params["temperature"] == 0.7 and params["max_genes"] == 15
-    assert np.isfinite(out.obs["gene_logprob"]).all() and (out.obs["gene_logprob"] < 0).all()
-
-
 def test_top_k_restricts_each_choice(tiny_model):
     k = 3
     cells = sample_cells(tiny_model, 4, assay=ASSAY, seed=5, max_genes=10, top_k=k)
@@ -202,3 +170,41 @@ def test_bad_options(tiny_model, kwargs, match):
 def test_numpy_numbers_are_options_too(tiny_model):
     cells = sample_cells(tiny_model, 3, max_genes=4, temperature=np.float32(0.5), total_counts=np.array([10, 20, 30]))
     assert len(cells.lengths) == 3
+
+
+# --- tl.generate ----------------------------------------------------------------------------------------------------
+
+
+def test_prompts_are_continued_never_altered(tiny_path, tiny_model, tiny_adata):
+    before = snapshot(tiny_adata)
+    out = tfs.tl.generate(tiny_path, prompt=tiny_adata[:5], n_prompt_genes=4, seed=2, max_genes=12)
+    assert_unchanged(tiny_adata, before)
+    src = prepare_cells(
+        tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions(clip_counts=None)
+    )
+    window = src.read(0, 5)
+    names = tiny_model.vocab.names()
+    position = out.layers["position"].toarray()
+    X = out.X.toarray()
+    for i in range(5):
+        p = min(4, window.lengths[i])
+        assert out.obs["n_prompt_genes"].iloc[i] == p
+        cols = [out.var_names.get_loc(names[t]) for t in window.tokens[i, :p]]
+        np.testing.assert_array_equal(position[i, cols], np.arange(p))  # first, in the prompt's order
+        np.testing.assert_array_equal(X[i, cols], window.counts[i, :p])  # with their real (unclipped) counts
+    assert list(out.obs["prompt_cell"].astype(str)) == list(tiny_adata.obs_names[:5])
+    assert list(out.obs["assay"].astype(str)) == [
+        a if a in tiny_model.aux_vocabs[0].labels else "unknown" for a in tiny_adata.obs["assay"][:5]
+    ]
+
+
+def test_generate_anndata(tiny_path, tiny_model):
+    out = tfs.tl.generate(tiny_path, 4, assay=ASSAY, max_genes=15, temperature=0.7, top_k=20, seed=1)
+    assert out.n_obs == 4 and sp.issparse(out.X) and out.X.dtype == np.float32
+    assert (out.obs["n_genes"] == np.diff(out.X.indptr)).all()
+    assert list(out.var_names) == list(out.var["ensembl_id"])
+    assert set(out.var_names) <= set(tiny_model.vocab.genes)
+    assert (np.asarray(out.X.sum(axis=0)).ravel() > 0).all()  # only genes that occur
+    params = out.uns["transcriptformer_generate"]["params"]
+    assert params["top_k"] == 20 and params["temperature"] == 0.7 and params["max_genes"] == 15
+    assert np.isfinite(out.obs["gene_logprob"]).all() and (out.obs["gene_logprob"] < 0).all()
