@@ -142,8 +142,13 @@ def h5ad(tmp_path, tiny_adata) -> Path:
 
 @pytest.fixture
 def no_model_load(monkeypatch) -> list:
-    """Records every attempt to load a model (and refuses it): the checks under test must come before."""
+    """Records every attempt to load a model (and refuses it): the checks under test must come before.
+
+    Every module that binds ``load_model`` at import is imported first (so that none keeps the refusing stand-in
+    after the test) and patched.
+    """
     from transcriptformer.scanpy.tl import _common
+    from transcriptformer.training import fit, objective
     from transcriptformer.weights import checkpoint
 
     calls: list = []
@@ -152,7 +157,7 @@ def no_model_load(monkeypatch) -> list:
         calls.append(args)
         raise AssertionError("a model was loaded")
 
-    for module in (checkpoint, _common, tfs.pp):
+    for module in (checkpoint, _common, tfs.pp, fit, objective):
         monkeypatch.setattr(module, "load_model", refuse)
     monkeypatch.setattr(checkpoint, "build_model", refuse)
     return calls

@@ -20,7 +20,7 @@ import torch
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from helpers import TINY, copy_tiny, embed_fails, infer_args, run_cli
+from helpers import TINY, copy_tiny, embed_fails, infer_args, run_cli, spy_on
 from transcriptformer.inference.pipeline import infer
 from transcriptformer.weights import checkpoint
 from transcriptformer.weights.checkpoint import species_vocabulary
@@ -317,3 +317,58 @@ def test_an_existing_file_wins_over_a_species_name(tmp_path, tiny_path, tiny_ada
     (tmp_path / "homo_sapiens").mkdir()
     with pytest.raises(ValueError, match="is a folder"):
         tfs.tl.embed(tiny_adata, model=tiny_path, species_embedding="homo_sapiens")
+
+
+# --- new models ---------------------------------------------------------------------------------------------------
+
+
+def _tables(tiny_path):
+    return [tiny_path / "vocabs" / f for f in ("homo_sapiens_gene.h5", "mus_musculus_gene.h5")]
+
+
+@pytest.fixture
+def no_network_built(monkeypatch) -> list:
+    """Records every network built by new_model (the checks under test must come before)."""
+    return spy_on(monkeypatch, checkpoint, "_network")
+
+
+def test_new_model_builds_with_sound_options(tiny_path, no_network_built):
+    model = checkpoint.new_model(
+        _tables(tiny_path), assay_vocab={"unknown": 0, "10x": 2}, embed_dim=16, num_layers=1, num_heads=2, seq_len=15
+    )
+    assert len(no_network_built) == 1 and model.config.loss.gene_id_loss_weight == 1.0
+    assert model.aux_vocabs[0].labels == {"unknown": 0, "10x": 2}
+
+
+@pytest.mark.parametrize("weight", [float("nan"), -1.0, 1e30, float("inf"), "1"])
+def test_new_model_refuses_an_unusable_gene_id_loss_weight(tiny_path, no_network_built, weight):
+    with pytest.raises(ValueError, match="gene_id_loss_weight must be a finite number from 0 to 1e6"):
+        checkpoint.new_model(_tables(tiny_path), embed_dim=16, num_layers=1, num_heads=2, gene_id_loss_weight=weight)
+    assert no_network_built == []
+
+
+@pytest.mark.parametrize(
+    "assays",
+    [{"unknown": 0, "10x": -1}, {"unknown": 0, "10x": 0}, {"unknown": 0, "10x": 10**9}, {"unknown": 0, "10x": 1.5}],
+    ids=["negative", "duplicate", "huge", "not-an-integer"],
+)
+def test_new_model_refuses_unusable_assay_indices(tiny_path, no_network_built, assays):
+    with pytest.raises(ValueError, match="assay_vocab: every label needs its own index, an integer from 0 to 99,999"):
+        checkpoint.new_model(_tables(tiny_path), assay_vocab=assays, embed_dim=16, num_layers=1, num_heads=2)
+    assert no_network_built == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the example in weights/checkpoint.py load_model's docstring uses the deprecated "
+    "tfs.datasets.tiny_model_path() (a FutureWarning in the documentation's own example)",
+)
+def test_docstring_examples_use_no_deprecated_name():
+    import doctest
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        result = doctest.testmod(checkpoint, optionflags=doctest.ELLIPSIS, report=False)
+    assert result.attempted > 0 and result.failed == 0

@@ -552,6 +552,30 @@ def test_datasets_are_pinned_and_recorded(monkeypatch, tmp_path):
         server.close()
 
 
+def test_a_failed_dataset_download_advises_the_data_mirror(cache):
+    # registry_offline points TRANSCRIPTFORMER_DATA_URL at a closed port
+    with pytest.raises(
+        registry.DownloadError, match=r"could not download http://127\.0\.0\.1:9/.*human_val\.h5ad"
+    ) as info:
+        registry.fetch_dataset("human-val", cache_dir=cache, progress=False)
+    message = str(info.value)
+    assert "point TRANSCRIPTFORMER_DATA_URL at a mirror serving human_val.h5ad" in message
+    assert "TRANSCRIPTFORMER_BASE_URL" not in message  # the weights' mirror is no help for a dataset
+    assert not list((cache / "datasets").glob("*.h5ad"))
+
+
+def test_an_unusable_dataset_cache_is_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(
+        ValueError, match=rf"cannot create the cache folder {blocker}/datasets .*pass a writable cache_dir"
+    ):
+        registry.fetch_dataset("human-val", cache_dir=blocker, progress=False)
+    monkeypatch.setattr(registry.os, "access", lambda *args, **kwargs: False)  # root ignores permission bits
+    with pytest.raises(ValueError, match=rf"the cache folder {tmp_path / 'cache'}/datasets is not writable"):
+        registry.fetch_dataset("human-val", cache_dir=tmp_path / "cache", progress=False)
+
+
 def test_registry_names_end_to_end(registry_server, cache, tmp_path, cli, monkeypatch):
     """model="tf-sapiens", species_embedding="mus_musculus" and the CLI's --checkpoint-path tf-sapiens."""
     import anndata as ad
