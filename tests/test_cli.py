@@ -339,6 +339,19 @@ def test_sigterm_removes_the_temporary_output_of_stream_output(tmp_path, tiny_pa
     assert list(out.iterdir()) == []
 
 
+def test_inference_says_what_it_wrote_and_takes_v_after_the_sub_command(cli, tmp_path, tiny_path, human_h5ad):
+    proc = cli(*infer_args(tiny_path, human_h5ad, tmp_path / "loud", "--llh"), "-v")  # -v after the sub-command
+    out = tmp_path / "loud" / "embeddings.h5ad"
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == f"wrote {out}: 21 cells; obsm['embeddings'], uns['llh'], obsm['llh']"
+    assert "matched 165 of 205 genes" in proc.stderr  # -v: INFO messages
+    quiet = cli(*infer_args(tiny_path, human_h5ad, tmp_path / "quiet"))
+    assert quiet.stdout.strip() == f"wrote {tmp_path / 'quiet' / 'embeddings.h5ad'}: 21 cells; obsm['embeddings']"
+    assert "matched" not in quiet.stderr
+    streamed = cli(*infer_args(tiny_path, human_h5ad, tmp_path / "streamed", "--stream-output"))
+    assert streamed.stdout.strip().startswith(f"wrote {tmp_path / 'streamed' / 'embeddings.h5ad'}: 21 cells")
+
+
 # --- inputs and outputs checked before the model loads --------------------------------------------------------------
 
 
@@ -608,3 +621,85 @@ def test_cli_train_a_new_model(tiny_path, tiny_adata, tmp_path, capsys):
              "--train-files", str(tmp_path / "train.h5ad"), "--output-dir", str(tmp_path / "more")]  # fmt: skip
     assert main(again) == 1 and not (tmp_path / "more").exists()
     assert "--embed-dim, --assays describe a new model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["finetune", "train"])
+def test_training_errors_name_the_flags(cli, tmp_path, tiny_path, human_h5ad, monkeypatch, no_model_load, command):
+    (tmp_path / "afile").write_text("x")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trainer_state.pt").write_bytes(b"x")
+    base = [command, "--checkpoint-path", tiny_path, "--train-files", human_h5ad, "--no-progress", "--dry-run"]
+    cases = [
+        (["--output-dir", run], f"{run} holds an earlier training run; pass --resume to continue it"),
+        (["--output-dir", tmp_path / "new", "--resume"], f"--resume but {tmp_path / 'new'} does not exist"),
+        (["--output-dir", tmp_path / "afile"], f"{tmp_path / 'afile'} is a file; pass another --output-dir"),
+        (["--output-dir", tmp_path / "afile" / "run"], "is a file; pass another --output-dir"),
+    ]
+    for extra, message in cases:
+        proc = cli(*base, *extra, check=False)
+        line = error_line(proc.stderr)
+        assert proc.returncode == 1 and message in line, line
+        assert "resume=True" not in line and "output_dir" not in line and "[Errno" not in line
+    from transcriptformer.training import fit
+
+    def denied(*args, **kwargs):  # root ignores permission bits: the write itself is made to fail
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fit.tempfile, "mkstemp", denied)
+    proc = cli(*base, "--output-dir", tmp_path / "unwritable", check=False)
+    line = error_line(proc.stderr)
+    assert proc.returncode == 1 and "Permission denied" in line and "pass a writable --output-dir" in line
+    assert no_model_load == []  # every check before the model is loaded
+
+
+def test_dry_run_reads_the_data_and_names_a_file_that_is_not_h5ad(cli, tmp_path, tiny_path, human_h5ad):
+    pytest.importorskip("peft")
+    base = ["finetune", "--checkpoint-path", tiny_path, "--output-dir", tmp_path / "run", "--dry-run"]
+    proc = cli(*base, "--train-files", human_h5ad)
+    assert "dry run: the model, the data and the output folder are ready" in proc.stdout
+    assert not (tmp_path / "run").exists()
+    text = tmp_path / "cells.h5ad"
+    text.write_text("cell,gene\n")
+    proc = cli(*base, "--train-files", text, check=False)
+    assert proc.returncode == 1 and f"data file '{text}' is not an h5ad file (not HDF5)" in error_line(proc.stderr)
+
+
+def test_an_adapter_folder_as_the_checkpoint_says_to_pass_it_with_adapter(tmp_path, h5ad, capsys):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    code, err = run_cli(capsys, *infer_args(folder, h5ad, tmp_path / "out"))
+    line = error_line(err)
+    assert code == 1 and "is a LoRA adapter folder, not a checkpoint" in line
+    assert "--checkpoint-path BASE --adapter" in line and "model=(" not in line
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="cli/__init__.py _FLAG_NAMES rewrites only 'model=(base, ' of weights/layout.py's message: the CLI says "
+    "\"--adapter ('<folder>') (or load_model(base, adapter=...))\", Python advice on the command line",
+)
+def test_the_adapter_advice_on_the_command_line_has_no_python_in_it(tmp_path, h5ad, capsys):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    _, err = run_cli(capsys, *infer_args(folder, h5ad, tmp_path / "out"))
+    line = error_line(err)
+    assert "load_model(" not in line and "adapter=" not in line, line
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="cli/training.py _check_files says a folder given as --train-files or --val-files 'does not exist' "
+    "(Path.is_file); inference says 'is a folder; pass an .h5ad file'",
+)
+def test_a_folder_given_as_training_data_is_called_a_folder(cli, tmp_path, tiny_path):
+    (tmp_path / "cells.h5ad").mkdir()
+    proc = cli("finetune", "--checkpoint-path", tiny_path, "--train-files", tmp_path / "cells.h5ad",
+               "--output-dir", tmp_path / "run", "--dry-run", check=False)  # fmt: skip
+    line = error_line(proc.stderr)
+    assert proc.returncode == 1 and str(tmp_path / "cells.h5ad") in line
+    assert "is a folder" in line, line

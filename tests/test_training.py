@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,11 +20,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from helpers import DATA, adapter_weights
+from helpers import DATA, adapter_weights, spy_on
+from transcriptformer.errors import TranscriptFormerWarning
 from transcriptformer.training.objective import batch_loss, cell_losses
 from transcriptformer.weights.checkpoint import new_model, save_checkpoint
 
@@ -68,6 +72,38 @@ def test_cell_losses_of_an_h5ad_path(tiny_model, tiny_adata, tmp_path):
         cell_losses(tmp_path / "missing.h5ad", tiny_model)
     with pytest.raises(TypeError, match="AnnData or the path of an h5ad file, got list"):
         cell_losses([tiny_adata], tiny_model)
+
+
+def test_cell_losses_are_nan_only_for_a_cell_without_any_gene_of_the_vocabulary(tiny_model, tiny_adata):
+    in_vocab = tfs.pp.match_genes(tiny_adata, tiny_model, copy=True).var["transcriptformer_in_vocab"].to_numpy()
+    X = tiny_adata.X.toarray()
+    X[4, in_vocab] = 0  # cell 4 keeps only genes outside the vocabulary
+    assert X[4].sum() > 0
+    tiny_adata.X = sp.csr_matrix(X)
+    with pytest.warns(TranscriptFormerWarning, match="no expressed gene"):
+        df = transcriptformer.cell_losses(tiny_adata, tiny_model)
+    assert df.loc[tiny_adata.obs_names[4], "n_genes"] == 0
+    assert np.isnan(df[["count_nll", "gene_nll"]].to_numpy()[4]).all()
+    others = df.drop(index=tiny_adata.obs_names[4])
+    assert np.isfinite(others[["count_nll", "gene_nll"]].to_numpy()).all()
+
+
+def test_cell_losses_in_the_former_order_are_deprecated_but_work(tiny_model, tiny_adata):
+    expected = transcriptformer.cell_losses(tiny_adata, tiny_model)
+    with pytest.warns(FutureWarning, match=r"cell_losses\(adata, model\)"):
+        old = transcriptformer.cell_losses(tiny_model, tiny_adata)
+    pd.testing.assert_frame_equal(old, expected)
+
+
+def test_inputs_that_are_not_h5ad_files_are_named(tiny_model, tmp_path):
+    text = tmp_path / "cells.csv"
+    text.write_text("cell,gene\n")
+    with pytest.raises(ValueError, match=rf"adata file '{text}' is not an h5ad file \(not HDF5\)"):
+        transcriptformer.cell_losses(text, tiny_model)
+    with pytest.raises(ValueError, match=rf"train file '{text}' is not an h5ad file \(not HDF5\)"):
+        transcriptformer.finetune(text, tiny_model, output_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"validation file '{text}' is not an h5ad file"):
+        transcriptformer.finetune(tfs.datasets.tiny_human(), tiny_model, validation=[text], output_dir=tmp_path / "v")
 
 
 def _forward(model, ref, rows, clip):
@@ -163,6 +199,144 @@ def test_finetune_is_deterministic_and_resumes_exactly(tiny_path, tmp_path, monk
         )
 
 
+def test_an_impossible_learning_rate_is_refused_before_anything_loads(tiny_path, tiny_adata, tmp_path, no_model_load):
+    for lr in (1e38, float("inf"), 0.0):
+        with pytest.raises(ValueError, match="learning_rate must be"):
+            transcriptformer.finetune(tiny_adata, tiny_path, output_dir=tmp_path / "run", learning_rate=lr)
+        with pytest.raises(ValueError, match="learning_rate must be"):
+            transcriptformer.train(tiny_adata, tiny_path, output_dir=tmp_path / "run", learning_rate=lr)
+    assert no_model_load == [] and not (tmp_path / "run").exists()
+
+
+class _Planted:
+    """A pickle that, when loaded with code execution allowed, creates the folder ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_resuming_never_executes_code_from_the_trainer_state(tiny_path, tiny_adata, tmp_path):
+    control = tmp_path / "control.pt"
+    torch.save(_Planted(tmp_path / "control-ran"), control)
+    torch.load(control, weights_only=False)  # the planted file is hostile: loaded with code allowed, it runs
+    assert (tmp_path / "control-ran").is_dir()
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(_Planted(tmp_path / "marker"), run / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"trainer_state\.pt cannot be read as a trainer state") as info:
+        transcriptformer.finetune(tiny_adata[:8], tiny_path, output_dir=run, resume=True, progress=False)
+    assert str(run / "trainer_state.pt") in str(info.value)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_training_stops_at_the_first_non_finite_gradient_and_saves_nothing_non_finite(
+    tiny_path, tiny_adata, tmp_path, monkeypatch
+):
+    from transcriptformer.training import fit
+
+    real_step, real_loss = fit._Run._step, fit.batch_loss
+    where = {}
+
+    def step(self, epoch, g, group, cache):
+        if (epoch, g) == (1, 1):  # the second step of the second epoch: its loss becomes NaN
+            where["step"] = self.step + 1
+            monkeypatch.setattr(fit, "batch_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+        return real_step(self, epoch, g, group, cache)
+
+    monkeypatch.setattr(fit._Run, "_step", step)
+    out = tmp_path / "run"
+    with pytest.raises(
+        FloatingPointError, match=r"training diverged at epoch 2, step \d+: .*gradient norm nan"
+    ) as info:
+        transcriptformer.finetune(
+            tiny_adata[:8], tiny_path, output_dir=out, epochs=2, batch_size=2, learning_rate=1e-2, progress=False
+        )
+    assert f"epoch 2, step {where['step']}:" in str(info.value) and where["step"] > 2
+    assert "Lower learning_rate" in str(info.value)
+    # the last complete epoch is kept, finite; no final adapter, no record of a finished run
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "training.json").exists()
+    assert sorted(p.name for p in (out / "epochs").iterdir()) == ["epoch-1"]
+    assert all(bool(torch.isfinite(v).all()) for v in adapter_weights(out / "epochs" / "epoch-1").values())
+    transcriptformer.load_model(tiny_path, adapter=out / "epochs" / "epoch-1")
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+def test_nan_losses_are_written_to_training_json_as_null(tiny_path, tiny_adata, tmp_path):
+    from transcriptformer.training import fit
+
+    in_vocab = tfs.pp.match_genes(tiny_adata, tiny_path, copy=True).var["transcriptformer_in_vocab"].to_numpy()
+    hopeless = tiny_adata[:4].copy()
+    X = hopeless.X.toarray()
+    X[:, in_vocab] = 0  # no cell has a gene of the vocabulary: the validation losses are NaN
+    hopeless.X = sp.csr_matrix(X)
+    out = transcriptformer.finetune(
+        tiny_adata[4:12], tiny_path, validation=hopeless, output_dir=tmp_path / "run", progress=False
+    )
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    record = json.loads((out / "training.json").read_text(), parse_constant=refuse)
+    assert [h["validation"]["loss"] for h in record["history"]] == [None, None]
+    assert record["history"][-1]["train_loss"] is not None
+    assert record["best_epoch"] is None  # no epoch is chosen by NaN validation losses
+    fit.write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5]})
+    assert json.loads((tmp_path / "x.json").read_text(), parse_constant=refuse) == {"a": None, "b": [None, 1.5]}
+
+
+@pytest.mark.parametrize("kind", ["a-file", "below-a-file", "unwritable"])
+def test_an_unusable_output_dir_fails_before_any_training_step(tiny_path, tiny_adata, tmp_path, monkeypatch, kind):
+    from transcriptformer.training import fit
+
+    (tmp_path / "afile").write_text("x")
+    output_dir = {"a-file": tmp_path / "afile", "below-a-file": tmp_path / "afile" / "run"}.get(kind, tmp_path / "run")
+    if kind == "unwritable":  # root ignores permission bits: the write itself is made to fail
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(fit.tempfile, "mkstemp", denied)
+    opened = spy_on(monkeypatch, fit, "open_cells")
+    with pytest.raises(OSError, match="cannot") as info:
+        transcriptformer.finetune(tiny_adata, tiny_path, output_dir=output_dir, progress=False)
+    message = str(info.value)
+    assert "[Errno" not in message
+    if kind == "unwritable":
+        assert message.startswith(f"cannot write to {tmp_path}") and "pass a writable output_dir" in message
+    else:
+        assert f"{tmp_path / 'afile'} is a file; pass another output_dir" in message
+    assert opened == []  # not a cell read, let alone a step
+
+
+def test_fine_tuning_tells_its_story_on_stderr(tiny_path, tiny_adata, tmp_path, capsys):
+    out = transcriptformer.finetune(
+        tiny_adata[:12], tiny_path, validation=tiny_adata[12:], output_dir=tmp_path / "run", epochs=2
+    )
+    err = capsys.readouterr().err
+    assert re.search(r"before training: validation loss \d+\.\d{4}", err)
+    for epoch in (1, 2):
+        assert re.search(rf"epoch {epoch}/2: train loss \d+\.\d{{4}}, validation loss \d+\.\d{{4}}", err), err
+    assert f"saved to {out}" in err and f"model=('tf_tiny', {str(out)!r})" in err  # where it is, how to load it
+    transcriptformer.finetune(tiny_adata[:12], tiny_path, output_dir=tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="training/fit.py _Run._epoch: the epoch's tqdm bar has no delay=PROGRESS_DELAY_S, so every quick run "
+    "draws bars (runs and generation only show one once they have taken PROGRESS_DELAY_S)",
+)
+def test_a_quick_fine_tuning_draws_no_progress_bar(tiny_path, tiny_adata, tmp_path, capsys):
+    transcriptformer.finetune(tiny_adata[:8], tiny_path, output_dir=tmp_path / "run", epochs=2)
+    err = capsys.readouterr().err
+    assert "epoch 2/2: train loss" in err  # the story is told ...
+    assert "step/s" not in err and "%|" not in err, err  # ... without a bar for a run of a second
+
+
 # --- new models -----------------------------------------------------------------------------------------------------
 
 
@@ -205,6 +379,14 @@ def test_new_model_trains_saves_and_loads_in_the_published_layout(tiny_path, tmp
     # saving again is a no-op round trip
     again = save_checkpoint(loaded, tmp_path / "again")
     torch.testing.assert_close(torch.load(again / "model_weights.pt", weights_only=True), state)
+
+
+def test_train_in_the_former_order_is_deprecated_but_works(tiny_path, tiny_adata, tmp_path):
+    with pytest.warns(FutureWarning, match=r"train\(model, train\); write train\(train, model\)"):
+        out = transcriptformer.train(
+            tiny_path, tiny_adata[:8], output_dir=tmp_path / "run", learning_rate=1e-3, progress=False
+        )
+    assert transcriptformer.load_model(out).weights_sha256 != transcriptformer.load_model(tiny_path).weights_sha256
 
 
 # --- several processes ----------------------------------------------------------------------------------------------
