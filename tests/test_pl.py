@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -166,3 +168,32 @@ def test_gene_embeddings_plot_warns_about_a_new_embedding(tiny_path, tiny_adata)
     tfs.tl.gene_embeddings(tiny_adata, tiny_path, normalize_to_scale=10, clip_counts=2)  # another embedding
     with pytest.warns(UserWarning, match="earlier version of the embedding"):
         tfs.pl.gene_embeddings(tiny_adata, show=False)
+
+
+def test_pl_umap_notices_a_change_of_one_row(embedded):
+    tfs.tl.umap(embedded, n_neighbors=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the embedding the UMAP was made from: no warning
+        tfs.pl.umap(embedded, show=False)
+    embedded.obsm["X_transcriptformer"][7, 3] += 1e-3  # one value of one cell
+    with pytest.warns(UserWarning, match=r"'umap_transcriptformer' was computed from an earlier version"):
+        tfs.pl.umap(embedded, show=False)
+
+
+def test_save_names_files_as_scanpy_does(embedded, tmp_path):
+    old = sc.settings.figdir, sc.settings.file_format_figs
+    sc.settings.figdir, sc.settings.file_format_figs = tmp_path, "pdf"
+    try:
+        tfs.pl.llh(embedded, save="_lt.png", show=False)
+        tfs.tl.umap(embedded, n_neighbors=5)
+        tfs.pl.umap(embedded, save="_cells", show=False)
+    finally:
+        sc.settings.figdir, sc.settings.file_format_figs = old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llh_lt.png", "umap_cells.pdf"]
+
+
+def test_pl_umap_rep_is_deprecated_but_works(embedded):
+    tfs.tl.umap(embedded, n_neighbors=5)
+    with pytest.warns(FutureWarning, match=r"use_rep=\.\.\."):
+        ax = tfs.pl.umap(embedded, rep="X_transcriptformer", show=False)
+    assert _points(ax) == embedded.n_obs

@@ -230,3 +230,36 @@ def test_symbols_to_ensembl_on_pbmc68k_reduced():
         assert adata.var.loc[symbol, "ensembl_id"] == PRIMARY[symbol]
     assert "IGJ" in r["unknown"]  # retired symbol (now JCHAIN): the tables hold current symbols only
     assert adata.raw.var["ensembl_id"].tolist() == adata.var["ensembl_id"].tolist()
+
+
+def test_symbols_of_the_other_species_are_named_as_the_examples():
+    adata = _adata(["NOT_A_GENE", "ALSO_NOT_1", *MOUSE], raw=False)  # mouse symbols after two unknown names
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match="Pass species='mus_musculus'") as info:
+        tfs.pp.symbols_to_ensembl(adata, species="homo_sapiens")
+    message = str(info.value)
+    assert f"(e.g. {list(MOUSE)[:3]})" in message  # the other species' symbols, not the first names of var
+    assert "NOT_A_GENE" not in message and "ALSO_NOT_1" not in message
+    assert_unchanged(adata, before)
+
+
+# --- the report of check_input ------------------------------------------------------------------------------------
+
+
+def test_check_input_returns_a_report_that_reads_as_one(tiny_path, tiny_adata):
+    report = tfs.pp.check_input(tiny_adata, tiny_path)
+    assert isinstance(report, tfs.pp.InputReport)
+    assert (report.model, report.n_obs, report.n_genes, report.n_genes_matched) == ("tf_tiny", 21, 205, 165)
+    assert report.counts_source == "X" and report.counts_look_raw and report.non_integer_example is None
+    assert report.to_dict()["n_cells_truncated"] == report.n_cells_truncated == report["n_cells_truncated"] == 5
+    text = repr(report)
+    lines = text.splitlines()
+    assert lines[0] == "InputReport for tf_tiny: 21 cells, counts from X"
+    assert "  genes in the vocabulary: 165 of 205" in lines
+    assert "  genes per cell: min 1, median 37, max 63" in lines
+    assert "  cells with more genes than the model reads (truncated): 5" in lines
+    assert "  counts look raw: yes" in lines
+    assert any(line.startswith("  cells with an unknown assay: 28.6%: 'MERFISH'") for line in lines), text
+    with pytest.raises(KeyError):
+        report["nope"]
+    assert dir(tfs.pp) == ["InputReport", "check_input", "match_genes", "symbols_to_ensembl"]

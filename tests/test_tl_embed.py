@@ -13,7 +13,14 @@ import scanpy as sc
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from helpers import assert_unchanged, embed_fails, error_line, infer_args, run_cli, snapshot
+from helpers import (
+    assert_unchanged,
+    embed_fails,
+    error_line,
+    infer_args,
+    run_cli,
+    snapshot,
+)
 
 
 def test_outputs_and_params(tiny_path, tiny_adata, tiny_model, tmp_path):
@@ -198,3 +205,22 @@ def test_messages_follow_scanpys_verbosity(tiny_path, tiny_adata, package_logger
         assert "matched 165 of 205 genes" in stream.getvalue()  # through scanpy's handlers
     finally:
         sc.settings._root_logger.removeHandler(shown)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="scanpy/_utils.py follow_scanpy_logging takes a level the user set that equals the last level it set "
+    "itself (logger._scanpy_level) for its own, and replaces it with scanpy's verbosity",
+)
+def test_a_level_the_user_sets_on_the_package_logger_is_kept(tiny_path, tiny_adata, package_logger, caplog):
+    ours = package_logger
+    ours.setLevel(logging.NOTSET)
+    sc.settings.verbosity = "info"
+    tfs.tl.embed(tiny_adata, model=tiny_path)  # the package follows scanpy: INFO
+    sc.settings.verbosity = "warning"
+    ours.setLevel(logging.INFO)  # the user's own choice: INFO messages of the package, whatever scanpy says
+    with caplog.at_level(logging.INFO, logger="transcriptformer"):
+        tfs.tl.embed(tiny_adata, model=tiny_path)
+        assert ours.level == logging.INFO
+    assert "matched 165 of 205 genes" in caplog.text

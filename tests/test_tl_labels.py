@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import transcriptformer.scanpy as tfs
@@ -64,3 +65,65 @@ def test_celltype_similarity_tables(embedded):
     both.obs["half"] = np.where(np.arange(both.n_obs) % 2 == 0, "A", "B")
     tfs.tl.celltype_similarity(both, groupby="cell_type", batch_key="half")
     assert "transcriptformer_celltype_similarity" in both.uns
+
+
+def test_transfer_labels_former_spellings_are_deprecated_but_work(embedded):
+    ref, query = embedded[::2].copy(), embedded[1::2].copy()
+    expected = tfs.tl.transfer_labels(query, ref, labels_key="cell_type", use_rep="X_transcriptformer", copy=True)
+    with pytest.warns(FutureWarning) as record:
+        old = tfs.tl.transfer_labels(query, ref, key="cell_type", rep="X_transcriptformer", copy=True)
+    messages = " ".join(str(w.message) for w in record)
+    assert "labels_key=..." in messages and "use_rep=..." in messages
+    assert old.obs["cell_type_transferred"].equals(expected.obs["cell_type_transferred"])
+
+
+def test_knn_transfer_needs_two_datasets(embedded):
+    with pytest.raises(ValueError, match="method='knn_transfer' compares datasets with each other, but there is one"):
+        tfs.tl.celltype_similarity(embedded, groupby="cell_type", method="knn_transfer")
+    with pytest.raises(ValueError, match="but there is one"):
+        tfs.tl.celltype_similarity({"only": embedded}, groupby="cell_type", method="knn_transfer")
+    assert "transcriptformer_celltype_similarity" not in embedded.uns
+
+
+def test_labels_holding_the_separator_are_refused(embedded):
+    a, b = embedded[::2].copy(), embedded[1::2].copy()
+    with pytest.raises(ValueError, match=r"dataset 'A \| B' / group .* neither may contain it"):
+        tfs.tl.celltype_similarity({"A | B": a, "C": b}, groupby="cell_type")
+    b.obs["cell_type"] = b.obs["cell_type"].astype(str) + " | subtype"
+    with pytest.raises(ValueError, match=r"group '.* \| subtype'"):
+        tfs.tl.celltype_similarity({"A": a, "C": b}, groupby="cell_type")
+    table = tfs.tl.celltype_similarity({"A": a, "C": embedded[1::2].copy()}, groupby="cell_type")  # fine without
+    assert all(label.count(" | ") == 1 for label in table.index)
+
+
+def test_datasets_that_are_not_anndata_or_none_are_clear_errors(embedded):
+    with pytest.raises(TypeError, match="dataset '1' must be an AnnData, got str"):
+        tfs.tl.celltype_similarity([embedded, "x"], groupby="cell_type")
+    with pytest.raises(ValueError, match="adatas is empty: pass the datasets to compare"):
+        tfs.tl.celltype_similarity({}, groupby="cell_type")
+    with pytest.raises(TypeError, match="adatas must be an AnnData, a dict of AnnData or a list of AnnData, got int"):
+        tfs.tl.celltype_similarity(5, groupby="cell_type")
+
+
+def test_nan_embeddings_are_refused_by_label_transfer_and_similarity(embedded):
+    broken = embedded.copy()
+    broken.obsm["X_transcriptformer"][3, 0] = np.nan
+    ref = embedded[::2].copy()
+    before = snapshot(broken)
+    with pytest.raises(ValueError, match=r"adata\.obsm\['X_transcriptformer'\] has NaN or infinite values in 1 cell"):
+        tfs.tl.transfer_labels(broken, ref, labels_key="cell_type")
+    assert_unchanged(broken, before)
+    with pytest.raises(ValueError, match=r"reference\.obsm\['X_transcriptformer'\] has NaN or infinite values"):
+        tfs.tl.transfer_labels(ref, broken, labels_key="cell_type")
+    with pytest.raises(ValueError, match=r"dataset 'B'\.obsm\['X_transcriptformer'\] has NaN or infinite values"):
+        tfs.tl.celltype_similarity({"A": ref, "B": broken}, groupby="cell_type")
+    with pytest.raises(ValueError, match="has NaN or infinite values in 1 cell"):
+        tfs.tl.celltype_similarity(broken, groupby="cell_type")
+    assert "transcriptformer_celltype_similarity" not in broken.uns
+
+
+def test_celltype_similarity_rep_is_deprecated_but_works(embedded):
+    expected = tfs.tl.celltype_similarity(embedded, groupby="cell_type")
+    with pytest.warns(FutureWarning, match=r"use_rep=\.\.\."):
+        old = tfs.tl.celltype_similarity(embedded, groupby="cell_type", rep="X_transcriptformer")
+    pd.testing.assert_frame_equal(old, expected)

@@ -220,3 +220,26 @@ def test_level_and_key_are_validated(tiny_path, tiny_adata):
     with pytest.raises(ValueError, match="key_added"):
         tfs.tl.likelihood(tiny_adata, tiny_path, key_added=None)
     assert_unchanged(tiny_adata, before)
+
+
+def test_embed_with_llh_removes_only_what_it_wrote(tiny_path, tiny_adata):
+    a = tiny_adata
+    mine = sp.random(a.n_obs, a.n_vars, density=0.1, format="csr", random_state=0, dtype=np.float32)
+    a.layers["transcriptformer_gene_nll"] = mine.copy()  # the user's own, named like ours
+    a.obs["transcriptformer_end_nll"] = 2.0
+    a.obs["transcriptformer_other"] = "mine"
+    tfs.tl.embed(a, model=tiny_path, llh=True)
+    assert sorted(a.uns["transcriptformer"]["params"]["keys"]) == [
+        "obs/transcriptformer_llh",
+        "obs/transcriptformer_n_genes",
+        "obsm/X_transcriptformer",
+        "uns/transcriptformer",
+    ]
+    tfs.tl.embed(a, model=tiny_path)  # without llh: the earlier run's likelihood columns go, nothing else
+    assert "transcriptformer_llh" not in a.obs and "transcriptformer_n_genes" not in a.obs
+    assert sorted(a.uns["transcriptformer"]["params"]["keys"]) == ["obsm/X_transcriptformer", "uns/transcriptformer"]
+    tfs.tl.likelihood(a, model=tiny_path, level="cell")
+    tfs.tl.likelihood(a, model=tiny_path, level="cell")  # a second run replaces the first, and only that
+    np.testing.assert_array_equal(a.layers["transcriptformer_gene_nll"].toarray(), mine.toarray())
+    assert (a.obs["transcriptformer_end_nll"] == 2.0).all() and (a.obs["transcriptformer_other"] == "mine").all()
+    assert "X_transcriptformer" in a.obsm and "transcriptformer_llh" in a.obs
