@@ -145,7 +145,7 @@ def test_group_regulators(tiny_model, cells):
     # the definition, from the per-cell log-probabilities of the cells without the candidates
     drop = np.zeros(len(tiny_model.vocab), dtype=bool)
     drop[cand] = True
-    lp = P.candidate_log_probs(tiny_model, prompts.without(drop), cand)
+    lp = P.candidate_log_probs(tiny_model, prompts.without(drop), cand, at="place")
     np.testing.assert_allclose(out.cell_log_prob, lp, atol=1e-6)
     p = np.exp(lp.astype(np.float64))
     group = np.stack([p[codes == j].mean(0) for j in range(3)])
@@ -154,6 +154,33 @@ def test_group_regulators(tiny_model, cells):
     assert ((out.pvals > 0) & (out.pvals <= 1)).all() and (out.pvals_adj >= out.pvals - 1e-12).all()
     best = out.order(0)
     assert out.log2_ratio[0, best[0]] == out.log2_ratio[0].max()
+
+
+def test_scores_at_their_place_are_the_teacher_forced_head(tiny_model, cells, read):
+    """at="place": the probability of g after the cell's genes before it = the head at g's slot with g put there."""
+    model, vocab = tiny_model.model, tiny_model.vocab
+    prompts = P.cell_prompts(tiny_model, cells)
+    i = 6
+    cand = np.r_[read.tokens[i, [2, 9, 20]], read.tokens[1, 40]].astype(np.int64)
+    drop = np.zeros(len(vocab), dtype=bool)
+    drop[cand] = True
+    ctx = prompts.take(np.array([i])).without(drop)
+    got = P.candidate_log_probs(tiny_model, ctx, cand, at="place")[0]
+    slots = P.candidate_slots(ctx, cand)[0]
+    place = prompts.place
+    for g, slot, value in zip(cand, slots, got, strict=True):
+        genes = ctx.tokens[0, : ctx.lengths[0]]
+        assert (place[genes[:slot]] < place[g]).all() and (place[genes[slot:]] > place[g]).all()
+        tok = np.r_[genes[:slot], g, genes[slot:]]
+        cnt = np.r_[ctx.counts[0, :slot], 1.0, ctx.counts[0, slot : ctx.lengths[0]]].astype(np.float32)
+        with torch.inference_mode():
+            h = model.encode(
+                torch.from_numpy(tok[None]), torch.from_numpy(cnt[None]), torch.from_numpy(ctx.aux), mode="train"
+            )
+            ref = torch.log_softmax(model.gene_logits(h.hidden[0, slot]), -1)[g].item()
+        assert value == pytest.approx(ref, abs=1e-5)
+    end = P.candidate_log_probs(tiny_model, ctx, cand, at="end")[0]
+    assert not np.allclose(end, got, atol=1e-3)  # the two places differ
 
 
 def test_benjamini_hochberg():

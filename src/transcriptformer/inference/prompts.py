@@ -33,10 +33,19 @@ computed once and kept (:class:`~transcriptformer.model.KVCache`), so ``m`` gene
 one-position extensions per background, not ``m`` full passes. The diagonal (a gene after itself) is NaN.
 
 **Regulators of groups** (:func:`group_regulators`). Each cell is a prompt with the candidate genes left out, and
-``p_c(g)`` is the model's probability that candidate ``g`` comes next. A group's probability is the mean over its
-cells, ``P_G(g)``; the reference is the mean of the groups' probabilities (each group counts once),
+``p_c(g)`` is the model's probability that candidate ``g`` is the next gene *where the model would read it*: after
+the cell's (other) genes that precede ``g`` in reading order (the data's column order), so every candidate is judged
+at its own place, from one teacher-forced pass over the cell (``at="end"`` instead scores every candidate after all
+of the cell's genes, where the model expects genes late in the reading order). A group's probability is the mean
+over its cells, ``P_G(g)``; the reference is the mean of the groups' probabilities (each group counts once),
 ``P_ref(g) = mean_G P_G(g)``; the score is ``log2(P_G(g) / P_ref(g))``. A two-sided Mann-Whitney U test of the
 cells' ``log p_c(g)`` in the group against the other cells gives p-values (Benjamini-Hochberg adjusted per group).
+
+**Reading order.** The released models and ``tf-demo`` read a cell's genes in the column order of its data, and
+learned from such sequences. So the next-gene distribution after a prompt depends strongly on where in that order
+the prompt ends: after gene ``a``, genes that come soon after ``a`` in the order are likely. Interaction scores carry
+this (``score(a, b)`` for ``b`` after ``a`` in the data's order is in the order the model knows; the other direction
+was never seen in training); regulator scores at each gene's place avoid it.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -104,6 +113,9 @@ class Prompts:
         ``(n,)`` names of the prompts (the cells' ``obs_names``, or ``prompt_<i>``).
     pad
         The ``[PAD]`` token.
+    place
+        For prompts read from data: ``(V,)`` the reading-order position (column of the count matrix) of every
+        vocabulary token, ``-1`` for tokens that are not columns of the data. ``None`` for written prompts.
     """
 
     tokens: np.ndarray
@@ -112,14 +124,20 @@ class Prompts:
     aux: np.ndarray
     labels: np.ndarray
     pad: int
+    place: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def take(self, index: np.ndarray) -> Prompts:
         """The prompts ``index`` (an integer or boolean index), trimmed to their longest."""
-        out = Prompts(
-            self.tokens[index], self.counts[index], self.lengths[index], self.aux[index], self.labels[index], self.pad
+        out = replace(
+            self,
+            tokens=self.tokens[index],
+            counts=self.counts[index],
+            lengths=self.lengths[index],
+            aux=self.aux[index],
+            labels=self.labels[index],
         )
         return out._trimmed()
 
@@ -213,6 +231,9 @@ def cell_prompts(
     raw_warning = src.raw_count_warning()
     if raw_warning:
         warn(raw_warning)
+    place = np.full(len(loaded.vocab), -1, dtype=np.int64)
+    genes = src.column_tokens >= loaded.vocab.n_special
+    place[src.column_tokens[genes]] = src.columns[genes]
     prompts = Prompts(
         tokens=window.tokens.astype(np.int64),
         counts=window.counts.astype(np.float32),
@@ -220,6 +241,7 @@ def cell_prompts(
         aux=np.asarray(window.aux, dtype=np.int64),
         labels=np.asarray(adata.obs_names, dtype=object),
         pad=loaded.vocab.pad,
+        place=place,
     )
     if drop is not None:
         prompts = prompts.without(drop)
@@ -647,28 +669,77 @@ def _count_logits_all(model: TranscriptFormer, hidden: torch.Tensor, ge: torch.T
     return out
 
 
+#: Where a candidate gene is scored in a cell: ``"place"`` (after the cell's genes that precede it in reading order)
+#: or ``"end"`` (after all of the prompt's genes).
+ScoreAt = Literal["place", "end"]
+
+
+def candidate_slots(prompts: Prompts, candidates: np.ndarray) -> np.ndarray:
+    """``(n, k)``: for each prompt and candidate, the slot where the model would read the candidate.
+
+    That is the number of the prompt's genes that precede the candidate in reading order. Needs prompts read from
+    data (:attr:`Prompts.place`), whose genes are in reading (column) order.
+    """
+    if prompts.place is None:
+        raise ValueError("scoring genes at their place needs prompts read from data (cell_prompts).")
+    cand_place = prompts.place[candidates]
+    if (cand_place < 0).any():
+        raise ValueError("every candidate needs a place in the data's reading order (a column of the data).")
+    big = np.iinfo(np.int64).max
+    inside = np.arange(prompts.tokens.shape[1])[None, :] < prompts.lengths[:, None]
+    ctx = np.where(inside, prompts.place[prompts.tokens], big)
+    return np.stack([np.searchsorted(row, cand_place, side="left") for row in ctx]).astype(np.int64)
+
+
 @torch.inference_mode()
 def candidate_log_probs(
     loaded: LoadedModel,
     prompts: Prompts,
     candidates: np.ndarray,
     *,
+    at: ScoreAt = "end",
     device: Any = "auto",
     precision: Any = "auto",
     batch_size: int | None = None,
     progress: bool | None = None,
 ) -> np.ndarray:
-    """``(n, k)`` float32: log-probability of each candidate token being the next gene after each prompt."""
+    """``(n, k)`` float32: log-probability of each candidate token being the next gene in each prompt.
+
+    ``at="end"``: after all of the prompt's genes. ``at="place"``: after the prompt's genes that precede the
+    candidate in reading order (:func:`candidate_slots`), read from one teacher-forced pass over the prompt: the
+    probability the model gives the candidate where it would read it.
+    """
     _require_gene_head(loaded, "predict the next gene")
     _check_nonempty(prompts, "prompts")
+    if at not in ("end", "place"):
+        raise ValueError(f"at={at!r}; expected 'place' or 'end'.")
     batch_size = check_positive_int(batch_size, "batch_size") or 64
+    candidates = np.asarray(candidates, dtype=np.int64)
+    slots_all = candidate_slots(prompts, candidates) if at == "place" else None
     run = _Runner.build(loaded, device, precision)
     out = np.empty((len(prompts), len(candidates)), dtype=np.float32)
-    cand = torch.from_numpy(np.asarray(candidates, dtype=np.int64)).to(run.device)
+    cand = torch.from_numpy(candidates).to(run.device)
+    V = len(loaded.vocab)
     with autocast(run.device, run.precision):
         for idx in _batches(prompts, batch_size, progress, "prompts"):
-            h, _ = run.encode(prompts.take(idx))
-            out[idx] = run.log_probs(h)[:, cand].cpu().numpy()
+            part = prompts.take(idx)
+            if slots_all is None:
+                h, _ = run.encode(part)
+                out[idx] = run.log_probs(h)[:, cand].cpu().numpy()
+                continue
+            tok, cnt, _, aux = run.tensors(part)
+            hidden = run.model.encode(tok, cnt, aux, mode="train", kernel=run.kernel).hidden
+            slots = torch.from_numpy(slots_all[idx]).to(run.device)
+            got = torch.empty(slots.shape, dtype=torch.float32, device=run.device)
+            step = max(1, _COUNT_CHUNK // max(1, len(idx) * V))
+            for s0 in range(0, hidden.shape[1], step):
+                sel = (slots >= s0) & (slots < s0 + step)
+                if not bool(sel.any()):
+                    continue
+                lp = run.log_probs(hidden[:, s0 : s0 + step])  # (b, step, V)
+                bi, ki = sel.nonzero(as_tuple=True)
+                got[bi, ki] = lp[bi, slots[bi, ki] - s0, cand[ki]]
+            out[idx] = got.cpu().numpy()
     return out
 
 
@@ -952,6 +1023,7 @@ def group_regulators(
     group_names: Sequence[str],
     candidates: np.ndarray,
     *,
+    at: ScoreAt = "place",
     device: Any = "auto",
     precision: Any = "auto",
     batch_size: int | None = None,
@@ -971,6 +1043,9 @@ def group_regulators(
         Names of the groups; every group needs at least one cell, and there must be at least 2.
     candidates
         ``(k,)`` vocabulary tokens of the candidate genes (:func:`resolve_genes`).
+    at
+        Where a candidate is scored in a cell (:func:`candidate_log_probs`): ``"place"`` (default; the candidates
+        need a column in the data) or ``"end"``.
     device, precision, batch_size, progress
         As in :func:`next_gene`.
     """
@@ -989,6 +1064,18 @@ def group_regulators(
     sizes = np.bincount(groups[groups >= 0], minlength=len(names))
     if (sizes == 0).any():
         raise ValueError(f"group(s) {list(names[sizes == 0])} have no cells.")
+    if at == "place":
+        if prompts.place is None:
+            raise ValueError("at='place' needs prompts read from data (cell_prompts); pass at='end' otherwise.")
+        placed = prompts.place[candidates] >= 0
+        if not placed.any():
+            raise ValueError("no candidate is a gene of the data, so none has a place in its reading order.")
+        if not placed.all():
+            warn(
+                f"{int((~placed).sum())} of the {len(candidates)} candidates are not genes of the data, so they have "
+                "no place in its reading order and are left out (at='end' scores genes outside the data)."
+            )
+            candidates = candidates[placed]
     drop = np.zeros(len(loaded.vocab), dtype=bool)
     drop[candidates] = True
     cells = prompts.without(drop)
@@ -1004,8 +1091,11 @@ def group_regulators(
         warn(f"{lost} cells have no gene besides the candidates and are left out.")
     cells = cells.take(usable)
     codes = groups[usable]
+    limit = _prompt_limit(loaded, 1)
+    if cells.lengths.max() > limit:
+        cells = cells.first(limit)
     lp = candidate_log_probs(
-        loaded, cells, candidates, device=device, precision=precision, batch_size=batch_size, progress=progress
+        loaded, cells, candidates, at=at, device=device, precision=precision, batch_size=batch_size, progress=progress
     )
     g, k = len(names), len(candidates)
     prob = np.exp(lp.astype(np.float64))
@@ -1034,5 +1124,10 @@ def group_regulators(
         pvals_adj=adj,
         n_cells=left.astype(np.int64),
         cell_log_prob=lp,
-        stats={"device": str(resolve_device(device)), "attention_mode": "train", "n_cells_left_out": lost},
+        stats={
+            "device": str(resolve_device(device)),
+            "attention_mode": "train",
+            "at": at,
+            "n_cells_left_out": lost,
+        },
     )
