@@ -169,29 +169,45 @@ def regulator_evidence(loaded, adata, test, k: int, device: str, seed: int, draw
     per_group: dict[str, list[int]] = {g: [] for g in groups}
     sizes = []
     seconds = 0.0
+    label_null = np.zeros(draws)
+    gene_null = np.zeros(draws)
     for half in halves:
         cand = tokens[half]
-        names = set(cells.var_names[cols[half]])
+        names_h = cells.var_names[cols[half]]
+        in_half = set(names_h)
         t0 = time.perf_counter()
         res = P.group_regulators(loaded, all_prompts, codes, groups, cand, at=at, device=device)
         seconds += time.perf_counter() - t0
         sizes.append(len(cand))
+        # the type's markers among the half's genes, as a membership mask over the half
+        member = np.stack([np.isin(names_h, [n for n in ranked[g] if n in in_half][:k]) for g in groups])
         for j, g in enumerate(groups):
-            top_model = set(cells.var_names[cols[half[res.order(j)[:k]]]])
-            top_data = [n for n in ranked[g] if n in names][:k]
-            hit = len(top_model & set(top_data))
+            hit = int(member[j][res.order(j)[:k]].sum())
             per_group[g].append(hit)
             observed += hit
-    # null: k random genes of the half for every group (and both halves), overlap with the same marker lists
-    null = np.zeros(draws)
-    for half in halves:
-        names_h = cells.var_names[cols[half]]
-        in_half = set(names_h)
-        for g in groups:
-            top_data = [n for n in ranked[g] if n in in_half][:k]
-            member = np.isin(names_h, top_data)
+        # null 1 (genes): k random genes of the half for every type
+        for j in range(len(groups)):
             picks = np.argsort(rng.random((draws, len(half))), axis=1)[:, :k]
-            null += member[picks].sum(axis=1)
+            gene_null += member[j][picks].sum(axis=1)
+        # null 2 (labels): the same per-cell probabilities with the cells' types shuffled, then ranked as above
+        prob = np.exp(res.cell_log_prob.astype(np.float64))
+        n_groups = len(groups)
+        for s0 in range(0, draws, 500):
+            perms = np.stack([rng.permutation(codes) for _ in range(min(500, draws - s0))])  # (d, cells)
+            onehot = (perms[:, None, :] == np.arange(n_groups)[None, :, None]).astype(np.float64)
+            mean = onehot @ prob / onehot.sum(axis=2, keepdims=True)  # (d, groups, k)
+            ratio = np.log2(mean) - np.log2(mean.mean(axis=1, keepdims=True))
+            top = np.argsort(-ratio, axis=2, kind="stable")[:, :, :k]  # (d, groups, k)
+            label_null[s0 : s0 + len(perms)] += member[np.arange(n_groups)[None, :, None], top].sum(axis=(1, 2))
+
+    def summary(null: np.ndarray) -> dict:
+        return {
+            "mean": float(null.mean()),
+            "sd": float(null.std()),
+            "q95": float(np.quantile(null, 0.95)),
+            "p_value": float((1 + (null >= observed).sum()) / (1 + len(null))),
+        }
+
     return {
         "model": loaded.name,
         "at": at,
@@ -201,11 +217,10 @@ def regulator_evidence(loaded, adata, test, k: int, device: str, seed: int, draw
         },
         "candidates_per_half": sizes,
         "observed_overlap": int(observed),
-        "null_mean": float(null.mean()),
-        "null_sd": float(null.std()),
-        "null_q95": float(np.quantile(null, 0.95)),
-        "p_value": float((1 + (null >= observed).sum()) / (1 + draws)),
         "max_possible": int(k * len(groups) * len(halves)),
+        "null_random_genes": summary(gene_null),
+        "null_shuffled_labels": summary(label_null),
+        "draws": draws,
         "seconds": seconds,
     }
 
@@ -266,10 +281,12 @@ def main(argv=None) -> None:
             for k in args.k:
                 r = regulator_evidence(m, adata, test, k, args.device, args.split_seed, args.draws, "bulk_labels", at)
                 report["regulators"].append(r)
+                g_, l_ = r["null_random_genes"], r["null_shuffled_labels"]
                 print(
                     f"regulators   {m.name:>16} at={at:<5} k={k}: overlap {r['observed_overlap']} of "
-                    f"{r['max_possible']}, null {r['null_mean']:.1f} +- {r['null_sd']:.1f} (95%: {r['null_q95']:.0f}),"
-                    f" p = {r['p_value']:.2g} ({r['seconds']:.2f} s)",
+                    f"{r['max_possible']}; random genes {g_['mean']:.1f} +- {g_['sd']:.1f}, p = {g_['p_value']:.2g}; "
+                    f"shuffled labels {l_['mean']:.1f} +- {l_['sd']:.1f}, p = {l_['p_value']:.2g} "
+                    f"({r['seconds']:.2f} s)",
                     flush=True,
                 )
     report["machine"]["loadavg_after"] = os.getloadavg()

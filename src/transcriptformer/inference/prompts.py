@@ -82,6 +82,7 @@ __all__ = [
     "group_regulators",
     "interactions",
     "next_gene",
+    "require_gene_head",
     "resolve_genes",
 ]
 
@@ -423,7 +424,7 @@ def gene_prompts(
     )
 
 
-def _require_gene_head(loaded: LoadedModel, what: str) -> TranscriptFormer:
+def require_gene_head(loaded: LoadedModel, what: str) -> TranscriptFormer:
     model = loaded.model
     if model.gene_id_head is None:
         raise ValueError(
@@ -590,7 +591,7 @@ def next_gene(
     progress
         Show a progress bar (default: for long runs).
     """
-    model_cpu = _require_gene_head(loaded, "predict the next gene")
+    model_cpu = require_gene_head(loaded, "predict the next gene")
     _check_nonempty(prompts, "prompts")
     limit = _prompt_limit(loaded, 1)
     if prompts.lengths.max() > limit:
@@ -709,7 +710,7 @@ def candidate_log_probs(
     candidate in reading order (:func:`candidate_slots`), read from one teacher-forced pass over the prompt: the
     probability the model gives the candidate where it would read it.
     """
-    _require_gene_head(loaded, "predict the next gene")
+    require_gene_head(loaded, "predict the next gene")
     _check_nonempty(prompts, "prompts")
     if at not in ("end", "place"):
         raise ValueError(f"at={at!r}; expected 'place' or 'end'.")
@@ -830,7 +831,7 @@ def interactions(
     progress
         Show a progress bar (default: for long runs).
     """
-    model = _require_gene_head(loaded, "score gene interactions")
+    model = require_gene_head(loaded, "score gene interactions")
     genes = np.asarray(genes, dtype=np.int64)
     m = len(genes)
     if m < 2:
@@ -1051,7 +1052,7 @@ def group_regulators(
     """
     import scipy.stats
 
-    _require_gene_head(loaded, "rank genes by the next-gene distribution")
+    require_gene_head(loaded, "rank genes by the next-gene distribution")
     candidates = np.asarray(candidates, dtype=np.int64)
     if not len(candidates):
         raise ValueError("no candidate genes: give at least one.")
