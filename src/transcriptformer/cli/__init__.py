@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._meta import __version__
+from ..data import discover
 from . import download, inference, training
 
 logger = logging.getLogger("transcriptformer")
@@ -28,11 +29,19 @@ __all__ = ["main"]
 #: How the library's error messages name options, and the flags that set them here.
 _FLAG_NAMES = {
     "gene_key=None to use var_names": "--gene-col-name var_names to use var_names",
+    "pass resume=True to continue it": "pass --resume to continue it",
+    "resume=True but": "--resume but",
+    "start without resume": "start without --resume",
+    "pass another output_dir": "pass another --output-dir",
+    "pass a writable output_dir": "pass a writable --output-dir",
+    "lower learning_rate": "lower --learning-rate",
+    "clip the gradients (grad_clip)": "clip the gradients (--grad-clip)",
     "layer='raw' but adata.raw is None; pass layer='X' or the name of a layer of counts.": (
         "--use-raw True but the file has no .raw; pass --use-raw False (counts in X) or auto."
     ),
     "gene_key=<": "--gene-col-name <",
     "duplicate_genes='first'": "--remove-duplicate-genes",
+    "model=(base, ": "--checkpoint-path BASE --adapter (",
     "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
     "layer=<layer of raw counts>": "an input with raw counts in X or .raw (--use-raw)",
 }
@@ -47,8 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="{download,inference,finetune,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{download,download-data,inference,finetune,train}")
     download.add_parser(sub)
+    data = sub.add_parser(
+        "download-data",
+        help="download CELLxGENE Discover datasets by species",
+        description="Download the public CELLxGENE Discover datasets (h5ad) of one or more species, in parallel.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    discover.add_arguments(data)
     inference.add_parser(sub)
     training.add_parsers(sub)
     return parser
@@ -85,11 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runners = {
             "download": download.run,
+            "download-data": discover.run,
             "inference": inference.run,
             "finetune": training.run_finetune,
             "train": training.run_train,
         }
-        runners[args.command](args)
+        status = runners[args.command](args)
     except KeyboardInterrupt:
         print("transcriptformer: interrupted", file=sys.stderr)
         return 130
@@ -109,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+    return status if isinstance(status, int) else 0  # a command that returns an exit status (download-data)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m transcriptformer.cli`

@@ -124,14 +124,12 @@ def _check_files(args: argparse.Namespace) -> None:
 
 def _dry_run(args: argparse.Namespace, model) -> Path | None:
     """Build the model and read the data (with every check), then stop."""
-    import anndata as ad
-
     from ..inference.options import RunOptions
-    from ..training.fit import _open
+    from ..training.objective import open_cells
 
     options = RunOptions(gene_key=args.gene_col_name, clip_counts=args.clip_counts)
     for files in (args.train_files, args.val_files or []):
-        for _, src, _ in _open([ad.read_h5ad(f, backed="r") for f in files], model, options, "data") if files else []:
+        for _, src, _ in open_cells(list(files), model, options, "data") if files else []:
             logger.info(
                 "%s: %d cells, %d of %d genes in the vocabulary", src.source, src.n_obs, src.n_matched, src.n_genes
             )
