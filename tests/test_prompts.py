@@ -271,3 +271,158 @@ def test_interactions_need_two_distinct_genes(tiny_model):
         P.interactions(tiny_model, np.array([g]))
     with pytest.raises(ValueError, match="distinct"):
         P.interactions(tiny_model, np.array([g, g]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the scanpy faces: tfs.tl.next_gene, tfs.tl.gene_interactions, tfs.tl.rank_regulators, tfs.pl.rank_regulators
+
+
+@pytest.fixture(autouse=True)
+def _no_symbol_tables(request, monkeypatch):
+    """The tiny model's ids are made up: skip reading the symbol tables (a second); the slow tests read them."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setattr(P, "gene_symbols", lambda ids: np.full(len(ids), "", dtype=object))
+
+
+@pytest.fixture
+def headless(tiny_model):
+    """The tiny model without its gene-identity head."""
+    model = dataclasses.replace(tiny_model, model=copy.deepcopy(tiny_model.model))
+    model.model.gene_id_head = None
+    return model
+
+
+def test_tl_next_gene(tiny_model, tiny_adata):
+    import transcriptformer.scanpy as tfs
+    from helpers import assert_unchanged, snapshot
+
+    before = snapshot(tiny_adata)
+    cells = tiny_adata[3:9]
+    out = tfs.tl.next_gene(cells, tiny_model, n_prompt_genes=5)
+    assert_unchanged(tiny_adata, before)
+    vocab = tiny_model.vocab
+    assert out.shape == (6, len(vocab.genes)) and list(out.var_names) == list(vocab.genes)
+    ref = P.next_gene(tiny_model, P.cell_prompts(tiny_model, cells, n_genes=5))
+    np.testing.assert_allclose(out.layers["log_probability"], ref.log_prob)
+    np.testing.assert_allclose(out.X, np.exp(ref.log_prob), rtol=1e-6)
+    np.testing.assert_allclose(out.layers["expected_count"], ref.expected_count)
+    assert list(out.obs_names) == list(cells.obs_names) and (out.obs["n_prompt_genes"] <= 5).all()
+    np.testing.assert_allclose(out.var["mean_probability"], out.X.mean(axis=0), rtol=1e-5)
+    params = out.uns["transcriptformer_next_gene"]["params"]
+    assert params["tool"] == "next_gene" and params["attention_mode"] == "train"
+    # a written prompt: ids with counts
+    ids = list(vocab.genes[:3])
+    one = tfs.tl.next_gene(dict.fromkeys(ids, 2), tiny_model, assay=ASSAY, counts=False)
+    assert one.shape == (1, len(vocab.genes)) and "expected_count" not in one.layers
+    assert one.var.loc[ids, "in_prompt"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_tl_next_gene_refuses_bad_input(tiny_model, tiny_adata, headless, symbols):
+    import transcriptformer.scanpy as tfs
+
+    with pytest.raises(ValueError, match="not genes of"):
+        tfs.tl.next_gene([tiny_model.vocab.genes[0], "NOT_A_GENE"], tiny_model, assay=ASSAY)
+    with pytest.raises(ValueError, match="empty"):
+        tfs.tl.next_gene([], tiny_model)
+    with pytest.raises(ValueError, match="assay= is for written prompts"):
+        tfs.tl.next_gene(tiny_adata, tiny_model, assay=ASSAY)
+    empty = tiny_adata[:2].copy()
+    empty.X = empty.X * 0
+    with pytest.raises(ValueError, match="no gene of the vocabulary"):
+        tfs.tl.next_gene(empty, tiny_model)
+    with pytest.raises(ValueError, match="no gene-identity head"):
+        tfs.tl.next_gene(tiny_adata, headless)
+    with pytest.raises(ValueError, match="does not take species_embedding"):
+        tfs.tl.next_gene(tiny_adata, tiny_model, species_embedding="mus_musculus")
+
+
+def test_tl_gene_interactions(tiny_model, tiny_adata, symbols):
+    import transcriptformer.scanpy as tfs
+    from helpers import assert_unchanged, snapshot
+
+    before = snapshot(tiny_adata)
+    out = tfs.tl.gene_interactions(tiny_adata, tiny_model, max_genes=8, n_top=3)
+    assert_unchanged(tiny_adata, before)
+    assert out.shape == (8, 8) and list(out.obs_names) == list(out.var_names)
+    assert np.isnan(np.diag(out.X)).all()
+    np.testing.assert_allclose(out.layers["symmetric"], (out.X + out.X.T) / 2)
+    # the genes: the 8 read by most cells, in the data's column order
+    src = P.cell_prompts(tiny_model, tiny_adata)
+    place = src.place[tiny_model.vocab.lookup(list(out.obs_names))]
+    assert (np.diff(place) > 0).all()
+    tokens = tiny_model.vocab.lookup(list(out.obs_names))
+    ref = P.interactions(tiny_model, tokens, assay="10x 3' v3")  # the data's most frequent assay
+    np.testing.assert_allclose(out.X, ref.score, equal_nan=True)
+    top = out.uns["transcriptformer_interactions"]["top_partners"]
+    assert len(top) == 8 * 3 and top.groupby("gene")["score"].apply(lambda s: s.is_monotonic_decreasing).all()
+    # real cells as the background
+    bg = tfs.tl.gene_interactions(None, tiny_model, genes=list(out.obs_names[:4]), background=tiny_adata[5:15])
+    assert bg.shape == (4, 4) and bg.uns["transcriptformer_interactions"]["params"]["background"] == "cells"
+    with pytest.raises(ValueError, match="background has no cells"):
+        tfs.tl.gene_interactions(tiny_adata, tiny_model, max_genes=4, background=tiny_adata[:0])
+    with pytest.raises(ValueError, match="not genes of"):
+        tfs.tl.gene_interactions(None, tiny_model, genes=[tiny_model.vocab.genes[0], "NOT_A_GENE"])
+
+
+def _known_var_names(model, adata):
+    """The var_names of the genes the model knows."""
+    ids = [str(i).split(".", 1)[0] for i in adata.var["ensembl_id"]]
+    return adata.var_names[model.vocab.lookup_genes(ids) >= 0]
+
+
+def test_tl_rank_regulators(tiny_model, tiny_adata):
+    import scanpy as sc
+
+    import transcriptformer.scanpy as tfs
+
+    cand = _known_var_names(tiny_model, tiny_adata)[[2, 5, 9, 14, 30]].tolist()
+    out = tfs.tl.rank_regulators(tiny_adata, tiny_model, groupby="cell_type", candidates=cand, copy=True)
+    assert "transcriptformer_regulators" not in tiny_adata.uns
+    res = out.uns["transcriptformer_regulators"]
+    groups = sorted(tiny_adata.obs["cell_type"].unique())
+    assert set(res["names"].dtype.names) == set(groups)
+    df = sc.get.rank_genes_groups_df(out, group="monocyte", key="transcriptformer_regulators")
+    assert df["scores"].is_monotonic_decreasing and set(df["names"]) <= set(cand)
+    assert res["params"]["groupby"] == "cell_type" and res["params"]["tool"] == "rank_regulators"
+    mean = res["mean_probability"]
+    np.testing.assert_allclose(
+        df.set_index("names")["scores"], np.log2(mean.loc["monocyte"] / mean.mean(axis=0))[df["names"]], rtol=1e-5
+    )
+    ax = tfs.pl.rank_regulators(out, n_genes=2, show=False)
+    assert len(ax.get_yticklabels()) == len(groups)
+    tfs.pl.rank_regulators(out, n_genes=2, kind="heatmap", show=False)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_tl_rank_regulators_writes_nothing_on_error(tiny_model, tiny_adata, headless, symbols):
+    import transcriptformer.scanpy as tfs
+    from helpers import assert_unchanged, snapshot
+
+    cand = _known_var_names(tiny_model, tiny_adata)[[2, 5]].tolist()
+    before = snapshot(tiny_adata)
+    with pytest.raises(ValueError, match=r"group\(s\) \['nope'\] of 'cell_type' have no cells"):
+        tfs.tl.rank_regulators(tiny_adata, tiny_model, groupby="cell_type", candidates=cand, groups=["B cell", "nope"])
+    with pytest.raises(ValueError, match="not genes of"):
+        tfs.tl.rank_regulators(tiny_adata, tiny_model, groupby="cell_type", candidates=[*cand, "NOT_A_GENE"])
+    with pytest.raises(ValueError, match="no gene-identity head"):
+        tfs.tl.rank_regulators(tiny_adata, headless, groupby="cell_type", candidates=cand)
+    with pytest.raises(ValueError, match="candidates= is required"):
+        tfs.tl.rank_regulators(tiny_adata, tiny_model, groupby="cell_type", candidates=None)
+    with pytest.raises(KeyError, match="groupby"):
+        tfs.tl.rank_regulators(tiny_adata, tiny_model, groupby="nope", candidates=cand)
+    assert_unchanged(tiny_adata, before)
+    with pytest.raises(KeyError, match=r"tfs\.tl\.rank_regulators"):
+        tfs.pl.rank_regulators(tiny_adata, show=False)
+
+
+@pytest.mark.slow
+def test_demo_model_prompted_by_symbols():
+    """On tf-demo (real Ensembl ids): symbols in, symbols out."""
+    import transcriptformer.scanpy as tfs
+
+    out = tfs.tl.next_gene({"LYZ": 5, "S100A9": 3}, "tf-demo", assay="10x 3' v1")
+    assert out.var.loc["ENSG00000090382", "symbol"] == "LYZ"
+    assert out.var.loc["ENSG00000090382", "in_prompt"] == 1.0
+    assert out.obs["n_prompt_genes"].tolist() == [2]

