@@ -28,10 +28,10 @@ def rank_regulators(
 ) -> Any:
     """The top candidate genes of each group, as ``sc.pl.rank_genes_groups_dotplot`` draws markers.
 
-    Rows are the groups, columns the ``n_genes`` best genes of each group in turn (a gene that is among the best
-    of several groups appears once, at its first place); brackets above name the group each run of columns
-    belongs to. The colour is the score ``log2(P_G / P_ref)`` of the gene in every group (centred on 0); in the
-    dot plot the dot's size is the group's mean probability ``P_G`` relative to the gene's largest over groups.
+    Rows are the groups, columns the ``n_genes`` best genes of each group in turn (a gene among the best of
+    several groups appears under each); brackets above name the group each run of columns belongs to. The
+    colour is the score ``log2(P_G / P_ref)`` of the gene in every group (centred on 0); in the dot plot the
+    dot's size is the group's mean probability ``P_G`` relative to the gene's largest over groups.
 
     Parameters
     ----------
@@ -77,9 +77,7 @@ def rank_regulators(
     runs: list[tuple[str, int, int]] = []
     for g in chosen:
         start = len(columns)
-        for name in list(names[g])[:n_genes]:
-            if str(name) not in columns:
-                columns.append(str(name))
+        columns += [str(name) for name in list(names[g])[:n_genes]]
         runs.append((g, start, len(columns)))
     P = mean.loc[chosen, columns].to_numpy(dtype=np.float64)
     ref = mean.loc[:, columns].to_numpy(dtype=np.float64).mean(axis=0)
@@ -110,17 +108,22 @@ def rank_regulators(
         ax.set_ylim(len(chosen) - 0.4, -0.6)
     ax.set_xticks(range(len(columns)), columns, rotation=90)
     ax.set_yticks(range(len(chosen)), chosen)
-    for g, start, stop in runs:
+    for g, start, stop in runs:  # a bracket over each group's genes, named as scanpy's dot plots name them
         if stop > start:
             ax.annotate(
-                g,
-                xy=((start + stop - 1) / 2, 1.0),
+                "",
+                xy=(start - 0.3, 1.02),
+                xytext=(stop - 0.7, 1.02),
                 xycoords=("data", "axes fraction"),
-                xytext=(0, 4),
-                textcoords="offset points",
-                ha="left",
+                arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 1},
+            )
+            ax.annotate(
+                g,
+                xy=((start + stop - 1) / 2, 1.04),
+                xycoords=("data", "axes fraction"),
+                ha="center",
                 va="bottom",
-                rotation=45,
+                rotation=90,
                 fontsize="small",
             )
     fig.colorbar(image, ax=ax, label="log2(P_group / P_ref)", shrink=0.8)
