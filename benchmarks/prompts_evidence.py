@@ -24,7 +24,8 @@ model (``--model tf-sapiens``, when its weights are in the cache) the same cells
 
 Usage::
 
-    python benchmarks/prompts_evidence.py --json benchmarks/results/cpu/prompts_evidence.json
+    python benchmarks/prompts_evidence.py --seeds 0 1 2 3 4 --json benchmarks/results/cpu/prompts_evidence.json
+    python benchmarks/prompts_evidence.py --timing --json benchmarks/results/cpu/prompts_timing.json
     python benchmarks/prompts_evidence.py --model tf-sapiens --no-untrained --device cuda
 """
 
@@ -131,6 +132,7 @@ def interaction_evidence(
         "spearman_symmetric": float(scipy.stats.spearmanr(sym[iu], data[iu]).statistic),
         "spearman_reading_order": float(scipy.stats.spearmanr(S[iu], data[iu]).statistic),
         "spearman_reverse_order": float(scipy.stats.spearmanr(S.T[iu], data[iu]).statistic),
+        "spearman_reading_order_vs_distance": float(scipy.stats.spearmanr(S[iu], iu[1] - iu[0]).statistic),
         "mean_score_reading_order": float(S[iu].mean()),
         "mean_score_reverse_order": float(S.T[iu].mean()),
         "seconds": seconds,
@@ -225,6 +227,44 @@ def regulator_evidence(loaded, adata, test, k: int, device: str, seed: int, draw
     }
 
 
+def timing(model: str = "tf-demo", n_background: int = 20, n_genes: int = 100, rounds: int = 2) -> dict:
+    """Wall-clock seconds of the prompting calls on the held-out PBMCs: interactions with and without the cache
+    (interleaved rounds), the neutral background, and ``next_gene`` with and without the count head."""
+    import torch
+
+    import transcriptformer
+    import transcriptformer.scanpy as tfs
+    from transcriptformer.inference import prompts as P
+
+    m = transcriptformer.load_model(model)
+    adata = tfs.datasets.pbmc68k_counts()
+    src = P.cell_prompts(m, adata[held_out(adata, m)])
+    inside = np.arange(src.tokens.shape[1])[None, :] < src.lengths[:, None]
+    read = np.bincount(src.tokens[inside], minlength=len(m.vocab))
+    read[: m.vocab.n_special] = 0
+    genes = np.argsort(-read)[:n_genes]
+    bg = src.take(np.arange(n_background))
+    out: dict = {"loadavg_before": os.getloadavg(), "threads": torch.get_num_threads()}
+    for rnd in range(rounds):
+        for cached in (True, False):
+            t = time.perf_counter()
+            r = P.interactions(m, genes, background=bg, use_cache=cached)
+            out.setdefault(f"cached={cached}", []).append(round(time.perf_counter() - t, 2))
+            if rnd == 0:
+                out[f"stats cached={cached}"] = r.stats
+    t = time.perf_counter()
+    P.interactions(m, genes, assay="10x 3' v1")
+    out["neutral_100_genes_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    P.next_gene(m, src)
+    out["next_gene_210_cells_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    P.next_gene(m, src, counts=False)
+    out["next_gene_210_cells_no_counts_s"] = round(time.perf_counter() - t, 2)
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tf-demo")
@@ -237,8 +277,15 @@ def main(argv=None) -> None:
     parser.add_argument("--no-untrained", action="store_true")
     parser.add_argument("--n-background", type=int, default=100, help="held-out cells as the background")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--timing", action="store_true", help="only the timings (cache against full passes)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.timing:
+        result = timing(args.model)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return
 
     import torch
     from bench import cpu_model
