@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -292,7 +294,7 @@ def headless(tiny_model):
     return model
 
 
-def test_tl_next_gene(tiny_model, tiny_adata):
+def test_tl_next_gene(tiny_model, tiny_adata, tmp_path):
     import transcriptformer.scanpy as tfs
     from helpers import assert_unchanged, snapshot
 
@@ -308,6 +310,8 @@ def test_tl_next_gene(tiny_model, tiny_adata):
     np.testing.assert_allclose(out.layers["expected_count"], ref.expected_count)
     assert list(out.obs_names) == list(cells.obs_names) and (out.obs["n_prompt_genes"] <= 5).all()
     np.testing.assert_allclose(out.var["mean_probability"], out.X.mean(axis=0), rtol=1e-5)
+    out.write_h5ad(tmp_path / "next.h5ad")
+    np.testing.assert_array_equal(anndata.read_h5ad(tmp_path / "next.h5ad").X, out.X)
     params = out.uns["transcriptformer_next_gene"]["params"]
     assert params["tool"] == "next_gene" and params["attention_mode"] == "train"
     # a written prompt: ids with counts
@@ -336,7 +340,7 @@ def test_tl_next_gene_refuses_bad_input(tiny_model, tiny_adata, headless, symbol
         tfs.tl.next_gene(tiny_adata, tiny_model, species_embedding="mus_musculus")
 
 
-def test_tl_gene_interactions(tiny_model, tiny_adata, symbols):
+def test_tl_gene_interactions(tiny_model, tiny_adata, symbols, tmp_path):
     import transcriptformer.scanpy as tfs
     from helpers import assert_unchanged, snapshot
 
@@ -353,6 +357,12 @@ def test_tl_gene_interactions(tiny_model, tiny_adata, symbols):
     tokens = tiny_model.vocab.lookup(list(out.obs_names))
     ref = P.interactions(tiny_model, tokens, assay="10x 3' v3")  # the data's most frequent assay
     np.testing.assert_allclose(out.X, ref.score, equal_nan=True)
+    out.write_h5ad(tmp_path / "pairs.h5ad")
+    back = anndata.read_h5ad(tmp_path / "pairs.h5ad")
+    pd.testing.assert_frame_equal(
+        back.uns["transcriptformer_interactions"]["top_partners"],
+        out.uns["transcriptformer_interactions"]["top_partners"],
+    )
     top = out.uns["transcriptformer_interactions"]["top_partners"]
     assert len(top) == 8 * 3 and top.groupby("gene")["score"].apply(lambda s: s.is_monotonic_decreasing).all()
     # real cells as the background
@@ -370,7 +380,7 @@ def _known_var_names(model, adata):
     return adata.var_names[model.vocab.lookup_genes(ids) >= 0]
 
 
-def test_tl_rank_regulators(tiny_model, tiny_adata):
+def test_tl_rank_regulators(tiny_model, tiny_adata, tmp_path):
     import scanpy as sc
 
     import transcriptformer.scanpy as tfs
@@ -388,6 +398,10 @@ def test_tl_rank_regulators(tiny_model, tiny_adata):
     np.testing.assert_allclose(
         df.set_index("names")["scores"], np.log2(mean.loc["monocyte"] / mean.mean(axis=0))[df["names"]], rtol=1e-5
     )
+    out.write_h5ad(tmp_path / "regulators.h5ad")  # everything written can be saved, and read back by scanpy
+    back = anndata.read_h5ad(tmp_path / "regulators.h5ad")
+    again = sc.get.rank_genes_groups_df(back, group="monocyte", key="transcriptformer_regulators")
+    pd.testing.assert_frame_equal(again, df)
     ax = tfs.pl.rank_regulators(out, n_genes=2, show=False)
     assert len(ax.get_yticklabels()) == len(groups)
     tfs.pl.rank_regulators(out, n_genes=2, kind="heatmap", show=False)

@@ -90,8 +90,10 @@ __all__ = [
 
 #: Elements of the largest transient tensor of the count head over the vocabulary (64 MiB in float32).
 _COUNT_CHUNK = 1 << 24
-#: Default memory for the copies of a background's key/value cache that extensions run on (bytes).
+#: Default memory for the copies of a background's key/value cache that extensions run on (bytes): 1 GiB on the
+#: CPU, 8 GiB on a GPU.
 DEFAULT_CACHE_BYTES = 1 << 30
+DEFAULT_CACHE_BYTES_GPU = 8 << 30
 
 
 # --------------------------------------------------------------------------------------------
@@ -808,7 +810,7 @@ def interactions(
     device: Any = "auto",
     precision: Any = "auto",
     batch_size: int | None = None,
-    max_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    max_cache_bytes: int | None = None,
     progress: bool | None = None,
 ) -> Interactions:
     """Gene-gene interaction scores; see the module documentation for the definition.
@@ -835,7 +837,8 @@ def interactions(
     batch_size
         Backgrounds per prompt pass (default 16).
     max_cache_bytes
-        Memory for the per-extension copies of the cache; the extensions run in chunks that fit.
+        Memory for the per-extension copies of the cache; the extensions run in chunks that fit (default
+        :data:`DEFAULT_CACHE_BYTES` on the CPU, :data:`DEFAULT_CACHE_BYTES_GPU` on a GPU).
     progress
         Show a progress bar (default: for long runs).
     """
@@ -881,6 +884,8 @@ def interactions(
             logger.info("background cells are cut to their first %d genes (seq_len - 2).", limit)
             bg = bg.first(limit)
     run = _Runner.build(loaded, device, precision)
+    if max_cache_bytes is None:
+        max_cache_bytes = DEFAULT_CACHE_BYTES if run.device.type == "cpu" else DEFAULT_CACHE_BYTES_GPU
     model = run.model
     cfg = model.config
     dev = run.device

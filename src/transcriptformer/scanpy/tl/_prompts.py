@@ -516,7 +516,7 @@ def rank_regulators(
         "pvals": table(res.pvals, "float64"),
         "pvals_adj": table(res.pvals_adj, "float64"),
         "mean_probability": pd.DataFrame(res.mean_prob, index=pd.Index(chosen, name=groupby), columns=shown),
-        "n_cells": pd.Series(res.n_cells, index=pd.Index(chosen, name=groupby)),
+        "n_cells": {g: int(n) for g, n in zip(chosen, res.n_cells, strict=True)},
         "params": provenance(
             "rank_regulators",
             loaded,
