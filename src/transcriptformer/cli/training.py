@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,6 @@ def _dry_run(args: argparse.Namespace, model) -> Path | None:
 def _distributed_device(args: argparse.Namespace) -> None:
     _, world = init_distributed()
     if world > 1 and args.device in ("auto", "cuda"):
-        import os
-
         import torch
 
         if torch.cuda.is_available():
