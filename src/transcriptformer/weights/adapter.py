@@ -5,7 +5,7 @@ writes them (``adapter_config.json`` and ``adapter_model.safetensors``, keys
 ``base_model.model.<module>.lora_A.weight``), so PEFT-aware tools can read them, with a small
 ``transcriptformer_adapter.json`` beside them that records the base checkpoint's sha256 and the training
 options. Training adapters is :mod:`transcriptformer.training.lora`. PEFT is an optional dependency:
-``pip install transcriptformer[finetune]``.
+``pip install peft`` (or the ``finetune`` extra of ``transcriptformer-scanpy``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def peft():
         import peft
     except ImportError:
         raise ImportError(
-            "LoRA adapters need the PEFT library: pip install 'transcriptformer-scanpy[finetune]'."
+            "LoRA adapters need the PEFT library: pip install peft (or install transcriptformer-scanpy with its "
+            "finetune extra)."
         ) from None
     return peft
 
