@@ -158,12 +158,15 @@ def _check_shapes(net: Any, files: AdapterFiles) -> dict[str, Any]:
     r = files.config["r"]
     modules = dict(net.named_modules())
     targets = {}
-    for name in files.config["target_modules"]:
-        if not isinstance(modules.get(name), nn.Linear):
+    for target in files.config["target_modules"]:
+        # PEFT's rule: a name matches itself and every module whose dotted name ends with it (PEFT saves 20 or
+        # more targets as their shortest distinct endings, e.g. "linear1" for every layer's linear1)
+        matched = {n: m for n, m in modules.items() if n == target or n.endswith(f".{target}")}
+        if not matched or not all(isinstance(m, nn.Linear) for m in matched.values()):
             raise ValueError(
-                f"{files.folder / CONFIG_FILE}: target module {name!r} is not a linear layer of the base model."
+                f"{files.folder / CONFIG_FILE}: target module {target!r} is not a linear layer of the base model."
             )
-        targets[name] = modules[name]
+        targets.update(matched)
     expected = {}
     for name, layer in targets.items():
         if r > min(layer.in_features, layer.out_features):
