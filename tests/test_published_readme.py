@@ -117,6 +117,18 @@ PYPI_061_INFERENCE = [
   --output-filename cge_embeddings.h5ad""",
 ]
 
+PYPI_061_DOWNLOAD_DATA = [
+    'transcriptformer download-data --species "homo sapiens" --output-dir ./data/human',
+    'transcriptformer download-data --species "homo sapiens,mus musculus" --output-dir ./data/multi_species',
+    r"""transcriptformer download-data \
+  --species "homo sapiens" \
+  --output-dir ./data/human \
+  --processes 8 \
+  --max-retries 3 \
+  --no-metadata""",
+]
+PYPI_061_HELP = "transcriptformer download-data --help"
+
 # ... and those that do not (what they are for is not implemented here); if one starts to work, move it up
 PYPI_061_UNSUPPORTED = [
     r"""transcriptformer inference \
@@ -124,9 +136,8 @@ PYPI_061_UNSUPPORTED = [
   --data-file test/data/human_val.h5ad \
   --model-type esm2ce \
   --batch-size 8""",  # the ESM2-CE baseline
-    'transcriptformer download-data --species "homo sapiens" --output-dir ./data/human',  # CELLxGENE downloads
-    "transcriptformer download-data --help",
 ]
+PYPI_061_MODULE = 'python -m transcriptformer.data.bulk_download --species "homo sapiens" --output-dir ./data/human'
 
 #: The absolute paths of the commands, and what they become here (relative paths exist in the working folder).
 SUBSTITUTE = {"/path/to/custom/dir": "custom/dir"}
@@ -197,7 +208,7 @@ class Site:
     """A working folder where the README's data paths exist, and the stand-in artifacts (and their tarballs)."""
 
     def __init__(self, root: Path) -> None:
-        demo = tfs.datasets.demo_model_path()
+        demo = tfs.models.path("tf-demo")
         self.root = root
         self.models = root / "artifacts"
         self.sapiens = _human_only(demo, self.models / "tf_sapiens")
@@ -324,6 +335,8 @@ def test_lora_example(in_site, run, capsys):
     info = json.loads((folder / "transcriptformer_adapter.json").read_text())
     assert info["lora_r"] == 4 and info["lora_alpha"] == 16
     assert info["target_modules"] == ["linear1", "linear2", "linears"]
+    # 24 adapted layers: PEFT writes 20 or more as their endings ("linear1", "linears.0", ...), which load too
+    assert "linear1" in json.loads((folder / "adapter_config.json").read_text())["target_modules"]
     tuned = transcriptformer.load_model("./checkpoints/tf_sapiens", adapter="lora_weights")
     assert tuned.adapter is not None
     # the same command again: the earlier adapter is kept, and the message says what to pass
@@ -412,12 +425,52 @@ def test_pypi_061_inference_commands(in_site, run):
     assert "cge_gene_names" in ad.read_h5ad("inference_results/cge_embeddings.h5ad").uns
 
 
+def test_pypi_061_download_data(site, tmp_path, monkeypatch, run):
+    """The CELLxGENE Discover downloads, against a stand-in for its API on 127.0.0.1 serving two small datasets."""
+    from transcriptformer.data import discover
+
+    files = {}
+    records = []
+    for dataset, (label, term) in {
+        "human-1": ("Homo sapiens", "NCBITaxon:9606"),
+        "mouse-1": ("Mus musculus", "NCBITaxon:10090"),
+    }.items():
+        data = (site.work / "test" / "data" / f"{'human' if 'human' in dataset else 'mouse'}_val.h5ad").read_bytes()
+        files[f"files/{dataset}.h5ad"] = data
+        records.append({
+            "dataset_id": dataset, "dataset_version_id": f"{dataset}-v1", "collection_id": "c", "collection_name": "C",
+            "title": dataset, "organism": [{"label": label, "ontology_term_id": term}], "is_primary_data": [True],
+            "cell_count": N_CELLS, "tissue": [], "assets": [{"filetype": "H5AD", "filesize": len(data), "url": ""}],
+        })  # fmt: skip
+    api = RegistryServer(files, prefix="/")
+    for record in records:
+        record["assets"][0]["url"] = f"{api.url}files/{record['dataset_id']}.h5ad"
+    api.files["curation/v1/datasets"] = json.dumps(records).encode()
+    for var in PROXY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv(discover.API_URL_ENV, api.url.rstrip("/"))
+    monkeypatch.chdir(tmp_path)
+    try:
+        for command in PYPI_061_DOWNLOAD_DATA:
+            run(command)
+    finally:
+        api.close()
+    assert (tmp_path / "data" / "human" / "human-1" / "full.h5ad").read_bytes() == files["files/human-1.h5ad"]
+    assert (tmp_path / "data" / "human" / "human-1" / "__success__").exists()
+    assert (tmp_path / "data" / "human" / "dataset_metadata.json").is_file()
+    assert {p.name for p in (tmp_path / "data" / "multi_species").iterdir() if p.is_dir()} == {"human-1", "mouse-1"}
+    proc = run(PYPI_061_HELP)
+    assert "--species" in proc.stdout and "--no-metadata" in proc.stdout
+
+
 def test_pypi_061_commands_not_supported(in_site, run):
     for command in PYPI_061_UNSUPPORTED:
         proc = run(command, check=False)
         assert proc.returncode == 2 and "invalid choice" in proc.stderr, (command, proc.stderr)
-    # the README's `python -m transcriptformer.data.bulk_download ...` (CELLxGENE downloads) has no module here
-    assert importlib.util.find_spec("transcriptformer.data.bulk_download") is None
+    # the README's `python -m transcriptformer.data.bulk_download ...`: `transcriptformer download-data` here
+    module = argv_of(PYPI_061_MODULE)[2]
+    assert importlib.util.find_spec(module) is None
 
 
 def test_n_data_workers_is_checked(in_site, run):
