@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_arguments(data)
     inference.add_parser(sub)
     training.add_parsers(sub)
+    for command in sub.choices.values():  # -v also after the sub-command (default: what the main parser says)
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as transcriptformer -v"
+        )
     return parser
 
 

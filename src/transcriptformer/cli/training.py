@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ def _common(p: argparse.ArgumentParser, *, lr: float, wd: float) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--devices", dest="device", help=argparse.SUPPRESS)  # the published example's spelling
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), 32, bf16, 16")
+    p.add_argument(
+        "--attention",
+        choices=["auto", "dense", "flex", "flex-dynamic"],
+        default="auto",
+        help="auto: compiled flex_attention on CUDA (needs Triton), dense elsewhere; dense: no compilation",
+    )
     p.add_argument("--gene-col-name", type=gene_column, default="ensembl_id", help=GENE_COL_HELP)
     p.add_argument("--clip-counts", type=float, default=30, help="clip counts to this value")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
@@ -110,6 +117,7 @@ def _fit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "device": args.device,
         "precision": args.precision,
+        "attention": args.attention,
         "gene_key": args.gene_col_name,
         "clip_counts": args.clip_counts,
         "progress": False if args.no_progress else None,
@@ -133,15 +141,13 @@ def _dry_run(args: argparse.Namespace, model) -> Path | None:
             logger.info(
                 "%s: %d cells, %d of %d genes in the vocabulary", src.source, src.n_obs, src.n_matched, src.n_genes
             )
-    logger.info("dry run: the model and the data are ready; nothing was trained.")
+    print("dry run: the model, the data and the output folder are ready; nothing was trained.")
     return None
 
 
 def _distributed_device(args: argparse.Namespace) -> None:
     _, world = init_distributed()
     if world > 1 and args.device in ("auto", "cuda"):
-        import os
-
         import torch
 
         if torch.cuda.is_available():
@@ -150,10 +156,11 @@ def _distributed_device(args: argparse.Namespace) -> None:
 
 def run_finetune(args: argparse.Namespace) -> Path | None:
     """Run ``transcriptformer finetune``."""
-    from ..training.fit import finetune
+    from ..training.fit import check_output_dir, finetune
     from ..weights.checkpoint import load_model
 
     _check_files(args)
+    check_output_dir(Path(args.output_dir), args.resume)  # before any model is loaded or cell read
     _distributed_device(args)
     base = load_model(args.checkpoint_path)
     if args.dry_run:
@@ -168,7 +175,7 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
             target_modules=args.lora_target_modules,
         )
         return _dry_run(args, base)
-    return finetune(
+    out = finetune(
         list(args.train_files),
         base,
         lora_r=args.lora_r,
@@ -177,14 +184,17 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
         target_modules=tuple(args.lora_target_modules),
         **_fit_kwargs(args),
     )
+    print(f"wrote a LoRA adapter to {out}; use it as --checkpoint-path {args.checkpoint_path} --adapter {out}")
+    return out
 
 
 def run_train(args: argparse.Namespace) -> Path | None:
     """Run ``transcriptformer train``."""
-    from ..training.fit import train
+    from ..training.fit import check_output_dir, train
     from ..weights.checkpoint import load_model, new_model
 
     _check_files(args)
+    check_output_dir(Path(args.output_dir), args.resume)  # before any model is loaded or cell read
     _distributed_device(args)
     shape = {dest: getattr(args, dest, None) for dest in _new_model_dests()}
     if args.checkpoint_path:
@@ -206,4 +216,6 @@ def run_train(args: argparse.Namespace) -> Path | None:
         )
     if args.dry_run:
         return _dry_run(args, model)
-    return train(model, list(args.train_files), **_fit_kwargs(args))
+    out = train(list(args.train_files), model, **_fit_kwargs(args))
+    print(f"wrote a checkpoint to {out} (training.json: options and losses); use it as --checkpoint-path {out}")
+    return out

@@ -368,7 +368,7 @@ def diagnose(result: pd.DataFrame, species: str) -> str | None:
     if found < 0.5 * n and n_other >= 0.5 * n and n_other >= 2 * max(found, 1):
         msg = (
             f"only {found:,} of {n:,} symbols are {species} gene symbols, but {n_other:,} are {other} symbols "
-            f"(e.g. {values[:3]}): the data look like {other}. Pass species={other!r}"
+            f"(e.g. {[v for v in values if v in other_hits][:3]}): the data look like {other}. Pass species={other!r}"
         )
         if n_fold >= 0.5 * n:
             msg += f", or ignore_case=True if they are {species} symbols written in another case"

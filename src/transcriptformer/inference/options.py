@@ -132,7 +132,8 @@ class RunOptions:
     precision
         ``"auto"`` (float32 on CPU and MPS, bfloat16 autocast on CUDA), ``"32"``, ``"bf16"``, ``"16"``.
     progress
-        Show a progress bar (default: when the run is expected to take more than a few seconds).
+        Show a progress bar: ``None`` (default) once the run has taken a few seconds, ``True`` from the start,
+        ``False`` never.
     cache_dir
         Where registry downloads are kept (default ``$TRANSCRIPTFORMER_CACHE`` or the user cache).
     """

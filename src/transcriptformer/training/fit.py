@@ -59,7 +59,7 @@ from .objective import batch_loss, evaluate, looks_like_model, open_cells
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HISTORY_FILE", "TRAINER_STATE", "FitKwargs", "FitOptions", "finetune", "train"]
+__all__ = ["HISTORY_FILE", "TRAINER_STATE", "FitKwargs", "FitOptions", "check_output_dir", "finetune", "train"]
 
 TRAINER_STATE = "trainer_state.pt"
 HISTORY_FILE = "training.json"
@@ -225,7 +225,7 @@ def _split_kwargs(kwargs: dict[str, Any], tool: str, defaults: dict[str, Any]) -
     return FitOptions(**{**defaults, **fit}), run_options(kwargs, tool, unsupported=unsupported)
 
 
-def _check_output_dir(output_dir: Path, resume: bool) -> Path:
+def check_output_dir(output_dir: Path, resume: bool) -> Path:
     """The run's folder, checked before any compute: it can be written, and it is new (or resumable)."""
     output_dir = Path(output_dir).expanduser()
     state = output_dir / TRAINER_STATE
@@ -311,7 +311,7 @@ class _Run:
             raise ValueError("float16 training needs CUDA (it uses a gradient scaler); use precision='bf16' or '32'.")
         self.rank, self.world = _distributed()
         self.kernel = _train_kernel(self.device, self.attention)
-        self.output_dir = _check_output_dir(self.output_dir, resume)
+        self.output_dir = check_output_dir(self.output_dir, resume)
         self.train_sources = open_cells(train_data, self.loaded, self.options, "train")
         self.val_sources = (
             open_cells(validation, self.loaded, self.options, "validation") if validation is not None else []
@@ -706,7 +706,7 @@ def finetune(
     output projections of every attention block). They are saved in PEFT's format, with the identity of the
     weights they were trained on; load them with ``transcriptformer.load_model(base, adapter=output_dir)`` or
     ``model=(base, output_dir)`` anywhere (``--adapter`` on the command line). Needs ``peft``
-    (``pip install transcriptformer-scanpy[finetune]``).
+    (``pip install peft``, or the ``finetune`` extra of ``transcriptformer-scanpy``).
 
     Parameters
     ----------

@@ -18,12 +18,17 @@ This module does not import torch until a model is loaded (the imports inside fu
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .. import _files
 from .._files import VerificationRecord, file_stamp
@@ -515,7 +520,6 @@ def new_model(
     LoadedModel
         The model (``path`` is ``None`` until it is saved).
     """
-    import numpy as np
     import torch
 
     paths = registry.species_tables(gene_tables, cache_dir=cache_dir)
@@ -526,7 +530,14 @@ def new_model(
     if assay_vocab is None:
         labels: dict[str, int] = {}
     elif isinstance(assay_vocab, Mapping):
-        labels = {str(k): int(v) for k, v in assay_vocab.items()}
+        labels = dict(assay_vocab)
+        bad = {k: v for k, v in labels.items() if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 100_000}
+        if bad or len(set(labels.values())) != len(labels):
+            raise ValueError(
+                f"assay_vocab: every label needs its own index, an integer from 0 to 99,999 (one embedding row "
+                f"each), got {bad or assay_vocab}."
+            )
+        labels = {str(k): int(v) for k, v in labels.items()}
     else:
         labels = {"unknown": 0, **{str(a): i + 1 for i, a in enumerate(x for x in assay_vocab if x != "unknown")}}
     config = TranscriptFormerConfig(
@@ -598,10 +609,6 @@ def save_checkpoint(
     pathlib.Path
         The folder.
     """
-    import json
-    import shutil
-    import tempfile
-
     import torch
 
     folder = Path(folder).expanduser()
