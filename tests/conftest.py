@@ -16,14 +16,15 @@ import transcriptformer.scanpy as tfs
 # snapshot and assert_unchanged are re-exported for tests written before helpers.py: import them from helpers
 from helpers import (  # noqa: F401
     DATA,
+    PROXY_VARIABLES,
     REFERENCE,
-    FileServer,
+    RegistryServer,
     assert_unchanged,
     checkpoint_entries,
     snapshot,
+    tar_bytes,
     tar_dir,
     tar_file,
-    tar_gz,
 )
 
 
@@ -32,6 +33,14 @@ def pytest_configure(config):
     # every small op, and on a loaded 2-core machine each barrier waits for a time slice (3x slower suite).
     # OMP_NUM_THREADS, when set, decides instead. Subprocesses (torchrun, the memory test) are not affected.
     if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Keep the one intra-op thread of ``pytest_configure``: numba (scanpy's UMAP) sets the OpenMP thread count,
+    which torch shares, back to the number of cores, and every later test ran up to 20x slower."""
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() != 1:
         torch.set_num_threads(1)
 
 
@@ -169,7 +178,7 @@ def no_model_load(monkeypatch) -> list:
 @pytest.fixture
 def registry_offline(monkeypatch, tmp_path_factory):
     """Never the user's cache or a proxy; the registry's hosts unreachable; no model kept in memory across tests."""
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    for var in PROXY_VARIABLES:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("TRANSCRIPTFORMER_CACHE", str(tmp_path_factory.mktemp("env-cache")))
@@ -189,14 +198,14 @@ def registry_tarballs() -> dict[str, bytes]:
         for sp in ("homo_sapiens", "mus_musculus")
     ]
     return {
-        "tf_sapiens.tar.gz": tar_gz(checkpoint_entries()),
-        "all_embeddings.tar.gz": tar_gz([tar_dir("all_embeddings"), *embeddings]),
+        "tf_sapiens.tar.gz": tar_bytes(checkpoint_entries()),
+        "all_embeddings.tar.gz": tar_bytes([tar_dir("all_embeddings"), *embeddings]),
     }
 
 
 @pytest.fixture
 def registry_server(registry_offline, registry_tarballs, monkeypatch):
-    """A :class:`~helpers.FileServer` of ``registry_tarballs``, with ``TRANSCRIPTFORMER_BASE_URL`` pointing at it."""
-    with FileServer(registry_tarballs) as server:
+    """A :class:`~helpers.RegistryServer` of ``registry_tarballs``; ``TRANSCRIPTFORMER_BASE_URL`` points at it."""
+    with RegistryServer(registry_tarballs) as server:
         monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", server.url)
         yield server

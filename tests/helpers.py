@@ -6,6 +6,10 @@ Fixtures live in ``conftest.py``; plain functions and constants live here, becau
 
 from __future__ import annotations
 
+import http.server
+import io
+import tarfile
+import threading
 from pathlib import Path
 
 import anndata as ad
@@ -158,48 +162,15 @@ def infer_args(tiny_path, data, out, *extra) -> tuple:
     )
 
 
-# -- registry downloads: tarballs of the bundled tiny checkpoint, served on 127.0.0.1 ------------------------
-
-#: The bundled tiny checkpoint (``tf-tiny``) of the package under test.
-TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
+# --------------------------------------------------------------------------- tarballs and a local file server
 
 
-def tar_file(name: str, data: bytes, *, sparse: bool = False):
-    """A tar member holding ``data`` (``sparse``: typed as a GNU sparse file)."""
-    import tarfile
-
-    info = tarfile.TarInfo(name)
-    info.mode = 0o644
-    if sparse:
-        info.type = tarfile.GNUTYPE_SPARSE
-    return info, data
-
-
-def tar_dir(name: str):
-    import tarfile
-
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    info.mode = 0o755
-    return info, None
-
-
-def tar_symlink(name: str, target: str):
-    import tarfile
-
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.SYMTYPE
-    info.linkname = target
-    return info, None
-
-
-def tar_gz(entries, fmt=None) -> bytes:
-    """A ``.tar.gz`` of ``[(TarInfo, bytes or None)]`` (``fmt``: tarfile's format, PAX by default)."""
-    import io
-    import tarfile
-
+def tar_bytes(
+    entries: list[tuple[tarfile.TarInfo, bytes | None]], compresslevel: int = 9, fmt: int = tarfile.PAX_FORMAT
+) -> bytes:
+    """A gzipped tarball of ``(member, data)`` entries (``data`` None: a folder or link); ``fmt``: tarfile's format."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT if fmt is None else fmt) as tar:
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=compresslevel, format=fmt) as tar:
         for info, data in entries:
             if data is not None:
                 info.size = len(data)
@@ -209,35 +180,64 @@ def tar_gz(entries, fmt=None) -> bytes:
     return buf.getvalue()
 
 
+def tar_file(name: str, data: bytes, *, sparse: bool = False) -> tuple[tarfile.TarInfo, bytes]:
+    """A member holding ``data`` (``sparse``: typed as a GNU sparse file, which extraction must refuse)."""
+    info = tarfile.TarInfo(name)
+    info.mode = 0o644
+    if sparse:
+        info.type = tarfile.GNUTYPE_SPARSE
+    return info, data
+
+
+def tar_dir(name: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    return info, None
+
+
+def tar_symlink(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    return info, None
+
+
+def folder_entries(folder: Path, top: str) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """Everything in ``folder`` as tar entries under ``top/`` (how the published tarballs are laid out)."""
+    entries: list[tuple[tarfile.TarInfo, bytes | None]] = [tar_dir(top)]
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        entries.append(tar_dir(f"{top}/{rel}") if path.is_dir() else tar_file(f"{top}/{rel}", path.read_bytes()))
+    return entries
+
+
+#: The bundled tiny checkpoint (``tf-tiny``) of the package under test.
+TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
+
+
 def checkpoint_entries(top: str = "tf_sapiens", drop: tuple[str, ...] = (), extra: dict | None = None) -> list:
-    """The bundled tiny checkpoint as tar entries under ``top/``, without ``drop``; ``extra`` ``{name: bytes}`` added
+    """The tiny checkpoint as tar entries under ``top/``, without ``drop``; ``extra`` ``{name: bytes}`` added
     (replacing a member of the same name)."""
-    entries = {top: tar_dir(top)}
-    for path in sorted(TINY.rglob("*")):
-        rel = path.relative_to(TINY).as_posix()
-        if rel in drop:
-            continue
-        name = f"{top}/{rel}"
-        entries[name] = tar_dir(name) if path.is_dir() else tar_file(name, path.read_bytes())
+    entries = {info.name: (info, data) for info, data in folder_entries(TINY, top)}
+    for rel in drop:
+        entries.pop(f"{top}/{rel}")
     entries.update({name: tar_file(name, data) for name, data in (extra or {}).items()})
     return list(entries.values())
 
 
-class FileServer:
-    """Files served over HTTP on 127.0.0.1 (a stand-in for the registry's hosts): ``url`` + name gets ``files[name]``.
+class RegistryServer:
+    """A tiny file server on 127.0.0.1 for ``TRANSCRIPTFORMER_BASE_URL`` (``url``); ``mode`` makes it misbehave.
 
-    ``mode`` makes it misbehave on purpose: ``"short"`` sends half the body under the full Content-Length,
-    ``"short-unsized"`` half the body without a Content-Length. ``requests`` records every path asked for.
-    Use as a context manager, or call :meth:`close`.
+    ``files`` maps file names under ``prefix`` to their bytes; ``requests`` records every path asked for. Every
+    test that downloads (weights, datasets, the published README's commands) uses this one server; use it as a
+    context manager, or call :meth:`close`.
     """
 
     def __init__(self, files: dict[str, bytes], prefix: str = "/weights/") -> None:
-        import http.server
-        import threading
-
         self.files = dict(files)
         self.prefix = prefix
-        self.mode = "ok"
+        self.mode = "ok"  # "ok" | "short" (Content-Length > bytes sent) | "short-unsized" (no Content-Length)
         self.requests: list[str] = []
         owner = self
 
@@ -251,7 +251,7 @@ class FileServer:
                     return
                 self.close_connection = True
                 self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Type", "application/gzip")
                 if owner.mode != "short-unsized":
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -263,7 +263,8 @@ class FileServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{prefix}"
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}{prefix}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
         self._thread.start()
         self.closed = False
@@ -275,11 +276,15 @@ class FileServer:
             self._thread.join(5)
             self.closed = True
 
-    def __enter__(self) -> FileServer:
+    def __enter__(self) -> RegistryServer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: Proxy variables that would send the requests to 127.0.0.1 elsewhere (tests unset them).
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 
 def copy_tiny(tmp_path: Path, name: str = "ckpt") -> Path:

@@ -23,7 +23,7 @@ import pytest
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from helpers import DATA, TINY, checkpoint_entries, error_line, infer_args, run_cli, tar_gz
+from helpers import DATA, TINY, checkpoint_entries, error_line, infer_args, run_cli, tar_bytes
 from transcriptformer import cli
 from transcriptformer.cli import inference as cli_inference
 from transcriptformer.cli._common import CLIError
@@ -537,7 +537,7 @@ def test_cli_download_checks_its_folder(tmp_path, capsys):
 
 def test_cli_download_published_layout(registry_server, tmp_path, cli, monkeypatch):
     for top in ("tf_exemplar", "tf_metazoa"):
-        registry_server.files[f"{top}.tar.gz"] = tar_gz(checkpoint_entries(top=top))
+        registry_server.files[f"{top}.tar.gz"] = tar_bytes(checkpoint_entries(top=top))
     monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", registry_server.url)
     proc = cli("download", "tf-sapiens", "--checkpoint-dir", tmp_path / "ckpts", "--no-progress", check=False)
     assert proc.returncode == 0, proc.stderr

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from helpers import HUMAN, FileServer
+from helpers import HUMAN, RegistryServer
 
 # --- the demo model -------------------------------------------------------------------------------------------------
 
@@ -128,7 +128,7 @@ def test_model_paths_in_datasets_are_deprecated_but_work(registry_offline):
 def test_species_testis_is_deprecated_but_works(registry_offline, tmp_path, tiny_adata, monkeypatch):
     tiny_adata.write_h5ad(tmp_path / "testis.h5ad")
     files = {"Macaca_mulatta_ERP132582_droplet_based_curated.h5ad": (tmp_path / "testis.h5ad").read_bytes()}
-    with FileServer(files, prefix="/data/") as server:
+    with RegistryServer(files, prefix="/data/") as server:
         monkeypatch.setenv("TRANSCRIPTFORMER_DATA_URL", server.url)
         with pytest.warns(FutureWarning, match=r"datasets\.bgee_testis_evolution\(\.\.\.\)"):
             old = tfs.datasets.species_testis("macaque", cache_dir=tmp_path / "cache", progress=False)

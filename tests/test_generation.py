@@ -196,6 +196,7 @@ def test_a_vanishing_temperature_samples_greedily(tiny_model):
         ({"assay": 3}, r"assay must be a label \(a string\), one label per cell, or None"),
         ({"assay": ["10x 3' v3", 3]}, "assay must be a label"),
     ],
+    ids=["total-1e38", "total-inf", "assay-int", "assay-list-with-int"],
 )
 def test_unreasonable_totals_and_assays_are_clear_errors(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,6 +1,6 @@
 """The weights registry (weights/registry.py) against a real local HTTP server (no internet, no user cache).
 
-A :class:`helpers.FileServer` on 127.0.0.1 serves tarballs built from the bundled tiny checkpoint under the
+A :class:`helpers.RegistryServer` on 127.0.0.1 serves tarballs built from the bundled tiny checkpoint under the
 published file names; ``TRANSCRIPTFORMER_BASE_URL`` points the registry at it and every test uses its own cache.
 """
 
@@ -21,7 +21,17 @@ import requests
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from helpers import TINY, FileServer, checkpoint_entries, copy_tiny, spy_on, tar_dir, tar_file, tar_gz, tar_symlink
+from helpers import (
+    TINY,
+    RegistryServer,
+    checkpoint_entries,
+    copy_tiny,
+    spy_on,
+    tar_bytes,
+    tar_dir,
+    tar_file,
+    tar_symlink,
+)
 from transcriptformer import _files
 from transcriptformer.weights import registry
 from transcriptformer.weights.registry import species_tables as resolve_species_tables
@@ -317,7 +327,7 @@ def test_malicious_tarball_is_refused(registry_server, registry_tarballs, cache,
     entries = _malicious(kind, tmp_path)
     if kind == "absolute":
         assert entries[-1][0].name.startswith("/")
-    registry_server.files["tf_sapiens.tar.gz"] = tar_gz(entries)
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(entries)
 
     with pytest.raises(ValueError, match="refusing"):
         registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
@@ -333,7 +343,7 @@ def test_malicious_tarball_is_refused(registry_server, registry_tarballs, cache,
 
 
 def test_tarball_without_expected_folder_is_refused(registry_server, cache):
-    registry_server.files["tf_sapiens.tar.gz"] = tar_gz(checkpoint_entries(top="tf_exemplar"))
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(checkpoint_entries(top="tf_exemplar"))
     with pytest.raises(ValueError, match="refusing"):
         registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
     _nothing_cached(cache)
@@ -351,13 +361,13 @@ def test_tarball_without_expected_folder_is_refused(registry_server, cache):
 def test_a_tarball_without_a_usable_checkpoint_is_neither_cached_nor_recorded(
     registry_server, cache, drop, extra, message
 ):
-    registry_server.files["tf_sapiens.tar.gz"] = tar_gz(checkpoint_entries(drop=drop, extra=extra))
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(checkpoint_entries(drop=drop, extra=extra))
     with pytest.raises(ValueError, match="not to a usable checkpoint") as info:
         registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
     assert message in str(info.value) and "Nothing was cached or recorded" in str(info.value)
     _nothing_cached(cache)
     # the right file, served later, is accepted (no hash was pinned to the bad one)
-    registry_server.files["tf_sapiens.tar.gz"] = tar_gz(checkpoint_entries())
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(checkpoint_entries())
     folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
     assert transcriptformer.load_model("tf-sapiens", cache_dir=cache).path == folder.resolve()
 
@@ -365,8 +375,8 @@ def test_a_tarball_without_a_usable_checkpoint_is_neither_cached_nor_recorded(
 def test_extraction_is_bounded_and_sparse_members_are_refused(registry_server, cache):
     tiny = sum(p.stat().st_size for p in TINY.rglob("*") if p.is_file())
     small = dataclasses.replace(registry.REGISTRY["tf-sapiens"], max_unpacked=tiny + 100_000)
-    plain = tar_gz(checkpoint_entries())
-    bomb = tar_gz(checkpoint_entries(extra={"tf_sapiens/zeros.bin": bytes(20_000_000)}))  # 20 MB of zeros
+    plain = tar_bytes(checkpoint_entries())
+    bomb = tar_bytes(checkpoint_entries(extra={"tf_sapiens/zeros.bin": bytes(20_000_000)}))  # 20 MB of zeros
     assert len(bomb) < len(plain) + 50_000  # a small archive that unpacks to far more than the model needs
     registry_server.files["tf_sapiens.tar.gz"] = bomb
     with pytest.MonkeyPatch.context() as mp:
@@ -375,7 +385,7 @@ def test_extraction_is_bounded_and_sparse_members_are_refused(registry_server, c
             registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
     _nothing_cached(cache)
     sparse = [*checkpoint_entries(), tar_file("tf_sapiens/holes.bin", b"", sparse=True)]
-    registry_server.files["tf_sapiens.tar.gz"] = tar_gz(sparse, fmt=tarfile.GNU_FORMAT)
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(sparse, fmt=tarfile.GNU_FORMAT)
     with pytest.raises(ValueError, match="is a sparse file"):
         registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
     _nothing_cached(cache)
@@ -392,7 +402,7 @@ def test_recorded_tarball_hash_is_enforced(registry_server, registry_tarballs, c
 
     entries = checkpoint_entries()
     entries.append(tar_file("tf_sapiens/extra.txt", b"the publisher changed something"))
-    registry_server.files["tf_sapiens.tar.gz"] = tar_gz(entries)
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(entries)
     with pytest.raises(ValueError, match="sha256") as info:
         registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
     msg = str(info.value)
@@ -411,7 +421,7 @@ def test_recorded_tarball_hash_is_enforced(registry_server, registry_tarballs, c
 def test_force_replaces_a_hash_recorded_on_first_use_after_saying_so(registry_server, cache, caplog):
     folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
     pinned = json.loads((cache / "known_hashes.json").read_text())["tf_sapiens.tar.gz"]
-    new = tar_gz(checkpoint_entries(extra={"tf_sapiens/README": b"republished"}))
+    new = tar_bytes(checkpoint_entries(extra={"tf_sapiens/README": b"republished"}))
     registry_server.files["tf_sapiens.tar.gz"] = new
     shutil.rmtree(folder)
     with pytest.raises(ValueError, match=r"does not match the sha256 recorded.*--force"):
@@ -435,7 +445,7 @@ def test_force_replaces_a_hash_recorded_on_first_use_after_saying_so(registry_se
 
 
 def test_environment_variables_are_honoured(registry_tarballs, monkeypatch, tmp_path):
-    server = FileServer(registry_tarballs, prefix="/mirror/sub/")
+    server = RegistryServer(registry_tarballs, prefix="/mirror/sub/")
     try:
         monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", server.url.rstrip("/"))  # no trailing slash
         env_cache = tmp_path / "env"
@@ -521,7 +531,7 @@ def test_datasets_are_pinned_and_recorded(monkeypatch, tmp_path):
     mouse = registry.fetch_dataset("mouse-val")  # bundled: no download
     assert registry.git_blob_sha1(mouse) == registry.REGISTRY["mouse-val"].git_blob_sha1
     fake = b"not the published human_val.h5ad"
-    server = FileServer(
+    server = RegistryServer(
         {"human_val.h5ad": fake, "Macaca_mulatta_ERP132582_droplet_based_curated.h5ad": b"cells"}, prefix="/data/"
     )
     try:
