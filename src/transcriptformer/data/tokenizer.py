@@ -31,12 +31,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CellSource",
-    "as_frame",
-    "column_values",
-    "is_lazy",
     "TokenWindow",
     "TokenizeOptions",
     "TranscriptFormerWarning",
+    "as_frame",
+    "column_values",
+    "is_lazy",
     "prepare_cells",
     "read_gene_ids",
     "sequence_width",
