@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -266,7 +266,7 @@ class Engine:
             return
         yield idx, batch, results
 
-    def _windows(self, source: CellSource, bounds: Sequence[tuple[int, int]]) -> Iterator[TokenWindow]:
+    def _windows(self, source: CellSource, bounds: Sequence[tuple[int, int]]) -> Generator[TokenWindow, None, None]:
         """Tokenised windows ``bounds``, the next one prepared on a background thread."""
         if not bounds:
             return
