@@ -442,7 +442,7 @@ def test_arguments_and_their_defaults(capsys):
 def test_tabula_sapiens_through_pooch(api, tmp_path, monkeypatch):
     monkeypatch.setattr(discover, "TABULA_SAPIENS_BASE_URL", api.url + "/files/")
     monkeypatch.setitem(discover.TABULA_SAPIENS_FILES, "heart", "ts-heart.h5ad")
-    monkeypatch.setenv(discover.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("TRANSCRIPTFORMER_CACHE", str(tmp_path / "cache"))
     (tmp_path / "ref.h5ad").write_bytes(api.files["/files/ts-heart.h5ad"])
     full = ad.read_h5ad(tmp_path / "ref.h5ad")
 

@@ -1,4 +1,4 @@
-"""File hashing shared by the registry and the checkpoint loader, done once per change of a file.
+"""Files: hashing (once per change of a file), JSON read and written atomically, and the cache folder.
 
 A file's *stamp* is its size, modification time, inode and change time (``st_ctime``, which no
 user command can set back). :class:`VerificationRecord` keeps, in a small JSON file, the sha256
@@ -19,7 +19,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VerificationRecord", "file_stamp", "read_json", "sha256_file", "write_json_atomic"]
+__all__ = ["VerificationRecord", "cache_path", "file_stamp", "read_json", "sha256_file", "write_json_atomic"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -29,6 +29,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: the argument, else ``$TRANSCRIPTFORMER_CACHE``, else the user cache of "transcriptformer"."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("TRANSCRIPTFORMER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    try:
+        import platformdirs  # what pooch.os_cache uses (a dependency of pooch); lazily: start-up time
+    except ImportError:  # pragma: no cover - platformdirs comes with pooch
+        return Path.home() / ".cache" / "transcriptformer"
+    return Path(platformdirs.user_cache_dir("transcriptformer"))
 
 
 def file_stamp(path: str | os.PathLike) -> list[int]:
@@ -48,13 +62,13 @@ def read_json(path: Path, what: str, fix: str) -> Any:
         raise ValueError(f"{path} ({what}) is {reason}. {fix}") from None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = True, default: Any = None) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=1, sort_keys=True))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=sort_keys, default=default))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._meta import __version__
+from ..data import discover
 from . import download, inference, merge, training
 
 logger = logging.getLogger("transcriptformer")
@@ -48,8 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="{download,inference,merge,finetune,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{download,download-data,inference,merge,finetune,train}")
     download.add_parser(sub)
+    data = sub.add_parser(
+        "download-data",
+        help="download CELLxGENE Discover datasets by species",
+        description="Download the public CELLxGENE Discover datasets (h5ad) of one or more species, in parallel.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    discover.add_arguments(data)
     inference.add_parser(sub)
     merge.add_parser(sub)
     training.add_parsers(sub)
@@ -87,12 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runners = {
             "download": download.run,
+            "download-data": discover.run,
             "inference": inference.run,
             "merge": merge.run,
             "finetune": training.run_finetune,
             "train": training.run_train,
         }
-        runners[args.command](args)
+        status = runners[args.command](args)
     except KeyboardInterrupt:
         print("transcriptformer: interrupted", file=sys.stderr)
         return 130
@@ -112,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+    return status if isinstance(status, int) else 0  # a command that returns an exit status (download-data)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m transcriptformer.cli`

@@ -26,12 +26,10 @@ Environment variables: ``TRANSCRIPTFORMER_DISCOVER_URL`` (the API: its root or t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -41,6 +39,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .._files import cache_path, sha256_file, write_json_atomic
 
 if TYPE_CHECKING:  # imported lazily: `import transcriptformer` stays fast
     import anndata
@@ -68,7 +68,6 @@ DATASETS_ENDPOINT = "/curation/v1/datasets"
 #: environment variable overriding :data:`DISCOVER_API_URL` (the root or the full datasets-list URL)
 API_URL_ENV = "TRANSCRIPTFORMER_DISCOVER_URL"
 #: environment variable naming the cache folder of :func:`tabula_sapiens`
-CACHE_ENV = "TRANSCRIPTFORMER_CACHE"
 
 # the published command's defaults and file names
 DEFAULT_OUTPUT_DIR = "./data/cellxgene"
@@ -215,25 +214,8 @@ class DownloadReport:
 # small self-contained helpers
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file in the same folder and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_json(path: Path, data: Any) -> None:
+    write_json_atomic(path, data, sort_keys=False, default=str)
 
 
 def _now() -> str:
@@ -558,7 +540,7 @@ def _verify(ds: DiscoverDataset, part: Path) -> str:
     size = part.stat().st_size
     if ds.filesize is not None and size != ds.filesize:
         raise _Mismatch(f"size mismatch: got {size} bytes, the API lists {ds.filesize}")
-    digest = _sha256(part)
+    digest = sha256_file(part)
     if ds.sha256 and digest != ds.sha256.lower():
         raise _Mismatch(f"sha256 mismatch: got {digest}, the API lists {ds.sha256}")
     with open(part, "rb") as f:  # an HDF5 superblock sits at 0, 512, 1024, 2048, ... bytes
@@ -593,7 +575,7 @@ def _download_one(
                 _fetch_to(ds, part, progress, stop)
                 digest = _verify(ds, part)
                 os.replace(part, final)
-                _write_json_atomic(
+                _write_json(
                     marker,
                     {
                         "dataset_id": ds.dataset_id,
@@ -712,7 +694,7 @@ def download_data(
     out.mkdir(parents=True, exist_ok=True)
     if metadata:
         report.metadata_path = out / METADATA_FILE
-        _write_json_atomic(report.metadata_path, records)
+        _write_json(report.metadata_path, records)
         logger.info("Wrote the metadata of %d datasets to %s", len(records), report.metadata_path)
     if not selected:
         logger.warning("No primary-data H5AD datasets listed for %s", ", ".join(names))
@@ -748,7 +730,7 @@ def download_data(
         )  # fmt: skip
     if metadata:
         report.summary_path = out / SUMMARY_FILE
-        _write_json_atomic(
+        _write_json(
             report.summary_path,
             {
                 "api_url": url,
@@ -925,18 +907,6 @@ _TS_V1_BELOW = 16
 _TS_V2_ABOVE = 16
 
 
-def _cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    """The argument, else ``$TRANSCRIPTFORMER_CACHE``, else the user cache folder of "transcriptformer"."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs  # comes with pooch; what pooch.os_cache uses
-
-    return Path(platformdirs.user_cache_dir("transcriptformer"))
-
-
 def _tabula_sapiens_split(adata: anndata.AnnData, version: str, min_gene_counts: float) -> anndata.AnnData:
     """The published donor split and gene filter."""
     import numpy as np
@@ -1010,7 +980,7 @@ def tabula_sapiens(
         if dest.suffix != ".h5ad":
             dest = dest.with_name(dest.name + ".h5ad")
     else:
-        dest = _cache_dir(cache_dir) / "tabula_sapiens" / f"{tissue}.h5ad"
+        dest = cache_path(cache_dir) / "tabula_sapiens" / f"{tissue}.h5ad"
     dest.parent.mkdir(parents=True, exist_ok=True)
     url = TABULA_SAPIENS_BASE_URL.rstrip("/") + "/" + TABULA_SAPIENS_FILES[tissue]
     with FileLock(str(dest.with_name(dest.name + ".lock"))):

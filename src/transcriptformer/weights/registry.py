@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import _files
-from .._files import VerificationRecord, file_stamp, read_json, write_json_atomic
+from .._files import VerificationRecord, cache_path, file_stamp, read_json, write_json_atomic
 from .._progress import tqdm
 from .layout import check_folder
 
@@ -314,20 +314,6 @@ def is_registered(name: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder: the argument, else ``$TRANSCRIPTFORMER_CACHE``, else the user cache."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("TRANSCRIPTFORMER_CACHE")
-    if env:
-        return Path(env).expanduser()
-    try:
-        import platformdirs  # what pooch.os_cache uses
-    except ImportError:  # pragma: no cover - platformdirs comes with pooch
-        return Path.home() / ".cache" / "transcriptformer"
-    return Path(platformdirs.user_cache_dir("transcriptformer"))
 
 
 def base_url(url: str | None = None) -> str:
