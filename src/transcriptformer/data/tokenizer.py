@@ -169,8 +169,8 @@ def column_values(table: Any, column: str) -> list[Any]:
 
 
 def is_lazy(matrix: Any) -> bool:
-    """Whether ``matrix`` is a dask array (rows are read, and checked, window by window)."""
-    return hasattr(matrix, "compute") and hasattr(matrix, "chunks") and not isinstance(matrix, np.ndarray)
+    """Whether ``matrix`` is lazy, like a dask array (rows are computed, and checked, window by window)."""
+    return hasattr(matrix, "compute") and not isinstance(matrix, np.ndarray)
 
 
 def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:
@@ -554,7 +554,10 @@ def _check_in_memory_values(matrix: Any, columns: np.ndarray, source: str, chunk
 
 def _describe_chunks(matrix: Any, source: str) -> None:
     """Log how a dask matrix is chunked (a window of cells computes only the chunks holding its rows)."""
-    rows, cols = matrix.chunks[0], matrix.chunks[1]
+    chunks = getattr(matrix, "chunks", None)
+    if not chunks or len(chunks) != 2:
+        return
+    rows, cols = chunks
     logger.info(
         "adata.%s is a dask array (chunks of up to %s rows x %s columns, %s blocks): read a window of cells at a time",
         source,
