@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
 
-    folder = tfs.datasets.demo_model_path()
+    folder = tfs.models.path("tf-demo")
     held_out = set(json.loads((folder / "split.json").read_text())["pbmc_test"])
     pbmc = tfs.datasets.pbmc68k_counts()
     pbmc = pbmc[:, pbmc.var["ensembl_id"].notna().to_numpy()].copy()

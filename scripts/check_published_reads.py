@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import transcriptformer
     import transcriptformer.scanpy as tfs
 
-    checkpoint = args.checkpoint or tfs.datasets.demo_model_path()
+    checkpoint = args.checkpoint or tfs.models.path("tf-demo")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = args.data

@@ -36,7 +36,7 @@ def _cache_outside_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_path() -> Path:
-    return tfs.datasets.tiny_model_path()
+    return tfs.models.path("tf-tiny")
 
 
 @pytest.fixture(scope="session")

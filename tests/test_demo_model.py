@@ -17,7 +17,7 @@ def demo():
 
 
 def test_demo_model_is_small_and_in_the_published_layout(demo):
-    folder = tfs.datasets.demo_model_path()
+    folder = tfs.models.path("tf-demo")
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 5e6
     assert {"config.json", "model_weights.pt", "vocabs"} <= {p.name for p in folder.iterdir()}
     assert demo.config.model.embed_dim == 64 and demo.seq_len == 511
@@ -29,7 +29,7 @@ def test_recorded_label_transfer_accuracy_is_reproduced(demo):
     from sklearn.metrics import accuracy_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    folder = tfs.datasets.demo_model_path()
+    folder = tfs.models.path("tf-demo")
     report = json.loads((folder / "demo_report.json").read_text())
     held_out = set(json.loads((folder / "split.json").read_text())["pbmc_test"])
     pbmc = tfs.datasets.pbmc68k_counts()

@@ -42,21 +42,29 @@ def test_outputs_and_params(tiny_path, tiny_adata, tiny_model, tmp_path):
     assert params["precision"] == "32"
     assert params["llh"] is True and params["tool"] == "embed"
     assert tiny_adata.obs["transcriptformer_llh"].shape == (tiny_adata.n_obs,)
-    assert tiny_adata.uns["transcriptformer_llh"]["params"]["level"] == "cell"
+    # the likelihoods in uns, as the design asks: n_obs floats in input order, the same as the obs column
+    np.testing.assert_array_equal(entry["llh"], tiny_adata.obs["transcriptformer_llh"].to_numpy())
+    assert sorted(params["keys"]) == [
+        "obs/transcriptformer_llh",
+        "obs/transcriptformer_n_genes",
+        "obsm/X_transcriptformer",
+        "uns/transcriptformer",
+    ]
     # everything written is h5ad-serialisable
     tiny_adata.write_h5ad(tmp_path / "out.h5ad")
     back = ad.read_h5ad(tmp_path / "out.h5ad")
     assert back.uns["transcriptformer"]["params"]["weights_sha256"] == tiny_model.weights_sha256
+    np.testing.assert_array_equal(back.uns["transcriptformer"]["llh"], entry["llh"])
 
 
 def test_alias_and_key_added_and_copy(tiny_path, tiny_adata, ref_embedding):
     assert tfs.tl.transcriptformer is tfs.tl.embed
     before = snapshot(tiny_adata)
-    out = tfs.tl.embed(tiny_adata, model=tiny_path, llh=True, key_added="X_tf2", copy=True)
+    out = tfs.tl.embed(tiny_adata, model=tiny_path, llh=True, key_added="tf2", copy=True)
     assert_unchanged(tiny_adata, before)
     np.testing.assert_allclose(out.obsm["X_tf2"], ref_embedding[0], atol=1e-6)
-    assert "tf2" in out.uns and "params" in out.uns["tf2"]  # keys derive from the base name "tf2"
-    assert "tf2_llh" in out.obs and "tf2_llh" in out.uns
+    assert "params" in out.uns["tf2"] and "llh" in out.uns["tf2"]  # keys derive from the base name "tf2"
+    assert "tf2_llh" in out.obs and "tf2_n_genes" in out.obs
 
 
 def test_neighbors_downstream(tiny_path, tiny_adata):
@@ -362,7 +370,7 @@ def test_transfer_labels(tiny_path, tiny_adata, method):
     tfs.tl.embed(tiny_adata, model=tiny_path)
     ref, query = tiny_adata[::2].copy(), tiny_adata[1::2].copy()
     before = snapshot(ref)
-    tfs.tl.transfer_labels(query, ref, key="cell_type", method=method, n_neighbors=3)
+    tfs.tl.transfer_labels(query, ref, labels_key="cell_type", method=method, n_neighbors=3)
     assert_unchanged(ref, before)
     pred = query.obs["cell_type_transferred"]
     assert set(pred.cat.categories) <= set(tiny_adata.obs["cell_type"].astype(str))
@@ -370,20 +378,20 @@ def test_transfer_labels(tiny_path, tiny_adata, method):
     assert ((conf > 0) & (conf <= 1)).all()
     assert query.uns["cell_type_transferred"]["params"]["method"] == method
     # a reference transferred onto itself with one neighbour recovers its own labels
-    self_copy = tfs.tl.transfer_labels(ref, ref, key="cell_type", n_neighbors=1, key_added="again", copy=True)
+    self_copy = tfs.tl.transfer_labels(ref, ref, labels_key="cell_type", n_neighbors=1, key_added="again", copy=True)
     np.testing.assert_array_equal(self_copy.obs["again"].astype(str), ref.obs["cell_type"].astype(str))
 
 
 def test_transfer_labels_errors(tiny_path, tiny_adata):
     with pytest.raises(KeyError, match="embed it first"):
-        tfs.tl.transfer_labels(tiny_adata, tiny_adata, key="cell_type")
+        tfs.tl.transfer_labels(tiny_adata, tiny_adata, labels_key="cell_type")
     tfs.tl.embed(tiny_adata, model=tiny_path)
     with pytest.raises(KeyError, match="no column 'nope'"):
-        tfs.tl.transfer_labels(tiny_adata, tiny_adata, key="nope")
+        tfs.tl.transfer_labels(tiny_adata, tiny_adata, labels_key="nope")
     other = tiny_adata.copy()
     other.obsm["X_transcriptformer"] = other.obsm["X_transcriptformer"][:, :5]
     with pytest.raises(ValueError, match="differ in width"):
-        tfs.tl.transfer_labels(tiny_adata, other, key="cell_type")
+        tfs.tl.transfer_labels(tiny_adata, other, labels_key="cell_type")
 
 
 def test_non_canonical_csr_and_float64_are_read_like_dense(tiny_path, tiny_adata, ref_embedding):

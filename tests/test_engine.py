@@ -179,7 +179,7 @@ DIST_SCRIPT = textwrap.dedent(
     import anndata as ad
     dist.init_process_group("gloo")
     adata = ad.read_h5ad(sys.argv[1])
-    tfs.tl.embed(adata, model=tfs.datasets.tiny_model_path(), llh=True, batch_size=4)
+    tfs.tl.embed(adata, model=tfs.models.path("tf-tiny"), llh=True, batch_size=4)
     assert adata.uns["transcriptformer"]["params"]["device"] == "cpu"
     result = np.c_[adata.obsm["X_transcriptformer"], adata.obs["transcriptformer_llh"]]
     np.save(f"{sys.argv[2]}.rank{dist.get_rank()}.npy", result)

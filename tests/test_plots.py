@@ -32,20 +32,51 @@ def _points(ax) -> int:
     return sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
 
 
-def test_umap(embedded):
-    fig = tfs.pl.umap(embedded, color="cell_type", n_neighbors=5, return_fig=True)
-    assert fig is not None and _points(fig.axes[0]) == embedded.n_obs
-    first = embedded.obsm["X_umap_transcriptformer"].copy()
-    assert "X_umap" not in embedded.obsm  # an existing UMAP of the user's is never overwritten
-    fig, ax = plt.subplots()
-    assert tfs.pl.umap(embedded, color="cell_type", n_neighbors=5, ax=ax, show=False) is ax
-    np.testing.assert_array_equal(embedded.obsm["X_umap_transcriptformer"], first)  # cached: same settings
-    tfs.pl.umap(embedded, n_neighbors=7, show=False)
-    assert embedded.uns["transcriptformer_neighbors"]["params"]["n_neighbors"] == 7  # new settings: recomputed
-    embedded.obsm["X_transcriptformer"] = embedded.obsm["X_transcriptformer"][::-1].copy()
-    tfs.pl.umap(embedded, n_neighbors=7, show=False)
-    assert not np.array_equal(embedded.obsm["X_umap_transcriptformer"], first)  # new embedding: recomputed
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Every figure a test opens is closed after it (pass or fail)."""
+    yield
     plt.close("all")
+
+
+def test_umap(embedded):
+    tfs.tl.umap(embedded, n_neighbors=5)
+    fig = tfs.pl.umap(embedded, color="cell_type", return_fig=True)
+    assert fig is not None and _points(fig.axes[0]) == embedded.n_obs
+    assert "X_umap" not in embedded.obsm  # an existing UMAP of the user's is never overwritten
+    params = embedded.uns["umap_transcriptformer"]["params"]
+    assert params["n_neighbors"] == 5 and params["use_rep"] == "X_transcriptformer"
+    assert "umap_transcriptformer_neighbors_connectivities" in embedded.obsp
+    fig, ax = plt.subplots()
+    first = embedded.obsm["X_umap_transcriptformer"].copy()
+    assert tfs.pl.umap(embedded, color="cell_type", ax=ax, show=False) is ax
+    np.testing.assert_array_equal(embedded.obsm["X_umap_transcriptformer"], first)  # pl only draws
+
+
+def test_pl_umap_only_draws_and_says_what_to_run(embedded):
+    with pytest.raises(KeyError, match=r"tfs\.tl\.umap\(adata"):
+        tfs.pl.umap(embedded)
+    assert "X_umap_transcriptformer" not in embedded.obsm
+    tfs.tl.umap(embedded, n_neighbors=5)
+    embedded.obsm["X_transcriptformer"] = embedded.obsm["X_transcriptformer"][::-1].copy()  # a new embedding
+    with pytest.warns(UserWarning, match=r"earlier version of the embedding; run tfs\.tl\.umap"):
+        tfs.pl.umap(embedded, show=False)
+
+
+def test_tl_umap_follows_the_conventions(embedded):
+    out = tfs.tl.umap(embedded, n_neighbors=5, copy=True)
+    assert "X_umap_transcriptformer" in out.obsm and "X_umap_transcriptformer" not in embedded.obsm
+    assert tfs.tl.umap(embedded, n_neighbors=5, key_added="mine") is None
+    assert "X_mine" in embedded.obsm and embedded.uns["mine"]["params"]["tool"] == "umap"
+    with pytest.warns(FutureWarning, match="use_rep"):
+        tfs.tl.umap(embedded, rep="X_transcriptformer", n_neighbors=5)
+    for bad in (0, 1, -5):
+        with pytest.raises(ValueError, match="n_neighbors"):
+            tfs.tl.umap(embedded, n_neighbors=bad)
+    broken = embedded.copy()
+    broken.obsm["X_transcriptformer"][2] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite values in 1 cell"):
+        tfs.tl.umap(broken)
 
 
 def test_save_goes_through_scanpys_figure_settings(embedded, tmp_path):
@@ -54,11 +85,13 @@ def test_save_goes_through_scanpys_figure_settings(embedded, tmp_path):
     try:
         assert tfs.pl.llh(embedded, save=True) is None
         tfs.pl.llh(embedded, groupby="cell_type", save="_by_type.pdf", show=False)
+        tfs.pl.llh(embedded, save="_bare", show=False)
     finally:
         sc.settings.figdir, sc.settings.file_format_figs = old
-    assert (tmp_path / "llh_transcriptformer.png").stat().st_size > 1000
-    assert (tmp_path / "llh_transcriptformer_by_type.pdf").stat().st_size > 1000
-    plt.close("all")
+    # named as scanpy names its figures: the plot's name, then the suffix
+    assert (tmp_path / "llh.png").stat().st_size > 1000
+    assert (tmp_path / "llh_by_type.pdf").stat().st_size > 1000
+    assert (tmp_path / "llh_bare.png").stat().st_size > 1000
 
 
 def test_llh_violin(embedded):
@@ -68,21 +101,30 @@ def test_llh_violin(embedded):
     assert ax.get_ylabel() == "negative log-likelihood per gene"
     with pytest.raises(KeyError, match="llh=True"):
         tfs.pl.llh(tfs.datasets.tiny_human())
-    plt.close("all")
+    with pytest.warns(FutureWarning, match="key='transcriptformer'"):
+        tfs.pl.llh(embedded, key="transcriptformer_llh", show=False)
 
 
-def test_species_umap(embedded):
+def test_species_umap_is_deprecated_but_works(embedded):
     other = embedded.copy()
-    fig = tfs.pl.species_umap({"human": embedded, "copy": other}, color="cell_type", n_neighbors=5, return_fig=True)
+    with pytest.warns(FutureWarning, match=r"anndata\.concat\(adatas, label='species'\)"):
+        fig = tfs.pl.species_umap({"human": embedded, "copy": other}, color="cell_type", n_neighbors=5, return_fig=True)
     assert len(fig.axes) >= 2 and _points(fig.axes[0]) == 2 * embedded.n_obs
-    with pytest.raises(KeyError, match=r"run tfs\.tl\.embed"):
-        tfs.pl.umap(tfs.datasets.tiny_human())
-    plt.close("all")
+    assert "X_umap_transcriptformer" not in embedded.obsm  # the inputs are not written to
+
+
+def test_joint_umap_of_species_the_new_way(embedded):
+    import anndata as ad
+
+    joint = ad.concat({"human": embedded, "copy": embedded.copy()}, label="species", index_unique=":")
+    tfs.tl.umap(joint, n_neighbors=5)
+    fig = tfs.pl.umap(joint, color=["species", "cell_type"], return_fig=True)
+    assert _points(fig.axes[0]) == 2 * embedded.n_obs
 
 
 def test_label_transfer_plot(embedded):
     ref, query = embedded[::2].copy(), embedded[1::2].copy()
-    tfs.tl.transfer_labels(query, ref, key="cell_type", n_neighbors=3)
+    tfs.tl.transfer_labels(query, ref, labels_key="cell_type", n_neighbors=3)
     ax = tfs.pl.label_transfer(query, true_key="cell_type", key="cell_type_transferred", show=False)
     truth = query.obs["cell_type"].astype(str)
     pred = query.obs["cell_type_transferred"].astype(str)
@@ -91,7 +133,6 @@ def test_label_transfer_plot(embedded):
     image = ax.get_images()[0].get_array()
     np.testing.assert_allclose(np.asarray(image).sum(axis=1), 1.0)  # each true label's row sums to 1
     assert [t.get_text() for t in ax.get_yticklabels()] == sorted(truth.unique())
-    plt.close("all")
 
 
 def test_label_transfer_plot_leaves_out_cells_without_a_true_label(embedded):
@@ -104,7 +145,6 @@ def test_label_transfer_plot_leaves_out_cells_without_a_true_label(embedded):
         ax.get_title().startswith("accuracy 1.000, macro-F1 1.000") and "4 cells without a true label" in ax.get_title()
     )
     assert "nan" not in [t.get_text() for t in ax.get_yticklabels()]
-    plt.close("all")
     query.obs["truth"] = np.nan
     with pytest.raises(ValueError, match="no labels"):
         tfs.pl.label_transfer(query, true_key="truth", key="predicted", show=False)
@@ -140,33 +180,34 @@ def test_celltype_similarity_tables_and_heatmap(embedded):
     assert ax.get_ylabel() == "A" and ax.get_xlabel() == "B"
     assert sorted(t.get_text() for t in ax.get_yticklabels()) == types_a
     assert sorted(t.get_text() for t in ax.get_xticklabels()) == types_b
-    plt.close("all")
 
 
 def test_gene_embeddings_plot(tiny_path, tiny_adata):
     tfs.tl.gene_embeddings(tiny_adata, tiny_path)
+    with pytest.raises(KeyError, match=r"tfs\.tl\.umap\(adata, use_rep='X_transcriptformer_genes', axis='var'\)"):
+        tfs.pl.gene_embeddings(tiny_adata)
+    tfs.tl.umap(tiny_adata, use_rep="X_transcriptformer_genes", axis="var", n_neighbors=5)
     tiny_adata.var["mouse"] = tiny_adata.var["ensembl_id"].astype(str).str.startswith("ENSMUSG")
     ax = tfs.pl.gene_embeddings(tiny_adata, color="mouse", genes=[tiny_adata.var_names[0]], show=False)
     n_read = int(np.isfinite(tiny_adata.varm["X_transcriptformer_genes"]).all(axis=1).sum())
     assert _points(ax) == n_read and ax.get_title().startswith(f"{n_read} genes")
-    assert "X_transcriptformer_genes_umap" in tiny_adata.varm
+    coords = tiny_adata.varm["X_umap_transcriptformer_genes"]
+    assert coords.shape == (tiny_adata.n_vars, 2) and int(np.isfinite(coords).all(axis=1).sum()) == n_read
     assert {t.get_text() for t in ax.get_legend().get_texts()} <= {"True", "False"}
-    plt.close("all")
     with pytest.raises(KeyError, match=r"tl\.gene_embeddings"):
         tfs.pl.gene_embeddings(tfs.datasets.tiny_human())
 
 
-def test_gene_embeddings_plot_follows_a_new_embedding(tiny_path, tiny_adata):
-    """The kept UMAP is reused only for the embedding and settings it was made from."""
+def test_gene_embeddings_plot_warns_about_a_new_embedding(tiny_path, tiny_adata):
+    """The UMAP is drawn as it was computed; a plot of a changed embedding says to compute it again."""
     tfs.tl.gene_embeddings(tiny_adata, tiny_path)
+    tfs.tl.umap(tiny_adata, use_rep="X_transcriptformer_genes", axis="var", n_neighbors=5)
+    first = tiny_adata.varm["X_umap_transcriptformer_genes"].copy()
     tfs.pl.gene_embeddings(tiny_adata, show=False)
-    first = tiny_adata.varm["X_transcriptformer_genes_umap"].copy()
-    tfs.pl.gene_embeddings(tiny_adata, show=False)  # same embedding, same settings: reused as it is
-    np.testing.assert_array_equal(tiny_adata.varm["X_transcriptformer_genes_umap"], first)
+    np.testing.assert_array_equal(tiny_adata.varm["X_umap_transcriptformer_genes"], first)  # pl only draws
     tfs.tl.gene_embeddings(tiny_adata, tiny_path, normalize_to_scale=10, clip_counts=2)  # another embedding
-    tfs.pl.gene_embeddings(tiny_adata, show=False)
-    assert not np.array_equal(tiny_adata.varm["X_transcriptformer_genes_umap"], first, equal_nan=True)
-    plt.close("all")
+    with pytest.warns(UserWarning, match="earlier version of the embedding"):
+        tfs.pl.gene_embeddings(tiny_adata, show=False)
 
 
 def test_label_transfer_needs_both_columns(embedded):
@@ -178,6 +219,7 @@ def test_label_transfer_needs_both_columns(embedded):
 
 
 def test_umap_needs_a_few_cells(embedded):
-    with pytest.raises(ValueError, match="at least 4 cells; adata has 3"):
+    with pytest.raises(ValueError, match="at least 4 cells with an embedding; adata has 3"):
         tfs.tl.umap(embedded[:3].copy())
-    assert tfs.tl.umap(embedded[:4].copy()) == "X_umap_transcriptformer"
+    few = embedded[:4].copy()
+    assert tfs.tl.umap(few) is None and few.obsm["X_umap_transcriptformer"].shape == (4, 2)

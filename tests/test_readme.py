@@ -35,7 +35,7 @@ def test_quickstart_runs(capsys, monkeypatch, tmp_path):
     assert accuracy > 0.5  # 0.73 with the demo model; 10 cell types, the largest is 34% of the cells
     fake = namespace["fake"]
     assert fake.n_obs == 4 and (fake.obs["n_genes"] <= 100).all() and fake.X.sum() > 0
-    assert "n_genes_matched" in capsys.readouterr().out
+    assert "genes in the vocabulary: 698 of 765" in capsys.readouterr().out  # the check_input report, printed
 
 
 def test_ci_runs_the_readme_commands():
@@ -50,10 +50,11 @@ def test_ci_runs_the_readme_commands():
 def test_docstring_examples_run():
     import doctest
 
-    import transcriptformer.scanpy.tl
+    import transcriptformer.scanpy.pp
     import transcriptformer.weights.checkpoint
+    from transcriptformer.scanpy.tl import _embed, _generate, _likelihood
 
-    for module in (transcriptformer.weights.checkpoint, transcriptformer.scanpy.tl):
+    for module in (transcriptformer.weights.checkpoint, transcriptformer.scanpy.pp, _embed, _generate, _likelihood):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -384,7 +384,8 @@ def test_environment_variables_are_honoured(registry_tarballs, monkeypatch, tmp_
 
         listing = registry.available()
         assert list(listing.index[:4]) == ["tf-sapiens", "tf-exemplar", "tf-metazoa", "all-embeddings"]
-        assert set(listing.index[listing["cached"]]) == {"tf-demo", "mouse-val"}  # they ship with the package
+        shipped = {"tf-demo", "tf-tiny", "mouse-val"}
+        assert set(listing.index[listing["cached"]]) == shipped  # they ship with the package
         before = listing.iloc[:4]
         assert not before["cached"].any()
         assert before["path"].isna().all()
@@ -583,9 +584,7 @@ def test_cli_download_of_what_ships_with_the_package(tmp_path, cli):
     assert proc.returncode == 0, proc.stderr
     copied = tmp_path / "ckpts" / "tf_demo"
     assert proc.stdout.strip().endswith(str(copied))
-    assert (copied / "model_weights.pt").read_bytes() == (
-        tfs.datasets.demo_model_path() / "model_weights.pt"
-    ).read_bytes()
+    assert (copied / "model_weights.pt").read_bytes() == (tfs.models.path("tf-demo") / "model_weights.pt").read_bytes()
     assert transcriptformer.load_model(copied).name == "tf_demo"
     (copied / "config.json").write_text("{}")  # present: kept as it is, unless --force
     assert cli("download", "tf-demo", "--checkpoint-dir", tmp_path / "ckpts", check=False).returncode == 0

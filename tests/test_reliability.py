@@ -43,7 +43,9 @@ def no_model_load(monkeypatch):
         calls.append(args)
         raise AssertionError("a model was loaded")
 
-    for module in (checkpoint, tfs.tl, tfs.pp):
+    from transcriptformer.scanpy.tl import _common
+
+    for module in (checkpoint, _common, tfs.pp):
         monkeypatch.setattr(module, "load_model", refuse)
     monkeypatch.setattr(checkpoint, "build_model", refuse)
     return calls
@@ -260,27 +262,50 @@ def test_likelihood_nan_only_for_cells_without_genes(tiny_path, tiny_adata):
 def test_one_run_per_key_embed_and_likelihood(tiny_path, tiny_adata):
     a = tiny_adata
     tfs.tl.embed(a, model=tiny_path, llh=True)
-    assert "transcriptformer_llh" in a.obs and "transcriptformer_llh" in a.uns
-    tfs.tl.embed(a, model=tiny_path)  # without llh: the earlier run's likelihood goes
+    assert "transcriptformer_llh" in a.obs and a.uns["transcriptformer"]["llh"].shape == (a.n_obs,)
+    np.testing.assert_array_equal(a.uns["transcriptformer"]["llh"], a.obs["transcriptformer_llh"])
+    tfs.tl.embed(a, model=tiny_path)  # without llh: what the earlier embed wrote goes
     assert "transcriptformer_llh" not in a.obs and "transcriptformer_n_genes" not in a.obs
-    assert "transcriptformer_llh" not in a.uns
+    assert "llh" not in a.uns["transcriptformer"]
     assert a.uns["transcriptformer"]["params"]["llh"] is False
 
     tfs.tl.likelihood(a, model=tiny_path, level="gene")
     gene_keys = {"transcriptformer_count_nll", "transcriptformer_gene_nll"}
     assert gene_keys <= set(a.layers) and "transcriptformer_end_nll" in a.obs
+    np.testing.assert_array_equal(a.uns["transcriptformer_llh"]["llh"], a.obs["transcriptformer_llh"])
     tfs.tl.embed(a, model=tiny_path)  # likelihoods of tl.likelihood are not embed's: left alone
-    assert gene_keys <= set(a.layers)
+    assert gene_keys <= set(a.layers) and "transcriptformer_llh" in a.obs
+    tfs.tl.embed(a, model=tiny_path, llh=True)  # rewrites obs[..._llh] but never removes likelihood's other keys
+    assert gene_keys <= set(a.layers) and "transcriptformer_end_nll" in a.obs
     tfs.tl.likelihood(a, model=tiny_path, level="cell")  # a cell-level run replaces the gene-level one whole
     assert not gene_keys & set(a.layers) and "transcriptformer_end_nll" not in a.obs
     assert a.uns["transcriptformer_llh"]["params"]["level"] == "cell"
-    tfs.tl.likelihood(a, model=tiny_path, level="gene")
-    tfs.tl.embed(a, model=tiny_path, llh=True)  # embed's likelihood replaces the family too
-    assert not gene_keys & set(a.layers) and a.uns["transcriptformer_llh"]["params"]["tool"] == "embed"
+    tfs.tl.embed(a, model=tiny_path)  # obs[..._llh] was last written by likelihood: embed leaves it
+    assert "transcriptformer_llh" in a.obs
     # another key: independent
-    tfs.tl.embed(a, model=tiny_path, key_added="X_other", llh=True)
-    tfs.tl.embed(a, model=tiny_path, key_added="X_other")
-    assert "other_llh" not in a.obs and "transcriptformer_llh" in a.obs
+    tfs.tl.embed(a, model=tiny_path, key_added="other", llh=True)
+    tfs.tl.embed(a, model=tiny_path, key_added="other")
+    assert "other_llh" not in a.obs and "transcriptformer_llh" in a.obs and "X_other" in a.obsm
+
+
+def test_a_run_removes_only_what_it_wrote(tiny_path, tiny_adata):
+    a = tiny_adata
+    a.layers["transcriptformer_gene_nll"] = a.X.copy()  # the user's own, with a name like ours
+    a.obs["transcriptformer_end_nll"] = 1.0
+    tfs.tl.embed(a, model=tiny_path, llh=True)
+    tfs.tl.likelihood(a, model=tiny_path, level="cell")
+    assert "transcriptformer_gene_nll" in a.layers and "transcriptformer_end_nll" in a.obs
+    assert sorted(a.uns["transcriptformer_llh"]["params"]["keys"]) == [
+        "obs/transcriptformer_llh",
+        "obs/transcriptformer_n_genes",
+        "uns/transcriptformer_llh",
+    ]
+
+
+def test_embed_key_added_as_an_obsm_key_is_deprecated(tiny_path, tiny_adata):
+    with pytest.warns(FutureWarning, match="key_added is now a base name"):
+        tfs.tl.embed(tiny_adata, model=tiny_path, key_added="X_mine")
+    assert "X_mine" in tiny_adata.obsm and "mine" in tiny_adata.uns
 
 
 # ----------------------------------------------------------------------------- 5. key_added and every option
@@ -295,7 +320,7 @@ def test_key_added_is_validated_everywhere(tiny_path, tiny_adata, bad, no_model_
         lambda: tfs.tl.embed(tiny_adata, model=tiny_path, key_added=bad),
         lambda: tfs.tl.likelihood(tiny_adata, model=tiny_path, key_added=bad),
         lambda: tfs.tl.gene_embeddings(tiny_adata, model=tiny_path, key_added=bad),
-        lambda: tfs.tl.transfer_labels(tiny_adata, reference, key="cell_type", key_added=bad or ""),
+        lambda: tfs.tl.transfer_labels(tiny_adata, reference, labels_key="cell_type", key_added=bad or ""),
         lambda: tfs.pp.match_genes(tiny_adata, tiny_path, key_added=bad),
         lambda: tfs.pp.symbols_to_ensembl(tiny_adata, symbol_key="feature_name", key_added=bad),
     ]
@@ -420,12 +445,12 @@ def test_views_of_backed_data(tiny_path, tiny_adata, tmp_path, no_model_load):
         lambda: tfs.tl.gene_embeddings(view, model=tiny_path),
         lambda: tfs.pp.match_genes(view, tiny_path),
         lambda: tfs.pp.symbols_to_ensembl(view, symbol_key="feature_name"),
-        lambda: tfs.tl.transfer_labels(view, tiny_adata, key="cell_type"),
+        lambda: tfs.tl.transfer_labels(view, tiny_adata, labels_key="cell_type"),
+        lambda: tfs.tl.umap(view),
     ):
         with pytest.raises(ValueError, match=r"view of a backed AnnData.*copy=True"):
             call()
     for call in (  # no copy option: the message offers only loading the subset
-        lambda: tfs.tl.umap(view),
         lambda: tfs.tl.celltype_similarity(view, groupby="cell_type"),
     ):
         with pytest.raises(

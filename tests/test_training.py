@@ -23,7 +23,7 @@ import torch
 import transcriptformer
 import transcriptformer.scanpy as tfs
 from helpers import DATA
-from transcriptformer.training.fit import batch_loss, cell_losses
+from transcriptformer.training.objective import batch_loss, cell_losses
 from transcriptformer.weights.checkpoint import new_model, save_checkpoint
 
 peft = pytest.importorskip("peft")
@@ -157,9 +157,9 @@ def test_adapter_for_other_weights_is_refused(adapter, tiny_path, tmp_path):
     state = torch.load(other / "model_weights.pt", weights_only=True)
     state["mu.mlp.layers.4.bias"] += 1.0
     torch.save(state, other / "model_weights.pt")
-    with pytest.raises(ValueError, match="trained on weights with sha256"):
+    with pytest.raises(ValueError, match="trained on weights with identity"):
         transcriptformer.load_model(other, adapter=adapter)
-    with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder"):
+    with pytest.raises(FileNotFoundError, match="not a complete LoRA adapter folder"):
         transcriptformer.load_model(tiny_path, adapter=tmp_path)
 
 
@@ -324,7 +324,7 @@ DDP_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     import transcriptformer, transcriptformer.scanpy as tfs
     dist.init_process_group("gloo")
-    transcriptformer.finetune(ad.read_h5ad(sys.argv[1]), tfs.datasets.tiny_model_path(), output_dir=sys.argv[2],
+    transcriptformer.finetune(ad.read_h5ad(sys.argv[1]), tfs.models.path("tf-tiny"), output_dir=sys.argv[2],
                               epochs=2, learning_rate=1e-2, batch_size=4, accumulate=1, progress=False)
     dist.destroy_process_group()
     """

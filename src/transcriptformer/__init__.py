@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from ._meta import show_versions, versions
     from .config import TranscriptFormerConfig
     from .model import TranscriptFormer
-    from .training.fit import cell_losses, finetune, train
+    from .training.fit import finetune, train
+    from .training.objective import cell_losses
     from .weights.checkpoint import clear_cache, load_model, new_model, save_checkpoint
     from .weights.loaded import LoadedModel
 
@@ -28,7 +29,7 @@ _LAZY = {
     "load_model": ".weights.checkpoint",
     "new_model": ".weights.checkpoint",
     "save_checkpoint": ".weights.checkpoint",
-    "cell_losses": ".training.fit",
+    "cell_losses": ".training.objective",
     "finetune": ".training.fit",
     "train": ".training.fit",
     "TranscriptFormer": ".model",

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
+
+#: Seconds a long task runs before its progress bar appears: quick calls stay quiet, long ones always show it.
+PROGRESS_DELAY_S = 2.0
 
 
 def tqdm(*args: Any, **kwargs: Any) -> Any:
@@ -19,3 +23,10 @@ def tqdm(*args: Any, **kwargs: Any) -> Any:
         from tqdm.auto import tqdm as auto
 
     return auto(*args, **kwargs)
+
+
+def write_above(line: str) -> None:
+    """Print a line above any progress bar on screen (a bar's own ``write``), to standard error."""
+    from tqdm import tqdm as plain
+
+    plain.write(line, file=sys.stderr)

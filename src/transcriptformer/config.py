@@ -257,6 +257,14 @@ class LossConfig:
     gene_id_loss_weight: float = 1.0
     softplus_approx: bool = True
 
+    def __post_init__(self) -> None:
+        w = self.gene_id_loss_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not (math.isfinite(w) and 0 <= w <= 1e6):
+            raise ValueError(
+                f"config.json: loss_config.gene_id_loss_weight must be a finite number from 0 to 1e6 (0: no "
+                f"gene-identity head), got {w!r}."
+            )
+
     @property
     def has_gene_head(self) -> bool:
         """Whether the checkpoint carries the gene-identity head."""

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["TranscriptFormerWarning", "warn"]
+__all__ = ["TranscriptFormerWarning", "deprecated", "warn"]
 
 _PACKAGE = str(Path(__file__).resolve().parent)
 
@@ -37,3 +37,8 @@ def _outside_package_level() -> int:
 def warn(message: str, category: type[Warning] = TranscriptFormerWarning) -> None:
     """Warn, attributed to the first frame outside the package (the user's call)."""
     warnings.warn(message, category, stacklevel=_outside_package_level())
+
+
+def deprecated(what: str, instead: str) -> None:
+    """Warn (``FutureWarning``, shown to users by default) that ``what`` is deprecated, with what to write."""
+    warn(f"{what}; write {instead} instead. The old form will stop working in a future release.", FutureWarning)

@@ -30,11 +30,19 @@ __all__ = ["main"]
 #: How the library's error messages name options, and the flags that set them here.
 _FLAG_NAMES = {
     "gene_key=None to use var_names": "--gene-col-name var_names to use var_names",
+    "pass resume=True to continue it": "pass --resume to continue it",
+    "resume=True but": "--resume but",
+    "start without resume": "start without --resume",
+    "pass another output_dir": "pass another --output-dir",
+    "pass a writable output_dir": "pass a writable --output-dir",
+    "lower learning_rate": "lower --learning-rate",
+    "clip the gradients (grad_clip)": "clip the gradients (--grad-clip)",
     "layer='raw' but adata.raw is None; pass layer='X' or the name of a layer of counts.": (
         "--use-raw True but the file has no .raw; pass --use-raw False (counts in X) or auto."
     ),
     "gene_key=<": "--gene-col-name <",
     "duplicate_genes='first'": "--remove-duplicate-genes",
+    "model=(base, ": "--checkpoint-path BASE --adapter (",
     "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
     "layer=<layer of raw counts>": "an input with raw counts in X or .raw (--use-raw)",
 }
@@ -61,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_parser(sub)
     merge.add_parser(sub)
     training.add_parsers(sub)
+    for command in sub.choices.values():  # -v also after the sub-command (default: what the main parser says)
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as transcriptformer -v"
+        )
     return parser
 
 

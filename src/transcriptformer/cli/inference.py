@@ -549,7 +549,7 @@ def run(args: argparse.Namespace) -> Path | None:
         return None
     out = _output_adata(parts, outputs, published_index=args.published_index)
     write_atomic(out, path)
-    logger.info("wrote %s (%d cells)", path, out.n_obs)
+    _wrote(path, out.n_obs, outputs)
     return path
 
 
@@ -650,7 +650,7 @@ def _run_streaming(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    logger.info("wrote %s (%d cells, embeddings streamed)", path, sum(sizes))
+    _wrote(path, sum(sizes), outputs)
     return path
 
 
@@ -717,16 +717,18 @@ def _run_resumable(args: argparse.Namespace, loaded, outputs, options, path: Pat
     finally:
         if adata.isbacked:
             adata.file.close()
+    logger.info("%d shards computed here, %d were done before", len(run.computed), run.skipped)
     if run.output is None:
         return None
-    logger.info(
-        "wrote %s (%d cells; %d shards computed here, %d were done before)",
-        run.output,
-        run.store.n_obs,
-        len(run.computed),
-        run.skipped,
-    )
+    _wrote(Path(run.output), run.store.n_obs, outputs)
     return Path(run.output)
+
+
+def _wrote(path: Path, n_cells: int, outputs: Sequence[str]) -> None:
+    """Say what was written where (standard output: the command's result)."""
+    where = {"embeddings": "obsm['embeddings']", "llh": "uns['llh'], obsm['llh']", "gene_llh": "obsm['gene_llh']"}
+    where["cge"] = "uns['cge_embeddings', 'cge_cell_indices', 'cge_gene_names']"
+    print(f"wrote {path}: {n_cells:,} cells; {', '.join(where[o] for o in outputs)}")
 
 
 def _cuda() -> bool:

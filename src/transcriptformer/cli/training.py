@@ -124,18 +124,16 @@ def _check_files(args: argparse.Namespace) -> None:
 
 def _dry_run(args: argparse.Namespace, model) -> Path | None:
     """Build the model and read the data (with every check), then stop."""
-    import anndata as ad
-
     from ..inference.options import RunOptions
-    from ..training.fit import _open
+    from ..training.objective import open_cells
 
     options = RunOptions(gene_key=args.gene_col_name, clip_counts=args.clip_counts)
     for files in (args.train_files, args.val_files or []):
-        for _, src, _ in _open([ad.read_h5ad(f, backed="r") for f in files], model, options, "data") if files else []:
+        for _, src, _ in open_cells(list(files), model, options, "data") if files else []:
             logger.info(
                 "%s: %d cells, %d of %d genes in the vocabulary", src.source, src.n_obs, src.n_matched, src.n_genes
             )
-    logger.info("dry run: the model and the data are ready; nothing was trained.")
+    print("dry run: the model, the data and the output folder are ready; nothing was trained.")
     return None
 
 
@@ -152,10 +150,11 @@ def _distributed_device(args: argparse.Namespace) -> None:
 
 def run_finetune(args: argparse.Namespace) -> Path | None:
     """Run ``transcriptformer finetune``."""
-    from ..training.fit import finetune
+    from ..training.fit import check_output_dir, finetune
     from ..weights.checkpoint import load_model
 
     _check_files(args)
+    check_output_dir(Path(args.output_dir), args.resume)  # before any model is loaded or cell read
     _distributed_device(args)
     base = load_model(args.checkpoint_path)
     if args.dry_run:
@@ -170,7 +169,7 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
             target_modules=args.lora_target_modules,
         )
         return _dry_run(args, base)
-    return finetune(
+    out = finetune(
         list(args.train_files),
         base,
         lora_r=args.lora_r,
@@ -179,14 +178,17 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
         target_modules=tuple(args.lora_target_modules),
         **_fit_kwargs(args),
     )
+    print(f"wrote a LoRA adapter to {out}; use it as --checkpoint-path {args.checkpoint_path} --adapter {out}")
+    return out
 
 
 def run_train(args: argparse.Namespace) -> Path | None:
     """Run ``transcriptformer train``."""
-    from ..training.fit import train
+    from ..training.fit import check_output_dir, train
     from ..weights.checkpoint import load_model, new_model
 
     _check_files(args)
+    check_output_dir(Path(args.output_dir), args.resume)  # before any model is loaded or cell read
     _distributed_device(args)
     shape = {dest: getattr(args, dest, None) for dest in _new_model_dests()}
     if args.checkpoint_path:
@@ -208,4 +210,6 @@ def run_train(args: argparse.Namespace) -> Path | None:
         )
     if args.dry_run:
         return _dry_run(args, model)
-    return train(model, list(args.train_files), **_fit_kwargs(args))
+    out = train(list(args.train_files), model, **_fit_kwargs(args))
+    print(f"wrote a checkpoint to {out} (training.json: options and losses); use it as --checkpoint-path {out}")
+    return out

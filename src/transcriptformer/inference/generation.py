@@ -29,12 +29,13 @@ import logging
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._progress import PROGRESS_DELAY_S, tqdm
 from ..data.tokenizer import TokenizeOptions
 from ..model import ChunkedAttention, KVCache, TranscriptFormer
 from ..weights.loaded import LoadedModel
@@ -49,6 +50,9 @@ __all__ = ["DEFAULT_COUNTS_PER_GENE", "GeneratedCells", "sample_cells", "sample_
 #: (``max_genes``): about what droplet data (10x 3') has per detected gene.
 DEFAULT_COUNTS_PER_GENE = 2.5
 
+#: The largest ``total_counts`` accepted (a cell's total; the model reads counts clipped to ``clip_counts``).
+MAX_TOTAL_COUNTS = 1e9
+
 
 def sample_zero_truncated_poisson(rate: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Exact samples of ``Poisson(rate)`` conditioned on being at least 1 (one per element).
@@ -59,8 +63,42 @@ def sample_zero_truncated_poisson(rate: torch.Tensor, generator: torch.Generator
     """
     rate = rate.float().clamp_min(1e-12)
     u = torch.rand(rate.shape, generator=generator, device=rate.device)
+    return 1.0 + torch.poisson(_after_first_event(rate, u), generator=generator)
+
+
+def _after_first_event(rate: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The Poisson rate of the events after the first, given the uniform ``u`` that places the first."""
     t = (-torch.log1p(u * torch.expm1(-rate)) / rate).clamp(0.0, 1.0)
-    return 1.0 + torch.poisson(rate * (1.0 - t), generator=generator)
+    return rate * (1.0 - t)
+
+
+class CellStreams:
+    """One random stream per generated cell, so that a cell's draws depend on the seed and its index alone.
+
+    Cells are generated in batches; with one generator per run the draws of a cell would depend on which cells
+    share its batch. Each cell ``i`` gets ``numpy.random.Generator(PCG64(SeedSequence([seed, i])))`` instead.
+    """
+
+    def __init__(self, seed: int, n: int):
+        self.rngs = [np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), i]))) for i in range(n)]
+
+    def uniform(self, cells: np.ndarray, device: torch.device) -> torch.Tensor:
+        """One uniform in ``[0, 1)`` per cell, float64."""
+        return torch.tensor([self.rngs[i].random() for i in cells], dtype=torch.float64, device=device)
+
+    def zero_truncated_poisson(self, cells: np.ndarray, rate: torch.Tensor) -> torch.Tensor:
+        """One zero-truncated Poisson count per cell (see :func:`sample_zero_truncated_poisson`)."""
+        rate = rate.double().clamp_min(1e-12)
+        rest = _after_first_event(rate, self.uniform(cells, rate.device)).cpu().numpy()
+        extra = [self.rngs[i].poisson(lam) for i, lam in zip(cells, rest, strict=True)]
+        return 1.0 + torch.tensor(extra, dtype=torch.float32, device=rate.device)
+
+    def categorical(self, cells: np.ndarray, log_weights: torch.Tensor) -> torch.Tensor:
+        """One index per row of ``log_weights`` (``-inf``: never), drawn by the inverse of the cumulative sum."""
+        w = torch.exp(log_weights.double() - log_weights.double().amax(dim=-1, keepdim=True))
+        cdf = torch.cumsum(w, dim=-1)
+        u = self.uniform(cells, w.device)[:, None] * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(w.shape[-1] - 1)
 
 
 @dataclass
@@ -107,9 +145,12 @@ class GeneratedCells:
 
 def _aux_tokens(loaded: LoadedModel, assay: Any, n: int) -> np.ndarray:
     """Auxiliary tokens for ``n`` cells from a label (or one label per cell); unknown labels map to unknown."""
+    single = assay is None or isinstance(assay, str)
+    if not single and (not isinstance(assay, Sequence | np.ndarray) or not all(isinstance(a, str) for a in assay)):
+        raise ValueError(f"assay must be a label (a string), one label per cell, or None; got {assay!r}.")
     cols = []
     for voc in loaded.aux_vocabs:
-        labels = [assay] * n if assay is None or isinstance(assay, str) else list(assay)
+        labels = [assay] * n if single else list(assay)
         if len(labels) != n:
             raise ValueError(f"assay has {len(labels)} labels for {n} cells.")
         unknown = sorted({str(x) for x in labels if x is not None and x not in voc.labels})
@@ -126,10 +167,11 @@ def _aux_tokens(loaded: LoadedModel, assay: Any, n: int) -> np.ndarray:
 
 
 def _prompts(
-    loaded: LoadedModel, prompt, n_prompt_genes: int | None, gene_key: str | None, layer: str | None
+    loaded: LoadedModel, prompt, n_prompt_genes: int | None, tokenize: TokenizeOptions
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Prompt cells' first genes with their real counts: tokens, counts, lengths, aux, model-view totals."""
-    src = loaded.cells(prompt, TokenizeOptions(gene_key=gene_key, layer=layer, clip_counts=None))
+    clip = tokenize.clip_counts if tokenize.clip_counts is not None else np.inf
+    src = loaded.cells(prompt, replace(tokenize, clip_counts=None))
     window = src.read(0, src.n_obs)
     P = window.lengths if n_prompt_genes is None else np.minimum(window.lengths, n_prompt_genes)
     W = max(1, int(P.max(initial=0)))
@@ -137,7 +179,7 @@ def _prompts(
     tokens = np.where(slots < P[:, None], window.tokens, loaded.vocab.pad)[:, :W].astype(np.int64)
     counts = np.where(slots < P[:, None], window.counts, 0.0)[:, :W].astype(np.float32)
     # the total the model would see for the whole cell: clipped counts of its first seq_len genes
-    totals = np.minimum(window.counts, 30.0).sum(axis=1)
+    totals = np.minimum(window.counts, clip).sum(axis=1)
     return tokens, counts, P.astype(np.int64), window.aux, totals.astype(np.float32)
 
 
@@ -153,13 +195,12 @@ def sample_cells(
     temperature: float = 1.0,
     top_k: int | None = None,
     total_counts: float | Sequence[float] | np.ndarray | None = None,
-    clip_counts: float = 30.0,
     seed: int = 0,
     device: str | torch.device = "auto",
     precision: str = "auto",
     batch_size: int | None = None,
-    gene_key: str | None = "ensembl_id",
-    layer: str | None = None,
+    tokenize: TokenizeOptions = TokenizeOptions(),
+    progress: bool | None = None,
     use_cache: bool = True,
 ) -> GeneratedCells:
     """Sample cells from a model (see the module documentation for how).
@@ -189,17 +230,20 @@ def sample_cells(
         Total count each cell's count rates are scaled to (softmax link): a number, or one per cell.
         Default: the prompt cell's total (clipped counts of its genes, as the model sees them), else
         :data:`DEFAULT_COUNTS_PER_GENE` x ``max_genes``.
-    clip_counts
-        Counts are clipped to this before the model reads them (as in training and inference).
     seed
-        Random seed: the same seed gives the same cells (on the same device and precision).
+        Random seed. Every cell draws from a stream of its own (:class:`CellStreams`), so the same seed gives
+        the same cells whatever ``batch_size`` (up to the rounding of batched matrix products, which can in
+        rare cases tip a draw at a boundary) on the same device and precision.
     device, precision
         As in :class:`~transcriptformer.inference.engine.Engine`.
     batch_size
         Cells generated together (default 64; memory: the key/value cache is
         ``batch x layers x 2 x embed_dim x (max_genes + 2)`` floats).
-    gene_key, layer
-        How to read the prompt (as in ``tl.embed``).
+    tokenize
+        How to read the prompt (as in ``tl.embed``); its ``clip_counts`` also clips the generated counts before
+        the model reads them (as in training and inference).
+    progress
+        Show a progress bar (``None``: once the run has taken more than a few seconds).
     use_cache
         Cache keys and values across steps (default). ``False`` recomputes every prefix (the reference the
         cache is checked against, and the baseline of the benchmark).
@@ -231,7 +275,7 @@ def sample_cells(
 
     if prompt is not None:
         p_tok, p_cnt, p_len, p_aux, p_total = _prompts(
-            loaded, prompt, check_positive_int(n_prompt_genes, "n_prompt_genes"), gene_key, layer
+            loaded, prompt, check_positive_int(n_prompt_genes, "n_prompt_genes"), tokenize
         )
         n_prompts = len(p_len)
         n_cells = check_positive_int(n_cells, "n_cells") or n_prompts
@@ -261,8 +305,10 @@ def sample_cells(
             raise ValueError(
                 f"total_counts must be one number or one per generated cell ({n_cells}), got shape {totals.shape}."
             )
-        if not (np.isfinite(totals).all() and (totals > 0).all()):
-            raise ValueError("total_counts must be finite and > 0.")
+        if not (np.isfinite(totals).all() and (totals > 0).all() and (totals <= MAX_TOTAL_COUNTS).all()):
+            raise ValueError(
+                f"total_counts must be finite, > 0 and at most {MAX_TOTAL_COUNTS:g}, got {total_counts!r}."
+            )
     if (totals <= 0).any():
         raise ValueError("a prompt cell has no count of the model's genes: pass total_counts=...")
 
@@ -273,10 +319,13 @@ def sample_cells(
     out_logit = np.full((n_cells, max_genes), np.nan, dtype=np.float32)
     out_len = np.zeros(n_cells, dtype=np.int64)
     ended = np.zeros(n_cells, dtype=bool)
-    generator = torch.Generator(device=dev).manual_seed(int(seed))
+    streams = CellStreams(int(seed), n_cells)
+    clip = tokenize.clip_counts if tokenize.clip_counts is not None else float("inf")
     # cells with equal prompt lengths run together (their positions stay aligned)
     order = np.argsort(p_len, kind="stable")
     steps = 0
+    bar = tqdm(total=n_cells, unit="cell", desc=f"generating ({loaded.name})", delay=PROGRESS_DELAY_S)
+    bar.disable = progress is False
     for start in range(0, n_cells, batch_size):
         idx = order[start : start + batch_size]
         groups = [idx[p_len[idx] == p] for p in np.unique(p_len[idx])]
@@ -292,13 +341,16 @@ def sample_cells(
                 max_genes=max_genes,
                 temperature=float(temperature),
                 top_k=top_k,
-                clip_counts=float(clip_counts),
-                generator=generator,
+                clip_counts=clip,
+                streams=streams,
+                cells=g,
                 precision=prec,
                 use_cache=use_cache,
             )
             out_tok[g], out_cnt[g], out_lp[g], out_logit[g], out_len[g], ended[g] = tok, cnt, lp, logit, n, end
             steps += max_genes - int(p_len[g][0])
+            bar.update(len(g))
+    bar.close()
     return GeneratedCells(
         tokens=out_tok,
         counts=out_cnt,
@@ -310,7 +362,7 @@ def sample_cells(
         total_counts=totals,
         aux=p_aux,
         prompt_index=which.astype(np.int64),
-        stats={"device": str(dev), "precision": prec, "steps": steps, "cached": use_cache},
+        stats={"device": str(dev), "precision": prec, "steps": steps, "cached": use_cache, "batch_size": batch_size},
     )
 
 
@@ -327,7 +379,8 @@ def _generate_batch(
     temperature: float,
     top_k: int | None,
     clip_counts: float,
-    generator: torch.Generator,
+    streams: CellStreams,
+    cells: np.ndarray,
     precision: str,
     use_cache: bool,
 ) -> tuple[np.ndarray, ...]:
@@ -366,13 +419,16 @@ def _generate_batch(
         for t in range(P, max_genes):
             # the next gene, from the gene-identity head
             logits = model.gene_logits(h)  # (B, V) float32, soft-capped
-            scores = (logits / temperature).masked_fill(banned[None, :] | used, float("-inf"))
+            allowed = logits.double().masked_fill(banned[None, :] | used, float("-inf"))
             if top_k is not None and top_k < V:
-                kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            # only cells still being generated draw random numbers (so a cell's draws depend on it alone)
+                kth = torch.topk(allowed, top_k, dim=-1).values[:, -1:]
+                allowed = allowed.masked_fill(allowed < kth, float("-inf"))
+            # relative to the row's largest before the temperature: a tiny temperature gives the argmax, not NaN
+            scores = (allowed - allowed.amax(dim=-1, keepdim=True)) / temperature
+            # only cells still being generated draw random numbers, each from its own stream
             gene = torch.full((B,), pad, dtype=torch.long, device=dev)
-            gene[alive] = torch.multinomial(torch.softmax(scores[alive], dim=-1), 1, generator=generator)[:, 0]
+            live = alive.cpu().numpy()
+            gene[alive] = streams.categorical(cells[live], scores[alive])
             ended |= alive & (gene == end)
             alive &= gene != end
             if not alive.any():
@@ -387,7 +443,7 @@ def _generate_batch(
             lg = model.count_logits(h[:, None], model.gene_embeddings(gene[:, None]), gene[:, None])[:, 0].double()
             logit[:, t] = torch.where(alive, lg, float("nan")).float()
             rate = norm.rate(model, lg, t + 1, max_genes, totals, alive)
-            counts[alive, t] = sample_zero_truncated_poisson(rate[alive], generator)
+            counts[alive, t] = streams.zero_truncated_poisson(cells[live], rate[alive])
             if t + 1 == max_genes:
                 break
             # the model reads the gene and its (clipped) count

@@ -7,15 +7,12 @@ loaded or any count is read, with messages that name the option and say what it 
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import os
-import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypedDict, TypeVar, overload
 
 import numpy as np
 
@@ -24,13 +21,15 @@ from ..data.tokenizer import TokenizeOptions
 
 __all__ = [
     "RUN_OPTIONS_DOC",
+    "RunKwargs",
     "RunOptions",
     "SpeciesArg",
     "check_bool",
     "check_genes",
     "check_key",
     "check_positive_int",
-    "with_run_options",
+    "documents_run_options",
+    "run_options",
 ]
 
 #: Gene-table files or species names for species outside a model's training set.
@@ -133,7 +132,8 @@ class RunOptions:
     precision
         ``"auto"`` (float32 on CPU and MPS, bfloat16 autocast on CUDA), ``"32"``, ``"bf16"``, ``"16"``.
     progress
-        Show a progress bar (default: when the run is expected to take more than a few seconds).
+        Show a progress bar: ``None`` (default) once the run has taken a few seconds, ``True`` from the start,
+        ``False`` never.
     cache_dir
         Where registry downloads are kept (default ``$TRANSCRIPTFORMER_CACHE`` or the user cache).
     """
@@ -232,31 +232,61 @@ class RunOptions:
 RUN_OPTIONS_DOC = RunOptions.__doc__.split("Parameters\n    ----------\n", 1)[1].rstrip()  # type: ignore[union-attr]
 
 
-def with_run_options(func: Callable) -> Callable:
-    """Give a tool the keyword-only parameters of :class:`~transcriptformer.inference.options.RunOptions`.
+class RunKwargs(TypedDict, total=False):
+    """The run options as keyword arguments: a tool's ``**options: Unpack[RunKwargs]`` (see :class:`RunOptions`).
 
-    ``func`` takes ``options: RunOptions`` (keyword-only) and has ``{run_options}`` in its docstring's
-    Parameters section. The returned function's signature lists the shared options after ``func``'s own
-    keyword-only parameters (so ``help()``, IDEs and the API docs show them), builds and validates one
-    :class:`RunOptions` from them before anything else runs, and calls ``func`` with it. The shared
-    parameters are documented once, in :class:`RunOptions`.
+    IDEs and type checkers see every option with its type; :func:`run_options` validates them.
     """
-    sig = inspect.signature(func)
-    own = [p for p in sig.parameters.values() if p.name != "options"]
-    hints = typing.get_type_hints(RunOptions)
-    shared = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
-        for f in fields(RunOptions)
-    ]
-    names = set(RunOptions.names())
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        options = RunOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
-        return func(*args, options=options, **kwargs)
+    gene_key: str | None
+    layer: str | None
+    clip_counts: float | None
+    normalize_to_scale: float | None
+    filter_to_vocab: bool
+    duplicate_genes: Literal["raise", "first"]
+    species_embedding: SpeciesArg
+    batch_size: int | None
+    max_tokens: int | None
+    device: Device | str
+    precision: Precision
+    progress: bool | None
+    cache_dir: str | os.PathLike | None
 
-    wrapper.__signature__ = sig.replace(parameters=[*own, *shared])  # type: ignore[attr-defined]
-    annotations = {k: v for k, v in typing.get_type_hints(func).items() if k != "options"}
-    wrapper.__annotations__ = {**annotations, **{p.name: p.annotation for p in shared}}
-    wrapper.__doc__ = (func.__doc__ or "").replace("    {run_options}", RUN_OPTIONS_DOC)
-    return wrapper
+
+assert set(RunKwargs.__annotations__) == {f.name for f in fields(RunOptions)}, "RunKwargs must list RunOptions"
+
+
+def run_options(kwargs: Mapping[str, Any], tool: str, *, unsupported: Mapping[str, str] | None = None) -> RunOptions:
+    """The :class:`RunOptions` of a tool's ``**options``, validated before anything else runs.
+
+    Parameters
+    ----------
+    kwargs
+        The keyword arguments the tool received besides its own.
+    tool
+        The tool's name, for messages.
+    unsupported
+        Options the tool cannot honour, each with the reason (given one, it is an error).
+
+    Raises
+    ------
+    TypeError
+        An unknown keyword, as Python says it for any function.
+    ValueError
+        A value of the wrong type or range, or an unsupported option; naming it.
+    """
+    for name in kwargs:
+        if name not in RunKwargs.__annotations__:
+            raise TypeError(f"{tool}() got an unexpected keyword argument {name!r}")
+        if unsupported and name in unsupported and kwargs[name] is not None:
+            raise ValueError(f"{tool}() does not take {name}: {unsupported[name]}")
+    return RunOptions(**kwargs)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def documents_run_options(func: F) -> F:
+    """Put the documentation of every run option where ``func``'s docstring says ``{run_options}``."""
+    func.__doc__ = (func.__doc__ or "").replace("    {run_options}", RUN_OPTIONS_DOC)
+    return func

@@ -277,8 +277,8 @@ class Accumulator:
     def check_finite(self, rows: np.ndarray, batch: Batch, results: dict[str, torch.Tensor]) -> None:
         """Raise if a head gave NaN or infinity where it must not (nothing non-finite is ever written).
 
-        NaN is a documented value only for ``end_nll`` (cells shorter than ``S``) and for ``llh`` of a cell
-        without genes.
+        NaN is a documented value only for ``end_nll`` (cells shorter than ``S``) and for ``llh`` and ``gene_ce`` of
+        a cell without any gene of the vocabulary (the published objective gives it NaN too).
         """
         for h in self.heads:
             if h.name == "end_nll":
@@ -290,7 +290,7 @@ class Accumulator:
                 ok = (ok | (torch.arange(w, device=ok.device)[None, :] >= batch.lengths[:, None])).all(dim=1)
             elif ok.dim() > 1:
                 ok = ok.reshape(ok.shape[0], -1).all(dim=1)
-            if h.name == "llh":
+            if h.name in ("llh", "gene_ce"):  # a cell without any gene of the vocabulary: NaN, as published
                 ok = ok | (batch.lengths == 0)
             if not bool(ok.all()):
                 bad = rows[(~ok).cpu().numpy()] + self.offset

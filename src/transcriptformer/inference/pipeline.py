@@ -1,7 +1,7 @@
 """AnnData -> tokens -> model -> arrays: the pipeline shared by the scanpy tools, the command line and training.
 
 :func:`infer` validates the input (fix-it errors before any compute), runs the :class:`~.engine.Engine` and
-warns about what the user should look at; :func:`provenance` is the one record of how a result was made
+warns about what the user should look at; :func:`~.record.provenance` is the one record of how a result was made
 (``uns[...]["params"]``, the command line's output, training histories).
 """
 
@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._meta import __version__
 from ..config import AttentionBackend, Precision
 from ..data.tokenizer import CellSource, TokenizeOptions
 from ..errors import warn
@@ -29,7 +28,9 @@ from ..weights import registry
 from ..weights.checkpoint import species_vocabulary
 from ..weights.loaded import LoadedModel
 from .engine import Engine
+from .options import RunOptions
 from .outputs import HEADS, InferenceResult
+from .record import provenance
 from .shards import DEFAULT_SHARD_SIZE, OutputSpec, ShardStore, digest_of, frame_digest
 
 logger = logging.getLogger(__name__)
@@ -47,40 +48,21 @@ class Inference:
     engine: Engine
     species_tables: list[Path] | None
 
-    def params(self, loaded: LoadedModel, options: Any, tool: str, **extra: Any) -> dict[str, Any]:
-        """Everything needed to reproduce the run, h5ad-writable (no ``None``), for ``uns[...]["params"]``.
-
-        ``options`` is the :class:`~transcriptformer.inference.options.RunOptions` the run was made with.
-        """
-        src, stats = self.source, self.result.stats
-        params: dict[str, Any] = {
-            "tool": tool,
-            "model": loaded.name,
-            "model_path": str(loaded.path) if loaded.path is not None else "in memory",
-            "weights_sha256": loaded.weights_sha256,
-            **options.record(),
-            "gene_key": options.gene_key if options.gene_key is not None else "var_names",
-            "counts_source": src.source,
-            "counts_look_raw": src.counts_look_raw,
-            "n_genes_matched": src.n_matched,
-            "n_genes": src.n_genes,
-            "seq_len": loaded.seq_len,
-            "device": stats["device"],
-            "precision": stats["precision"],
-            "attention": stats["attention"],
-            "max_tokens": stats["max_tokens"],
-            "transcriptformer_version": __version__,
-        }
-        if "attention_fallback" in stats:
-            params["attention_fallback"] = stats["attention_fallback"]
-        if loaded.adapter:
-            params["adapter"] = loaded.adapter["path"]
-            params["adapter_sha256"] = loaded.adapter["sha256"]
-            params["adapter_merged"] = loaded.adapter["merged"]
-        if self.species_tables:
-            params["species_embedding"] = [str(p) for p in self.species_tables]
-        params.update({k: v for k, v in extra.items() if v is not None})
-        return params
+    def params(self, loaded: LoadedModel, options: RunOptions, tool: str, **extra: Any) -> dict[str, Any]:
+        """The run's :func:`provenance`, with what the input looked like to the model."""
+        src = self.source
+        return provenance(
+            tool,
+            loaded,
+            options=options,
+            stats=self.result.stats,
+            counts_source=src.source,
+            counts_look_raw=src.counts_look_raw,
+            n_genes_matched=src.n_matched,
+            n_genes=src.n_genes,
+            species_embedding=[str(p) for p in self.species_tables] if self.species_tables else None,
+            **extra,
+        )
 
 
 def infer(

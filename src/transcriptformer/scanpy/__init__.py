@@ -3,8 +3,8 @@
 >>> import transcriptformer.scanpy as tfs
 >>> tfs.tl.embed(adata, model="tf-sapiens")  # doctest: +SKIP
 
-The submodules ``tl``, ``pp``, ``pl`` and ``datasets`` are imported on first use; none of them imports
-torch or scanpy before a model runs or a plot is drawn.
+The submodules ``pp``, ``tl``, ``pl``, ``datasets`` and ``models`` are imported on first use; none of them
+imports torch or scanpy before a model runs or a plot is drawn.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from . import datasets, pl, pp, tl
+    from . import datasets, models, pl, pp, tl
 
-__all__ = ["datasets", "pl", "pp", "tl"]
+__all__ = ["datasets", "models", "pl", "pp", "tl"]
 
 
 def __getattr__(name: str) -> Any:

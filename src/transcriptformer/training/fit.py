@@ -1,15 +1,9 @@
-"""Training and LoRA fine-tuning, on the model code and data path that inference uses.
+"""One fit loop behind :func:`train` (every weight) and :func:`finetune` (LoRA adapters).
 
-The objective is the published one (the training forward, ``embed=False``): the count bias on strictly
-earlier keys only, dropout active, and the loss
-
-``count NLL sum / genes + gene_id_loss_weight x gene cross-entropy sum / (cells x seq_len)``
-
-over the cells of a batch (the published reduction: a token-weighted mean for the count term; for the
-gene term a mean over all ``cells x seq_len`` slots, padding included). Here the batch of that formula is
-everything one optimiser step sees, however it is split into micro-batches (gradient accumulation) and
-processes (``torchrun``): the loss of a step does not depend on how it is split, so two processes with
-micro-batches of 4 cells follow the same curve as one process with micro-batches of 8.
+The objective is the published one (:mod:`.objective`). Here the batch of that formula is everything one
+optimiser step sees, however it is split into micro-batches (gradient accumulation) and processes
+(``torchrun``): the loss of a step does not depend on how it is split, so two processes with micro-batches of
+4 cells follow the same curve as one process with micro-batches of 8.
 
 Data stream from AnnData objects or h5ad files (opened backed) in windows of consecutive cells, as in
 inference: every epoch the windows are visited in a new random order, the cells of a window are shuffled,
@@ -17,6 +11,11 @@ grouped into micro-batches of similar length under a token budget (the engine's 
 micro-batches shuffled; the plan depends only on the seed and the epoch, so training is reproducible and
 can resume at an epoch boundary. Under ``torch.distributed`` the micro-batches of each step are dealt to
 the ranks and the model is wrapped in ``DistributedDataParallel``.
+
+Everything that can be checked is checked before the first step (options, the output folder, the data, the
+resume state); training stops at the first non-finite loss or gradient, before the step that would write it
+into the weights, so nothing non-finite is ever saved. The trainer state is read without unpickling code
+(``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -28,150 +27,45 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
-import pandas as pd
 import torch
 
-from .._meta import __version__
-from .._progress import tqdm
-from ..data.tokenizer import CellSource
-from ..errors import warn
+from .._progress import tqdm, write_above
+from ..errors import deprecated, warn
 from ..inference.batching import BatchPlanner, batch_tensors, estimate_flops
 from ..inference.devices import autocast, resolve_device, resolve_precision
-from ..inference.options import RunOptions, check_bool, check_positive_int, with_run_options
-from ..inference.pipeline import infer
+from ..inference.options import (
+    RunKwargs,
+    RunOptions,
+    check_bool,
+    check_positive_int,
+    documents_run_options,
+    run_options,
+)
+from ..inference.record import provenance
 from ..model import DenseAttention, FlexAttention, TranscriptFormer
+from ..weights.adapter import ADAPTER_INFO_FILE
 from ..weights.checkpoint import load_model, save_checkpoint
 from ..weights.loaded import LoadedModel
 from . import lora
+from .objective import batch_loss, evaluate, looks_like_model, open_cells
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["batch_loss", "cell_losses", "finetune", "train"]
+__all__ = ["HISTORY_FILE", "TRAINER_STATE", "FitKwargs", "FitOptions", "check_output_dir", "finetune", "train"]
 
 TRAINER_STATE = "trainer_state.pt"
 HISTORY_FILE = "training.json"
 
-
-def batch_loss(
-    count_sum: torch.Tensor,
-    gene_sum: torch.Tensor,
-    n_genes: int | torch.Tensor,
-    n_cells: int,
-    seq_len: int,
-    gene_weight: float,
-) -> torch.Tensor:
-    """The published training loss of a batch from the sums :meth:`TranscriptFormer.forward` returns."""
-    return count_sum / n_genes + gene_weight * gene_sum / (n_cells * seq_len)
-
-
-# --------------------------------------------------------------------------------------------------
-# evaluation
-
-
-def _open(data: Any, loaded: LoadedModel, options: RunOptions, what: str) -> list[tuple[str, CellSource, Any]]:
-    """``(label, source, handle)`` for an AnnData, an h5ad path, or a list of either (files are opened backed)."""
-    import anndata as ad
-
-    items = data if isinstance(data, list | tuple) else [data]
-    if not items:
-        raise ValueError(f"{what} is empty: pass an AnnData, an h5ad path or a list of them.")
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, str | os.PathLike):
-            path = Path(item).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"{what} file {str(item)!r} does not exist.")
-            adata, label = ad.read_h5ad(path, backed="r"), str(path)
-        elif isinstance(item, ad.AnnData):
-            adata, label = item, f"{what}[{i}]"
-        else:
-            raise TypeError(f"{what} must hold AnnData objects or h5ad paths, got {type(item).__name__}.")
-        if adata.n_obs == 0:
-            raise ValueError(f"{label} has no cells.")
-        source = loaded.cells(adata, options.tokenize())
-        out.append((label, source, adata))
-    return out
-
-
-@with_run_options
-def cell_losses(model: Any, adata: Any, *, options: RunOptions) -> pd.DataFrame:
-    """The training objective's per-cell terms, evaluated (no dropout, no gradients).
-
-    The training-mode forward (the count bias on strictly earlier keys) and, per cell, the mean over its
-    genes of the zero-truncated-Poisson count NLL and of the gene-identity cross-entropy (targets as the
-    published objective has them: the genes, and ``[END]`` at the last slot of a full-length cell). This is
-    how fine-tuning and training are evaluated.
-
-    Parameters
-    ----------
-    model
-        A checkpoint folder, registry name, loaded model or ``(model, adapter)``, as everywhere.
-    adata
-        Cells (raw counts) as for :func:`~transcriptformer.scanpy.tl.embed`: an AnnData (in memory, a view or
-        backed), or the path of an h5ad file (opened backed, as ``finetune`` and ``train`` open theirs).
-    {run_options}
-
-    Returns
-    -------
-    pandas.DataFrame
-        Indexed by ``adata.obs_names`` in input order: ``count_nll``, ``gene_nll`` (NaN without a
-        gene-identity head) and ``n_genes`` (the genes read; ``count_nll`` and ``gene_nll`` are NaN for a cell
-        without any).
-    """
-    import anndata as ad
-
-    if options.species_embedding is not None:
-        raise ValueError("cell_losses is over the model's own vocabulary; species_embedding is not supported.")
-    opened = None
-    if isinstance(adata, str | os.PathLike):
-        path = Path(adata).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"h5ad file {str(adata)!r} does not exist.")
-        adata = opened = ad.read_h5ad(path, backed="r")
-    elif not isinstance(adata, ad.AnnData):
-        raise TypeError(f"adata must be an AnnData or the path of an h5ad file, got {type(adata).__name__}.")
-    try:
-        loaded = load_model(model, cache_dir=options.cache_dir)
-        heads = ("llh", "gene_ce") if loaded.model.gene_id_head is not None else ("llh",)
-        run = infer(adata, loaded, heads=heads, tokenize=options.tokenize(), mode="train", **options.engine())
-        cells = run.result.cells
-        gene = cells["gene_ce"] if "gene_ce" in cells else np.full(adata.n_obs, np.nan, dtype=np.float32)
-        return pd.DataFrame(
-            {"count_nll": cells["llh"], "gene_nll": gene, "n_genes": run.result.n_genes},
-            index=pd.Index(adata.obs_names, name=adata.obs_names.name),
-        )
-    finally:
-        if opened is not None:
-            opened.file.close()
-
-
-def _evaluate(view: LoadedModel, sources, options: RunOptions, device: str, precision: str) -> dict[str, float]:
-    """Mean per-cell terms over validation sources, and the loss of the published weighting."""
-    frames = []
-    for _, _, adata in sources:
-        frames.append(
-            cell_losses(
-                view,
-                adata,
-                **{**options_kwargs(options), "device": device, "precision": precision, "progress": False},
-            )
-        )
-    df = pd.concat(frames)
-    weight = view.config.loss.gene_id_loss_weight if view.model.gene_id_head is not None else 0.0
-    count, gene = float(np.nanmean(df["count_nll"])), float(np.nanmean(df["gene_nll"])) if weight else 0.0
-    return {"count_nll": count, "gene_nll": gene, "loss": count + weight * gene, "cells": len(df)}
-
-
-def options_kwargs(options: RunOptions) -> dict[str, Any]:
-    """The options as keyword arguments (to pass them on)."""
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+#: The largest learning rate accepted (AdamW's steps are about this large: beyond it the weights explode).
+MAX_LEARNING_RATE = 10.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,13 +152,18 @@ class FitOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ValueError(
+                f"learning_rate must be > 0 and at most {MAX_LEARNING_RATE:g}, got {self.learning_rate!r}."
+            )
         for name in ("warmup_ratio", "min_lr_ratio"):  # shares of the run / of the peak rate
             if getattr(self, name) > 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}.")
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, int | float) and self.grad_clip > 0):
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}.")
+        clip = self.grad_clip
+        if clip is not None and not (
+            isinstance(clip, int | float) and not isinstance(clip, bool) and 0 < clip < math.inf
+        ):
+            raise ValueError(f"grad_clip must be a finite number > 0 or None, got {clip!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}.")
 
@@ -286,205 +185,366 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _fit(
-    loaded: LoadedModel,
-    net: TranscriptFormer,
-    *,
-    train_data: Any,
-    validation: Any,
-    options: RunOptions,
-    fit: FitOptions,
-    output_dir: Path,
-    resume: bool,
-    save: Any,
-    info: dict[str, Any],
-    attention: str = "auto",
-) -> dict[str, Any]:
-    """The training loop shared by :func:`train` and :func:`finetune`; ``save(net, folder)`` writes a model."""
-    if options.species_embedding is not None:
-        raise ValueError("training is over the model's own vocabulary; species_embedding is not supported.")
-    device = resolve_device(options.device)
-    precision = resolve_precision(options.precision, device)
-    if precision == "16" and device.type != "cuda":
-        raise ValueError("float16 training needs CUDA (it uses a gradient scaler); use precision='bf16' or '32'.")
-    rank, world = _distributed()
+class FitKwargs(TypedDict, total=False):
+    """The optimisation options :func:`train` and :func:`finetune` share (see :class:`FitOptions`)."""
+
+    epochs: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    min_lr_ratio: float
+    grad_clip: float | None
+    accumulate: int
+    seed: int
+
+
+class TrainKwargs(FitKwargs, RunKwargs, total=False):
+    """Everything :func:`train` and :func:`finetune` take besides their own parameters."""
+
+
+#: The numpy-style documentation of the options of :class:`FitKwargs` (defaults are the function's own).
+FIT_OPTIONS_DOC = """    epochs
+        Passes over the training cells (default 1).
+    learning_rate, weight_decay
+        AdamW's (betas 0.9, 0.95); defaults: :func:`train` 5.5e-5 and 0.05, :func:`finetune` 5e-4 and 0.
+    warmup_ratio, min_lr_ratio
+        Linear warm-up over this share of the steps, then a cosine decay to ``min_lr_ratio`` times the rate
+        (defaults 0.1 and 0.1).
+    grad_clip
+        Clip the gradients' global norm (default 1.0; ``None``: no clipping).
+    accumulate
+        Micro-batches per optimiser step, per process (default 1).
+    seed
+        The run is a function of the seed (data order, dropout, initialisation), deterministic on CPU (default 0)."""
+
+
+def _split_kwargs(kwargs: dict[str, Any], tool: str, defaults: dict[str, Any]) -> tuple[FitOptions, RunOptions]:
+    """The fit options (with the tool's defaults) and the run options of a tool's ``**kwargs``."""
+    fit = {k: kwargs.pop(k) for k in list(kwargs) if k in FitKwargs.__annotations__}
+    unsupported = {"species_embedding": "training is over the model's own vocabulary"}
+    return FitOptions(**{**defaults, **fit}), run_options(kwargs, tool, unsupported=unsupported)
+
+
+def check_output_dir(output_dir: Path, resume: bool) -> Path:
+    """The run's folder, checked before any compute: it can be written, and it is new (or resumable)."""
     output_dir = Path(output_dir).expanduser()
-    state_path = output_dir / TRAINER_STATE
-    if state_path.exists() and not resume:
-        raise FileExistsError(f"{output_dir} holds an earlier training run; pass resume=True to continue it.")
-    if resume and not state_path.exists():
-        raise FileNotFoundError(f"resume=True but {state_path} does not exist; start without resume.")
-    if not resume and output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} exists and is not empty; choose a new folder for the run.")
-    train_sources = _open(train_data, loaded, options, "train")
-    val_sources = _open(validation, loaded, options, "validation") if validation is not None else []
-    S = loaded.seq_len
-    max_tokens = options.max_tokens or (32768 if device.type == "cuda" else 4096)
-    planner = BatchPlanner.for_model(loaded, device.type, max_tokens=max_tokens, batch_size=options.batch_size)
-    lengths = _lengths(train_sources, S, fit.window)
-    for _, src, _ in train_sources:
-        if (message := src.raw_count_warning()) is not None:
-            warn(message)
-    per_step = fit.accumulate * world
-    plans = [_steps(_plan_epoch(lengths, planner, e, fit.seed, fit.window), per_step) for e in range(fit.epochs)]
-    total_steps = sum(len(p) for p in plans)
-    gene_weight = loaded.config.loss.gene_id_loss_weight if net.gene_id_head is not None else 0.0
-    clip = options.clip_counts
-
-    net.to(device)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=fit.learning_rate, betas=fit.betas, weight_decay=fit.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, fit.warmup_ratio, fit.min_lr_ratio))
-    scaler = torch.amp.GradScaler("cuda") if precision == "16" else None
-    kernel = _train_kernel(device, attention)
-    ddp = None
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    record = {
-        "transcriptformer_version": __version__,
-        **info,
-        **{k: v for k, v in dataclasses.asdict(fit).items()},
-        "max_tokens": max_tokens,
-        "batch_size": options.batch_size,
-        "precision": precision,
-        "device": str(device),
-        "world_size": world,
-        "steps": total_steps,
-        "train_cells": int(sum(len(n) for n in lengths)),
-        "train": [label for label, _, _ in train_sources],
-        "validation": [label for label, _, _ in val_sources],
-    }
-    history: list[dict[str, Any]] = []
-    first_epoch, step = 0, 0
-    if resume:
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        if saved["options"] != _comparable(record):
-            raise ValueError(
-                f"{state_path} was written with other options; resume with the same options (differences: "
-                f"{_differences(saved['options'], _comparable(record))})."
-            )
-        net.load_state_dict(saved["trainable"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        first_epoch, step, history = saved["epoch"] + 1, saved["step"], saved["history"]
-        logger.info("resuming %s after epoch %d (step %d)", output_dir, first_epoch, step)
-
-    def view() -> LoadedModel:
-        return dataclasses.replace(loaded, model=net)
-
-    if val_sources and not history:
-        net.eval()
-        history.append(
-            {"epoch": 0, "step": 0, "validation": _evaluate(view(), val_sources, options, str(device), precision)}
+    state = output_dir / TRAINER_STATE
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"cannot create the output folder {output_dir}: {existing} is a file; pass another output_dir."
         )
-        logger.info("validation before training: %s", history[-1]["validation"])
-    show = options.progress if options.progress is not None else True
-    n_tokens, flops = 0, 0.0
-    t_start = time.perf_counter()
-    for epoch in range(first_epoch, fit.epochs):
-        net.train()
-        steps = plans[epoch]
-        bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{fit.epochs}", unit="step", disable=not show or rank > 0)
-        losses = []
-        cache: dict[tuple[int, int], Any] = {}
-        for g, group in enumerate(steps):
-            N = sum(mb.n_genes for mb in group)
-            B = sum(len(mb.rows) for mb in group)
-            index = list(range(g * per_step, g * per_step + len(group)))  # micro-batches' places in the epoch
-            mine, ids = group[rank::world], index[rank::world]
-            runs = mine + [group[0]] * (fit.accumulate - len(mine)) if world > 1 else mine
-            ids += [index[0]] * (len(runs) - len(mine))
-            weights = [1.0] * len(mine) + [0.0] * (len(runs) - len(mine))
-            optimizer.zero_grad(set_to_none=True)
-            sums = torch.zeros(2, dtype=torch.float64)
-            for k, (mb, w, i) in enumerate(zip(runs, weights, ids, strict=True)):
-                # dropout masks depend on the micro-batch alone: the same whatever the split into processes
-                torch.manual_seed(hash((fit.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
-                key = (mb.source, mb.start)
-                if key not in cache:
-                    cache = {key: train_sources[mb.source][1].read(mb.start, mb.stop)}  # one window at a time
-                window = cache[key]
-                width = min(int(window.lengths[mb.rows].max()) + 1, S)
-                tok, cnt, aux = batch_tensors(window, mb.rows, width, net.pad_idx, device)
-                last = k == len(runs) - 1
-                sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
-                with sync, autocast(device, precision):
-                    count, gene, _ = (ddp or net)(
-                        tok, cnt, aux, full_length=width == S, clip_counts=clip, kernel=kernel
-                    )
-                    loss = batch_loss(count.float(), gene.float(), N, B, S, gene_weight) * (w * world)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                sums += torch.tensor([float(count.detach()) * w, float(gene.detach()) * w], dtype=torch.float64)
-                if w > 0:
-                    n_tokens += int(window.lengths[mb.rows].sum())
-                    flops += 3 * estimate_flops(np.minimum(window.lengths[mb.rows] + 1, S), loaded)
-            if world > 1:
-                torch.distributed.all_reduce(sums)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if fit.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, fit.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_value = float(sums[0] / N + gene_weight * sums[1] / (B * S))
-            losses.append(loss_value)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            bar.update(1)
-        bar.close()
-        entry: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": float(np.mean(losses)) if losses else None,
+    if output_dir.exists():
+        if state.exists() and not resume:
+            raise FileExistsError(f"{output_dir} holds an earlier training run; pass resume=True to continue it.")
+        if not state.exists() and any(output_dir.iterdir()):
+            raise FileExistsError(f"{output_dir} exists and is not empty; choose a new folder for the run.")
+    elif resume:
+        raise FileNotFoundError(f"resume=True but {output_dir} does not exist; start without resume.")
+    if resume and not state.exists():
+        raise FileNotFoundError(f"resume=True but {state} does not exist; start without resume.")
+    try:  # the only reliable test of writability (permissions, read-only file systems, quotas)
+        existing.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".transcriptformer-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write to {existing} ({e.strerror or e}); pass a writable output_dir.") from None
+    return output_dir
+
+
+def _finite_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """A record as strict JSON (NaN written as null), through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite_json(record), indent=1, default=str, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training met a non-finite loss or gradient; nothing of the diverging step was applied or saved."""
+
+
+@dataclass
+class _Run:
+    """One training run: what was prepared before the first step, and the state that changes as it goes."""
+
+    loaded: LoadedModel
+    net: TranscriptFormer
+    options: RunOptions
+    fit: FitOptions
+    output_dir: Path
+    save: Callable[[TranscriptFormer, Path], None]
+    info: dict[str, Any]
+    attention: str
+    device: torch.device = field(init=False)
+    precision: str = field(init=False)
+    rank: int = 0
+    world: int = 1
+    train_sources: list = field(default_factory=list)
+    val_sources: list = field(default_factory=list)
+    plans: list = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    first_epoch: int = 0
+    n_tokens: int = 0
+    flops: float = 0.0
+
+    def prepare(self, train_data: Any, validation: Any, resume: bool) -> None:
+        """Check and open everything, plan every epoch, build the optimiser; resume if asked."""
+        self.device = resolve_device(self.options.device)
+        self.precision = resolve_precision(self.options.precision, self.device)
+        if self.precision == "16" and self.device.type != "cuda":
+            raise ValueError("float16 training needs CUDA (it uses a gradient scaler); use precision='bf16' or '32'.")
+        self.rank, self.world = _distributed()
+        self.kernel = _train_kernel(self.device, self.attention)
+        self.output_dir = check_output_dir(self.output_dir, resume)
+        self.train_sources = open_cells(train_data, self.loaded, self.options, "train")
+        self.val_sources = (
+            open_cells(validation, self.loaded, self.options, "validation") if validation is not None else []
+        )
+        S = self.loaded.seq_len
+        max_tokens = self.options.max_tokens or (32768 if self.device.type == "cuda" else 4096)
+        planner = BatchPlanner.for_model(
+            self.loaded, self.device.type, max_tokens=max_tokens, batch_size=self.options.batch_size
+        )
+        lengths = _lengths(self.train_sources, S, self.fit.window)
+        for _, src, _ in self.train_sources:
+            if (message := src.raw_count_warning()) is not None:
+                warn(message)
+        per_step = self.fit.accumulate * self.world
+        self.plans = [
+            _steps(_plan_epoch(lengths, planner, e, self.fit.seed, self.fit.window), per_step)
+            for e in range(self.fit.epochs)
+        ]
+        total_steps = sum(len(p) for p in self.plans)
+        self.net.to(self.device)
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        fit = self.fit
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=fit.learning_rate, betas=fit.betas, weight_decay=fit.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _schedule(total_steps, fit.warmup_ratio, fit.min_lr_ratio)
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "16" else None
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel  # lazily: only under torchrun
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.net, device_ids=device_ids)
+        self.record = {
+            **provenance(self.info["kind"], self.loaded),
+            **self.info,
+            **dataclasses.asdict(fit),
+            "max_tokens": max_tokens,
+            "batch_size": self.options.batch_size,
+            "precision": self.precision,
+            "device": str(self.device),
+            "world_size": self.world,
+            "steps": total_steps,
+            "train_cells": int(sum(len(n) for n in lengths)),
+            "train": [label for label, _, _ in self.train_sources],
+            "validation": [label for label, _, _ in self.val_sources],
         }
-        entry["step_losses"] = losses
-        if val_sources:
-            net.eval()
-            entry["validation"] = _evaluate(view(), val_sources, options, str(device), precision)
-        history.append(entry)
-        logger.info("epoch %d: %s", epoch + 1, {k: v for k, v in entry.items() if k != "step_losses"})
-        if rank == 0:
-            save(net, output_dir / "epochs" / f"epoch-{epoch + 1}")
-            trainable = {k: v.detach().cpu() for k, v in net.state_dict().items() if _is_trainable(net, k)}
+        if resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Continue from the last complete epoch (the trainer state is read without unpickling code)."""
+        path = self.output_dir / TRAINER_STATE
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises several kinds for a damaged or foreign file
+            raise ValueError(
+                f"{path} cannot be read as a trainer state ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "it is damaged or not one this package wrote: start a new run in another folder."
+            ) from None
+        if not isinstance(saved, dict) or not {"options", "trainable", "optimizer", "epoch"} <= set(saved):
+            raise ValueError(f"{path} is not a trainer state this package wrote; start a new run in another folder.")
+        if saved["options"] != _comparable(self.record):
+            raise ValueError(
+                f"{path} was written with other options; resume with the same options (differences: "
+                f"{_differences(saved['options'], _comparable(self.record))})."
+            )
+        self.net.load_state_dict(saved["trainable"], strict=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        self.first_epoch, self.step, self.history = saved["epoch"] + 1, saved["step"], saved["history"]
+        logger.info("resuming %s after epoch %d (step %d)", self.output_dir, self.first_epoch, self.step)
+
+    def view(self) -> LoadedModel:
+        """The model as it is now (for evaluation)."""
+        return dataclasses.replace(self.loaded, model=self.net)
+
+    def validate(self) -> dict[str, float]:
+        self.net.eval()
+        return evaluate(self.view(), self.val_sources, self.options, str(self.device), self.precision)
+
+    def run(self) -> dict[str, Any]:
+        """Every epoch, then the final model and the record; returns the record."""
+        show = (self.options.progress is not False) and self.rank == 0
+        if self.val_sources and not self.history:
+            self.history.append({"epoch": 0, "step": 0, "validation": self.validate()})
+            self._say(show, f"before training: validation loss {self.history[-1]['validation']['loss']:.4f}")
+        t_start = time.perf_counter()
+        for epoch in range(self.first_epoch, self.fit.epochs):
+            losses = self._epoch(epoch, show)
+            entry: dict[str, Any] = {"epoch": epoch + 1, "step": self.step}
+            entry["train_loss"] = float(np.mean(losses)) if losses else None
+            entry["step_losses"] = losses
+            if self.val_sources:
+                entry["validation"] = self.validate()
+            self.history.append(entry)
+            line = f"epoch {epoch + 1}/{self.fit.epochs}: train loss {entry['train_loss']:.4f}"
+            if self.val_sources:
+                line += f", validation loss {entry['validation']['loss']:.4f}"
+            self._say(show, line)
+            self._checkpoint(epoch)
+        seconds = time.perf_counter() - t_start
+        self.net.eval()
+        record = {**self.record, "history": self.history, "seconds": seconds}
+        record["tokens_per_s"] = self.n_tokens * self.world / seconds if seconds > 0 else None
+        record["train_flops_per_s"] = self.flops * self.world / seconds if seconds > 0 else None  # forward x 3
+        record["best_epoch"] = _best_epoch(self.history)
+        if self.rank == 0:
+            self.save(self.net, self.output_dir)
+            write_json(self.output_dir / HISTORY_FILE, record)
+        if self.world > 1:
+            torch.distributed.barrier()  # every rank returns once the result is on disk
+        return record
+
+    @staticmethod
+    def _say(show: bool, line: str) -> None:
+        """A line of the run's story: above the progress bar when one is shown, and in the log."""
+        logger.info(line)
+        if show:
+            write_above(line)
+
+    def _epoch(self, epoch: int, show: bool) -> list[float]:
+        self.net.train()
+        steps = self.plans[epoch]
+        bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{self.fit.epochs}", unit="step", disable=not show)
+        losses: list[float] = []
+        cache: dict[tuple[int, int], Any] = {}
+        try:
+            for g, group in enumerate(steps):
+                loss = self._step(epoch, g, group, cache)
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                bar.update(1)
+        finally:
+            bar.close()
+        return losses
+
+    def _step(self, epoch: int, g: int, group: list, cache: dict) -> float:
+        """One optimiser step over the micro-batches ``group`` (dealt to the ranks); returns the step's loss."""
+        fit, S, world, rank = self.fit, self.loaded.seq_len, self.world, self.rank
+        per_step = fit.accumulate * world
+        N = sum(mb.n_genes for mb in group)
+        B = sum(len(mb.rows) for mb in group)
+        index = list(range(g * per_step, g * per_step + len(group)))  # micro-batches' places in the epoch
+        mine, ids = group[rank::world], index[rank::world]
+        runs = mine + [group[0]] * (fit.accumulate - len(mine)) if world > 1 else mine
+        ids += [index[0]] * (len(runs) - len(mine))
+        weights = [1.0] * len(mine) + [0.0] * (len(runs) - len(mine))
+        gene_weight = self.loaded.config.loss.gene_id_loss_weight if self.net.gene_id_head is not None else 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(2, dtype=torch.float64)
+        for k, (mb, w, i) in enumerate(zip(runs, weights, ids, strict=True)):
+            # dropout masks depend on the micro-batch alone: the same whatever the split into processes
+            torch.manual_seed(hash((fit.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            key = (mb.source, mb.start)
+            if key not in cache:
+                cache.clear()  # one window at a time
+                cache[key] = self.train_sources[mb.source][1].read(mb.start, mb.stop)
+            window = cache[key]
+            width = min(int(window.lengths[mb.rows].max()) + 1, S)
+            tok, cnt, aux = batch_tensors(window, mb.rows, width, self.net.pad_idx, self.device)
+            last = k == len(runs) - 1
+            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
+            with sync, autocast(self.device, self.precision):
+                count, gene, _ = (self.ddp or self.net)(
+                    tok, cnt, aux, full_length=width == S, clip_counts=self.options.clip_counts, kernel=self.kernel
+                )
+                loss = batch_loss(count.float(), gene.float(), N, B, S, gene_weight) * (w * world)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            sums += torch.tensor([float(count.detach()) * w, float(gene.detach()) * w], dtype=torch.float64)
+            if w > 0:
+                self.n_tokens += int(window.lengths[mb.rows].sum())
+                self.flops += 3 * estimate_flops(np.minimum(window.lengths[mb.rows] + 1, S), self.loaded)
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        step_loss = float(sums[0] / N + gene_weight * sums[1] / (B * S))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, fit.grad_clip if fit.grad_clip is not None else math.inf)
+        if not (math.isfinite(step_loss) and bool(torch.isfinite(norm))) and self.scaler is None:
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch + 1}, step {self.step + 1}: loss {step_loss:g}, gradient norm "
+                f"{float(norm):g}. Nothing of this step was applied, and nothing non-finite was saved (the last "
+                f"complete epoch is in {self.output_dir}). Lower learning_rate ({fit.learning_rate:g}) or clip the "
+                "gradients (grad_clip)."
+            )
+        if self.scaler is not None:  # float16: the scaler skips non-finite steps and lowers its scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return step_loss
+
+    def _checkpoint(self, epoch: int) -> None:
+        """The epoch's model under ``epochs/`` and the state to resume from (written whole, then renamed)."""
+        if self.rank == 0:
+            self.save(self.net, self.output_dir / "epochs" / f"epoch-{epoch + 1}")
+            trainable = {k: v.detach().cpu() for k, v in self.net.state_dict().items() if _is_trainable(self.net, k)}
             state = {
                 "epoch": epoch,
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "trainable": trainable,
-                "history": history,
-                "options": _comparable(record),
+                "history": self.history,
+                "options": _comparable(self.record),
             }
-            tmp = state_path.with_suffix(".tmp")
-            output_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.output_dir / f".{TRAINER_STATE}.tmp"
             torch.save(state, tmp)
-            os.replace(tmp, state_path)
-        if world > 1:
+            os.replace(tmp, self.output_dir / TRAINER_STATE)
+        if self.world > 1:
             torch.distributed.barrier()
-    seconds = time.perf_counter() - t_start
-    net.eval()
-    record["history"] = history
-    record["seconds"] = seconds
-    record["tokens_per_s"] = n_tokens * world / seconds if seconds > 0 else None
-    record["train_flops_per_s"] = flops * world / seconds if seconds > 0 else None  # forward x 3, no padding
-    if rank == 0:
-        save(net, output_dir)
-        (output_dir / HISTORY_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
-    if world > 1:
-        torch.distributed.barrier()  # every rank returns once the result is on disk
-    return record
+
+
+def _best_epoch(history: list[dict[str, Any]]) -> int | None:
+    """The epoch with the lowest validation loss (else training loss); ``None`` before any epoch."""
+    scored = [
+        (e["validation"]["loss"] if "validation" in e else e.get("train_loss"), e["epoch"])
+        for e in history
+        if e["epoch"] > 0
+    ]
+    scored = [(loss, epoch) for loss, epoch in scored if loss is not None and math.isfinite(loss)]
+    return min(scored)[1] if scored else None
 
 
 def _is_trainable(net: torch.nn.Module, key: str) -> bool:
@@ -505,68 +565,88 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
     )
     keys += ("min_lr_ratio", "grad_clip", "accumulate", "seed", "window", "max_tokens", "batch_size", "world_size")
     keys += ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "train")
-    return {k: record.get(k) for k in keys}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, record.get(k)) for k in keys)}
 
 
 def _differences(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
-# --------------------------------------------------------------------------------------------------
-# public entry points
+def _fit(
+    loaded: LoadedModel,
+    net: TranscriptFormer,
+    *,
+    train_data: Any,
+    validation: Any,
+    options: RunOptions,
+    fit: FitOptions,
+    output_dir: Path,
+    resume: bool,
+    save: Callable[[TranscriptFormer, Path], None],
+    info: dict[str, Any],
+    attention: str,
+) -> dict[str, Any]:
+    """The one path of :func:`train` and :func:`finetune`: prepare (every check), run, save; the record."""
+    run = _Run(loaded, net, options, fit, Path(output_dir), save, info, attention)
+    run.prepare(train_data, validation, check_bool(resume, "resume"))
+    return run.run()
 
 
-@with_run_options
+def _data_first(train: Any, model: Any, tool: str) -> tuple[Any, Any]:
+    """``(train, model)``, swapping the former order ``(model, train)`` with a deprecation warning."""
+    if looks_like_model(train) and not looks_like_model(model):
+        deprecated(f"{tool}(model, train)", f"{tool}(train, model), the order of every tool")
+        return model, train
+    return train, model
+
+
+def _summary(record: dict[str, Any], output_dir: Path, how_to_load: str) -> str:
+    best = record.get("best_epoch")
+    last = record["history"][-1] if record["history"] else {}
+    loss = last.get("validation", {}).get("loss", last.get("train_loss"))
+    lines = [
+        f"saved to {output_dir} ({record['steps']} steps in {record['seconds']:.0f} s); load it with {how_to_load}"
+    ]
+    if loss is not None:
+        lines.append(f"final {'validation' if 'validation' in last else 'training'} loss {loss:.4f}")
+    if best is not None and best != last.get("epoch"):
+        lines.append(f"best epoch {best}: its model is in {output_dir / 'epochs' / f'epoch-{best}'}")
+    return "; ".join(lines)
+
+
+@documents_run_options
 def train(
-    model: Any,
     train: Any,
+    model: Any,
     *,
     output_dir: str | os.PathLike,
     validation: Any = None,
-    epochs: int = 1,
-    learning_rate: float = 5.5e-5,
-    weight_decay: float = 0.05,
-    warmup_ratio: float = 0.1,
-    min_lr_ratio: float = 0.1,
-    grad_clip: float | None = 1.0,
-    accumulate: int = 1,
-    seed: int = 0,
     resume: bool = False,
     attention: str = "auto",
-    options: RunOptions,
+    **options: Unpack[TrainKwargs],
 ) -> Path:
     """Train every weight of a model (the frozen ESM2 gene vectors excepted) on cells; save it.
 
     Parameters
     ----------
+    train
+        Training cells: an AnnData, an h5ad path (read backed, in windows), or a list of them.
     model
         A model from :func:`transcriptformer.new_model`, or any checkpoint to train further (a folder, a
         registry name, a loaded model); it is copied, never modified.
-    train
-        Training cells: an AnnData, an h5ad path (read backed, in windows), or a list of them.
     output_dir
         A new folder. It receives the final model in the published checkpoint layout (``config.json``,
         ``model_weights.pt``, ``vocabs/``: what :func:`transcriptformer.load_model` and the published
-        ``transcriptformer inference`` read), ``training.json`` (options, loss history, throughput), a
-        checkpoint per epoch under ``epochs/`` and ``trainer_state.pt`` (to resume).
+        ``transcriptformer inference`` read), ``training.json`` (options, loss history, throughput, best epoch),
+        a checkpoint per epoch under ``epochs/`` and ``trainer_state.pt`` (to resume).
     validation
-        Held-out cells, evaluated before training and after every epoch with :func:`cell_losses`.
-    epochs
-        Passes over the training cells.
-    learning_rate, weight_decay
-        AdamW's (betas 0.9, 0.95).
-    warmup_ratio, min_lr_ratio
-        Linear warm-up over this share of the steps, then a cosine decay to ``min_lr_ratio`` times the rate.
-    grad_clip
-        Clip the gradients' global norm (``None``: no clipping).
-    accumulate
-        Micro-batches per optimiser step (per process).
-    seed
-        The run is a function of the seed (data order, dropout), deterministic on CPU.
+        Held-out cells, evaluated before training and after every epoch with
+        :func:`~transcriptformer.training.objective.cell_losses`.
     resume
         Continue a run in ``output_dir`` from its last complete epoch (same options).
     attention
         ``"auto"`` (flex_attention on CUDA, dense elsewhere), ``"dense"``, ``"flex"``.
+    {fit_options}
     {run_options}
 
     Returns
@@ -574,18 +654,10 @@ def train(
     pathlib.Path
         ``output_dir``.
     """
-    fit = FitOptions(
-        epochs=epochs,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        min_lr_ratio=min_lr_ratio,
-        grad_clip=grad_clip,
-        accumulate=accumulate,
-        seed=seed,
-    )
+    train, model = _data_first(train, model, "train")
+    fit, opts = _split_kwargs(dict(options), "train", {"learning_rate": 5.5e-5, "weight_decay": 0.05})
     check_bool(resume, "resume")
-    loaded = load_model(model, cache_dir=options.cache_dir)
+    loaded = load_model(model, cache_dir=opts.cache_dir)
     net = copy.deepcopy(loaded.model)
     net.requires_grad_(True)
     net.gene_embeddings.embedding.weight.requires_grad_(False)  # the ESM2 gene vectors stay frozen
@@ -593,13 +665,13 @@ def train(
     def save(weights: TranscriptFormer, folder: Path) -> None:
         save_checkpoint(loaded, folder, model=weights, overwrite=True)
 
-    info = {"kind": "train", "base_model": loaded.name, "base_weights_sha256": loaded.weights_sha256}
-    _fit(
+    info = {"kind": "train", "base_model": loaded.name, "base_weights_sha256": loaded.identity}
+    record = _fit(
         loaded,
         net,
         train_data=train,
         validation=validation,
-        options=options,
+        options=opts,
         fit=fit,
         output_dir=Path(output_dir),
         resume=resume,
@@ -607,10 +679,12 @@ def train(
         info=info,
         attention=attention,
     )
-    return Path(output_dir)
+    out = Path(output_dir).expanduser()
+    _Run._say(opts.progress is not False, _summary(record, out, f"transcriptformer.load_model({str(out)!r})"))
+    return out
 
 
-@with_run_options
+@documents_run_options
 def finetune(
     train: Any,
     model: Any = "tf-sapiens",
@@ -620,44 +694,37 @@ def finetune(
     lora_r: int = 4,
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
-    target_modules: Sequence[str] = ("linear1", "linear2", "linears"),
-    epochs: int = 1,
-    learning_rate: float = 5e-4,
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.1,
-    min_lr_ratio: float = 0.1,
-    grad_clip: float | None = 1.0,
-    accumulate: int = 1,
-    seed: int = 0,
+    target_modules: Sequence[str] = lora.DEFAULT_TARGET_MODULES,
     resume: bool = False,
     attention: str = "auto",
-    options: RunOptions,
+    **options: Unpack[TrainKwargs],
 ) -> Path:
     """Fine-tune a model with LoRA adapters; only the adapters are trained and saved.
 
     The adapters add ``(lora_alpha / lora_r) · B A`` to the selected linear layers (names as in the
     published LoRA example: ``linear1``/``linear2`` are the feed-forward block, ``linears`` the Q, K, V and
-    output projections of every attention block). They are saved in PEFT's format, with the base
-    checkpoint's sha256; load them with ``transcriptformer.load_model(base, adapter=output_dir)`` or
+    output projections of every attention block). They are saved in PEFT's format, with the identity of the
+    weights they were trained on; load them with ``transcriptformer.load_model(base, adapter=output_dir)`` or
     ``model=(base, output_dir)`` anywhere (``--adapter`` on the command line). Needs ``peft``
-    (``pip install transcriptformer[finetune]``).
+    (``pip install transcriptformer-scanpy[finetune]``).
 
     Parameters
     ----------
     train
         Training cells: an AnnData, an h5ad path (read backed, in windows), or a list of them.
     model
-        The base model (folder, registry name, loaded model); never modified.
+        The base model (folder, registry name, loaded model, or an adapted model); never modified.
     output_dir
         A new folder: the adapter (``adapter_config.json``, ``adapter_model.safetensors``,
         ``transcriptformer_adapter.json``), ``training.json``, one adapter per epoch under ``epochs/`` and
         ``trainer_state.pt`` (to resume).
     validation
-        Held-out cells, evaluated before training and after every epoch with :func:`cell_losses`.
+        Held-out cells, evaluated before training and after every epoch.
     lora_r, lora_alpha, lora_dropout, target_modules
         The adapters' rank, scale, dropout and the layers they wrap.
-    epochs, learning_rate, weight_decay, warmup_ratio, min_lr_ratio, grad_clip, accumulate, seed, resume, attention
+    resume, attention
         As in :func:`train`.
+    {fit_options}
     {run_options}
 
     Returns
@@ -665,26 +732,18 @@ def finetune(
     pathlib.Path
         ``output_dir`` (the adapter folder).
     """
-    fit = FitOptions(
-        epochs=epochs,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        min_lr_ratio=min_lr_ratio,
-        grad_clip=grad_clip,
-        accumulate=accumulate,
-        seed=seed,
-    )
+    train, model = _data_first(train, model, "finetune")
+    fit, opts = _split_kwargs(dict(options), "finetune", {"learning_rate": 5e-4, "weight_decay": 0.0})
     check_bool(resume, "resume")
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    base = load_model(model, cache_dir=options.cache_dir)
+    base = load_model(model, cache_dir=opts.cache_dir)
     net = copy.deepcopy(base.model)
-    torch.manual_seed(seed)  # the adapters' initialisation
+    torch.manual_seed(fit.seed)  # the adapters' initialisation
     wrapped = lora.apply_lora(net, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets)
     info = {
         "kind": "finetune",
         "base_model": base.name,
-        "base_weights_sha256": base.weights_sha256,
+        "base_weights_sha256": base.identity,
         "lora_r": lora_r,
         "lora_alpha": lora_alpha,
         "lora_dropout": lora_dropout,
@@ -700,7 +759,7 @@ def finetune(
         net,
         train_data=train,
         validation=validation,
-        options=options,
+        options=opts,
         fit=fit,
         output_dir=Path(output_dir),
         resume=resume,
@@ -708,13 +767,17 @@ def finetune(
         info=info,
         attention=attention,
     )
-    adapter = json.loads((Path(output_dir) / lora.ADAPTER_INFO_FILE).read_text())
-    logger.info(
-        "saved a LoRA adapter of %s parameters (%.2f MB) for a base of %s parameters (%.1f MB); final loss %s",
-        f"{adapter['adapter_parameters']:,}",
-        adapter["adapter_bytes"] / 1e6,
-        f"{adapter['base_parameters']:,}",
-        adapter["base_bytes"] / 1e6,
-        record["history"][-1] if record["history"] else None,
+    out = Path(output_dir).expanduser()
+    adapter = json.loads((out / ADAPTER_INFO_FILE).read_text())
+    how = f"model=({base.name!r}, {str(out)!r}) or transcriptformer.load_model(base, adapter={str(out)!r})"
+    summary = _summary(record, out, how)
+    summary += (
+        f"; an adapter of {adapter['adapter_parameters']:,} parameters ({adapter['adapter_bytes'] / 1e6:.2f} MB) "
+        f"for a base of {adapter['base_parameters']:,}"
     )
-    return Path(output_dir)
+    _Run._say(opts.progress is not False, summary)
+    return out
+
+
+for _f in (train, finetune):
+    _f.__doc__ = (_f.__doc__ or "").replace("    {fit_options}", FIT_OPTIONS_DOC)

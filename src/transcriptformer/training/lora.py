@@ -9,7 +9,6 @@ loading are :mod:`transcriptformer.weights.adapter`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from ..model import TranscriptFormer
-from ..weights.adapter import ADAPTER_INFO_FILE, PREFIX, WEIGHTS_FILE, peft
+from ..weights.adapter import PREFIX, peft, write_adapter
 from ..weights.loaded import LoadedModel
 
 __all__ = ["DEFAULT_TARGET_MODULES", "adapter_state", "apply_lora", "resolve_target_modules", "save_adapter"]
@@ -95,30 +94,23 @@ def adapter_state(wrapped: Any) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(wrapped: Any, folder: str | os.PathLike, *, base: LoadedModel, info: dict[str, Any]) -> Path:
-    """Write an adapter (PEFT's two files and our record) into ``folder``; returns the folder.
+    """Write an adapter (PEFT's two files and our record) into ``folder``, atomically; returns the folder.
 
-    ``info`` (options, training history) is stored in ``transcriptformer_adapter.json`` with the base
-    checkpoint's sha256 and the adapter's size beside the base's.
+    The record (``transcriptformer_adapter.json``) holds ``info`` (options), the identity of the weights the
+    adapter was trained on (``base.identity``: for an adapted base, that of the adapted weights), the sha256 of
+    the two other files, and the adapter's size beside the base's.
     """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = wrapped.peft_config["default"]
-    config.save_pretrained(str(folder))
     state = adapter_state(wrapped)
-    save_file(state, str(folder / WEIGHTS_FILE))
     n_adapter = sum(v.numel() for v in state.values())
-    n_base = sum(v.numel() for k, v in base.model.state_dict().items())
+    n_base = sum(v.numel() for v in base.model.state_dict().values())
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in wrapped.peft_config["default"].to_dict().items()}
     record = {
         "base_model": base.name,
         "base_path": None if base.path is None else str(base.path),
-        "base_weights_sha256": base.weights_sha256,
+        **info,
+        "base_weights_sha256": base.identity,
         "adapter_parameters": n_adapter,
         "base_parameters": n_base,
-        "adapter_bytes": (folder / WEIGHTS_FILE).stat().st_size,
         "base_bytes": 4 * n_base,
-        **info,
     }
-    (folder / ADAPTER_INFO_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
-    return folder
+    return write_adapter(folder, config, state, record)

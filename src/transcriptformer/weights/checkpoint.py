@@ -526,7 +526,14 @@ def new_model(
     if assay_vocab is None:
         labels: dict[str, int] = {}
     elif isinstance(assay_vocab, Mapping):
-        labels = {str(k): int(v) for k, v in assay_vocab.items()}
+        labels = dict(assay_vocab)
+        bad = {k: v for k, v in labels.items() if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 100_000}
+        if bad or len(set(labels.values())) != len(labels):
+            raise ValueError(
+                f"assay_vocab: every label needs its own index, an integer from 0 to 99,999 (one embedding row "
+                f"each), got {bad or assay_vocab}."
+            )
+        labels = {str(k): int(v) for k, v in labels.items()}
     else:
         labels = {"unknown": 0, **{str(a): i + 1 for i, a in enumerate(x for x in assay_vocab if x != "unknown")}}
     config = TranscriptFormerConfig(

@@ -41,6 +41,11 @@ def check_layout(path: Path, config: TranscriptFormerConfig | None = None) -> No
             f"checkpoint {str(path)!r} is a file, not a folder. Pass the folder holding config.json, "
             "model_weights.pt and vocabs/ (or a registry name such as 'tf-sapiens')."
         )
+    if (path / "adapter_config.json").is_file() and not (path / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} is a LoRA adapter folder, not a checkpoint: pass the model it was trained on with it, "
+            f"model=(base, {str(path)!r}) (or load_model(base, adapter=...))."
+        )
     missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE, VOCAB_DIR) if not (path / n).exists()]
     if config is not None:
         missing += [f"{VOCAB_DIR}/{f}" for f in config.data.esm2_mappings if not (path / VOCAB_DIR / f).is_file()]

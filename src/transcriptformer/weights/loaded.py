@@ -78,6 +78,15 @@ class LoadedModel:
         return self.config.model.seq_len
 
     @property
+    def identity(self) -> str:
+        """What the weights in use are: ``weights_sha256``, or for an adapted model a digest of the base's identity.
+
+        For an adapted model the digest covers the base's identity and the adapter's files: what an adapter
+        trained on this model records, and what loading it checks.
+        """
+        return self.adapter["identity"] if self.adapter else self.weights_sha256
+
+    @property
     def embed_dim(self) -> int:
         """Width of the embeddings."""
         return self.config.model.embed_dim

@@ -211,6 +211,16 @@ ENTRIES += (
         bundled="_data/tf_demo",
     ),
     Entry(
+        "tf-tiny",
+        "model",
+        "",
+        "tf_tiny",
+        None,
+        None,
+        "Tiny random checkpoint in the published layout (ships with the package; for examples and tests)",
+        bundled="_data/tf_tiny",
+    ),
+    Entry(
         "human-val",
         "dataset",
         "human_val.h5ad",
@@ -543,12 +553,7 @@ def fetch(
         raise ValueError(f"the cache folder {root} is a file; pass another folder or remove the file.")
     if not force and _is_complete(folder):
         return folder
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create the cache folder {root} ({e.strerror or e}); pass a writable one.") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ValueError(f"the cache folder {root} is not writable; pass a writable folder.")
+    _writable(root)
     # one download per cache folder at a time (several torchrun processes may ask at once)
     with _lock(root, entry.folder):
         if not force and _is_complete(folder):
@@ -621,7 +626,7 @@ def fetch_dataset(
     root = cache_path(cache_dir)
     folder = root / entry.folder
     target = folder / entry.file
-    folder.mkdir(parents=True, exist_ok=True)
+    _writable(folder)
     with _lock(root, f"{entry.folder}-{entry.file}"):
         if target.is_file() and not force:
             _check_dataset(entry, target, root)
@@ -669,6 +674,23 @@ def _check_dataset(entry: Entry, path: Path, root: Path) -> None:
         )
 
 
+def _writable(folder: Path) -> None:
+    """Create ``folder`` if needed; a cache that cannot be written to is an error naming it, with the fix."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the cache folder {folder} is a file; pass another cache_dir or remove the file.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"cannot create the cache folder {folder} ({e.strerror or e}); pass a writable cache_dir (or set "
+            "TRANSCRIPTFORMER_CACHE)."
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"the cache folder {folder} is not writable; pass a writable cache_dir (or set TRANSCRIPTFORMER_CACHE)."
+        )
+
+
 def _retrieve(url: str, known: str | None, fname: str, downloads: Path, progress: bool, root: Path) -> None:
     import pooch
     import requests
@@ -686,10 +708,18 @@ def _retrieve(url: str, known: str | None, fname: str, downloads: Path, progress
         while (inner := root_cause.__cause__ or root_cause.__context__) is not None:
             root_cause = inner
         reason = f"{type(root_cause).__name__}: {str(root_cause).splitlines()[0][:200] if str(root_cause) else ''}"
+        if fname.endswith(".tar.gz"):
+            advice = (
+                f"point TRANSCRIPTFORMER_BASE_URL at a mirror, or fetch {fname} on a machine that can reach it, unpack "
+                "it and pass the folder itself (model=<folder> / --checkpoint-path <folder>)"
+            )
+        else:
+            advice = (
+                f"point TRANSCRIPTFORMER_DATA_URL at a mirror serving {fname}, or fetch it on a machine that can "
+                "reach it and read it with anndata.read_h5ad"
+            )
         raise _download_error()(
-            f"could not download {url} ({reason}). Nothing was cached. Check the connection and retry, "
-            f"point TRANSCRIPTFORMER_BASE_URL at a mirror, or fetch {fname} on a machine that can reach it, "
-            "unpack it and pass the folder itself (model=<folder> / --checkpoint-path <folder>)."
+            f"could not download {url} ({reason}). Nothing was cached. Check the connection and retry, {advice}."
         ) from e
     except ValueError as e:
         if "hash" in str(e).lower():
