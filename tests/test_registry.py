@@ -584,7 +584,9 @@ def test_cli_download_of_what_ships_with_the_package(tmp_path, cli):
     assert proc.returncode == 0, proc.stderr
     copied = tmp_path / "ckpts" / "tf_demo"
     assert proc.stdout.strip().endswith(str(copied))
-    assert (copied / "model_weights.pt").read_bytes() == (tfs.models.path("tf-demo") / "model_weights.pt").read_bytes()
+    assert (copied / "model_weights.pt").read_bytes() == (
+        tfs.models.path("tf-demo") / "model_weights.pt"
+    ).read_bytes()
     assert transcriptformer.load_model(copied).name == "tf_demo"
     (copied / "config.json").write_text("{}")  # present: kept as it is, unless --force
     assert cli("download", "tf-demo", "--checkpoint-dir", tmp_path / "ckpts", check=False).returncode == 0
