@@ -503,3 +503,72 @@ def test_manifest_records_the_fingerprint(tiny_model, cells, tmp_path):
     stored = ad.read_h5ad(tmp_path / "m.shards" / "cells.h5ad")
     assert list(stored.obs_names) == list(cells.obs_names)
     assert isinstance(stored.obs, pd.DataFrame) and not sp.issparse(stored.X)
+
+
+# -- the scanpy face: SOMA input, results streamed into a file ----------------------------------------------------
+
+
+def test_tl_embed_of_a_soma_experiment_streamed_into_a_file(tiny_path, reference, soma_uri, tmp_path, monkeypatch):
+    adata = tfs.read_soma(soma_uri, layer="data", var_id="ensembl_id", obs_columns=["assay", "cell_type"])
+    out = tmp_path / "emb.zarr"
+    _stop_after(monkeypatch, 2)
+    with pytest.raises(_Stop):
+        tfs.tl.embed(adata, model=tiny_path, llh=True, out=out, shard_size=5)
+    monkeypatch.undo()
+    assert "transcriptformer" not in adata.uns and not out.exists()  # all or nothing
+    assert tfs.tl.embed(adata, model=tiny_path, llh=True, out=out, shard_size=5) is None
+    assert "X_transcriptformer" not in adata.obsm and "transcriptformer_llh" not in adata.obs
+    params = adata.uns["transcriptformer"]["params"]
+    assert params["out"] == str(out) and params["keys"] == ["uns/transcriptformer"] and params["n_shards"] == 5
+    result = ad.read_zarr(out)
+    assert list(result.obs_names) == [str(i) for i in range(21)] and list(result.obs.columns[:2]) == [
+        "assay",
+        "cell_type",
+    ]
+    np.testing.assert_allclose(result.obsm["X_transcriptformer"], reference.embeddings, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(result.obs["transcriptformer_llh"], reference.llh, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(result.uns["transcriptformer"]["llh"], reference.llh, atol=1e-6, rtol=0)
+    recorded = result.uns["transcriptformer"]["params"]
+    assert recorded["tool"] == "embed" and "obsm/X_transcriptformer" in list(recorded["keys"])
+
+
+def test_tl_out_keeps_the_conventions(tiny_path, tiny_adata, reference, tmp_path):
+    tfs.tl.embed(tiny_adata, model=tiny_path)  # in memory first: the file run under the same key replaces it
+    before = {k: v.copy() for k, v in tiny_adata.obsm.items()}
+    with pytest.raises(ValueError, match=r"out='x\.csv': the results are written to an \.h5ad file or a \.zarr"):
+        tfs.tl.embed(tiny_adata, model=tiny_path, out="x.csv")
+    with pytest.raises(ValueError, match="shard_size must be a positive integer"):
+        tfs.tl.embed(tiny_adata, model=tiny_path, out=tmp_path / "x.h5ad", shard_size=0)
+    assert tiny_adata.obsm.keys() == before.keys()
+    copy = tfs.tl.embed(tiny_adata, model=tiny_path, out=tmp_path / "e.h5ad", copy=True)
+    assert "X_transcriptformer" in tiny_adata.obsm  # copy=True: adata untouched
+    assert "X_transcriptformer" not in copy.obsm and copy.uns["transcriptformer"]["params"]["out"].endswith("e.h5ad")
+    np.testing.assert_allclose(
+        ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_transcriptformer"], reference.embeddings, atol=1e-6, rtol=0
+    )
+    with pytest.raises(ValueError, match=r"level='gene' .* is computed in memory"):
+        tfs.tl.likelihood(tiny_adata, model=tiny_path, level="gene", out=tmp_path / "l.h5ad")
+    tfs.tl.likelihood(tiny_adata, model=tiny_path, out=tmp_path / "l.h5ad", key_added="ll")
+    assert tiny_adata.uns["ll_llh"]["params"]["out"] == str(tmp_path / "l.h5ad") and "ll_llh" not in tiny_adata.obs
+    lik = ad.read_h5ad(tmp_path / "l.h5ad")
+    np.testing.assert_allclose(lik.obs["ll_llh"], reference.llh, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(lik.uns["ll_llh"]["llh"], reference.llh, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(lik.obs["ll_n_genes"], reference.n_genes)
+
+
+def test_tl_gene_embeddings_and_likelihood_of_a_soma_experiment(tiny_path, tiny_adata, soma_uri):
+    adata = tfs.read_soma(soma_uri, layer="data", var_id="ensembl_id")
+    tfs.tl.gene_embeddings(adata, model=tiny_path)
+    tfs.tl.gene_embeddings(tiny_adata, model=tiny_path)
+    np.testing.assert_allclose(
+        adata.varm["X_transcriptformer_genes"], tiny_adata.varm["X_transcriptformer_genes"], atol=1e-6, rtol=0
+    )
+    np.testing.assert_array_equal(
+        adata.var["transcriptformer_genes_n_cells"], tiny_adata.var["transcriptformer_genes_n_cells"]
+    )
+    tfs.tl.likelihood(adata, model=tiny_path, level="gene")
+    tfs.tl.likelihood(tiny_adata, model=tiny_path, level="gene")
+    np.testing.assert_allclose(adata.obs["transcriptformer_llh"], tiny_adata.obs["transcriptformer_llh"], atol=1e-6)
+    a, b = adata.layers["transcriptformer_count_nll"], tiny_adata.layers["transcriptformer_count_nll"]
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.data, b.data, atol=1e-5, rtol=0)

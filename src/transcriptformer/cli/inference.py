@@ -654,11 +654,6 @@ def _run_streaming(
     return path
 
 
-def shard_folder(path: Path) -> Path:
-    """Where a resumable run keeps its shards: beside the output, ``<output name>.shards``."""
-    return path.parent / f"{path.name}.shards"
-
-
 def _check_resumable(args: argparse.Namespace, outputs: Sequence[str], path: Path) -> None:
     if args.data_file and len(args.data_file) > 1:
         raise CLIError("--resumable takes one input (one --data-file, or --soma-uri); run one command per file.")
@@ -679,7 +674,7 @@ def _check_resumable(args: argparse.Namespace, outputs: Sequence[str], path: Pat
 def _run_resumable(args: argparse.Namespace, loaded, outputs, options, path: Path, source: str) -> Path | None:
     """Compute the missing shards of ``<output>.shards`` (this rank's share), then merge them into ``path``."""
     from ..inference.pipeline import infer_sharded
-    from ..inference.shards import Destination, OutputSpec
+    from ..inference.shards import Destination, OutputSpec, shard_folder
 
     destinations = [Destination("obsm", h, h) for h in outputs]
     if "llh" in outputs:

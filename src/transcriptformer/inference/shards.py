@@ -59,8 +59,11 @@ __all__ = [
     "Destination",
     "OutputSpec",
     "ShardStore",
+    "check_output_path",
     "digest_of",
     "frame_digest",
+    "read_params",
+    "shard_folder",
 ]
 
 FORMAT = "transcriptformer-shards"
@@ -72,6 +75,49 @@ SHARD_DIR = "shards"
 DEFAULT_SHARD_SIZE = 16384
 _PART = re.compile(r"^part-(\d{6,})\.npz$")
 _KINDS = ("obsm", "obs", "uns", "uns_frame")
+
+
+def shard_folder(output: str | os.PathLike) -> Path:
+    """Where a resumable run writing ``output`` keeps its shards: beside it, ``<output name>.shards``."""
+    path = Path(output).expanduser()
+    return path.parent / f"{path.name}.shards"
+
+
+def check_output_path(output: Any, name: str = "out") -> Path:
+    """A merged output's path, checked before any compute: an ``.h5ad`` file or a ``.zarr`` store, writable."""
+    if not isinstance(output, str | os.PathLike) or not str(output).strip():
+        raise ValueError(f"{name} must be the path of an .h5ad file or a .zarr store, got {output!r}.")
+    path = Path(output).expanduser()
+    if path.suffix not in (".h5ad", ".zarr"):
+        raise ValueError(f"{name}={str(output)!r}: the results are written to an .h5ad file or a .zarr store.")
+    if path.suffix == ".h5ad" and path.is_dir():
+        raise ValueError(f"{name}={str(output)!r} is an existing folder; pass the path of an .h5ad file.")
+    if path.suffix == ".zarr" and path.exists() and not path.is_dir():
+        raise ValueError(f"{name}={str(output)!r} is an existing file; pass the path of a .zarr store.")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}={str(output)!r}: {existing} is not a writable folder; pass another path.")
+    return path
+
+
+def read_params(output: str | os.PathLike, key: str) -> dict[str, Any]:
+    """``uns[key]["params"]`` of a merged output (read alone, without the arrays)."""
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+
+    path = Path(output)
+    if path.suffix == ".zarr":
+        import zarr
+
+        return dict(read_elem(zarr.open_group(str(path), mode="r")[f"uns/{key}/params"]))
+    import h5py
+
+    with h5py.File(path, "r") as h:
+        return dict(read_elem(h[f"uns/{key}/params"]))
 
 
 def digest_of(value: Any) -> str:
