@@ -51,6 +51,15 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (``VmHWM``): ``getrusage``'s ``ru_maxrss`` keeps the parent's peak across exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def human_genes() -> list[str]:
     import transcriptformer
 
@@ -160,8 +169,6 @@ def worker(spec: dict) -> dict:
             stop.wait(0.05)
 
     threading.Thread(target=sample, daemon=True).start()
-    import resource
-
     import transcriptformer
     from transcriptformer.data.tokenizer import TokenizeOptions
 
@@ -223,7 +230,7 @@ def worker(spec: dict) -> dict:
         "seconds": seconds,
         "open_seconds": t_open,
         "cells_per_s": n / seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
         "rss_after_model_mb": rss_model,
         "rss_after_open_mb": rss_open,
         "rss_trace_max_mb": max(samples, default=0.0),

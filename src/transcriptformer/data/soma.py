@@ -201,7 +201,10 @@ def _var_frame(var: pd.DataFrame, var_id: str, measurement: str) -> pd.DataFrame
             f"var[{var_id!r}] of measurement {measurement!r} does not hold Ensembl gene ids (e.g. {ids[:3]}), which "
             f"TranscriptFormer's vocabularies use; {hint}."
         )
-    var.index = pd.Index([str(v) if isinstance(v, str) else "" for v in ids], dtype=object)
+    # a gene without an id gets a name of its own (no vocabulary gene has it), so var_names stay unique
+    joinids = var["soma_joinid"].tolist()
+    names = [v if isinstance(v, str) and v else f"missing-{var_id}-{j}" for v, j in zip(ids, joinids, strict=True)]
+    var.index = pd.Index(names, dtype=object)
     return var
 
 
@@ -249,8 +252,9 @@ def read_soma(
         ``X``: a dask array of the selected cells (ascending ``soma_joinid``) x the measurement's genes with CSR
         chunks of ``chunk_size`` cells, read from ``layer`` when computed; ``obs``: ``obs_columns``, indexed by
         ``soma_joinid`` (as text; index name ``"soma_joinid"``); ``var``: the measurement's ``var``, indexed by
-        ``var_id``; ``uns["soma"]``: where the cells come from (URI, measurement, layer, filter). An experiment
-        opened here stays open as long as ``X`` is referenced.
+        ``var_id`` (a gene without an id is named ``missing-<var_id>-<soma_joinid>``); ``uns["soma"]``: where
+        the cells come from (URI, measurement, layer, filter). An experiment opened here stays open as long as
+        ``X`` is referenced.
 
     Raises
     ------

@@ -173,23 +173,33 @@ def input_identity(adata: Any, source: CellSource, *, sample: int = 64) -> dict[
     """What identifies an input for a sharded run: its size, digests of its cell names, gene ids and first cells.
 
     Cheap at any size: the cell names are hashed by pandas a million at a time, and only the first ``sample``
-    cells' counts are read (tokenised, so the gene selection and options are covered too).
+    cells' counts are read (as stored, every column: options that change how they are read are recorded
+    separately).
     """
     import hashlib
 
-    first = source.read(0, min(source.n_obs, sample)) if source.n_obs else None
+    import scipy.sparse as sp
+
     h = hashlib.sha256()
-    if first is not None:
-        for part in (first.tokens, first.counts, first.lengths, first.aux):
+    if source.n_obs:
+        block = source.matrix[0 : min(source.n_obs, sample)]
+        if hasattr(block, "compute") and not isinstance(block, np.ndarray):
+            block = block.compute()
+        if sp.issparse(block):
+            block = sp.csr_matrix(block, dtype=np.float32)
+            block.sum_duplicates()
+            parts = [block.indptr.astype(np.int64), block.indices.astype(np.int64), block.data]
+        else:
+            parts = [np.asarray(block, dtype=np.float32)]
+        for part in parts:
             h.update(np.ascontiguousarray(part).tobytes())
-    genes = source.var_names[source.columns] if source.var_names is not None else source.columns
+    genes = source.var_names if source.var_names is not None else pd.RangeIndex(source.matrix.shape[1])
     return {
         "n_obs": int(source.n_obs),
         "n_vars": int(source.matrix.shape[1]),
         "counts_source": source.source,
         "obs_names_sha256": frame_digest(adata.obs_names),
         "genes_sha256": frame_digest(pd.Index([str(g) for g in genes])),
-        "gene_tokens_sha256": frame_digest(pd.Index(source.column_tokens.astype(str))),
         "first_cells_sha256": h.hexdigest(),
     }
 
