@@ -14,6 +14,7 @@ function here is called.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -311,7 +312,8 @@ def read_soma(
         dtype = array.schema.field("soma_data").type.to_pandas_dtype()
         rows = SomaRows(array, obs_ids, var_ids, dtype, owner=exp if opened else None)
         meta = sp.csr_matrix((0, 0), dtype=dtype)
-        name = f"soma-{exp.uri}-{measurement}-{layer}-{obs_filter}-{len(obs_ids)}-{id(rows)}"
+        key = repr((str(exp.uri), measurement, layer, obs_filter, len(obs_ids), int(obs_ids[0]), id(rows)))
+        name = "read-soma-" + hashlib.sha1(key.encode()).hexdigest()[:16]
         X = da.from_array(rows, chunks=(chunk_size, len(var_ids)), asarray=False, fancy=False, meta=meta, name=name)
     except BaseException:
         if opened:
