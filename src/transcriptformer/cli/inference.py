@@ -457,7 +457,7 @@ def _open_input(path: str, args: argparse.Namespace):
             return ad.experimental.read_lazy(path)
         except ImportError as e:
             raise CLIError(
-                f"reading the zarr store {path} lazily needs {e}: pip install 'transcriptformer[lazy]'."
+                f"reading the zarr store {path} lazily needs {e}: pip install 'transcriptformer-scanpy[lazy]'."
             ) from None
     return ad.read_h5ad(path, backed="r")
 

@@ -8,7 +8,7 @@ its gene ids. Everything downstream (the tokeniser, every tool, the command line
 as it reads a backed h5ad file or a lazily read zarr store, so memory does not grow with the number of cells
 (the cells' ``soma_joinid`` and requested ``obs`` columns aside).
 
-tiledbsoma and dask are optional dependencies (``pip install "transcriptformer[soma]"``), imported when a
+tiledbsoma and dask are optional dependencies (``pip install "transcriptformer-scanpy[soma]"``), imported when a
 function here is called.
 """
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["INSTALL_HINT", "SomaRows", "read_soma"]
 
 #: How to install what this module needs.
-INSTALL_HINT = 'pip install "transcriptformer[soma]"'
+INSTALL_HINT = 'pip install "transcriptformer-scanpy[soma]"'
 #: The CELLxGENE Census schema: Ensembl gene ids in ``var["feature_id"]``, raw counts in the ``"raw"`` layer.
 DEFAULT_VAR_ID = "feature_id"
 DEFAULT_LAYER = "raw"
