@@ -50,7 +50,7 @@ import pandas as pd
 
 from .._files import read_json, write_json_atomic
 from .._meta import __version__
-from .._progress import tqdm
+from .._progress import PROGRESS_DELAY_S, tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -506,7 +506,13 @@ class ShardStore:
         handle: Any = _zarr_group(tmp) if zarr_out else h5py.File(tmp, "r+")
         try:
             datasets: dict[str, Any] = {}
-            bar = tqdm(total=self.n_obs, unit="cell", desc="merging shards", disable=progress is False)
+            bar = tqdm(
+                total=self.n_obs,
+                unit="cell",
+                desc="merging shards",
+                delay=0.0 if progress else PROGRESS_DELAY_S,
+                disable=progress is False,
+            )
             for index in range(self.n_shards):
                 arrays, shard_stats = self.read(index)
                 stats.append(shard_stats)
