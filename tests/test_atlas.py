@@ -572,3 +572,17 @@ def test_tl_gene_embeddings_and_likelihood_of_a_soma_experiment(tiny_path, tiny_
     a, b = adata.layers["transcriptformer_count_nll"], tiny_adata.layers["transcriptformer_count_nll"]
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_allclose(a.data, b.data, atol=1e-5, rtol=0)
+
+
+def test_missing_optional_dependencies_say_what_to_install(monkeypatch):
+    from transcriptformer.data.soma import read_soma
+
+    monkeypatch.setitem(sys.modules, "tiledbsoma", None)  # as if not installed
+    with pytest.raises(ImportError, match=r'tiledbsoma: pip install "transcriptformer-scanpy\[soma\]"'):
+        read_soma("any")
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "dask", None)
+    monkeypatch.setitem(sys.modules, "dask.array", None)
+    _soma()
+    with pytest.raises(ImportError, match=r"read lazily with dask: pip install"):
+        read_soma("any")
