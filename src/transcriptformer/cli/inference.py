@@ -211,7 +211,7 @@ def add_parser(sub: Any) -> None:
         nargs="+",
         default=None,
         metavar="COL",
-        help="SOMA obs columns to read and write (default: assay)",
+        help="SOMA obs columns to read and write; unset: assay, when the experiment has it",
     )
     atlas.add_argument(
         "--resumable",
