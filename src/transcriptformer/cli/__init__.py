@@ -1,8 +1,9 @@
 """The ``transcriptformer`` command line, compatible with the published tool.
 
-Sub-commands, one module each: ``download`` (:mod:`.download`), ``inference`` (:mod:`.inference`), ``finetune``
-and ``train`` (:mod:`.training`); what they share is :mod:`._common`. They accept the published tool's flags and
-write its output layout. An error, Ctrl-C or SIGTERM removes any temporary output. The modules import only the
+Sub-commands, one module each: ``download`` (:mod:`.download`), ``inference`` (:mod:`.inference`), ``merge``
+(:mod:`.merge`, the shards of a resumable run), ``finetune`` and ``train`` (:mod:`.training`); what they share is
+:mod:`._common`. They accept the published tool's flags and write its output layout. An error, Ctrl-C or SIGTERM
+removes any temporary output (the finished shards of a resumable run are kept). The modules import only the
 standard library until a command runs (the heavy imports inside the ``run`` functions are for start-up time), so
 ``--help`` and ``--version`` are instant.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from .._meta import __version__
 from ..data import discover
-from . import download, inference, training
+from . import download, inference, merge, training
 
 logger = logging.getLogger("transcriptformer")
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="{download,download-data,inference,finetune,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{download,download-data,inference,merge,finetune,train}")
     download.add_parser(sub)
     data = sub.add_parser(
         "download-data",
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     discover.add_arguments(data)
     inference.add_parser(sub)
+    merge.add_parser(sub)
     training.add_parsers(sub)
     for command in sub.choices.values():  # -v also after the sub-command (default: what the main parser says)
         command.add_argument(
@@ -107,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "download": download.run,
             "download-data": discover.run,
             "inference": inference.run,
+            "merge": merge.run,
             "finetune": training.run_finetune,
             "train": training.run_train,
         }
