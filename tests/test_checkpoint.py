@@ -358,12 +358,6 @@ def test_new_model_refuses_unusable_assay_indices(tiny_path, no_network_built, a
     assert no_network_built == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the example in weights/checkpoint.py load_model's docstring uses the deprecated "
-    "tfs.datasets.tiny_model_path() (a FutureWarning in the documentation's own example)",
-)
 def test_docstring_examples_use_no_deprecated_name():
     import doctest
     import warnings

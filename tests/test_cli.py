@@ -675,12 +675,6 @@ def test_an_adapter_folder_as_the_checkpoint_says_to_pass_it_with_adapter(tmp_pa
     assert "--checkpoint-path BASE --adapter" in line and "model=(" not in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="cli/__init__.py _FLAG_NAMES rewrites only 'model=(base, ' of weights/layout.py's message: the CLI says "
-    "\"--adapter ('<folder>') (or load_model(base, adapter=...))\", Python advice on the command line",
-)
 def test_the_adapter_advice_on_the_command_line_has_no_python_in_it(tmp_path, h5ad, capsys):
     folder = tmp_path / "adapter"
     folder.mkdir()
@@ -690,12 +684,6 @@ def test_the_adapter_advice_on_the_command_line_has_no_python_in_it(tmp_path, h5
     assert "load_model(" not in line and "adapter=" not in line, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="cli/training.py _check_files says a folder given as --train-files or --val-files 'does not exist' "
-    "(Path.is_file); inference says 'is a folder; pass an .h5ad file'",
-)
 def test_a_folder_given_as_training_data_is_called_a_folder(cli, tmp_path, tiny_path):
     (tmp_path / "cells.h5ad").mkdir()
     proc = cli("finetune", "--checkpoint-path", tiny_path, "--train-files", tmp_path / "cells.h5ad",

@@ -207,12 +207,6 @@ def test_messages_follow_scanpys_verbosity(tiny_path, tiny_adata, package_logger
         sc.settings._root_logger.removeHandler(shown)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="scanpy/_utils.py follow_scanpy_logging takes a level the user set that equals the last level it set "
-    "itself (logger._scanpy_level) for its own, and replaces it with scanpy's verbosity",
-)
 def test_a_level_the_user_sets_on_the_package_logger_is_kept(tiny_path, tiny_adata, package_logger, caplog):
     ours = package_logger
     ours.setLevel(logging.NOTSET)

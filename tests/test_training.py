@@ -324,12 +324,6 @@ def test_fine_tuning_tells_its_story_on_stderr(tiny_path, tiny_adata, tmp_path, 
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="training/fit.py _Run._epoch: the epoch's tqdm bar has no delay=PROGRESS_DELAY_S, so every quick run "
-    "draws bars (runs and generation only show one once they have taken PROGRESS_DELAY_S)",
-)
 def test_a_quick_fine_tuning_draws_no_progress_bar(tiny_path, tiny_adata, tmp_path, capsys):
     transcriptformer.finetune(tiny_adata[:8], tiny_path, output_dir=tmp_path / "run", epochs=2)
     err = capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import threading
@@ -42,7 +43,6 @@ _FLAG_NAMES = {
     ),
     "gene_key=<": "--gene-col-name <",
     "duplicate_genes='first'": "--remove-duplicate-genes",
-    "model=(base, ": "--checkpoint-path BASE --adapter (",
     "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
     "layer=<layer of raw counts>": "an input with raw counts in X or .raw (--use-raw)",
 }
@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as transcriptformer -v"
         )
     return parser
+
+
+#: Advice with arguments, in the command line's words.
+_FLAG_PATTERNS = [
+    (
+        re.compile(r"model=\(base, '([^']*)'\) \(or load_model\(base, adapter=\.\.\.\)\)"),
+        r"--checkpoint-path BASE --adapter \1",
+    ),
+]
 
 
 class _Terminated(BaseException):
@@ -128,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = msg.strip("\"'")
         for api, flag in _FLAG_NAMES.items():  # the library's advice, in the command line's words
             msg = msg.replace(api, flag)
+        for pattern, flag in _FLAG_PATTERNS:
+            msg = pattern.sub(flag, msg)
         print(f"transcriptformer: error: {msg}", file=sys.stderr)
         return 1
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,7 @@ from ...data.gene_ids import names_to_ids
 from ...inference.options import RunOptions, check_genes
 from ...weights.checkpoint import load_model
 from ...weights.loaded import LoadedModel
-from .._utils import check_adata
+from .._utils import ModelArg, check_adata
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -21,9 +20,6 @@ if TYPE_CHECKING:
     from ...inference.shards import Destination
 
 __all__ = ["ModelArg", "check_out", "genes_to_ids", "load", "run_model", "run_to_file"]
-
-#: What ``model=`` accepts: a registry name, a checkpoint folder, a loaded model, or ``(model, adapter_folder)``.
-ModelArg = str | os.PathLike | LoadedModel | tuple
 
 
 def run_model(
