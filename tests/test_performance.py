@@ -107,3 +107,95 @@ def test_insisted_bf16_runs_bfloat16_on_any_cpu(tiny_path, tiny_adata, reference
     emb, ref = out.obsm["X_transcriptformer"], reference["cell"].obsm["embeddings"]
     assert np.abs(emb - ref).max() < 1e-2
     assert np.abs(emb - ref).max() > 0  # it did not run in float32
+
+
+# -- training on the CPU: the blocked kernel's backward and the capped cross-entropy ------------------------
+
+
+def _grads(fn, q, k, v, kb, g, rows):
+    out = fn()
+    (out * g * rows).sum().backward()
+    grads = [(out * rows).detach()] + [x.grad.clone() for x in (q, k, v, kb) if x.grad is not None]
+    for x in (q, k, v, kb):
+        x.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("softcap", [0.0, 10.0, 50.0])
+@pytest.mark.parametrize("mode", ["embed", "train"])
+@pytest.mark.parametrize("num_aux", [None, 1])
+def test_blocked_attention_gradients_equal_dense(softcap, mode, num_aux):
+    from transcriptformer.model.attention import blocked_attention, dense_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, dk = 2, 3, 45, 8
+    q, k, v = (torch.randn(B, H, T, dk, generator=g).requires_grad_(True) for _ in range(3))
+    kb = (torch.rand(B, T, generator=g) * 2).requires_grad_(True)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, 0] = False  # an unknown auxiliary token
+    valid[1, 30:] = False  # padding
+    rows = torch.ones(B, 1, T, 1)
+    rows[1, :, 30:] = 0  # padding rows are never read (the num_aux fast path computes them unmasked)
+    up = torch.randn(B, H, T, dk, generator=g)
+    args = (q, k, v, kb, valid, softcap)
+    dense = _grads(lambda: dense_attention(*args, mode=mode), q, k, v, kb, up, rows)
+    blocked = _grads(
+        lambda: blocked_attention(*args, mode=mode, num_aux=num_aux, max_scores=300), q, k, v, kb, up, rows
+    )
+    for a, b in zip(dense, blocked, strict=True):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+def test_capped_cross_entropy_equals_autograd():
+    from transcriptformer.model.network import _CappedCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    for cap in (10.0, 50.0):
+        z = (torch.randn(2, 5, 300, generator=g, dtype=torch.float64) * 8).requires_grad_(True)
+        target = torch.randint(0, 300, (2, 5), generator=g)
+        up = torch.randn(2, 5, generator=g, dtype=torch.float64)
+        y = cap * torch.tanh(z / cap)
+        ref = torch.logsumexp(y, -1) - y.gather(-1, target[..., None]).squeeze(-1)
+        (ref * up).sum().backward()
+        expected, z.grad = z.grad.clone(), None
+        out = _CappedCrossEntropy.apply(z, target, cap)
+        (out * up).sum().backward()
+        assert torch.allclose(out, ref, rtol=1e-6, atol=1e-5)
+        assert (z.grad - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_training_on_the_cpu_uses_the_blocked_kernel():
+    from transcriptformer.model.attention import BlockedAttention, DenseAttention
+    from transcriptformer.training.fit import _train_kernel
+
+    assert isinstance(_train_kernel(CPU, "auto"), BlockedAttention)
+    assert isinstance(_train_kernel(CPU, "dense"), DenseAttention)
+
+
+def test_training_gradients_of_the_network_equal_the_dense_path(tiny_model):
+    import copy
+
+    from transcriptformer.model.attention import BlockedAttention, DenseAttention
+
+    net = copy.deepcopy(tiny_model.model).eval()  # no dropout: both passes see the same function
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.gene_embeddings.embedding.weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    V = net.gene_embeddings.embedding.num_embeddings
+    tokens = torch.randint(5, V, (3, 40), generator=g)
+    tokens[2, 25:] = net.pad_idx
+    counts = torch.randint(1, 6, (3, 40), generator=g).float().masked_fill(tokens == net.pad_idx, 0.0)
+    aux = torch.zeros(3, net.num_aux, dtype=torch.long)
+
+    def grads(kernel):
+        count, gene, n = net(tokens, counts, aux, full_length=False, kernel=kernel)
+        (count / n + gene / 100).backward()
+        out = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+        net.zero_grad(set_to_none=True)
+        return out
+
+    dense, blocked = grads(DenseAttention()), grads(BlockedAttention(max_scores=500))
+    scale = max(x.abs().max() for x in dense.values())
+    for name, x in dense.items():  # relative to the largest gradient (some are 0 up to round-off)
+        assert (x - blocked[name]).abs().max() <= 1e-6 * scale, name

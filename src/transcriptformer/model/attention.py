@@ -8,8 +8,10 @@ only strictly earlier keys get it.
 * :class:`ChunkedAttention` (:func:`chunked_attention`): exact, blocked, never materialises the ``T x T``
   score matrix; the default everywhere.
 * :class:`FlexAttention` (:func:`flex_attention`): ``torch.nn.attention.flex_attention``, compiled, for CUDA.
+* :class:`BlockedAttention` (:func:`blocked_attention`): exact, blocked, with a memory-efficient backward
+  pass (recomputes the scores); training on the CPU.
 * :class:`DenseAttention` (:func:`dense_attention`): the reference; materialises the scores and is
-  differentiable (training on CPU).
+  differentiable.
 
 A kernel is called as ``kernel(q, k, v, inputs)``; :class:`Attend` binds it to the inputs of one forward
 pass, which is what each encoder layer receives.
@@ -32,10 +34,12 @@ __all__ = [
     "Attend",
     "AttentionInputs",
     "BiasMode",
+    "BlockedAttention",
     "ChunkedAttention",
     "DenseAttention",
     "FlexAttention",
     "Kernel",
+    "blocked_attention",
     "chunked_attention",
     "dense_attention",
     "flex_attention",
@@ -270,6 +274,218 @@ def chunked_attention(
     return out.view(B, H, T, dk)
 
 
+# --------------------------------------------------------------------------------------------
+# blocked attention with a backward pass (training)
+
+
+def _block_mask(
+    B: int, H: int, T: int, key_valid: Tensor, num_aux: int | None, device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The masks of :class:`_BlockedAttentionFunction`'s blocks.
+
+    The causal triangle (``T x T``, upper), and either the full key mask ``(BH, T)`` (``num_aux=None``) or the
+    auxiliary keys' mask ``(BH, A)``.
+    """
+    blocked_key = (~key_valid).repeat_interleave(H, dim=0)  # (BH, T)
+    if num_aux is None:
+        return torch.ones(T, T, dtype=torch.bool, device=device).triu_(1), blocked_key, None
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu_(1), None, blocked_key[:, :num_aux]
+
+
+def _group_masks(
+    masks: tuple[Tensor, Tensor | None, Tensor | None], h0: int, h1: int
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    causal, blocked_key, aux = masks
+    return (
+        causal,
+        None if blocked_key is None else blocked_key[h0:h1],
+        None if aux is None else aux[h0:h1],
+    )
+
+
+def _scores(
+    qb: Tensor,
+    kt: Tensor,
+    bias: Tensor,
+    diag: Tensor | None,
+    s: int,
+    e: int,
+    scale: float,
+    softcap: float,
+    masks: tuple[Tensor, Tensor | None, Tensor | None],
+    num_aux: int | None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Scores of query rows ``[s, e)`` of a group of heads against keys ``[0, e)``.
+
+    Returns the capped scores (masked keys at ``-inf``), ``tanh`` of the scaled ones (for the gradient; ``None``
+    without a cap) and the mask.
+    """
+    x = torch.baddbmm(bias[:, :, :e], qb, kt[:, :, :e], alpha=scale)
+    if diag is not None:  # "train": a query's own key gets no count bias
+        x[:, :, s:e].diagonal(dim1=1, dim2=2).sub_(diag[:, s:e])
+    t = None
+    if softcap > 0:
+        t = x.mul_(1.0 / softcap).tanh_()
+        y = t * softcap
+    else:
+        y = x
+    causal, blocked_key, aux = masks
+    mask = causal[s:e, :e].expand(y.shape[0], -1, -1)
+    if blocked_key is not None:
+        mask = mask | blocked_key[:, None, :e]
+    elif aux is not None and num_aux:
+        mask = mask.clone()
+        mask[:, :, :num_aux] |= aux[:, None, :]
+    return y.masked_fill_(mask, float("-inf")), t, mask
+
+
+class _BlockedAttentionFunction(torch.autograd.Function):
+    """Blocked causal attention with count bias and soft cap, and its gradient (flash-attention style).
+
+    The forward keeps only the output and each row's log-sum-exp; the backward recomputes the scores block by
+    block. Everything is computed in float32 (the inputs may be reduced-precision under autocast).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_bias, key_valid, softcap, mode, num_aux, max_scores):  # type: ignore[override]
+        B, H, T, dk = q.shape
+        BH = B * H
+        qf, vf = q.float().reshape(BH, T, dk), v.float().reshape(BH, T, dk)
+        kt = k.float().reshape(BH, T, dk).transpose(1, 2).contiguous()  # (BH, dk, T): plain products
+        bias = key_bias.float().repeat_interleave(H, dim=0)[:, None, :]  # (BH, 1, T)
+        diag = bias[:, 0] if mode == "train" else None
+        masks = _block_mask(B, H, T, key_valid, num_aux, q.device)
+        heads, rows = _chunks(BH, T, max_scores or DEFAULT_MAX_SCORES)
+        scale = 1.0 / math.sqrt(dk)
+        out = torch.empty(BH, T, dk, dtype=torch.float32, device=q.device)
+        lse = torch.empty(BH, T, 1, dtype=torch.float32, device=q.device)
+        for h0 in range(0, BH, heads):
+            h1 = min(BH, h0 + heads)
+            m_h = _group_masks(masks, h0, h1)
+            for s in range(0, T, rows):
+                e = min(T, s + rows)
+                y, _, _ = _scores(
+                    qf[h0:h1, s:e],
+                    kt[h0:h1],
+                    bias[h0:h1],
+                    None if diag is None else diag[h0:h1],
+                    s,
+                    e,
+                    scale,
+                    softcap,
+                    m_h,
+                    num_aux,
+                )
+                m = y.amax(-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # rows without a key: 0
+                p = y.sub_(m).exp_()
+                denom = p.sum(-1, keepdim=True)
+                out[h0:h1, s:e] = torch.bmm(p, vf[h0:h1, :e]).div_(denom.clamp_min(torch.finfo(torch.float32).tiny))
+                # log-sum-exp; +inf for rows without any key (their weights are then exp(-inf) = 0)
+                lse[h0:h1, s:e] = torch.where(denom > 0, m + denom.log(), float("inf"))
+        ctx.save_for_backward(q, k, v, key_bias, key_valid, out, lse)
+        ctx.args = (softcap, mode, num_aux, max_scores)
+        return out.view(B, H, T, dk).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, key_bias, key_valid, out, lse = ctx.saved_tensors
+        softcap, mode, num_aux, max_scores = ctx.args
+        B, H, T, dk = q.shape
+        BH = B * H
+        qf, kf, vf = (x.float().reshape(BH, T, dk) for x in (q, k, v))
+        kt = kf.transpose(1, 2).contiguous()
+        vt = vf.transpose(1, 2).contiguous()
+        do = grad_out.float().reshape(BH, T, dk)
+        bias = key_bias.float().repeat_interleave(H, dim=0)[:, None, :]
+        diag = bias[:, 0] if mode == "train" else None
+        masks = _block_mask(B, H, T, key_valid, num_aux, q.device)
+        heads, rows = _chunks(BH, T, max_scores or DEFAULT_MAX_SCORES)
+        scale = 1.0 / math.sqrt(dk)
+        delta = (do * out).sum(-1, keepdim=True)  # (BH, T, 1): rowwise dO . O
+        dq = torch.zeros(BH, T, dk, dtype=torch.float32, device=q.device)
+        dk_ = torch.zeros_like(dq)
+        dv = torch.zeros_like(dq)
+        want_bias = ctx.needs_input_grad[3]
+        dbias = torch.zeros(BH, T, dtype=torch.float32, device=q.device) if want_bias else None
+        for h0 in range(0, BH, heads):
+            h1 = min(BH, h0 + heads)
+            m_h = _group_masks(masks, h0, h1)
+            for s in range(0, T, rows):
+                e = min(T, s + rows)
+                y, t, _ = _scores(
+                    qf[h0:h1, s:e],
+                    kt[h0:h1],
+                    bias[h0:h1],
+                    None if diag is None else diag[h0:h1],
+                    s,
+                    e,
+                    scale,
+                    softcap,
+                    m_h,
+                    num_aux,
+                )
+                p = y.sub_(lse[h0:h1, s:e]).exp_()  # (h, r, e): the attention weights
+                dob = do[h0:h1, s:e]
+                dv[h0:h1, :e].baddbmm_(p.transpose(1, 2), dob)
+                dp = torch.bmm(dob, vt[h0:h1, :, :e])
+                dz = dp.sub_(delta[h0:h1, s:e]).mul_(p)  # d(capped score)
+                if t is not None:
+                    dz.mul_(t.square_().neg_().add_(1.0))  # d tanh
+                if dbias is not None:
+                    dbias[h0:h1, :e] += dz.sum(1)
+                    if diag is not None:
+                        dbias[h0:h1, s:e] -= dz[:, :, s:e].diagonal(dim1=1, dim2=2)
+                dq[h0:h1, s:e] = torch.bmm(dz, kf[h0:h1, :e]).mul_(scale)
+                dk_[h0:h1, :e].baddbmm_(dz.transpose(1, 2), qf[h0:h1, s:e], alpha=scale)
+        shape = (B, H, T, dk)
+        grad_bias = None
+        if dbias is not None:
+            grad_bias = dbias.view(B, H, T).sum(1).to(key_bias.dtype)
+        return (
+            dq.view(shape).to(q.dtype),
+            dk_.view(shape).to(k.dtype),
+            dv.view(shape).to(v.dtype),
+            grad_bias,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def blocked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_bias: Tensor,
+    key_valid: Tensor,
+    softcap: float,
+    *,
+    mode: BiasMode = "embed",
+    num_aux: int | None = None,
+    max_scores: int | None = None,
+) -> Tensor:
+    """:func:`dense_attention` computed in blocks of query rows, with a memory-efficient backward pass.
+
+    The forward keeps the output and each query row's log-sum-exp (``O(B·H·T)``), never the ``T x T``
+    weights; the backward recomputes each block's scores and accumulates the gradients of ``q``, ``k``,
+    ``v`` (and of ``key_bias`` where it requires one). Exact: the soft cap's ``tanh`` and the count bias are
+    differentiated as written (``d/dx c·tanh(x/c) = 1 - tanh²(x/c)``), not approximated.
+
+    Parameters
+    ----------
+    q, k, v, key_bias, key_valid, softcap, mode, num_aux, max_scores
+        As in :func:`chunked_attention`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, H, T, dk)`` in the dtype of ``q``; query rows with no allowed key are zero.
+    """
+    return _BlockedAttentionFunction.apply(q, k, v, key_bias, key_valid, float(softcap), mode, num_aux, max_scores)
+
+
 def flex_attention(
     q: Tensor,
     k: Tensor,
@@ -354,6 +570,34 @@ class ChunkedAttention:
         if inputs.q_offset or q.shape[-2] != k.shape[-2]:
             return DenseAttention()(q, k, v, inputs)
         return chunked_attention(
+            q,
+            k,
+            v,
+            inputs.key_bias,
+            inputs.key_valid,
+            inputs.softcap,
+            mode=inputs.mode,
+            num_aux=inputs.num_aux,
+            max_scores=self.max_scores,
+        )
+
+
+class BlockedAttention:
+    """Attention kernel: :func:`blocked_attention` (exact, blocked, differentiable; training on the CPU).
+
+    Memory grows with ``T`` rather than ``T²`` in the forward and the backward. Queries after the first position
+    of a KV cache go through :func:`dense_attention`, as in :class:`ChunkedAttention`.
+    """
+
+    name = "blocked"
+
+    def __init__(self, max_scores: int | None = None):
+        self.max_scores = max_scores
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
+        if inputs.q_offset or q.shape[-2] != k.shape[-2]:
+            return DenseAttention()(q, k, v, inputs)
+        return blocked_attention(
             q,
             k,
             v,
