@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +40,7 @@ __all__ = [
     "ChunkedAttention",
     "DenseAttention",
     "FlexAttention",
+    "HeadThreads",
     "Kernel",
     "blocked_attention",
     "chunked_attention",
@@ -170,6 +173,70 @@ def _mask(sc: Tensor, blocked, value: float, s: int, num_aux: int | None) -> Non
         sc[rows, :, :num_aux] = sc[rows, :, :num_aux].masked_fill(aux_blocked, value)
 
 
+#: Below this many scores (``B·H·T²``) a kernel runs its blocks in the calling thread alone.
+_MIN_PARALLEL_SCORES = 1 << 22
+
+
+class HeadThreads:
+    """Runs a kernel's blocks on several threads, split by heads, each thread with one intra-op thread.
+
+    The blocks of the CPU kernels are many small operations; with PyTorch's intra-op threads every one of
+    them is an OpenMP parallel region whose threads wait for each other at its end, and on a machine where
+    other processes compete for the cores that waiting dominates (measured: 2 threads 15x slower than one on
+    a 2-core machine under load). Here each thread takes its own share of the heads and runs its blocks
+    sequentially, so threads meet once per call. The threads (``torch.get_num_threads() - 1``; the caller
+    takes a share too) are made on first use and kept by the kernel object.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {}  # threads are not copied (a copy makes its own)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def run(self, n_heads: int, scores: int, work: Callable[[int, int], None]) -> None:
+        """``work(h0, h1)`` for contiguous ranges of ``[0, n_heads)`` covering it, concurrently where it pays."""
+        threads = torch.get_num_threads()
+        n = min(threads, n_heads)
+        if n <= 1 or scores < _MIN_PARALLEL_SCORES:
+            work(0, n_heads)
+            return
+        with self._lock:
+            if self._pool is None or self._size != n - 1:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(
+                    n - 1,
+                    thread_name_prefix="transcriptformer-attention",
+                    initializer=torch.set_num_threads,
+                    initargs=(1,),
+                )
+                self._size = n - 1
+            pool = self._pool
+        bounds = [round(i * n_heads / n) for i in range(n + 1)]
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def call(h0: int, h1: int) -> None:  # worker threads do not inherit the caller's autograd modes
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                work(h0, h1)
+
+        torch.set_num_threads(1)  # the caller's share runs without intra-op threads too
+        try:
+            futures = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, n)]
+            try:
+                call(bounds[0], bounds[1])
+            finally:
+                for f in futures:  # every share writes into the same outputs: wait for all before leaving
+                    f.result()
+        finally:
+            torch.set_num_threads(threads)
+
+
 def chunked_attention(
     q: Tensor,
     k: Tensor,
@@ -181,6 +248,7 @@ def chunked_attention(
     mode: BiasMode = "embed",
     num_aux: int | None = None,
     max_scores: int | None = None,
+    threads: HeadThreads | None = None,
 ) -> Tensor:
     """Causal attention with count bias and soft cap, computed in blocks of query rows.
 
@@ -205,6 +273,9 @@ def chunked_attention(
         As in :class:`AttentionInputs`.
     max_scores
         Scores held at once (default: :data:`DEFAULT_MAX_SCORES`, or :data:`DEFAULT_MAX_SCORES_GPU` on a GPU).
+    threads
+        Run the blocks on these threads, split by heads (CPU; see :class:`HeadThreads`); ``None``: in the
+        calling thread, with PyTorch's intra-op threads.
 
     Returns
     -------
@@ -240,8 +311,12 @@ def chunked_attention(
         max_scores = DEFAULT_MAX_SCORES if q.device.type == "cpu" else DEFAULT_MAX_SCORES_GPU
     heads, rows = _chunks(BH, T, max_scores)
     out = torch.empty(BH, T, dk, dtype=q.dtype, device=q.device)
-    for h0 in range(0, BH, heads):
-        h1 = min(BH, h0 + heads)
+
+    def blocks(lo: int, hi: int) -> None:
+        for h0 in range(lo, hi, heads):
+            _chunked_group(h0, min(hi, h0 + heads))
+
+    def _chunked_group(h0: int, h1: int) -> None:
         if num_aux is not None:
             mine = aux_rows[(aux_rows >= h0) & (aux_rows < h1)] - h0
         for s in range(0, T, rows):
@@ -271,6 +346,11 @@ def chunked_attention(
             denom = sc.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
             o = torch.bmm(sc.to(vx.dtype), vx[h0:h1, :e]).float().div_(denom)  # all-masked rows: 0 / tiny = 0
             out[h0:h1, s:e] = o.to(out.dtype)
+
+    if threads is not None and q.device.type == "cpu":
+        threads.run(BH, BH * T * T, blocks)
+    else:
+        blocks(0, BH)
     return out.view(B, H, T, dk)
 
 
@@ -347,7 +427,7 @@ class _BlockedAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_bias, key_valid, softcap, mode, num_aux, max_scores):  # type: ignore[override]
+    def forward(ctx, q, k, v, key_bias, key_valid, softcap, mode, num_aux, max_scores, threads):  # type: ignore[override]
         B, H, T, dk = q.shape
         BH = B * H
         qf, vf = q.float().reshape(BH, T, dk), v.float().reshape(BH, T, dk)
@@ -359,8 +439,8 @@ class _BlockedAttentionFunction(torch.autograd.Function):
         scale = 1.0 / math.sqrt(dk)
         out = torch.empty(BH, T, dk, dtype=torch.float32, device=q.device)
         lse = torch.empty(BH, T, 1, dtype=torch.float32, device=q.device)
-        for h0 in range(0, BH, heads):
-            h1 = min(BH, h0 + heads)
+
+        def group(h0: int, h1: int) -> None:
             m_h = _group_masks(masks, h0, h1)
             for s in range(0, T, rows):
                 e = min(T, s + rows)
@@ -382,14 +462,16 @@ class _BlockedAttentionFunction(torch.autograd.Function):
                 out[h0:h1, s:e] = torch.bmm(p, vf[h0:h1, :e]).div_(denom.clamp_min(torch.finfo(torch.float32).tiny))
                 # log-sum-exp; +inf for rows without any key (their weights are then exp(-inf) = 0)
                 lse[h0:h1, s:e] = torch.where(denom > 0, m + denom.log(), float("inf"))
+
+        _run_groups(threads, BH, heads, T, q.device, group)
         ctx.save_for_backward(q, k, v, key_bias, key_valid, out, lse)
-        ctx.args = (softcap, mode, num_aux, max_scores)
+        ctx.args = (softcap, mode, num_aux, max_scores, threads)
         return out.view(B, H, T, dk).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, key_bias, key_valid, out, lse = ctx.saved_tensors
-        softcap, mode, num_aux, max_scores = ctx.args
+        softcap, mode, num_aux, max_scores, threads = ctx.args
         B, H, T, dk = q.shape
         BH = B * H
         qf, kf, vf = (x.float().reshape(BH, T, dk) for x in (q, k, v))
@@ -407,8 +489,8 @@ class _BlockedAttentionFunction(torch.autograd.Function):
         dv = torch.zeros_like(dq)
         want_bias = ctx.needs_input_grad[3]
         dbias = torch.zeros(BH, T, dtype=torch.float32, device=q.device) if want_bias else None
-        for h0 in range(0, BH, heads):
-            h1 = min(BH, h0 + heads)
+
+        def group(h0: int, h1: int) -> None:
             m_h = _group_masks(masks, h0, h1)
             for s in range(0, T, rows):
                 e = min(T, s + rows)
@@ -437,6 +519,8 @@ class _BlockedAttentionFunction(torch.autograd.Function):
                         dbias[h0:h1, s:e] -= dz[:, :, s:e].diagonal(dim1=1, dim2=2)
                 dq[h0:h1, s:e] = torch.bmm(dz, kf[h0:h1, :e]).mul_(scale)
                 dk_[h0:h1, :e].baddbmm_(dz.transpose(1, 2), qf[h0:h1, s:e], alpha=scale)
+
+        _run_groups(threads, BH, heads, T, q.device, group)
         shape = (B, H, T, dk)
         grad_bias = None
         if dbias is not None:
@@ -451,7 +535,23 @@ class _BlockedAttentionFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _run_groups(
+    threads: HeadThreads | None, BH: int, heads: int, T: int, device: torch.device, group: Callable[[int, int], None]
+) -> None:
+    """``group(h0, h1)`` over the head groups of ``[0, BH)``, on ``threads`` where given (CPU)."""
+
+    def blocks(lo: int, hi: int) -> None:
+        for h0 in range(lo, hi, heads):
+            group(h0, min(hi, h0 + heads))
+
+    if threads is not None and device.type == "cpu":
+        threads.run(BH, BH * T * T, blocks)
+    else:
+        blocks(0, BH)
 
 
 def blocked_attention(
@@ -465,6 +565,7 @@ def blocked_attention(
     mode: BiasMode = "embed",
     num_aux: int | None = None,
     max_scores: int | None = None,
+    threads: HeadThreads | None = None,
 ) -> Tensor:
     """:func:`dense_attention` computed in blocks of query rows, with a memory-efficient backward pass.
 
@@ -475,7 +576,7 @@ def blocked_attention(
 
     Parameters
     ----------
-    q, k, v, key_bias, key_valid, softcap, mode, num_aux, max_scores
+    q, k, v, key_bias, key_valid, softcap, mode, num_aux, max_scores, threads
         As in :func:`chunked_attention`.
 
     Returns
@@ -483,7 +584,9 @@ def blocked_attention(
     torch.Tensor
         ``(B, H, T, dk)`` in the dtype of ``q``; query rows with no allowed key are zero.
     """
-    return _BlockedAttentionFunction.apply(q, k, v, key_bias, key_valid, float(softcap), mode, num_aux, max_scores)
+    return _BlockedAttentionFunction.apply(
+        q, k, v, key_bias, key_valid, float(softcap), mode, num_aux, max_scores, threads
+    )
 
 
 def flex_attention(
@@ -565,6 +668,7 @@ class ChunkedAttention:
 
     def __init__(self, max_scores: int | None = None):
         self.max_scores = max_scores
+        self.threads = HeadThreads()
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
         if inputs.q_offset or q.shape[-2] != k.shape[-2]:
@@ -579,6 +683,7 @@ class ChunkedAttention:
             mode=inputs.mode,
             num_aux=inputs.num_aux,
             max_scores=self.max_scores,
+            threads=self.threads,
         )
 
 
@@ -593,6 +698,7 @@ class BlockedAttention:
 
     def __init__(self, max_scores: int | None = None):
         self.max_scores = max_scores
+        self.threads = HeadThreads()
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
         if inputs.q_offset or q.shape[-2] != k.shape[-2]:
@@ -607,6 +713,7 @@ class BlockedAttention:
             mode=inputs.mode,
             num_aux=inputs.num_aux,
             max_scores=self.max_scores,
+            threads=self.threads,
         )
 
 
