@@ -199,3 +199,37 @@ def test_training_gradients_of_the_network_equal_the_dense_path(tiny_model):
     scale = max(x.abs().max() for x in dense.values())
     for name, x in dense.items():  # relative to the largest gradient (some are 0 up to round-off)
         assert (x - blocked[name]).abs().max() <= 1e-6 * scale, name
+
+
+def test_head_threads_give_the_same_result(monkeypatch):
+    from transcriptformer.model import attention
+
+    monkeypatch.setattr(attention, "_MIN_PARALLEL_SCORES", 0)  # split even this small call
+    real = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    try:
+        _check_head_threads()
+    finally:
+        torch.set_num_threads(real)  # the kernel restores the (pretended) 3
+
+
+def _check_head_threads():
+    from transcriptformer.model.attention import HeadThreads, blocked_attention, chunked_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 8, generator=g) for _ in range(3))
+    bias, valid = torch.rand(2, 70, generator=g), torch.ones(2, 70, dtype=torch.bool)
+    valid[1, 0] = False
+    threads = HeadThreads()
+    with torch.inference_mode():  # the worker threads must run under the caller's inference mode
+        a = chunked_attention(q, k, v, bias, valid, 10.0, num_aux=1, max_scores=300)
+        b = chunked_attention(q, k, v, bias, valid, 10.0, num_aux=1, max_scores=300, threads=threads)
+    assert torch.equal(a, b)
+    x = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = blocked_attention(*x, bias, valid, 10.0, mode="train", num_aux=1, max_scores=300, threads=threads)
+    out.square().sum().backward()
+    y = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = blocked_attention(*y, bias, valid, 10.0, mode="train", num_aux=1, max_scores=300)
+    ref.square().sum().backward()
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(x, y, strict=True))
