@@ -158,7 +158,11 @@ def test_background_reader_overlaps_windows(tiny_model, big_adata, monkeypatch):
 # --- devices, precisions, kernels -----------------------------------------------------------------------------------
 
 
-def test_device_and_precision_resolution():
+def test_device_and_precision_resolution(monkeypatch):
+    from transcriptformer.inference import devices
+
+    # a CPU with native bfloat16 (elsewhere bf16 runs as float32: tests/test_performance.py)
+    monkeypatch.setattr(devices, "cpu_bf16_support", lambda: devices.CpuBf16Support(True, "AVX512", "test"))
     cuda = torch.cuda.is_available()
     assert resolve_device("auto").type == ("cuda" if cuda else "cpu")
     assert resolve_precision("auto", torch.device("cpu")) == "32"

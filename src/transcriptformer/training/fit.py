@@ -169,9 +169,18 @@ class FitOptions:
 
 
 def _train_kernel(device: torch.device, attention: str):
-    """A differentiable attention kernel: flex_attention on CUDA when asked (or ``auto``), else dense."""
-    if attention == "dense" or (attention == "auto" and device.type != "cuda"):
+    """A differentiable attention kernel for training.
+
+    flex_attention on CUDA when asked (or ``auto``); elsewhere ``auto`` is the blocked kernel with its own backward
+    pass (:class:`~transcriptformer.model.attention.BlockedAttention`: exact, memory linear in length), ``dense``
+    the reference.
+    """
+    from ..model.attention import BlockedAttention
+
+    if attention == "dense":
         return DenseAttention()
+    if attention == "auto" and device.type != "cuda":
+        return BlockedAttention()
     if attention in ("auto", "flex", "flex-dynamic"):
         if device.type != "cuda":
             raise ValueError("flex_attention cannot be differentiated on this device; use attention='dense'.")
