@@ -11,13 +11,13 @@ layout::
         <dataset_id>/full.h5ad     the dataset
         <dataset_id>/__success__   completion marker (JSON: version, url, size, sha256, time)
 
-Each file is written to ``full.h5ad.part`` and renamed to ``full.h5ad`` only once it has the size the API lists
-(and the checksum, should the API ever list one) and starts with the HDF5 signature; the marker is written after
-the rename. A dataset whose marker and file are present and match the listing is skipped; a ``.part`` file left by
-an earlier run is deleted, never used. Within a run, a transfer cut short resumes with an HTTP range request.
+Each file is written to ``full.h5ad.part`` and renamed to ``full.h5ad`` only once it has the listed size (and
+checksum, should the API ever list one) and the HDF5 signature; the marker follows the rename. A complete dataset
+is skipped; a ``.part`` file of an earlier run is deleted, never used; within a run, a transfer cut short resumes
+with an HTTP range request.
 
-:func:`tabula_sapiens` loads one Tabula Sapiens tissue from CELLxGENE Discover, cached through :mod:`pooch`, and
-splits its donors into the published ``"v1"`` (in distribution for TranscriptFormer) and ``"v2"`` sets.
+:func:`tabula_sapiens` loads one Tabula Sapiens tissue, cached through :mod:`pooch`, with the donors of the
+published ``"v1"`` (in distribution for TranscriptFormer) or ``"v2"`` set.
 
 Environment variables: ``TRANSCRIPTFORMER_DISCOVER_URL`` (the API: its root or the full datasets-list URL) and
 ``TRANSCRIPTFORMER_CACHE`` (the cache folder of :func:`tabula_sapiens`).
@@ -67,7 +67,6 @@ DISCOVER_API_URL = "https://api.cellxgene.cziscience.com"
 DATASETS_ENDPOINT = "/curation/v1/datasets"
 #: environment variable overriding :data:`DISCOVER_API_URL` (the root or the full datasets-list URL)
 API_URL_ENV = "TRANSCRIPTFORMER_DISCOVER_URL"
-#: environment variable naming the cache folder of :func:`tabula_sapiens`
 
 # the published command's defaults and file names
 DEFAULT_OUTPUT_DIR = "./data/cellxgene"
@@ -124,30 +123,18 @@ class DiscoverDataset:
 
     Attributes
     ----------
-    dataset_id
-        Stable id of the dataset (its folder name in the download layout).
-    dataset_version_id
-        Id of the dataset's current version (a revised dataset gets a new one).
-    collection_id
-        Id of the collection the dataset belongs to.
-    title
-        The dataset's title.
-    organisms
-        Organism labels, as CELLxGENE spells them (``"Homo sapiens"``).
-    organism_ontology_term_ids
-        The organisms' NCBITaxon ids, in the order of ``organisms``.
+    dataset_id, dataset_version_id, collection_id, title
+        As the API lists them: ``dataset_id`` is the dataset's folder in the download layout; a revised dataset
+        gets a new ``dataset_version_id``.
+    organisms, organism_ontology_term_ids
+        Organism labels as CELLxGENE spells them (``"Homo sapiens"``) and their NCBITaxon ids, in the same order.
     cell_count
         Number of cells, when listed.
     is_primary_data
         ``(True,)``, ``(False,)`` or ``(True, False)`` (primary, secondary or a mixture).
-    url
-        Download address of the H5AD file.
-    filetype
-        ``"H5AD"``.
-    filesize
-        Size in bytes, when the API lists it.
-    sha256
-        Checksum of the file, when the API lists one (the curation API does not, at the time of writing).
+    url, filetype, filesize, sha256
+        The H5AD file: its download address, ``"H5AD"``, and its size and checksum when the API lists them (the
+        curation API lists no checksum at the time of writing).
     record
         The API's full record of the dataset.
     """
@@ -173,18 +160,14 @@ class DownloadReport:
 
     Attributes
     ----------
-    api_url
-        The datasets-list URL that was read.
-    output_dir
-        The download folder.
+    api_url, output_dir
+        The datasets-list URL that was read, and the download folder.
     n_listed
         Number of datasets the API listed (all species).
     datasets
         The datasets selected for the requested species.
-    downloaded
-        Files downloaded by this call.
-    skipped
-        Files already complete, left as they were.
+    downloaded, skipped
+        Files downloaded by this call; files already complete, left as they were.
     failed
         ``dataset_id -> reason`` for the datasets that could not be downloaded after all attempts.
     metadata_path, summary_path
@@ -249,6 +232,11 @@ def _species_list(species: str | Sequence[str] | None) -> list[str]:
     return [s.strip() for item in items for s in str(item).split(",") if s.strip()]
 
 
+def _fields(ds: DiscoverDataset, *names: str) -> dict[str, Any]:
+    """The named attributes of ``ds``, for a JSON file (in that order)."""
+    return {name: getattr(ds, name) for name in names}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # listing
 
@@ -259,18 +247,15 @@ def _fetch_records(url: str, *, attempts: int = LIST_ATTEMPTS, backoff: float | 
 
     backoff = BACKOFF_SECONDS if backoff is None else backoff
     fix = f"check the network (or proxy settings), or point {API_URL_ENV} at a reachable copy of the API"
+    wrong_url = f"{API_URL_ENV} should name the API root or its /curation/v1/datasets URL"
     last = ""
     for attempt in range(1, attempts + 1):
         try:
             r = requests.get(url, headers={"Accept": "application/json"}, timeout=(CONNECT_TIMEOUT, LIST_TIMEOUT))
-            if r.status_code in _RETRY_STATUS:
-                last = f"HTTP {r.status_code} {r.reason}"
-            elif r.status_code != 200:
-                raise DiscoverError(
-                    f"CELLxGENE Discover API at {url} answered HTTP {r.status_code} {r.reason}; {API_URL_ENV} "
-                    "should name the API root or its /curation/v1/datasets URL"
-                )
-            else:
+        except requests.RequestException as e:
+            last = f"{type(e).__name__}: {e}"
+        else:
+            if r.status_code == 200:
                 try:
                     records = r.json()
                 except ValueError:
@@ -280,12 +265,15 @@ def _fetch_records(url: str, *, attempts: int = LIST_ATTEMPTS, backoff: float | 
                 if not isinstance(records, list):
                     raise DiscoverError(
                         f"CELLxGENE Discover API at {url} answered a {type(records).__name__}, not a list of "
-                        f"datasets; {API_URL_ENV} should name the API root or its /curation/v1/datasets URL"
+                        f"datasets; {wrong_url}"
                     )
                 logger.info("CELLxGENE Discover lists %d datasets (%s)", len(records), url)
                 return [d for d in records if isinstance(d, dict)]
-        except requests.RequestException as e:
-            last = f"{type(e).__name__}: {e}"
+            if r.status_code not in _RETRY_STATUS:
+                raise DiscoverError(
+                    f"CELLxGENE Discover API at {url} answered HTTP {r.status_code} {r.reason}; {wrong_url}"
+                )
+            last = f"HTTP {r.status_code} {r.reason}"
         if attempt < attempts:
             pause = _backoff(attempt, backoff)
             logger.warning("Listing datasets at %s failed (%s); retrying in %.1f s", url, last, pause)
@@ -304,6 +292,10 @@ def _primary_flags(value: Any) -> tuple[bool, ...]:
     return () if value is None else (bool(value),)
 
 
+def _organisms(record: dict[str, Any]) -> list[dict[str, Any]]:
+    return [o for o in record.get("organism") or [] if isinstance(o, dict)]
+
+
 def _as_dataset(record: dict[str, Any]) -> DiscoverDataset | None:
     """The record as a :class:`DiscoverDataset`, or None when it has no H5AD asset."""
     asset = next(
@@ -318,7 +310,7 @@ def _as_dataset(record: dict[str, Any]) -> DiscoverDataset | None:
     )
     if asset is None or not record.get("dataset_id"):
         return None
-    organisms = [o for o in record.get("organism") or [] if isinstance(o, dict)]
+    organisms = _organisms(record)
     size = asset.get("filesize")
     cells = record.get("cell_count")
     return DiscoverDataset(
@@ -341,26 +333,20 @@ def _as_dataset(record: dict[str, Any]) -> DiscoverDataset | None:
 def _resolve_species(requested: list[str], records: list[dict[str, Any]], url: str) -> set[str]:
     """The normalised CELLxGENE organism labels for ``requested``; ValueError naming the ones the API lacks."""
     labels: Counter[str] = Counter()
-    by_name: dict[str, str] = {}
-    for rec in records:
-        for o in rec.get("organism") or []:
-            if not isinstance(o, dict) or not o.get("label"):
-                continue
-            label = str(o["label"])
-            labels[label] += 1
-            by_name[_norm(label)] = _norm(label)
-            if o.get("ontology_term_id"):
-                by_name[str(o["ontology_term_id"]).lower()] = _norm(label)
+    by_name: dict[str, str] = {}  # normalised label or lower-case NCBITaxon id -> normalised label
+    for o in (o for rec in records for o in _organisms(rec) if o.get("label")):
+        labels[str(o["label"])] += 1
+        by_name[_norm(str(o["label"]))] = _norm(str(o["label"]))
+        if o.get("ontology_term_id"):
+            by_name[str(o["ontology_term_id"]).lower()] = _norm(str(o["label"]))
     wanted, unknown = set(), []
     for name in requested:
-        key = _norm(name)
-        key = SPECIES_ALIASES.get(key, key)
-        if key in by_name:
-            wanted.add(by_name[key])
-        elif name.strip().lower() in by_name:
-            wanted.add(by_name[name.strip().lower()])
-        else:
+        key = SPECIES_ALIASES.get(_norm(name), _norm(name))
+        found = next((by_name[k] for k in (key, name.strip().lower()) if k in by_name), None)
+        if found is None:
             unknown.append(name)
+        else:
+            wanted.add(found)
     if unknown:
         listed = ", ".join(f"{label} ({n})" for label, n in sorted(labels.items(), key=lambda kv: (-kv[1], kv[0])))
         raise ValueError(
@@ -381,14 +367,14 @@ def _select(
     for rec in records:
         if primary_only and _primary_flags(rec.get("is_primary_data"))[:1] != (True,):
             continue
-        organisms = [o for o in rec.get("organism") or [] if isinstance(o, dict)]
+        organisms = _organisms(rec)
         if wanted is not None and (len(organisms) != 1 or _norm(str(organisms[0].get("label", ""))) not in wanted):
             continue
         ds = _as_dataset(rec)
         if ds is None:
             no_h5ad += 1
-            continue
-        out.append(ds)
+        else:
+            out.append(ds)
     if no_h5ad:
         logger.warning("%d matching datasets have no H5AD file and are left out", no_h5ad)
     return out
@@ -406,30 +392,28 @@ def list_datasets(
     Parameters
     ----------
     species
-        Organisms, as a list or one comma-separated string: the names CELLxGENE lists in any case, with ``_`` or
-        spaces (``"homo sapiens"``, ``"Mus_musculus"``), NCBITaxon ids (``"NCBITaxon:9606"``) or common names from
-        :data:`SPECIES_ALIASES` (``"human"``, ``"mouse"``). ``None``: all organisms (datasets with several organisms
-        included).
+        Organisms, as a list or one comma-separated string: names as CELLxGENE lists them in any case, with ``_`` or
+        spaces (``"Mus_musculus"``), NCBITaxon ids (``"NCBITaxon:9606"``) or :data:`SPECIES_ALIASES` (``"human"``).
+        ``None``: all organisms, datasets of several organisms included.
     api_url
         The API root or its datasets-list URL (default ``$TRANSCRIPTFORMER_DISCOVER_URL``, else
         :data:`DISCOVER_API_URL`).
     primary_only
         Keep only datasets whose ``is_primary_data`` starts with True (primary or mixed), as the published tool.
     backoff
-        First wait between attempts at listing, in seconds (default :data:`BACKOFF_SECONDS`).
+        First wait between attempts, in seconds (default :data:`BACKOFF_SECONDS`).
 
     Returns
     -------
     list of DiscoverDataset
-        In the API's order (most recently published first). With ``species`` given, only datasets of exactly one
-        organism are kept, as in the published tool.
+        In the API's order (most recent first); with ``species``, only datasets of one organism, as published.
 
     Raises
     ------
     ValueError
-        A species the API has no dataset for; the message lists the organisms it has.
+        A species the API has no dataset for (the message lists those it has).
     DiscoverError
-        The API could not be reached or answered something else than a list of datasets.
+        The API could not be reached or did not answer a list of datasets.
     """
     url = _datasets_url(api_url)
     records = _fetch_records(url, backoff=backoff)
@@ -456,30 +440,25 @@ class _Progress:
     """One byte counter for all threads (a tqdm bar, or nothing)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self._lock = threading.Lock()
-        self._bar = None
-        if enabled:
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="download-data")
+        self._lock = threading.Lock()
+        self._bar = tqdm(
+            total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="download-data", disable=not enabled
+        )
 
     def update(self, n: int) -> None:
-        if self._bar is not None and n:
-            with self._lock:
-                self._bar.update(n)
+        with self._lock:
+            self._bar.update(n)
+
+    def discard(self, part: Path) -> None:
+        """Delete a partial file and take its bytes off the count."""
+        if part.exists():
+            self.update(-part.stat().st_size)
+        part.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _read_marker(marker: Path) -> dict[str, Any] | None:
-    """The marker's JSON, or None for the published tool's plain-text marker."""
-    try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
+        self._bar.close()
 
 
 def _is_complete(ds: DiscoverDataset, final: Path, marker: Path) -> bool:
@@ -490,7 +469,11 @@ def _is_complete(ds: DiscoverDataset, final: Path, marker: Path) -> bool:
     if ds.filesize is not None and size != ds.filesize:
         logger.info("%s: %s has %d bytes, the API lists %d: downloading again", ds.dataset_id, final, size, ds.filesize)
         return False
-    info = _read_marker(marker) or {}  # a published-tool marker holds only "success": the size check above decides
+    try:  # the published tool's marker is plain text ("success"): the size check above decides
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        info = None
+    info = info if isinstance(info, dict) else {}
     version = info.get("dataset_version_id")
     if version and ds.dataset_version_id and version != ds.dataset_version_id:
         logger.info("%s: a new version (%s) is listed: downloading again", ds.dataset_id, ds.dataset_version_id)
@@ -508,8 +491,7 @@ def _fetch_to(ds: DiscoverDataset, part: Path, progress: _Progress, stop: thread
         headers["Range"] = f"bytes={have}-"
     with requests.get(ds.url, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), headers=headers) as r:
         if have and r.status_code == 416:  # the part is already as long as the file, or longer
-            part.unlink(missing_ok=True)
-            progress.update(-have)
+            progress.discard(part)
             raise _Mismatch("the server refused to continue the partial file; starting again")
         if r.status_code >= 400:
             error = f"HTTP {r.status_code} {r.reason} from {ds.url}"
@@ -575,22 +557,13 @@ def _download_one(
                 _fetch_to(ds, part, progress, stop)
                 digest = _verify(ds, part)
                 os.replace(part, final)
+                size = final.stat().st_size
+                info = _fields(ds, "dataset_id", "dataset_version_id", "collection_id", "title", "organisms", "url")
                 _write_json(
                     marker,
-                    {
-                        "dataset_id": ds.dataset_id,
-                        "dataset_version_id": ds.dataset_version_id,
-                        "collection_id": ds.collection_id,
-                        "title": ds.title,
-                        "organisms": list(ds.organisms),
-                        "url": ds.url,
-                        "filetype": ds.filetype,
-                        "size": final.stat().st_size,
-                        "sha256": digest,
-                        "downloaded_at": _now(),
-                    },
+                    {**info, "filetype": ds.filetype, "size": size, "sha256": digest, "downloaded_at": _now()},
                 )
-                logger.info("%s: downloaded %s", ds.dataset_id, _gib(final.stat().st_size))
+                logger.info("%s: downloaded %s", ds.dataset_id, _gib(size))
                 return "downloaded", final, ""
             except _Cancelled:
                 part.unlink(missing_ok=True)
@@ -600,9 +573,7 @@ def _download_one(
                 break
             except _Mismatch as e:
                 reason = str(e)
-                if part.exists():
-                    progress.update(-part.stat().st_size)
-                part.unlink(missing_ok=True)
+                progress.discard(part)
             except (requests.RequestException, OSError) as e:
                 reason = f"{type(e).__name__}: {e}"
             if attempt < max_retries:
@@ -616,9 +587,7 @@ def _download_one(
                     pause,
                 )
                 stop.wait(pause)
-        if part.exists():
-            progress.update(-part.stat().st_size)
-        part.unlink(missing_ok=True)
+        progress.discard(part)
         logger.error("%s: failed after %d attempt(s): %s", ds.dataset_id, attempt, reason)
         return "failed", folder, f"{reason} (after {attempt} attempt{'s' if attempt > 1 else ''})"
 
@@ -639,34 +608,27 @@ def download_data(
 
     Parameters
     ----------
-    species
-        Organisms, as a list or one comma-separated string (see :func:`list_datasets`). May be empty only with
-        ``test_only``.
+    species, api_url, backoff
+        As for :func:`list_datasets`; ``species`` may be empty only with ``test_only``.
     output_dir
         Download folder (created); layout in the module's description.
     processes
         Number of datasets downloaded at once (threads: the work is waiting on the network).
     max_retries
-        Attempts per dataset, including the first. Timeouts, dropped connections, HTTP 408/429/5xx and files of the
+        Attempts per dataset, the first included. Timeouts, dropped connections, HTTP 408/429/5xx and files of the
         wrong size are tried again after 1, 2, 4, ... s (``backoff``); other HTTP errors are not.
     metadata
-        Write ``dataset_metadata.json`` (every dataset the API lists, as the published tool) and
-        ``download_summary.json`` (this run's outcome per dataset).
+        Write ``dataset_metadata.json`` (every dataset the API lists) and ``download_summary.json`` (this run).
     test_only
-        Only list the datasets (and, with ``species``, select them): nothing is written. ``report.datasets`` holds
-        what would be downloaded.
+        Only list and select the datasets (``report.datasets``); write nothing.
     progress
         Show a progress bar of the bytes downloaded.
-    api_url
-        The API root or its datasets-list URL (default ``$TRANSCRIPTFORMER_DISCOVER_URL``, else the public API).
-    backoff
-        First wait between attempts, in seconds (default :data:`BACKOFF_SECONDS`).
 
     Returns
     -------
     DownloadReport
-        Files downloaded and skipped, and ``failed`` (dataset id -> reason): a dataset that fails after all attempts
-        does not stop the others; check ``report.ok``.
+        Files downloaded and skipped, and ``failed`` (dataset id -> reason): a failed dataset does not stop the
+        others; check ``report.ok``.
 
     Raises
     ------
@@ -724,10 +686,8 @@ def download_data(
             report.skipped.append(path)
         else:
             report.failed[ds.dataset_id] = reason
-        outcome.append(
-            {"dataset_id": ds.dataset_id, "dataset_version_id": ds.dataset_version_id, "title": ds.title,
-             "organisms": list(ds.organisms), "status": status, "path": str(path), "error": reason or None}
-        )  # fmt: skip
+        info = _fields(ds, "dataset_id", "dataset_version_id", "title", "organisms")
+        outcome.append({**info, "status": status, "path": str(path), "error": reason or None})
     if metadata:
         report.summary_path = out / SUMMARY_FILE
         _write_json(
@@ -903,8 +863,7 @@ TABULA_SAPIENS_FILES: dict[str, str] = {
 }
 TABULA_SAPIENS_TISSUES: tuple[str, ...] = tuple(sorted(TABULA_SAPIENS_FILES))
 #: the published split: donors TSP1-TSP15 are "v1" (seen in training), TSP17 onwards "v2"; TSP16 is in neither
-_TS_V1_BELOW = 16
-_TS_V2_ABOVE = 16
+_TS_NEITHER = 16
 
 
 def _tabula_sapiens_split(adata: anndata.AnnData, version: str, min_gene_counts: float) -> anndata.AnnData:
@@ -918,8 +877,7 @@ def _tabula_sapiens_split(adata: anndata.AnnData, version: str, min_gene_counts:
         odd = sorted(set(adata.obs["donor_id"].astype(str)[numbers.isna()]))[:5]
         raise ValueError(f"donor ids not of the form TSP<number>: {odd}")
     donor = numbers.astype(int).to_numpy()
-    mask = donor < _TS_V1_BELOW if version == "v1" else donor > _TS_V2_ABOVE
-    subset = adata[mask].copy()
+    subset = adata[donor < _TS_NEITHER if version == "v1" else donor > _TS_NEITHER].copy()
     totals = np.asarray(subset.X.sum(axis=0)).ravel()
     return subset[:, totals >= min_gene_counts].copy()
 
@@ -937,27 +895,25 @@ def tabula_sapiens(
 ) -> anndata.AnnData:
     """One Tabula Sapiens tissue from CELLxGENE Discover, restricted to the donors of ``version``.
 
-    The published function: the tissue's file is downloaded once (through :mod:`pooch`, written under a temporary
-    name and renamed when complete), the cells of the donors of ``version`` are kept, then the genes with at least
-    ``min_gene_counts`` in total over those cells.
+    As published: the tissue's file is downloaded once (by :mod:`pooch`), then the cells of the donors of
+    ``version`` are kept, and the genes with at least ``min_gene_counts`` in total over them.
 
     Parameters
     ----------
     tissue
-        One of :data:`TABULA_SAPIENS_TISSUES` (organs such as ``"heart"``, ``"lymph_node"``, or compartments:
-        ``"endothelium"``, ``"epithelium"``, ``"germline"``, ``"immune"``, ``"neural"``, ``"stromal"``).
+        One of :data:`TABULA_SAPIENS_TISSUES`: organs (``"heart"``, ``"lymph_node"``, ...) or compartments
+        (``"endothelium"``, ``"epithelium"``, ``"germline"``, ``"immune"``, ``"neural"``, ``"stromal"``).
     path
-        File to keep the download in (``.h5ad`` appended if missing). Default: ``<cache>/tabula_sapiens/<tissue>.h5ad``
-        (both versions share it).
+        File to keep the download in (``.h5ad`` appended if missing; default ``<cache>/tabula_sapiens/<tissue>.h5ad``).
     force_download
         Download again even if the file is there.
     version
-        ``"v1"``: donors TSP1-TSP15, in distribution for TranscriptFormer. ``"v2"``: donors TSP17 and later, out of
-        distribution. As published, donor TSP16 is in neither.
+        ``"v1"``: donors TSP1-TSP15, in distribution for TranscriptFormer; ``"v2"``: TSP17 and later, out of
+        distribution (as published, TSP16 is in neither).
     cache_dir
         Cache folder when ``path`` is not given (default ``$TRANSCRIPTFORMER_CACHE``, else the user cache folder).
     min_gene_counts
-        Genes whose total over the kept cells (in ``X``) is below this are dropped (the published 10).
+        Genes whose total over the kept cells (in ``X``) is below this are dropped.
     progress
         Show a progress bar while downloading.
     **kwargs
@@ -975,12 +931,9 @@ def tabula_sapiens(
         raise ValueError(f"Unknown Tabula Sapiens tissue {tissue!r}; choose one of {', '.join(TABULA_SAPIENS_TISSUES)}")
     if version not in ("v1", "v2"):
         raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
-    if path is not None:
-        dest = Path(path).expanduser()
-        if dest.suffix != ".h5ad":
-            dest = dest.with_name(dest.name + ".h5ad")
-    else:
-        dest = cache_path(cache_dir) / "tabula_sapiens" / f"{tissue}.h5ad"
+    dest = cache_path(cache_dir) / "tabula_sapiens" / f"{tissue}.h5ad" if path is None else Path(path).expanduser()
+    if dest.suffix != ".h5ad":
+        dest = dest.with_name(dest.name + ".h5ad")
     dest.parent.mkdir(parents=True, exist_ok=True)
     url = TABULA_SAPIENS_BASE_URL.rstrip("/") + "/" + TABULA_SAPIENS_FILES[tissue]
     with FileLock(str(dest.with_name(dest.name + ".lock"))):

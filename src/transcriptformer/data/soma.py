@@ -1,21 +1,21 @@
 """SOMA experiments (TileDB-SOMA, e.g. the CELLxGENE Census) as AnnData whose counts stay where they are.
 
 :func:`read_soma` opens an experiment (a URI, an open ``tiledbsoma.Experiment`` or an
-``ExperimentAxisQuery``) as an :class:`~anndata.AnnData` whose ``X`` is a lazy dask array: each chunk of
-cells is read from the SOMA X layer only when it is computed, as sparse CSR rows. ``obs`` holds the requested
-columns of the selected cells, indexed by ``soma_joinid``; ``var`` is the measurement's ``var`` indexed by
-its gene ids. Everything downstream (the tokeniser, every tool, the command line) reads it window by window
-as it reads a backed h5ad file or a lazily read zarr store, so memory does not grow with the number of cells
-(the cells' ``soma_joinid`` and requested ``obs`` columns aside).
+``ExperimentAxisQuery``) as an :class:`~anndata.AnnData` whose ``X`` is a lazy dask array: each chunk of cells is
+read from the SOMA X layer, as CSR rows, only when it is computed. Everything downstream (the tokeniser, every
+tool, the command line) reads it window by window, as a backed h5ad file, so memory does not grow with the number
+of cells (their ``soma_joinid`` and requested ``obs`` columns aside).
 
-tiledbsoma and dask are optional dependencies (``pip install "transcriptformer-scanpy[soma]"``), imported when a
-function here is called.
+tiledbsoma and dask are optional dependencies (``pip install "transcriptformer-scanpy[soma]"``), imported when
+:func:`read_soma` is called.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
+import os
 import re
 import threading
 import weakref
@@ -41,27 +41,23 @@ DEFAULT_OBS_COLUMNS = ("assay",)
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
 
+def _optional(module: str, message: str) -> Any:
+    """``module``, imported; when it is missing, an ImportError that says what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(message) from None
+
+
 def _tiledbsoma() -> Any:
-    try:
-        import tiledbsoma
-    except ImportError:
-        raise ImportError(f"reading SOMA experiments needs tiledbsoma: {INSTALL_HINT}") from None
-    return tiledbsoma
-
-
-def _dask_array() -> Any:
-    try:
-        import dask.array as da
-    except ImportError:
-        raise ImportError(f"SOMA experiments are read lazily with dask: {INSTALL_HINT} (or pip install dask)") from None
-    return da
+    return _optional("tiledbsoma", f"reading SOMA experiments needs tiledbsoma: {INSTALL_HINT}")
 
 
 class SomaRows:
     """Cells of a SOMA sparse X layer as an array-like for :func:`dask.array.from_array`.
 
-    ``rows[i:j, k:l]`` reads the cells at positions ``i..j`` of ``obs_ids`` (and the genes at positions
-    ``k..l`` of ``var_ids``) and returns a CSR matrix, in the order of ``obs_ids`` and ``var_ids``.
+    ``rows[i:j, k:l]`` reads the cells at positions ``i..j`` of ``obs_ids`` and the genes at positions ``k..l`` of
+    ``var_ids``, as a CSR matrix in their order.
 
     Parameters
     ----------
@@ -117,12 +113,12 @@ def _open(experiment: Any, context: Any) -> tuple[Any, Any, bool]:
         return experiment.experiment, experiment, False
     if isinstance(experiment, soma.Experiment):
         return experiment, None, False
-    if not isinstance(experiment, str) and not hasattr(experiment, "__fspath__"):
+    if not isinstance(experiment, str | os.PathLike):
         raise TypeError(
             "read_soma takes a SOMA experiment: its URI (a path or e.g. s3://...), an open tiledbsoma.Experiment "
             f"or an ExperimentAxisQuery, got {type(experiment).__name__}."
         )
-    uri = str(experiment.__fspath__() if hasattr(experiment, "__fspath__") else experiment)
+    uri = str(os.fspath(experiment))
     try:
         return soma.Experiment.open(uri, context=context), None, True
     except (soma.SOMAError, OSError, ValueError) as e:
@@ -225,23 +221,20 @@ def read_soma(
     Parameters
     ----------
     experiment
-        The URI of a SOMA ``Experiment`` (a local folder, ``s3://...``), an open ``tiledbsoma.Experiment``
-        (e.g. ``cellxgene_census.open_soma()["census_data"]["homo_sapiens"]``), or an
-        ``ExperimentAxisQuery`` (``experiment.axis_query("RNA", obs_query=...)``), whose cells and genes are used.
+        The URI of a SOMA ``Experiment`` (a folder, ``s3://...``), an open ``tiledbsoma.Experiment`` (e.g.
+        ``cellxgene_census.open_soma()["census_data"]["homo_sapiens"]``), or an ``ExperimentAxisQuery`` (its cells
+        and genes).
     obs_filter
         A SOMA value filter selecting cells, e.g. ``"tissue_general == 'lung' and is_primary_data == True"``;
         ``None`` selects every cell. Not with an ``ExperimentAxisQuery`` (it has its own).
     measurement
         The measurement with the counts (default ``"RNA"``, the Census's; a query's own otherwise).
     layer
-        The X layer of raw counts (the Census: ``"raw"``; ``tiledbsoma.io.from_h5ad`` writes ``X`` as
-        ``"data"``).
+        The X layer of raw counts (the Census: ``"raw"``; ``tiledbsoma.io.from_h5ad`` writes ``X`` as ``"data"``).
     obs_columns
-        ``obs`` columns to read (the auxiliary token's ``"assay"`` should be among them). ``None``: ``"assay"``
-        if the experiment has it.
+        ``obs`` columns to read (include the assay token's ``"assay"``). ``None``: ``"assay"``, if there.
     var_id
-        The measurement's ``var`` column with Ensembl gene ids (the Census: ``"feature_id"``); it becomes
-        ``var_names``.
+        The ``var`` column with Ensembl gene ids (the Census: ``"feature_id"``); it becomes ``var_names``.
     chunk_size
         Cells per chunk of the lazy ``X`` (one SOMA read each).
     context
@@ -250,12 +243,10 @@ def read_soma(
     Returns
     -------
     anndata.AnnData
-        ``X``: a dask array of the selected cells (ascending ``soma_joinid``) x the measurement's genes with CSR
-        chunks of ``chunk_size`` cells, read from ``layer`` when computed; ``obs``: ``obs_columns``, indexed by
-        ``soma_joinid`` (as text; index name ``"soma_joinid"``); ``var``: the measurement's ``var``, indexed by
-        ``var_id`` (a gene without an id is named ``missing-<var_id>-<soma_joinid>``); ``uns["soma"]``: where
-        the cells come from (URI, measurement, layer, filter). An experiment opened here stays open as long as
-        ``X`` is referenced.
+        ``X``: a dask array of the selected cells (ascending ``soma_joinid``) x genes, in CSR chunks of
+        ``chunk_size`` cells; ``obs``: ``obs_columns``, indexed by ``soma_joinid`` (as text); ``var``: indexed by
+        ``var_id`` (a gene without one is named ``missing-<var_id>-<soma_joinid>``); ``uns["soma"]``: URI,
+        measurement, layer, filter. An experiment opened here stays open while ``X`` is referenced.
 
     Raises
     ------
@@ -268,7 +259,7 @@ def read_soma(
     import anndata as ad
 
     soma = _tiledbsoma()
-    da = _dask_array()
+    da = _optional("dask.array", f"SOMA experiments are read lazily with dask: {INSTALL_HINT} (or pip install dask)")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     if obs_filter is not None and (not isinstance(obs_filter, str) or not obs_filter.strip()):

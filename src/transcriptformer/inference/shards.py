@@ -1,10 +1,10 @@
 """Sharded, resumable runs: results written in shards of consecutive cells as they are computed, then merged.
 
 A run over millions of cells writes its per-cell results into a *shard folder*, one file per shard of
-``shard_size`` consecutive cells, as soon as the shard is complete; it can be stopped at any point (Ctrl-C,
-SIGTERM, SIGKILL, a lost node) and resumed by running the same command again, which computes only the
-missing shards. :meth:`ShardStore.merge` then assembles one AnnData file (``.h5ad`` or ``.zarr``) whose rows
-are exactly the input's cells in input order, streaming shard by shard so memory never holds the whole output.
+``shard_size`` consecutive cells, as soon as the shard is complete; stopped at any point (Ctrl-C, SIGTERM, SIGKILL,
+a lost node), it resumes when the same command is run again, which computes only the missing shards.
+:meth:`ShardStore.merge` then streams the shards, one at a time, into one AnnData file (``.h5ad`` or ``.zarr``)
+whose rows are the input's cells in input order.
 
 The folder::
 
@@ -15,9 +15,8 @@ The folder::
 
 Rules:
 
-* **Atomic writes.** A shard is written to a temporary file in ``shards/``, flushed to disk and renamed to its
-  final name; the manifest and the merged output too. A file with a final name is complete; temporary files
-  of an interrupted run are never read (and are removed when the run resumes).
+* **Atomic writes.** Shards (flushed to disk), the manifest and the merged output are written under a temporary
+  name and renamed when complete; temporary files of an interrupted run are never read, and removed on resume.
 * **Fingerprint.** The manifest records the model (name, sha256 of the weights and adapter, config), every
   option that changes the numbers, the outputs, the input's identity (cells, genes, digests of the cell names,
   of the gene ids and of the first cells' counts) and the shard size; its sha256 (*digest*) is stored in every
@@ -40,7 +39,8 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,19 +344,12 @@ class ShardStore:
     def _write_obs(self, obs: pd.DataFrame) -> None:
         import anndata as ad
 
-        tmp = self.root / f".{CELLS_FILE}.{uuid.uuid4().hex}.tmp"
-        try:
+        with _written_as(self.root / CELLS_FILE) as tmp:
             ad.AnnData(obs=obs).write_h5ad(tmp)
-            os.replace(tmp, self.root / CELLS_FILE)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def _clean_temporary(self) -> None:
-        for folder in (self.root, self.root / SHARD_DIR):
-            if folder.is_dir():
-                for f in folder.glob(".*.tmp"):
-                    f.unlink(missing_ok=True)
+        for f in [*self.root.glob(".*.tmp"), *(self.root / SHARD_DIR).glob(".*.tmp")]:
+            f.unlink(missing_ok=True)
 
     # -- shards -----------------------------------------------------------------------------------
 
@@ -392,22 +385,16 @@ class ShardStore:
                 raise ValueError(f"shard {index}: {name} has {len(value)} rows for cells [{start}, {stop}).")
         final = self.shard_path(index)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
         payload = {
             **{name: np.asarray(value) for name, value in arrays.items()},
             "__rows__": np.array([start, stop], dtype=np.int64),
             "__digest__": np.array(self.digest),
             "__stats__": np.array(json.dumps(_jsonable(dict(stats)), sort_keys=True)),
         }
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **payload)  # type: ignore[arg-type]  # numpy's stubs: names as keyword arguments
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with _written_as(final) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **payload)  # type: ignore[arg-type]  # numpy's stubs: names as keyword arguments
+            f.flush()
+            os.fsync(f.fileno())
         return final
 
     def _open_shard(self, path: Path) -> Any:
@@ -464,8 +451,8 @@ class ShardStore:
     ) -> Path:
         """Assemble the merged AnnData (``.zarr`` folder or ``.h5ad`` file) from every shard, in input order.
 
-        The arrays are copied shard by shard into the output, written under a temporary name and renamed
-        when complete. ``keep=False`` removes the shard folder afterwards.
+        The shards are copied one by one into a temporary output, renamed when complete; ``keep=False`` then
+        removes the shard folder.
         """
         import anndata as ad
 
@@ -481,76 +468,65 @@ class ShardStore:
         if len(obs) != self.n_obs:
             raise ValueError(f"{self.root / CELLS_FILE} has {len(obs):,} cells for {self.n_obs:,}; delete the folder.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        try:
+        with _written_as(path, _replace) as tmp:
             ad.AnnData(obs=obs).write_zarr(tmp) if zarr_out else ad.AnnData(obs=obs).write_h5ad(tmp)
-            small, stats = self._copy_shards(tmp, zarr_out, spec, progress)
-            self._finish(tmp, zarr_out, obs, spec, small, stats)
-            _replace(tmp, path)
-        except BaseException:
-            _remove(tmp)
-            raise
+            with _editing(tmp, zarr_out) as handle:
+                small, stats = self._copy_shards(handle, spec, progress)
+                self._finish(handle, obs, spec, small, stats)
+            if zarr_out:
+                import zarr
+
+                zarr.consolidate_metadata(str(tmp))
         logger.info("merged %d shards of %s into %s (%s cells)", self.n_shards, self.root, path, f"{self.n_obs:,}")
         if not keep:
             shutil.rmtree(self.root, ignore_errors=True)
         return path
 
     def _copy_shards(
-        self, tmp: Path, zarr_out: bool, spec: OutputSpec, progress: bool | None
+        self, handle: Any, spec: OutputSpec, progress: bool | None
     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         """Stream every shard's matrices into the output; return the per-cell values kept for obs/uns, and stats."""
-        import h5py
-
         small: dict[str, np.ndarray] = {}
         stats: list[dict[str, Any]] = []
-        handle: Any = _zarr_group(tmp) if zarr_out else h5py.File(tmp, "r+")
-        try:
-            datasets: dict[str, Any] = {}
-            bar = tqdm(
-                total=self.n_obs,
-                unit="cell",
-                desc="merging shards",
-                delay=0.0 if progress else PROGRESS_DELAY_S,
-                disable=progress is False,
-            )
-            for index in range(self.n_shards):
-                arrays, shard_stats = self.read(index)
-                stats.append(shard_stats)
-                start, stop = self.bounds(index)
-                for dest in spec.destinations:
-                    if dest.head not in arrays:
-                        raise ValueError(f"the shards of {self.root} have no {dest.head!r} results.")
-                    value = arrays[dest.head]
-                    if dest.kind == "obsm":
-                        value = value.reshape(len(value), -1) if value.ndim == 1 else value
-                        if dest.name not in datasets:
-                            datasets[dest.name] = _create_matrix(
-                                handle["obsm"], dest.name, (self.n_obs, *value.shape[1:]), value.dtype
-                            )
-                        datasets[dest.name][start:stop] = value
-                    else:
-                        if dest.head not in small:
-                            small[dest.head] = np.empty((self.n_obs, *value.shape[1:]), dtype=value.dtype)
-                        small[dest.head][start:stop] = value
-                bar.update(stop - start)
-            bar.close()
-        finally:
-            if not zarr_out:
-                handle.close()
+        datasets: dict[str, Any] = {}
+        bar = tqdm(
+            total=self.n_obs,
+            unit="cell",
+            desc="merging shards",
+            delay=0.0 if progress else PROGRESS_DELAY_S,
+            disable=progress is False,
+        )
+        for index in range(self.n_shards):
+            arrays, shard_stats = self.read(index)
+            stats.append(shard_stats)
+            start, stop = self.bounds(index)
+            for dest in spec.destinations:
+                if dest.head not in arrays:
+                    raise ValueError(f"the shards of {self.root} have no {dest.head!r} results.")
+                value = arrays[dest.head]
+                if dest.kind == "obsm":
+                    value = value.reshape(len(value), -1) if value.ndim == 1 else value
+                    if dest.name not in datasets:
+                        shape = (self.n_obs, *value.shape[1:])
+                        datasets[dest.name] = _create_matrix(handle["obsm"], dest.name, shape, value.dtype)
+                    datasets[dest.name][start:stop] = value
+                else:
+                    if dest.head not in small:
+                        small[dest.head] = np.empty((self.n_obs, *value.shape[1:]), dtype=value.dtype)
+                    small[dest.head][start:stop] = value
+            bar.update(stop - start)
+        bar.close()
         return small, stats
 
     def _finish(
         self,
-        tmp: Path,
-        zarr_out: bool,
+        handle: Any,
         obs: pd.DataFrame,
         spec: OutputSpec,
         small: dict[str, np.ndarray],
         stats: list[dict[str, Any]],
     ) -> None:
         """Write obs (with the per-cell columns) and uns (with the run's record) into the output."""
-        import h5py
-
         try:
             from anndata.io import write_elem
         except ImportError:  # anndata < 0.11
@@ -572,21 +548,12 @@ class ShardStore:
         if spec.params_key is not None:
             params = uns.setdefault(spec.params_key, {}).setdefault("params", {})
             params.update(_summarise(stats, self))
-        handle: Any = _zarr_group(tmp) if zarr_out else h5py.File(tmp, "r+")
-        try:
-            del handle["obs"]
-            write_elem(handle, "obs", obs)
-            for key, value in uns.items():
-                if key in handle["uns"]:
-                    del handle["uns"][key]
-                write_elem(handle["uns"], key, value)
-        finally:
-            if not zarr_out:
-                handle.close()
-        if zarr_out:
-            import zarr
-
-            zarr.consolidate_metadata(str(tmp))
+        del handle["obs"]
+        write_elem(handle, "obs", obs)
+        for key, value in uns.items():
+            if key in handle["uns"]:
+                del handle["uns"][key]
+            write_elem(handle["uns"], key, value)
 
 
 def _summarise(stats: list[dict[str, Any]], store: ShardStore) -> dict[str, Any]:
@@ -611,14 +578,22 @@ def _summarise(stats: list[dict[str, Any]], store: ShardStore) -> dict[str, Any]
     return out
 
 
-def _zarr_group(path: Path) -> Any:
-    """The zarr store anndata wrote, opened for editing (its consolidated metadata is rewritten at the end)."""
+@contextmanager
+def _editing(path: Path, zarr_out: bool) -> Iterator[Any]:
+    """The store anndata wrote at ``path`` (a zarr group, else an h5py file), opened for editing."""
+    if not zarr_out:
+        import h5py
+
+        with h5py.File(path, "r+") as handle:
+            yield handle
+        return
     import zarr
 
-    try:
-        return zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    try:  # its consolidated metadata is rewritten at the end
+        group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
     except TypeError:  # zarr 2
-        return zarr.open_group(str(path), mode="r+")
+        group = zarr.open_group(str(path), mode="r+")
+    yield group
 
 
 def _create_matrix(group: Any, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
@@ -633,6 +608,18 @@ def _create_matrix(group: Any, name: str, shape: tuple[int, ...], dtype: Any) ->
     array.attrs["encoding-type"] = "array"
     array.attrs["encoding-version"] = "0.2.0"
     return array
+
+
+@contextmanager
+def _written_as(path: Path, rename: Callable[[Path, Path], Any] = os.replace) -> Iterator[Path]:
+    """A temporary name beside ``path``, renamed to ``path`` if the block completes, else removed."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        yield tmp
+        rename(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def _replace(tmp: Path, path: Path) -> None:
