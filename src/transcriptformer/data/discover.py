@@ -121,22 +121,11 @@ class DiscoverError(RuntimeError):
 class DiscoverDataset:
     """One dataset of CELLxGENE Discover and the H5AD file that :func:`download_data` fetches.
 
-    Attributes
-    ----------
-    dataset_id, dataset_version_id, collection_id, title
-        As the API lists them: ``dataset_id`` is the dataset's folder in the download layout; a revised dataset
-        gets a new ``dataset_version_id``.
-    organisms, organism_ontology_term_ids
-        Organism labels as CELLxGENE spells them (``"Homo sapiens"``) and their NCBITaxon ids, in the same order.
-    cell_count
-        Number of cells, when listed.
-    is_primary_data
-        ``(True,)``, ``(False,)`` or ``(True, False)`` (primary, secondary or a mixture).
-    url, filetype, filesize, sha256
-        The H5AD file: its download address, ``"H5AD"``, and its size and checksum when the API lists them (the
-        curation API lists no checksum at the time of writing).
-    record
-        The API's full record of the dataset.
+    ``dataset_id`` names its folder in the download layout; a revised dataset gets a new ``dataset_version_id``.
+    ``organisms`` are labels as CELLxGENE spells them (``"Homo sapiens"``), with their NCBITaxon ids in the same
+    order; ``is_primary_data`` is ``(True,)``, ``(False,)`` or ``(True, False)`` (primary, secondary or mixed);
+    ``cell_count``, ``filesize`` and ``sha256`` are ``None`` when the API does not list them (it lists no checksum
+    at the time of writing); ``record`` is the API's full record.
     """
 
     dataset_id: str
@@ -158,22 +147,10 @@ class DiscoverDataset:
 class DownloadReport:
     """What :func:`download_data` did.
 
-    Attributes
-    ----------
-    api_url, output_dir
-        The datasets-list URL that was read, and the download folder.
-    n_listed
-        Number of datasets the API listed (all species).
-    datasets
-        The datasets selected for the requested species.
-    downloaded, skipped
-        Files downloaded by this call; files already complete, left as they were.
-    failed
-        ``dataset_id -> reason`` for the datasets that could not be downloaded after all attempts.
-    metadata_path, summary_path
-        The JSON files written (``None`` with ``metadata=False`` or ``test_only=True``).
-    test_only
-        Whether only the API was queried.
+    ``n_listed`` datasets (all species) were listed at ``api_url``; ``datasets`` are those selected. ``downloaded``
+    and ``skipped`` (already complete) are files under ``output_dir``; ``failed`` maps a dataset id to why it could
+    not be downloaded after all attempts. ``metadata_path`` and ``summary_path`` are the JSON files written
+    (``None`` with ``metadata=False`` or ``test_only``, where only the API was queried).
     """
 
     api_url: str
@@ -298,16 +275,8 @@ def _organisms(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _as_dataset(record: dict[str, Any]) -> DiscoverDataset | None:
     """The record as a :class:`DiscoverDataset`, or None when it has no H5AD asset."""
-    asset = next(
-        (
-            a
-            for a in record.get("assets") or []
-            if isinstance(a, dict)
-            and str(a.get("filetype", "")).upper() == "H5AD"
-            and (a.get("url") or a.get("presigned_url"))
-        ),
-        None,
-    )
+    h5ad = [a for a in record.get("assets") or [] if isinstance(a, dict) and str(a.get("filetype")).upper() == "H5AD"]
+    asset = next((a for a in h5ad if a.get("url") or a.get("presigned_url")), None)
     if asset is None or not record.get("dataset_id"):
         return None
     organisms = _organisms(record)
@@ -335,10 +304,11 @@ def _resolve_species(requested: list[str], records: list[dict[str, Any]], url: s
     labels: Counter[str] = Counter()
     by_name: dict[str, str] = {}  # normalised label or lower-case NCBITaxon id -> normalised label
     for o in (o for rec in records for o in _organisms(rec) if o.get("label")):
-        labels[str(o["label"])] += 1
-        by_name[_norm(str(o["label"]))] = _norm(str(o["label"]))
+        label = str(o["label"])
+        labels[label] += 1
+        by_name[_norm(label)] = _norm(label)
         if o.get("ontology_term_id"):
-            by_name[str(o["ontology_term_id"]).lower()] = _norm(str(o["label"]))
+            by_name[str(o["ontology_term_id"]).lower()] = _norm(label)
     wanted, unknown = set(), []
     for name in requested:
         key = SPECIES_ALIASES.get(_norm(name), _norm(name))
@@ -904,7 +874,8 @@ def tabula_sapiens(
         One of :data:`TABULA_SAPIENS_TISSUES`: organs (``"heart"``, ``"lymph_node"``, ...) or compartments
         (``"endothelium"``, ``"epithelium"``, ``"germline"``, ``"immune"``, ``"neural"``, ``"stromal"``).
     path
-        File to keep the download in (``.h5ad`` appended if missing; default ``<cache>/tabula_sapiens/<tissue>.h5ad``).
+        File to keep the download in (``.h5ad`` appended if missing). Default: ``<cache>/tabula_sapiens/<tissue>.h5ad``
+        (both versions share it).
     force_download
         Download again even if the file is there.
     version
@@ -913,7 +884,7 @@ def tabula_sapiens(
     cache_dir
         Cache folder when ``path`` is not given (default ``$TRANSCRIPTFORMER_CACHE``, else the user cache folder).
     min_gene_counts
-        Genes whose total over the kept cells (in ``X``) is below this are dropped.
+        Genes whose total over the kept cells (in ``X``) is below this are dropped (the published 10).
     progress
         Show a progress bar while downloading.
     **kwargs

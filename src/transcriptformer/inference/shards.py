@@ -489,13 +489,8 @@ class ShardStore:
         small: dict[str, np.ndarray] = {}
         stats: list[dict[str, Any]] = []
         datasets: dict[str, Any] = {}
-        bar = tqdm(
-            total=self.n_obs,
-            unit="cell",
-            desc="merging shards",
-            delay=0.0 if progress else PROGRESS_DELAY_S,
-            disable=progress is False,
-        )
+        delay = 0.0 if progress else PROGRESS_DELAY_S
+        bar = tqdm(total=self.n_obs, unit="cell", desc="merging shards", delay=delay, disable=progress is False)
         for index in range(self.n_shards):
             arrays, shard_stats = self.read(index)
             stats.append(shard_stats)
