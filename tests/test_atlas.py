@@ -586,3 +586,13 @@ def test_missing_optional_dependencies_say_what_to_install(monkeypatch):
     _soma()
     with pytest.raises(ImportError, match=r"read lazily with dask: pip install"):
         read_soma("any")
+
+
+def test_a_resumed_run_with_a_value_of_another_type_is_refused():
+    """10 and 10.0, True and 1, or a key one fingerprint lacks: different runs (their shards' digests differ)."""
+    from transcriptformer.inference.shards import _differences
+
+    assert _differences({"a": 10, "b": True}, {"a": 10, "b": True}) == []
+    assert _differences({"a": 10}, {"a": 10.0}) == ["a: 10 (this run) vs 10.0 (the folder's)"]
+    assert _differences({"b": True}, {"b": 1}) == ["b: true (this run) vs 1 (the folder's)"]
+    assert _differences({"a": 1, "c": None}, {"a": 1}) == ["c: present in this run, not in the folder's"]

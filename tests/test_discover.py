@@ -453,6 +453,8 @@ def test_tabula_sapiens_through_pooch(api, tmp_path, monkeypatch):
     assert list(v1.var_names) == list(full.var_names[keep]) and 0 < v1.n_vars
     v2 = discover.tabula_sapiens("heart", progress=False)  # default v2; TSP16 in neither, as published
     assert list(v2.obs["donor_id"]) == ["TSP17", "TSP20"]
+    backed = discover.tabula_sapiens("heart", progress=False, backed="r")  # the donors' subset comes to memory
+    assert list(backed.obs["donor_id"]) == ["TSP17", "TSP20"] and not backed.isbacked
     cached = tmp_path / "cache" / "tabula_sapiens" / "heart.h5ad"
     assert cached.read_bytes() == api.files["/files/ts-heart.h5ad"]
     assert api.hits["/files/ts-heart.h5ad"] == 1  # both versions share one download

@@ -847,7 +847,8 @@ def _tabula_sapiens_split(adata: anndata.AnnData, version: str, min_gene_counts:
         odd = sorted(set(adata.obs["donor_id"].astype(str)[numbers.isna()]))[:5]
         raise ValueError(f"donor ids not of the form TSP<number>: {odd}")
     donor = numbers.astype(int).to_numpy()
-    subset = adata[donor < _TS_NEITHER if version == "v1" else donor > _TS_NEITHER].copy()
+    subset = adata[donor < _TS_NEITHER if version == "v1" else donor > _TS_NEITHER]
+    subset = subset.to_memory() if adata.isbacked else subset.copy()  # a backed file's subset cannot be copied
     totals = np.asarray(subset.X.sum(axis=0)).ravel()
     return subset[:, totals >= min_gene_counts].copy()
 

@@ -290,8 +290,9 @@ def read_soma(
                 "\"tissue_general == 'lung'\"."
             ) from None
         if len(obs_ids) == 0:
+            what = f"obs_filter {obs_filter!r}" if obs_filter is not None else "the query"
             raise ValueError(
-                f"obs_filter {obs_filter!r} selects no cell of the SOMA experiment {exp.uri} ({exp.obs.count:,} "
+                f"{what} selects no cell of the SOMA experiment {exp.uri} ({exp.obs.count:,} "
                 "cells); check the column values (e.g. with tiledbsoma: "
                 "exp.obs.read(column_names=[...]).concat().to_pandas())."
             )

@@ -205,9 +205,14 @@ def _differences(ours: Any, theirs: Any, path: str = "") -> list[str]:
     if isinstance(ours, dict) and isinstance(theirs, dict):
         out = []
         for key in sorted(set(ours) | set(theirs)):
-            out += _differences(ours.get(key), theirs.get(key), f"{path}.{key}" if path else key)
+            where = f"{path}.{key}" if path else key
+            if (key in ours) != (key in theirs):  # a key one fingerprint lacks differs, whatever the other's value
+                out.append(f"{where}: {'present' if key in ours else 'absent'} in this run, not in the folder's")
+            else:
+                out += _differences(ours[key], theirs[key], where)
         return out
-    if ours == theirs:
+    # equal as JSON, types included: 10 and 10.0, True and 1 are different fingerprints (and digests)
+    if json.dumps(ours, sort_keys=True, default=str) == json.dumps(theirs, sort_keys=True, default=str):
         return []
 
     def short(v: Any) -> str:
@@ -368,7 +373,8 @@ class ShardStore:
                     f"is not a shard of this run; delete it (or {self.root}, to start over)."
                 )
             if verify:
-                self._check(f, index, self._open_shard(f))
+                with self._open_shard(f) as data:
+                    self._check(f, index, data)
             done.append(index)
         return done
 
