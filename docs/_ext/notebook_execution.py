@@ -1,0 +1,109 @@
+"""How the tutorials are executed while the pages are built: which cache, and no deprecated names.
+
+Imported by ``conf.py`` (not a Sphinx extension: it only computes settings and prepares the kernels).
+
+**The execution cache.** myst-nb's ``cache`` mode keeps each notebook's outputs in a jupyter-cache folder and
+re-runs a notebook only when its code cells change. The outputs also depend on the package, which jupyter-cache
+does not know about, so the folder is keyed on a digest of the package's files (its source and the bundled demo
+model and datasets): after a change of the package every notebook runs once again, never showing outputs of
+other code; with the package unchanged, only the notebooks whose code changed run. The folders of the few most
+recently used digests are kept (switching branches back and forth stays fast), older ones are removed.
+
+**Deprecated names are errors.** The tutorials must use the current API. Every kernel that executes them starts
+with a warning filter that turns the package's deprecation warnings (a ``FutureWarning`` from
+:func:`transcriptformer.errors.deprecated`) into errors, so a tutorial that uses an old name fails the build, even
+where its cell hides stderr. The filter is installed as an IPython start-up file of a temporary ``IPYTHONDIR``
+that the kernels inherit from ``sphinx-build``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+#: How every deprecation warning of the package reads (``transcriptformer.errors.deprecated``).
+DEPRECATION_MESSAGE = r".*The old form will stop working in a future release"
+
+#: Cache folders (one per package digest) kept beside the current one.
+KEEP = 3
+
+_STARTUP = f"""\
+# written by docs/_ext/notebook_execution.py for the documentation build: deprecated names are errors
+import warnings
+
+warnings.filterwarnings("error", message={DEPRECATION_MESSAGE!r}, category=FutureWarning)
+"""
+
+
+def package_digest(package: str = "transcriptformer") -> str:
+    """A digest of every file of the importable ``package`` (compiled files left out), 16 hex digits."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{package} is not importable: install it (pip install -e .) or set PYTHONPATH=src.")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
+            continue
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def cache_folder(root: Path, digest: str, keep: int = KEEP) -> Path:
+    """``root / digest``, created; the other digests' folders under ``root`` but the ``keep`` newest removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / digest
+    fresh = not folder.exists()
+    folder.mkdir(exist_ok=True)
+    os.utime(folder)  # "most recently used"
+    others = [p for p in root.iterdir() if p.is_dir() and p != folder and re.fullmatch(r"[0-9a-f]{16}", p.name)]
+    for old in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    if fresh and others:
+        print(
+            f"transcriptformer docs: the package changed since the cached tutorial outputs were made; every "
+            f"notebook runs once ({folder})."
+        )
+    return folder
+
+
+def deprecations_are_errors() -> None:
+    """Make every kernel started from now on raise on the package's deprecation warnings."""
+    from transcriptformer.errors import deprecated  # without torch: cheap
+
+    with warnings.catch_warnings(record=True) as caught:  # the filter below must match what the package says
+        warnings.simplefilter("always")
+        deprecated("old", "new")
+    if not any(re.match(DEPRECATION_MESSAGE, str(w.message)) for w in caught):
+        raise RuntimeError(
+            "transcriptformer.errors.deprecated no longer says 'The old form will stop working in a future release': "
+            "update DEPRECATION_MESSAGE in docs/_ext/notebook_execution.py."
+        )
+    ipython_dir = Path(tempfile.mkdtemp(prefix="transcriptformer-docs-ipython-"))
+    atexit.register(shutil.rmtree, ipython_dir, ignore_errors=True)
+    startup = ipython_dir / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-deprecations-are-errors.py").write_text(_STARTUP)
+    os.environ["IPYTHONDIR"] = str(ipython_dir)
+
+
+def notebooks_with_outputs(docs: Path) -> list[str]:
+    """The notebooks under ``docs`` stored with outputs (they must be stored without: the build executes them)."""
+    import json
+
+    found = []
+    for path in sorted(docs.rglob("*.ipynb")):
+        if "_build" in path.relative_to(docs).parts or ".ipynb_checkpoints" in path.parts:
+            continue
+        cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+        if any(c.get("outputs") or c.get("execution_count") for c in cells if c.get("cell_type") == "code"):
+            found.append(str(path.relative_to(docs)))
+    return found
