@@ -35,8 +35,9 @@ import socket
 import sys
 import warnings
 from datetime import datetime
-from importlib.metadata import metadata
 from pathlib import Path
+
+from transcriptformer._meta import REPOSITORY, our_distribution
 
 sys.path.insert(0, str(Path(__file__).parent / "_ext"))
 
@@ -48,14 +49,17 @@ warnings.filterwarnings("ignore", message=".*sphinx_autodoc_typehints", category
 
 # -- project information -----------------------------------------------------------------------
 
-_meta = metadata("transcriptformer")
-project = "transcriptformer"
+_dist = our_distribution()  # the distribution transcriptformer-scanpy (or an install of it from before the rename)
+if _dist is None:
+    raise RuntimeError('transcriptformer is not installed: pip install -e ".[doc]" first.')
+_meta = _dist.metadata
+project = "transcriptformer"  # the import name; the distribution is transcriptformer-scanpy
 author = _meta.get("Author") or "transcriptformer developers"
 copyright = f"{datetime.now():%Y}, {author}"
 release = _meta["Version"]
 version = release
 
-repository_url = "https://github.com/transcriptformer/transcriptformer"
+repository_url = REPOSITORY
 
 # -- general configuration ---------------------------------------------------------------------
 

@@ -25,6 +25,14 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Keep the one intra-op thread of ``pytest_configure``: numba (scanpy's UMAP) sets the OpenMP thread count,
+    which torch shares, back to the number of cores, and every later test ran up to 20x slower."""
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_outside_home(tmp_path_factory):
     """Loading a checkpoint records its hash in the cache: keep the tests out of the user's cache."""

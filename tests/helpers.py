@@ -6,6 +6,10 @@ Fixtures live in ``conftest.py``; plain functions and constants live here, becau
 
 from __future__ import annotations
 
+import http.server
+import io
+import tarfile
+import threading
 from pathlib import Path
 
 import anndata as ad
@@ -92,3 +96,94 @@ def spy_on(monkeypatch, module, name: str) -> list:
 
     monkeypatch.setattr(module, name, spy)
     return calls
+
+
+# --------------------------------------------------------------------------- tarballs and a local file server
+
+
+def tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]], compresslevel: int = 9) -> bytes:
+    """A gzipped tarball of ``(member, data)`` entries (``data`` None: a folder or link)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=compresslevel) as tar:
+        for info, data in entries:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def tar_file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.mode = 0o644
+    return info, data
+
+
+def tar_dir(name: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    return info, None
+
+
+def folder_entries(folder: Path, top: str) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """Everything in ``folder`` as tar entries under ``top/`` (how the published tarballs are laid out)."""
+    entries: list[tuple[tarfile.TarInfo, bytes | None]] = [tar_dir(top)]
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        entries.append(tar_dir(f"{top}/{rel}") if path.is_dir() else tar_file(f"{top}/{rel}", path.read_bytes()))
+    return entries
+
+
+class RegistryServer:
+    """A tiny file server on 127.0.0.1 for ``TRANSCRIPTFORMER_BASE_URL`` (``url``); ``mode`` makes it misbehave.
+
+    ``files`` maps file names under ``prefix`` to their bytes; ``requests`` records every path asked for.
+    """
+
+    def __init__(self, files: dict[str, bytes], prefix: str = "/weights/") -> None:
+        self.files = dict(files)
+        self.prefix = prefix
+        self.mode = "ok"  # "ok" | "short" (Content-Length > bytes sent) | "short-unsized" (no Content-Length)
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.requests.append(self.path)
+                name = self.path.removeprefix(owner.prefix) if self.path.startswith(owner.prefix) else None
+                data = owner.files.get(name) if name else None
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.close_connection = True
+                self.send_response(200)
+                self.send_header("Content-Type", "application/gzip")
+                if owner.mode != "short-unsized":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data if owner.mode == "ok" else data[: len(data) // 2])
+                self.wfile.flush()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}{prefix}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        self._thread.start()
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self._thread.join(5)
+            self.closed = True
+
+
+#: Proxy variables that would send the requests to 127.0.0.1 elsewhere (tests unset them).
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")

@@ -8,19 +8,21 @@ at it and every test uses its own cache folder.
 from __future__ import annotations
 
 import hashlib
-import http.server
-import io
 import json
 import os
 import shutil
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
 import requests
 
 import transcriptformer
+from helpers import PROXY_VARIABLES, folder_entries
+from helpers import RegistryServer as _RegistryServer
+from helpers import tar_bytes as _tar_bytes
+from helpers import tar_dir as _dir
+from helpers import tar_file as _file
 from transcriptformer.weights import registry
 from transcriptformer.weights.registry import species_tables as resolve_species_tables
 
@@ -29,31 +31,6 @@ PREFIX = "/weights/"
 
 
 # --------------------------------------------------------------------------- tarballs
-
-
-def _tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for info, data in entries:
-            if data is not None:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            else:
-                tar.addfile(info)
-    return buf.getvalue()
-
-
-def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.mode = 0o644
-    return info, data
-
-
-def _dir(name: str) -> tuple[tarfile.TarInfo, None]:
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    info.mode = 0o755
-    return info, None
 
 
 def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
@@ -65,11 +42,7 @@ def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
 
 def _checkpoint_entries(top: str = "tf_sapiens") -> list[tuple[tarfile.TarInfo, bytes | None]]:
     """The tiny checkpoint as tar entries under ``top/``."""
-    entries: list[tuple[tarfile.TarInfo, bytes | None]] = [_dir(top)]
-    for path in sorted(TINY.rglob("*")):
-        rel = path.relative_to(TINY).as_posix()
-        entries.append(_dir(f"{top}/{rel}") if path.is_dir() else _file(f"{top}/{rel}", path.read_bytes()))
-    return entries
+    return folder_entries(TINY, top)
 
 
 @pytest.fixture(scope="session")
@@ -88,56 +61,10 @@ def registry_tarballs() -> dict[str, bytes]:
 # --------------------------------------------------------------------------- server
 
 
-class _RegistryServer:
-    """A tiny file server; ``mode`` makes it misbehave on purpose."""
-
-    def __init__(self, files: dict[str, bytes], prefix: str = PREFIX) -> None:
-        self.files = dict(files)
-        self.prefix = prefix
-        self.mode = "ok"  # "ok" | "short" (Content-Length > bytes sent) | "short-unsized" (no Content-Length)
-        self.requests: list[str] = []
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                owner.requests.append(self.path)
-                name = self.path.removeprefix(owner.prefix) if self.path.startswith(owner.prefix) else None
-                data = owner.files.get(name) if name else None
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.close_connection = True
-                self.send_response(200)
-                self.send_header("Content-Type", "application/gzip")
-                if owner.mode != "short-unsized":
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data if owner.mode == "ok" else data[: len(data) // 2])
-                self.wfile.flush()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}{prefix}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        self._thread.start()
-        self.closed = False
-
-    def close(self) -> None:
-        if not self.closed:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self._thread.join(5)
-            self.closed = True
-
-
 @pytest.fixture(autouse=True)
 def _registry_isolation(monkeypatch, tmp_path_factory):
     """Never the user's cache or a proxy; no model kept in memory across tests."""
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    for var in PROXY_VARIABLES:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("TRANSCRIPTFORMER_CACHE", str(tmp_path_factory.mktemp("env-cache")))

@@ -22,7 +22,11 @@ class TranscriptFormerWarning(UserWarning):
 
 
 def _outside_package_level() -> int:
-    """``stacklevel`` for :func:`warnings.warn` called from :func:`warn` that lands on the first user frame."""
+    """``stacklevel`` for :func:`warnings.warn` called from :func:`warn` that lands on the first user frame.
+
+    :func:`warnings.warn` does not count the import system's frames (``importlib._bootstrap``) above the
+    first level, so neither does this (a warning raised while the package is imported lands on the ``import``).
+    """
     frame: FrameType | None = sys._getframe(2)  # the caller of warn()
     level = 2
     while frame is not None and (
@@ -30,7 +34,9 @@ def _outside_package_level() -> int:
         or frame.f_code.co_filename.startswith("<frozen")
     ):
         frame = frame.f_back
-        level += 1
+        name = frame.f_code.co_filename if frame is not None else ""
+        if not ("importlib" in name and "_bootstrap" in name):
+            level += 1
     return level
 
 

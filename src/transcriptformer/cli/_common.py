@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -64,8 +65,6 @@ def _as_positive_int(text: str) -> int | None:
 
 def _as_number(minimum: float, *, zero_ok: bool = False) -> Callable[[str], float | None]:
     def parse(text: str) -> float | None:
-        import math
-
         value = _parse_value(text)
         if value is None:
             return None

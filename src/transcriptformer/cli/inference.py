@@ -163,6 +163,14 @@ def add_parser(sub: Any) -> None:
     inf.add_argument(
         "--num-gpus", type=int, default=None, help="accepted for compatibility; use torchrun for several GPUs"
     )
+    inf.add_argument(
+        "--n-data-workers",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="accepted for compatibility and recorded in the output's params; no effect (a background thread "
+        "reads and tokenises the next window of cells while the model runs, and keeps up with it)",
+    )
     inf.add_argument("--model-type", choices=["transcriptformer"], default="transcriptformer", help="model type")
     inf.add_argument("--no-progress", action="store_true", help="no progress bar")
     inf.add_argument("--adapter", default=None, help="a LoRA adapter folder (from `transcriptformer finetune`)")
@@ -176,6 +184,31 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="write embeddings to the output file window by window (automatic above 2 GiB of embeddings)",
     )
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+#: The published tool's flags accepted without effect here, and why (logged with -v when given).
+_COMPAT_FLAGS = {
+    "oom_dataloader": "--oom-dataloader: backed files are always read window by window",
+    "disable_compile_block_mask": "--disable-compile-block-mask: no block mask is compiled here",
+    "num_gpus": "--num-gpus: one process per GPU runs under torchrun (--nproc-per-node N)",
+    "n_data_workers": "--n-data-workers: one background thread reads ahead of the model",
+}
+
+
+def _log_compat_flags(args: argparse.Namespace) -> None:
+    for dest, why in _COMPAT_FLAGS.items():
+        if getattr(args, dest, None) not in (None, False):
+            logger.info("%s (accepted for compatibility; no effect)", why)
 
 
 def _apply_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -385,7 +418,14 @@ def _run_file(
     finally:
         if adata.isbacked:
             adata.file.close()
-    params = run.params(loaded, options, "inference", data_file=str(path), heads=list(heads))
+    params = run.params(
+        loaded,
+        options,
+        "inference",
+        data_file=str(path),
+        heads=list(heads),
+        n_data_workers=getattr(args, "n_data_workers", None),  # the published flag's value, without effect
+    )
     return {"obs": obs, "result": run.result, "vocab": run.vocab, "params": params}
 
 
@@ -396,6 +436,7 @@ def run(args: argparse.Namespace) -> Path | None:
     input files. Only then is the model loaded.
     """
     overrides = _apply_overrides(args)
+    _log_compat_flags(args)
     if args.model_type != "transcriptformer":
         raise CLIError(f"--model-type {args.model_type} is not supported.")
     keys = set(args.output_keys)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ def _common(p: argparse.ArgumentParser, *, lr: float, wd: float) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--devices", dest="device", help=argparse.SUPPRESS)  # the published example's spelling
     p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), 32, bf16, 16")
+    p.add_argument(
+        "--attention",
+        choices=["auto", "dense", "flex", "flex-dynamic"],
+        default="auto",
+        help="auto: compiled flex_attention on CUDA (needs Triton), dense elsewhere; dense: no compilation",
+    )
     p.add_argument("--gene-col-name", type=gene_column, default="ensembl_id", help=GENE_COL_HELP)
     p.add_argument("--clip-counts", type=float, default=30, help="clip counts to this value")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
@@ -110,6 +117,7 @@ def _fit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "device": args.device,
         "precision": args.precision,
+        "attention": args.attention,
         "gene_key": args.gene_col_name,
         "clip_counts": args.clip_counts,
         "progress": False if args.no_progress else None,
@@ -140,8 +148,6 @@ def _dry_run(args: argparse.Namespace, model) -> Path | None:
 def _distributed_device(args: argparse.Namespace) -> None:
     _, world = init_distributed()
     if world > 1 and args.device in ("auto", "cuda"):
-        import os
-
         import torch
 
         if torch.cuda.is_available():

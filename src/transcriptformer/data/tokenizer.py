@@ -14,6 +14,7 @@ a time, so nothing is ever densified whole.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -421,8 +422,6 @@ def unknown_aux_labels(values: Sequence[Any], vocab: AuxVocab, limit: int = 5) -
         ``repr`` of each unknown label (at most ``limit``, most frequent first; missing values as ``'missing'``)
         -> up to two known labels that look alike (case and surrounding spaces ignored).
     """
-    import difflib
-
     known = [k for k in vocab.labels if k != "unknown"]
     folded = {k.strip().lower(): k for k in known}
     counts: dict[str, int] = {}

@@ -132,7 +132,8 @@ def _probe_flex(device: torch.device) -> str | None:
     """``"flex-dynamic"`` or ``"flex"`` if compiled flex_attention runs here and matches the chunked kernel.
 
     The dynamic-shape compile is tried first (on three shapes), then the fixed-shape compile; any failure
-    or disagreement means chunked attention.
+    or disagreement means chunked attention. So does a ``torch.compile`` that would not compile
+    (:func:`_compile_disabled`): uncompiled flex_attention agrees but holds every attention score in memory.
     """
     from torch.nn.attention.flex_attention import flex_attention as flex
 
@@ -150,6 +151,15 @@ def _probe_flex(device: torch.device) -> str | None:
             and torch.allclose(a[1, :, : T // 2], b[1, :, : T // 2], atol=1e-4, rtol=1e-4)
         )
 
+    why = _compile_disabled(flex)
+    if why is not None:
+        logger.info(
+            "torch.compile does not compile here (%s): flex_attention would run uncompiled, holding every attention "
+            "score in memory; using the chunked kernel on %s.",
+            why,
+            device,
+        )
+        return None
     for name, shapes in (("flex-dynamic", [(2, 256), (3, 256), (2, 384)]), ("flex", [(2, 256)])):
         try:
             compiled = torch.compile(flex, dynamic=None if name == "flex-dynamic" else False)
@@ -158,4 +168,24 @@ def _probe_flex(device: torch.device) -> str | None:
             logger.warning("%s disagrees with the chunked kernel on %s.", name, device)
         except Exception as e:  # noqa: BLE001 - any compile failure means: try the next
             logger.info("%s is not usable on %s (%s: %s).", name, device, type(e).__name__, str(e)[:200])
+    return None
+
+
+def _compile_disabled(fn: Callable) -> str | None:
+    """Why ``torch.compile`` would not compile ``fn`` in this process (so that "compiled" code runs eagerly), or None.
+
+    ``TORCHDYNAMO_DISABLE=1`` makes ``torch.compile`` return the function itself; ``TORCH_COMPILE_DISABLE=1``
+    (``torch._dynamo.config.disable``) runs the compiled wrapper eagerly; on some platforms ``torch.compile``
+    refuses outright. (``TORCH_COMPILE=0`` and ``TORCH_NN_FLEX_ATTENTION_DISABLE_COMPILE=1``, which the published
+    tool's Windows instructions set, are read by neither torch nor this package.)
+    """
+    try:
+        import torch._dynamo
+
+        if torch.compile(fn) is fn:
+            return "TORCHDYNAMO_DISABLE=1"
+        if torch._dynamo.config.disable:
+            return "TORCH_COMPILE_DISABLE=1"
+    except Exception as e:  # noqa: BLE001 - torch.compile not supported here: just as unusable
+        return f"{type(e).__name__}: {str(e)[:200]}"
     return None

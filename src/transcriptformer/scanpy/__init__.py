@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .. import _meta  # noqa: F401 - the check for a published `transcriptformer` installed over this package
+
 if TYPE_CHECKING:
     from . import datasets, models, pl, pp, tl
 

@@ -23,6 +23,7 @@ from ..data.discover import tabula_sapiens
 from ..weights import registry
 from . import models
 from ._utils import deprecated_argument
+from .pp import symbols_to_ensembl
 
 __all__ = [
     "bgee_testis_evolution",
@@ -167,8 +168,6 @@ def pbmc68k_counts() -> ad.AnnData:
             The mapping report.
     """
     import scanpy as sc
-
-    from .pp import symbols_to_ensembl
 
     src = sc.datasets.pbmc68k_reduced()
     lognorm = sp.csr_matrix(src.raw.X, dtype=np.float64)

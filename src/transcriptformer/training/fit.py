@@ -706,7 +706,7 @@ def finetune(
     output projections of every attention block). They are saved in PEFT's format, with the identity of the
     weights they were trained on; load them with ``transcriptformer.load_model(base, adapter=output_dir)`` or
     ``model=(base, output_dir)`` anywhere (``--adapter`` on the command line). Needs ``peft``
-    (``pip install transcriptformer-scanpy[finetune]``).
+    (``pip install peft``, or the ``finetune`` extra of ``transcriptformer-scanpy``).
 
     Parameters
     ----------

@@ -5,7 +5,7 @@ writes them (``adapter_config.json`` and ``adapter_model.safetensors``, keys
 ``base_model.model.<module>.lora_A.weight``), so PEFT-aware tools can read them, with a small
 ``transcriptformer_adapter.json`` beside them that records the base checkpoint's sha256 and the training
 options. Training adapters is :mod:`transcriptformer.training.lora`. PEFT is an optional dependency:
-``pip install transcriptformer[finetune]``.
+``pip install peft`` (or the ``finetune`` extra of ``transcriptformer-scanpy``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def peft():
         import peft
     except ImportError:
         raise ImportError(
-            "LoRA adapters need the PEFT library: pip install 'transcriptformer-scanpy[finetune]'."
+            "LoRA adapters need the PEFT library: pip install peft (or install transcriptformer-scanpy with its "
+            "finetune extra)."
         ) from None
     return peft
 
@@ -157,12 +158,15 @@ def _check_shapes(net: Any, files: AdapterFiles) -> dict[str, Any]:
     r = files.config["r"]
     modules = dict(net.named_modules())
     targets = {}
-    for name in files.config["target_modules"]:
-        if not isinstance(modules.get(name), nn.Linear):
+    for target in files.config["target_modules"]:
+        # PEFT's rule: a name matches itself and every module whose dotted name ends with it (PEFT saves 20 or
+        # more targets as their shortest distinct endings, e.g. "linear1" for every layer's linear1)
+        matched = {n: m for n, m in modules.items() if n == target or n.endswith(f".{target}")}
+        if not matched or not all(isinstance(m, nn.Linear) for m in matched.values()):
             raise ValueError(
-                f"{files.folder / CONFIG_FILE}: target module {name!r} is not a linear layer of the base model."
+                f"{files.folder / CONFIG_FILE}: target module {target!r} is not a linear layer of the base model."
             )
-        targets[name] = modules[name]
+        targets.update(matched)
     expected = {}
     for name, layer in targets.items():
         if r > min(layer.in_features, layer.out_features):

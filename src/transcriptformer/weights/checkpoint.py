@@ -18,12 +18,17 @@ This module does not import torch until a model is loaded (the imports inside fu
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .. import _files
 from .._files import VerificationRecord, file_stamp
@@ -515,7 +520,6 @@ def new_model(
     LoadedModel
         The model (``path`` is ``None`` until it is saved).
     """
-    import numpy as np
     import torch
 
     paths = registry.species_tables(gene_tables, cache_dir=cache_dir)
@@ -605,10 +609,6 @@ def save_checkpoint(
     pathlib.Path
         The folder.
     """
-    import json
-    import shutil
-    import tempfile
-
     import torch
 
     folder = Path(folder).expanduser()

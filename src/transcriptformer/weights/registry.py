@@ -26,6 +26,7 @@ so that the command line starts fast.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ import threading
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -565,16 +567,12 @@ def fetch(
 
 def bundled_path(entry: Entry) -> Path:
     """Where an entry that ships with the package lies."""
-    from importlib.resources import files
-
     assert entry.bundled is not None
     return Path(str(files("transcriptformer").joinpath(entry.bundled)))
 
 
 def git_blob_sha1(path: Path) -> str:
     """The git blob id of a file: the sha1 of ``blob <size>``, a NUL byte, then the content."""
-    import hashlib
-
     h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
     with open(path, "rb") as f:
         while block := f.read(1 << 22):

@@ -10,6 +10,8 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import deprecated_argument, use_rep_or_deprecated
+from ..tl import umap as tl_umap
+from ..tl._labels import SEPARATOR
 from ._base import axes, check_fresh, finish, heatmap
 
 __all__ = ["celltype_similarity", "label_transfer", "llh", "species_umap", "umap"]
@@ -101,8 +103,6 @@ def species_umap(
     ``tfs.pl.umap(joint, color=["species", color])``, which this does (with a ``FutureWarning``).
     """
     import anndata as ad
-
-    from ..tl import umap as tl_umap
 
     deprecated_argument(
         "pl.species_umap(adatas)",
@@ -277,8 +277,6 @@ def celltype_similarity(
     -------
     The axes with ``show=False``, the figure with ``return_fig=True``, else ``None``.
     """
-    from ..tl._labels import SEPARATOR
-
     if isinstance(similarity, AnnData):
         if key not in similarity.uns:
             raise KeyError(f"adata.uns has no {key!r}; run tfs.tl.celltype_similarity first.")

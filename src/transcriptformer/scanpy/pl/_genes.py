@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ...data.gene_ids import SPECIES, map_symbols
 from .._utils import deprecated_argument
 from ._base import axes, check_fresh, finish
 
@@ -46,7 +47,8 @@ def gene_embeddings(
     color
         A ``var`` column to colour the genes by (e.g. a gene family or ``highly_variable``).
     genes
-        ``var_names`` to mark with their names.
+        Genes to mark with their names: ``var_names``, or gene symbols / Ensembl ids found through
+        ``var["ensembl_id"]`` (human and mouse symbols, through the Ensembl tables).
     label
         Write every gene's name next to its point (default: for at most 40 genes).
     ax, show, save, return_fig
@@ -95,7 +97,7 @@ def gene_embeddings(
             ax.legend(title=color, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
     else:
         ax.scatter(coords[:, 0], coords[:, 1], s=s, color="grey")
-    marked = set(genes or [])
+    marked = _var_names(adata, genes or [])
     if label or (label is None and len(coords) <= 40):
         marked |= set(names)
     for name, (x, y) in zip(names, coords, strict=True):
@@ -107,3 +109,22 @@ def gene_embeddings(
     ax.set_yticks([])
     ax.set_title(f"{len(coords)} genes ({key})")
     return finish(fig, ax, "gene_embeddings", show, save, return_fig)
+
+
+def _var_names(adata: AnnData, genes: Sequence[str]) -> set[str]:
+    """The ``var_names`` of genes named as users name them (var names, Ensembl ids or symbols)."""
+    names = set(map(str, adata.var_names))
+    found = {g for g in genes if g in names}
+    rest = [g for g in genes if g not in names]
+    if rest and "ensembl_id" in adata.var:
+        by_id = {
+            str(i): str(n) for n, i in zip(adata.var_names, adata.var["ensembl_id"], strict=True) if isinstance(i, str)
+        }
+        for g in rest:
+            hits = [by_id.get(g.split(".", 1)[0])]
+            if hits[0] is None:
+                for species in SPECIES:
+                    ensembl = map_symbols([g], species, check=False)["ensembl_id"].iloc[0]
+                    hits.append(by_id.get(ensembl) if ensembl else None)
+            found |= {h for h in hits if h is not None}
+    return found
