@@ -67,6 +67,7 @@ extensions = [
     "myst_nb",
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
+    "stale_stubs",  # local (_ext/): removes the generated pages of names no page lists any more
     "sphinx.ext.napoleon",
     "prose_returns",  # local (_ext/): after napoleon, before sphinx_autodoc_typehints
     "sphinx.ext.intersphinx",
