@@ -25,7 +25,7 @@ Environment variables:
     Another folder for the execution cache (default ``docs/_build/.jupyter_cache``).
 
 A kernel that executes a notebook turns the package's deprecation warnings into errors, so a tutorial
-that uses a deprecated name fails the build.
+that uses a deprecated name fails the build, and draws no progress bars.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from transcriptformer._meta import REPOSITORY, our_distribution
 
 sys.path.insert(0, str(Path(__file__).parent / "_ext"))
 
-import notebook_execution  # local (_ext/): the execution cache, deprecations as errors
+import notebook_execution  # local (_ext/): the kernels' start-up code, the execution cache
 
 # sphinx-autodoc-typehints still calls an API that Sphinx 10 removes; not our concern here
 warnings.filterwarnings("ignore", message=".*sphinx_autodoc_typehints", category=DeprecationWarning)
@@ -131,7 +131,7 @@ _cache_root = Path(os.environ.get("TRANSCRIPTFORMER_DOCS_CACHE") or Path(__file_
 if nb_execution_mode == "cache":
     nb_execution_cache_path = str(notebook_execution.cache_folder(_cache_root, notebook_execution.package_digest()))
 if nb_execution_mode != "off":
-    notebook_execution.deprecations_are_errors()  # a tutorial that uses a deprecated name fails the build
+    notebook_execution.prepare_kernels()  # deprecated names are errors; no progress bars
 nb_execution_timeout = 900  # per cell; fine-tuning on two busy CPU cores can take minutes
 nb_execution_raise_on_error = True  # a failing tutorial fails the build
 nb_execution_show_tb = True

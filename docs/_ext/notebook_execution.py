@@ -1,19 +1,24 @@
-"""How the tutorials are executed while the pages are built: which cache, and no deprecated names.
+"""How the tutorials are executed while the pages are built: the kernels' start-up code, and the cache.
 
 Imported by ``conf.py`` (not a Sphinx extension: it only computes settings and prepares the kernels).
 
-**The execution cache.** myst-nb's ``cache`` mode keeps each notebook's outputs in a jupyter-cache folder and
-re-runs a notebook only when its code cells change. The outputs also depend on the package, which jupyter-cache
-does not know about, so the folder is keyed on a digest of the package's files (its source and the bundled demo
-model and datasets): after a change of the package every notebook runs once again, never showing outputs of
-other code; with the package unchanged, only the notebooks whose code changed run. The folders of the few most
-recently used digests are kept (switching branches back and forth stays fast), older ones are removed.
+**The kernels' start-up code** (:data:`STARTUP`), run by every kernel that executes a notebook, as an IPython
+start-up file of a temporary ``IPYTHONDIR`` that the kernels inherit from ``sphinx-build``:
 
-**Deprecated names are errors.** The tutorials must use the current API. Every kernel that executes them starts
-with a warning filter that turns the package's deprecation warnings (a ``FutureWarning`` from
-:func:`transcriptformer.errors.deprecated`) into errors, so a tutorial that uses an old name fails the build, even
-where its cell hides stderr. The filter is installed as an IPython start-up file of a temporary ``IPYTHONDIR``
-that the kernels inherit from ``sphinx-build``.
+- *Deprecated names are errors.* The tutorials must use the current API: the package's deprecation warnings (a
+  ``FutureWarning`` from :func:`transcriptformer.errors.deprecated`) become errors, so a tutorial that uses an
+  old name fails the build, even where its cell hides stderr.
+- *No progress bars.* A static page cannot update a bar: each update would be a line of the cell's output. The
+  package shows a bar for every run that takes more than a few seconds and has no global switch, so ``tqdm``'s
+  bars are disabled in these kernels.
+
+**The execution cache.** myst-nb's ``cache`` mode keeps each notebook's outputs in a jupyter-cache folder and
+re-runs a notebook only when its code cells change. The outputs also depend on the package and on the start-up
+code, which jupyter-cache does not know about, so the folder is keyed on a digest of both (the package's files:
+its source, the bundled demo model and datasets): after a change of either, every notebook runs once again,
+never showing outputs of other code; with both unchanged, only the notebooks whose code changed run. The
+folders of the few most recently used digests are kept (switching branches back and forth stays fast), older
+ones are removed.
 """
 
 from __future__ import annotations
@@ -34,21 +39,35 @@ DEPRECATION_MESSAGE = r".*The old form will stop working in a future release"
 #: Cache folders (one per package digest) kept beside the current one.
 KEEP = 3
 
-_STARTUP = f"""\
-# written by docs/_ext/notebook_execution.py for the documentation build: deprecated names are errors
+STARTUP = f"""\
+# written by docs/_ext/notebook_execution.py for the documentation build
 import warnings
 
+import tqdm.auto
+
+# deprecated names are errors
 warnings.filterwarnings("error", message={DEPRECATION_MESSAGE!r}, category=FutureWarning)
+
+
+# no progress bars: a static page would show every update as a line
+class _NoBar(tqdm.auto.tqdm):
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+tqdm.auto.tqdm = _NoBar
+del _NoBar
 """
 
 
-def package_digest(package: str = "transcriptformer") -> str:
-    """A digest of every file of the importable ``package`` (compiled files left out), 16 hex digits."""
+def package_digest(package: str = "transcriptformer", extra: str = STARTUP) -> str:
+    """A digest of every file of the importable ``package`` (compiled files left out) and ``extra``, 16 hex digits."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"{package} is not importable: install it (pip install -e .) or set PYTHONPATH=src.")
     root = Path(next(iter(spec.submodule_search_locations)))
-    h = hashlib.sha256()
+    h = hashlib.sha256(extra.encode() + b"\0")
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
             continue
@@ -69,14 +88,14 @@ def cache_folder(root: Path, digest: str, keep: int = KEEP) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     if fresh and others:
         print(
-            f"transcriptformer docs: the package changed since the cached tutorial outputs were made; every "
-            f"notebook runs once ({folder})."
+            f"transcriptformer docs: the package (or the kernels' start-up code) changed since the cached tutorial "
+            f"outputs were made; every notebook runs once ({folder})."
         )
     return folder
 
 
-def deprecations_are_errors() -> None:
-    """Make every kernel started from now on raise on the package's deprecation warnings."""
+def prepare_kernels() -> None:
+    """Make every kernel started from now on run :data:`STARTUP` first."""
     from transcriptformer.errors import deprecated  # without torch: cheap
 
     with warnings.catch_warnings(record=True) as caught:  # the filter below must match what the package says
@@ -91,7 +110,7 @@ def deprecations_are_errors() -> None:
     atexit.register(shutil.rmtree, ipython_dir, ignore_errors=True)
     startup = ipython_dir / "profile_default" / "startup"
     startup.mkdir(parents=True)
-    (startup / "00-deprecations-are-errors.py").write_text(_STARTUP)
+    (startup / "00-transcriptformer-docs.py").write_text(STARTUP)
     os.environ["IPYTHONDIR"] = str(ipython_dir)
 
 
