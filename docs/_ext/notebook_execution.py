@@ -41,18 +41,23 @@ KEEP = 3
 
 STARTUP = f"""\
 # written by docs/_ext/notebook_execution.py for the documentation build
+import os
 import warnings
 
 import tqdm.auto
+import tqdm.std
 
 # deprecated names are errors
 warnings.filterwarnings("error", message={DEPRECATION_MESSAGE!r}, category=FutureWarning)
 
 
-# no progress bars: a static page would show every update as a line
-class _NoBar(tqdm.auto.tqdm):
+# no progress bars: a static page would show every update as a line. The bars are drawn into os.devnull (not
+# disabled: the package switches a bar on after creating it) as plain text bars (no notebook widget).
+class _NoBar(tqdm.std.tqdm):
+    _devnull = open(os.devnull, "w")  # noqa: SIM115 - for the kernel's lifetime
+
     def __init__(self, *args, **kwargs):
-        kwargs["disable"] = True
+        kwargs["file"] = self._devnull
         super().__init__(*args, **kwargs)
 
 
