@@ -56,17 +56,18 @@ def _checkpoint(preset: str) -> Path:
     return path
 
 
-def _matmul_rate(n: int = 2048, dtype="float32") -> float:
-    """FLOP/s of an n x n float32 matrix product on this process's threads (best of 5)."""
+def _matmul_rate(n: int = 2048, dtype="float32", clock=time.perf_counter) -> float:
+    """FLOP/s of an n x n float32 matrix product on this process's threads (best of 5; wall or CPU ``clock``)."""
     import torch
 
     a = torch.randn(n, n, dtype=getattr(torch, dtype))
     b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    a @ b
     best = float("inf")
     for _ in range(5):
-        t = time.perf_counter()
+        t = clock()
         a @ b
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return 2 * n**3 / best
 
 
@@ -118,23 +119,42 @@ def worker_training(spec: dict) -> dict:
     out = Path(tempfile.mkdtemp()) / "run"
     try:
         kwargs = {"epochs": 1, "max_tokens": spec["max_tokens"], "progress": False, "seed": 0}
+        c0 = time.process_time()
         if spec["kind"] == "finetune":
             transcriptformer.finetune(adata, loaded, output_dir=out, **kwargs)
         else:
             transcriptformer.train(loaded, adata, output_dir=out, **kwargs)
+        cpu = time.process_time() - c0
         record = json.loads((out / "training.json").read_text())
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     rate = _matmul_rate()
+    cpu_rate = _matmul_rate(clock=time.process_time)
     genes = np.diff(adata.X.indptr)
+    # the work the objective needs beyond estimate_flops (which fit.py counts, x3 for forward and backward): the
+    # gene-identity head (E x Hg, Hg x V), the count head and the targets' gene MLP, also x3
+    c = loaded.config.model
+    E, Hg, V = c.embed_dim, c.gene_head_hidden_dim, len(loaded.vocab)
+    D = loaded.model.gene_embeddings.embedding.weight.shape[1]
+    tokens = float(record["tokens_per_s"] * record["seconds"])
+    extra = 3 * 2 * tokens * (E * Hg + Hg * V + E * E + D * E + E * E)
+    counted = record["train_flops_per_s"] * record["seconds"]
+    full = counted + extra
     return {
         **spec,
+        "src": os.environ.get("TF_BENCH_SRC"),
         "seconds": record["seconds"],
+        "cpu_seconds": cpu,
         "tokens_per_s": record["tokens_per_s"],
         "cells_per_s": spec["n_cells"] / record["seconds"],
         "train_flops_per_s": record["train_flops_per_s"],
         "matmul_flops_per_s": rate,
         "fraction_of_matmul": record["train_flops_per_s"] / rate,
+        "full_flops": full,
+        "full_fraction_of_matmul": full / record["seconds"] / rate,
+        "matmul_flops_per_cpu_s": cpu_rate,
+        "fraction_of_matmul_cpu_time": counted / cpu / cpu_rate,
+        "full_fraction_of_matmul_cpu_time": full / cpu / cpu_rate,
         "median_genes": float(np.median(np.minimum(genes, loaded.seq_len))),
         "steps": record["steps"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -232,6 +252,9 @@ def main() -> None:
     parser.add_argument("what", nargs="?", choices=[*WORKERS, "all"], default="all")
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads in every worker")
+    parser.add_argument("--baseline-src", help="also run every configuration with this src/ (interleaved)")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
@@ -240,13 +263,21 @@ def main() -> None:
         return
     results = {"machine": _machine(), "runs": []}
     for what in WORKERS if args.what == "all" else [args.what]:
+        todo = []
         for spec in specs(what, args.smoke):
             spec["worker"] = what
-            load_before = os.getloadavg()[0]
-            result = run_worker(__file__, spec)
-            result["loadavg_before"], result["loadavg_after"] = load_before, os.getloadavg()[0]
-            results["runs"].append(result)
-            print(json.dumps({k: v for k, v in result.items() if k not in ("checkpoint",)}), flush=True)
+            if args.threads:
+                spec["threads"] = args.threads
+            todo.append(spec)
+            if args.baseline_src:
+                todo.append({**spec, "src": str(Path(args.baseline_src).resolve())})
+        for r in range(args.rounds):
+            for spec in todo if r % 2 == 0 else todo[::-1]:
+                load_before = os.getloadavg()[0]
+                result = run_worker(__file__, {**spec, "round": r})
+                result["loadavg_before"], result["loadavg_after"] = load_before, os.getloadavg()[0]
+                results["runs"].append(result)
+                print(json.dumps({k: v for k, v in result.items() if k not in ("checkpoint",)}), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -14,7 +14,18 @@ import transcriptformer
 import transcriptformer.scanpy as tfs
 
 # snapshot and assert_unchanged are re-exported for tests written before helpers.py: import them from helpers
-from helpers import DATA, REFERENCE, assert_unchanged, snapshot  # noqa: F401
+from helpers import (  # noqa: F401
+    DATA,
+    PROXY_VARIABLES,
+    REFERENCE,
+    RegistryServer,
+    assert_unchanged,
+    checkpoint_entries,
+    snapshot,
+    tar_bytes,
+    tar_dir,
+    tar_file,
+)
 
 
 def pytest_configure(config):
@@ -107,3 +118,94 @@ def cli(capsys):
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ref_embedding(tiny_path) -> tuple[np.ndarray, np.ndarray]:
+    """``(embeddings, llh)`` of the tiny data with the tiny model (the defaults of ``tl.embed``)."""
+    a = tfs.datasets.tiny_human()
+    tfs.tl.embed(a, model=tiny_path, llh=True)
+    return a.obsm["X_transcriptformer"], a.obs["transcriptformer_llh"].to_numpy()
+
+
+@pytest.fixture(scope="session")
+def _embedded_once(tiny_path) -> ad.AnnData:
+    adata = tfs.datasets.tiny_human()
+    tfs.tl.embed(adata, model=tiny_path, llh=True)
+    return adata
+
+
+@pytest.fixture
+def embedded(_embedded_once) -> ad.AnnData:
+    """The tiny data embedded (with llh) once per session; each test gets its own copy."""
+    return _embedded_once.copy()
+
+
+@pytest.fixture
+def h5ad(tmp_path, tiny_adata) -> Path:
+    """The tiny data written to ``tmp_path / "cells.h5ad"``."""
+    path = tmp_path / "cells.h5ad"
+    tiny_adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch) -> list:
+    """Records every attempt to load a model (and refuses it): the checks under test must come before.
+
+    Every module that binds ``load_model`` at import is imported first (so that none keeps the refusing stand-in
+    after the test) and patched.
+    """
+    from transcriptformer.scanpy.tl import _common
+    from transcriptformer.training import fit, objective
+    from transcriptformer.weights import checkpoint
+
+    calls: list = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("a model was loaded")
+
+    for module in (checkpoint, _common, tfs.pp, fit, objective):
+        monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr(checkpoint, "build_model", refuse)
+    return calls
+
+
+# -- registry downloads, offline: tarballs of the tiny checkpoint served on 127.0.0.1 ---------------------------
+
+
+@pytest.fixture
+def registry_offline(monkeypatch, tmp_path_factory):
+    """Never the user's cache or a proxy; the registry's hosts unreachable; no model kept in memory across tests."""
+    for var in PROXY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("TRANSCRIPTFORMER_CACHE", str(tmp_path_factory.mktemp("env-cache")))
+    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", "http://127.0.0.1:9/unreachable/")
+    monkeypatch.setenv("TRANSCRIPTFORMER_DATA_URL", "http://127.0.0.1:9/unreachable/")
+    transcriptformer.clear_cache()
+    yield
+    transcriptformer.clear_cache()
+
+
+@pytest.fixture(scope="session")
+def registry_tarballs() -> dict[str, bytes]:
+    """``<folder>.tar.gz`` -> bytes, for ``tf-sapiens`` and ``all-embeddings``."""
+    tiny = tfs.models.path("tf-tiny")
+    embeddings = [
+        tar_file(f"all_embeddings/{sp}_gene.h5", (tiny / "vocabs" / f"{sp}_gene.h5").read_bytes())
+        for sp in ("homo_sapiens", "mus_musculus")
+    ]
+    return {
+        "tf_sapiens.tar.gz": tar_bytes(checkpoint_entries()),
+        "all_embeddings.tar.gz": tar_bytes([tar_dir("all_embeddings"), *embeddings]),
+    }
+
+
+@pytest.fixture
+def registry_server(registry_offline, registry_tarballs, monkeypatch):
+    """A :class:`~helpers.RegistryServer` of ``registry_tarballs``; ``TRANSCRIPTFORMER_BASE_URL`` points at it."""
+    with RegistryServer(registry_tarballs) as server:
+        monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", server.url)
+        yield server

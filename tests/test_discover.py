@@ -385,13 +385,13 @@ def test_non_hdf5_answer_is_refused(api, tmp_path):
 
 def test_interrupt_stops_the_downloads_and_leaves_no_partial_files(api, tmp_path, monkeypatch):
     monkeypatch.setattr(discover, "_CHUNK", 1024)
-    api.delay = 0.6  # each file's answer starts late
+    api.delay = 1.5  # each file's answer starts late
     timer = threading.Timer(0.2, _thread.interrupt_main)
     timer.start()
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         discover.download_data("human,mouse", tmp_path, progress=False)
-    assert time.monotonic() - t0 < 0.6  # did not wait for the downloads
+    assert time.monotonic() - t0 < 1.2  # did not wait for the downloads (margin for a loaded machine)
     for t in threading.enumerate():
         if t.name.startswith("download-data"):
             t.join(5)

@@ -1,4 +1,6 @@
-"""Engine: ordering, batching strategies, streaming, out-of-memory retry, torch.distributed."""
+"""Inference (inference/devices.py, batching.py, outputs.py, engine.py): order, batching, streaming, out-of-memory
+retries, devices and precisions, heads, non-finite results, progress, torch.distributed.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import pytest
 import torch
 
 import transcriptformer.scanpy as tfs
-from helpers import flex_unavailable
+from helpers import assert_unchanged, error_line, flex_unavailable, infer_args, run_cli, snapshot
 from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
 from transcriptformer.inference.devices import resolve_device, resolve_precision
 from transcriptformer.inference.engine import Engine
+from transcriptformer.inference.options import RunOptions
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,9 @@ def one_at_a_time(tiny_model, big_adata):
 
 def _src(tiny_model, adata):
     return prepare_cells(adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
+
+
+# --- batching and order ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -149,7 +155,14 @@ def test_background_reader_overlaps_windows(tiny_model, big_adata, monkeypatch):
     assert threads and all(t.startswith("transcriptformer-reader") for t in threads)
 
 
-def test_device_and_precision_resolution():
+# --- devices, precisions, kernels -----------------------------------------------------------------------------------
+
+
+def test_device_and_precision_resolution(monkeypatch):
+    from transcriptformer.inference import devices
+
+    # a CPU with native bfloat16 (elsewhere bf16 runs as float32: tests/test_performance.py)
+    monkeypatch.setattr(devices, "cpu_bf16_support", lambda: devices.CpuBf16Support(True, "AVX512", "test"))
     cuda = torch.cuda.is_available()
     assert resolve_device("auto").type == ("cuda" if cuda else "cpu")
     assert resolve_precision("auto", torch.device("cpu")) == "32"
@@ -161,6 +174,21 @@ def test_device_and_precision_resolution():
         resolve_precision("64", torch.device("cpu"))
 
 
+def test_device_names_follow_one_rule(tiny_path, tiny_adata):
+    import torch
+
+    from transcriptformer.inference.devices import resolve_device
+
+    for ok in ("CPU", " cpu ", torch.device("cpu"), "auto"):
+        RunOptions(device=ok)
+        resolve_device(ok)
+    tfs.tl.embed(tiny_adata, model=tiny_path, device="CPU")
+    with pytest.raises(ValueError, match="device=device"):
+        RunOptions(device=torch.device("meta"))
+    with pytest.raises(ValueError, match="device=device"):
+        resolve_device(torch.device("meta"))
+
+
 def test_bf16_on_cpu_is_close_to_fp32(tiny_path, tiny_adata, reference):
     out = tfs.tl.embed(tiny_adata, model=tiny_path, precision="bf16", copy=True)
     ref = reference["cell"].obsm["embeddings"]
@@ -168,6 +196,155 @@ def test_bf16_on_cpu_is_close_to_fp32(tiny_path, tiny_adata, reference):
     cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.999
     assert np.abs(emb - ref).max() < 1e-2
+
+
+def test_flex_failure_falls_back_to_chunked(tiny_model, tiny_adata, reference, monkeypatch, caplog):
+    import transcriptformer.model as model_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compiled kernel failed for this shape")
+
+    monkeypatch.setattr(model_module.FlexAttention, "__call__", broken)
+    eng = Engine(tiny_model, attention="flex")
+    with caplog.at_level("WARNING", logger="transcriptformer"):
+        res = eng.run(_src(tiny_model, tiny_adata), ("embeddings",))
+    assert "continuing with chunked attention" in caplog.text
+    assert res.stats["attention"] == "chunked" and "flex failed" in res.stats["attention_fallback"]
+    assert eng.attention == "flex"  # decided for that run only, and recorded in its stats
+    np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["flex", "flex-dynamic"])
+def test_compiled_flex_matches_references(tiny_model, tiny_adata, reference, attention):
+    """Compiled flex_attention (CPU inductor here; the CUDA path in tests/test_gpu.py): same numbers.
+
+    Skips only when the flex kernel itself cannot compile on this platform (probed up front, outside the
+    engine); if it can, an engine that falls back to another kernel, or raises, fails the test.
+    """
+    why = flex_unavailable(attention, "cpu", tiny_model)
+    if why is not None:
+        pytest.skip(f"{attention} cannot compile on this platform ({why})")
+    res = Engine(tiny_model, attention=attention, batch_size=8).run(_src(tiny_model, tiny_adata), ("embeddings", "llh"))
+    assert res.stats["attention"] == attention, (
+        f"the engine fell back to {res.stats['attention']} although {attention} compiles here: "
+        f"{res.stats.get('attention_fallback')}"
+    )
+    np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
+    np.testing.assert_allclose(res.llh, reference["llh"].obsm["llh"].ravel(), atol=1e-5)
+
+
+# --- heads and outputs ----------------------------------------------------------------------------------------------
+
+
+def test_heads_run_only_when_requested(tiny_model, tiny_adata, monkeypatch):
+    calls = {"mu": 0, "gene": 0, "widths": []}
+    model = tiny_model.model
+    h1 = model.mu.register_forward_hook(lambda *a: calls.__setitem__("mu", calls["mu"] + 1))
+    h2 = model.gene_id_head.register_forward_hook(lambda *a: calls.__setitem__("gene", calls["gene"] + 1))
+    original = type(model).encode
+
+    def spy(self, tokens, *args, **kwargs):
+        calls["widths"].append(tokens.shape[1])
+        return original(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "encode", spy)
+    src = prepare_cells(tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions())
+    try:
+        eng = Engine(tiny_model, batch_size=4)
+        eng.run(src, ("embeddings",))
+        assert calls["mu"] == 0 and calls["gene"] == 0
+        widths = list(calls["widths"])
+        eng.run(src, ("embeddings", "llh"))
+        assert calls["mu"] > 0 and calls["gene"] == 0
+        eng.run(src, ("gene_llh",))
+        assert calls["gene"] > 0
+    finally:
+        h1.remove()
+        h2.remove()
+    # batches are trimmed to their longest cell (+1 slot for the position after the last gene)
+    w = src.read(0, 21)
+    plan = eng.plan_batches(w.lengths)
+    assert widths == [min(int(w.lengths[b].max()) + 1, 63) for b in plan]
+
+
+def test_non_finite_results_are_never_written(tiny_path, tiny_adata, h5ad, monkeypatch, capsys):
+    from transcriptformer.model import TranscriptFormer
+
+    original = TranscriptFormer.cell_embedding
+
+    def broken(self, hidden, tokens):
+        out = original(self, hidden, tokens)
+        out[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(TranscriptFormer, "cell_embedding", broken)
+    before = snapshot(tiny_adata)
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(embeddings\).*nothing was written"):
+        tfs.tl.embed(tiny_adata, model=tiny_path)
+    assert_unchanged(tiny_adata, before)
+    for extra in ((), ("--stream-output",)):
+        out = h5ad.parent / f"out{len(extra)}"
+        code, err = run_cli(capsys, *infer_args(tiny_path, h5ad, out, *extra))
+        assert code == 1 and "NaN or infinite values" in error_line(err)
+        assert not out.exists() or list(out.iterdir()) == []  # no output, no temporary file
+
+
+def test_non_finite_gene_results_are_never_returned(tiny_path, tiny_adata, monkeypatch):
+    from transcriptformer.model import Encoded, TranscriptFormer
+
+    original = TranscriptFormer.encode
+
+    def broken(self, *args, **kwargs):
+        enc = original(self, *args, **kwargs)
+        hidden = enc.hidden.clone()
+        hidden[0, 0, 0] = float("inf")  # the first gene of the batch's first cell
+        return Encoded(hidden, enc.targets)
+
+    monkeypatch.setattr(TranscriptFormer, "encode", broken)
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(cge\)"):
+        tfs.tl.contextual_gene_embeddings(tiny_adata, model=tiny_path)
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(gene_sum\)"):
+        tfs.tl.gene_embeddings(tiny_adata, model=tiny_path)
+    assert "X_transcriptformer_genes" not in tiny_adata.varm
+
+
+# --- progress -------------------------------------------------------------------------------------------------------
+
+
+def test_progress_bar(tiny_path, tiny_adata, capsys):
+    tfs.tl.embed(tiny_adata, model=tiny_path, progress=True)
+    assert "cell" in capsys.readouterr().err
+
+
+def _slow_batches(monkeypatch, seconds: float) -> None:
+    """Every batch of the engine takes at least ``seconds`` (a long run, made on purpose)."""
+    import time
+
+    original = Engine._forward
+
+    def slow(self, *args, **kwargs):
+        time.sleep(seconds)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "_forward", slow)
+
+
+def test_a_run_shows_a_progress_bar_once_it_has_taken_the_delay(tiny_path, tiny_adata, capsys, monkeypatch):
+    from transcriptformer.inference import engine
+
+    tfs.tl.embed(tiny_adata, model=tiny_path, batch_size=4)  # a quick run: no bar
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(engine, "PROGRESS_DELAY_S", 0.2)
+    _slow_batches(monkeypatch, 0.1)  # 6 batches of 4 cells: 0.6 s, past the delay
+    tfs.tl.embed(tiny_adata, model=tiny_path, batch_size=4)
+    err = capsys.readouterr().err
+    assert "TranscriptFormer (tf_tiny)" in err and "21/21" in err and "cell" in err, err
+    tfs.tl.embed(tiny_adata, model=tiny_path, batch_size=4, progress=False)  # never, however long
+    assert capsys.readouterr().err == ""
+
+
+# --- several processes ----------------------------------------------------------------------------------------------
 
 
 DIST_SCRIPT = textwrap.dedent(
@@ -230,55 +407,3 @@ def test_distributed_two_processes_gloo_cli(tmp_path, tiny_path, big_adata, one_
     np.testing.assert_allclose(out.obsm["embeddings"], one_at_a_time.embeddings, atol=1e-6)
     np.testing.assert_allclose(out.uns["llh"]["llh"], one_at_a_time.llh, atol=1e-6)
     np.testing.assert_array_equal(out.obs["cell_type"].astype(str), big_adata.obs["cell_type"].astype(str))
-
-
-def test_flex_failure_falls_back_to_chunked(tiny_model, tiny_adata, reference, monkeypatch, caplog):
-    import transcriptformer.model as model_module
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("compiled kernel failed for this shape")
-
-    monkeypatch.setattr(model_module.FlexAttention, "__call__", broken)
-    eng = Engine(tiny_model, attention="flex")
-    with caplog.at_level("WARNING", logger="transcriptformer"):
-        res = eng.run(_src(tiny_model, tiny_adata), ("embeddings",))
-    assert "continuing with chunked attention" in caplog.text
-    assert res.stats["attention"] == "chunked" and "flex failed" in res.stats["attention_fallback"]
-    assert eng.attention == "flex"  # decided for that run only, and recorded in its stats
-    np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("attention", ["flex", "flex-dynamic"])
-def test_compiled_flex_matches_references(tiny_model, tiny_adata, reference, attention):
-    """Compiled flex_attention (CPU inductor here; the CUDA path in tests/test_gpu.py): same numbers.
-
-    Skips only when the flex kernel itself cannot compile on this platform (probed up front, outside the
-    engine); if it can, an engine that falls back to another kernel, or raises, fails the test.
-    """
-    why = flex_unavailable(attention, "cpu", tiny_model)
-    if why is not None:
-        pytest.skip(f"{attention} cannot compile on this platform ({why})")
-    res = Engine(tiny_model, attention=attention, batch_size=8).run(_src(tiny_model, tiny_adata), ("embeddings", "llh"))
-    assert res.stats["attention"] == attention, (
-        f"the engine fell back to {res.stats['attention']} although {attention} compiles here: "
-        f"{res.stats.get('attention_fallback')}"
-    )
-    np.testing.assert_allclose(res.embeddings, reference["cell"].obsm["embeddings"], atol=1e-5)
-    np.testing.assert_allclose(res.llh, reference["llh"].obsm["llh"].ravel(), atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_precision_attention_is_finite_and_close(dtype):
-    """Soft-capped weights reach e^20: float16 needs them relative to the row maximum (no inf, no NaN)."""
-    from transcriptformer.model import chunked_attention, dense_attention
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (3 * torch.randn(3, 2, 150, 16, generator=g) for _ in range(3))
-    bias = torch.log1p(torch.rand(3, 150, generator=g) * 30)
-    valid = torch.ones(3, 150, dtype=torch.bool)
-    valid[0, 0] = False
-    ref = dense_attention(q, k, v, bias, valid, 10.0)
-    out = chunked_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias, valid, 10.0, num_aux=1).float()
-    assert torch.isfinite(out).all()
-    assert (out - ref).abs().max() < (2e-2 if dtype == torch.float16 else 1e-1)

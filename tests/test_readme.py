@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -16,6 +17,7 @@ def _section(title: str) -> str:
     return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
 
 
+@pytest.mark.slow  # 25 s (scanpy's UMAP compiles with numba, the demo model generates cells): run in CI's slow pass
 def test_quickstart_runs(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", _section("Quickstart"), flags=re.S)

@@ -1,85 +1,45 @@
-"""The weights registry against a real local HTTP server (no internet, no user cache).
+"""The weights registry (weights/registry.py) against a real local HTTP server (no internet, no user cache).
 
-A :class:`http.server.ThreadingHTTPServer` on 127.0.0.1 serves tarballs built from the bundled
-tiny checkpoint under the published file names; ``TRANSCRIPTFORMER_BASE_URL`` points the registry
-at it and every test uses its own cache folder.
+A :class:`helpers.RegistryServer` on 127.0.0.1 serves tarballs built from the bundled tiny checkpoint under the
+published file names; ``TRANSCRIPTFORMER_BASE_URL`` points the registry at it and every test uses its own cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 import requests
 
 import transcriptformer
-from helpers import PROXY_VARIABLES, folder_entries
-from helpers import RegistryServer as _RegistryServer
-from helpers import tar_bytes as _tar_bytes
-from helpers import tar_dir as _dir
-from helpers import tar_file as _file
+import transcriptformer.scanpy as tfs
+from helpers import (
+    TINY,
+    RegistryServer,
+    checkpoint_entries,
+    copy_tiny,
+    spy_on,
+    tar_bytes,
+    tar_dir,
+    tar_file,
+    tar_symlink,
+)
+from transcriptformer import _files
 from transcriptformer.weights import registry
 from transcriptformer.weights.registry import species_tables as resolve_species_tables
 
-TINY = Path(transcriptformer.__file__).parent / "_data" / "tf_tiny"
+pytestmark = pytest.mark.usefixtures("registry_offline")
+
+
 PREFIX = "/weights/"
-
-
-# --------------------------------------------------------------------------- tarballs
-
-
-def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, None]:
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.SYMTYPE
-    info.linkname = target
-    return info, None
-
-
-def _checkpoint_entries(top: str = "tf_sapiens") -> list[tuple[tarfile.TarInfo, bytes | None]]:
-    """The tiny checkpoint as tar entries under ``top/``."""
-    return folder_entries(TINY, top)
-
-
-@pytest.fixture(scope="session")
-def registry_tarballs() -> dict[str, bytes]:
-    """``<folder>.tar.gz`` -> bytes, for ``tf-sapiens`` and ``all-embeddings``."""
-    embeddings = [_dir("all_embeddings")] + [
-        _file(f"all_embeddings/{sp}_gene.h5", (TINY / "vocabs" / f"{sp}_gene.h5").read_bytes())
-        for sp in ("homo_sapiens", "mus_musculus")
-    ]
-    return {
-        "tf_sapiens.tar.gz": _tar_bytes(_checkpoint_entries()),
-        "all_embeddings.tar.gz": _tar_bytes(embeddings),
-    }
-
-
-# --------------------------------------------------------------------------- server
-
-
-@pytest.fixture(autouse=True)
-def _registry_isolation(monkeypatch, tmp_path_factory):
-    """Never the user's cache or a proxy; no model kept in memory across tests."""
-    for var in PROXY_VARIABLES:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("TRANSCRIPTFORMER_CACHE", str(tmp_path_factory.mktemp("env-cache")))
-    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", "http://127.0.0.1:9/unreachable/")
-    transcriptformer.clear_cache()
-    yield
-    transcriptformer.clear_cache()
-
-
-@pytest.fixture
-def registry_server(registry_tarballs, monkeypatch):
-    server = _RegistryServer(registry_tarballs)
-    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", server.url)
-    yield server
-    server.close()
 
 
 @pytest.fixture
@@ -105,7 +65,7 @@ def _nothing_cached(cache: Path, folder: str = "tf_sapiens") -> None:
     assert [p.name for p in cache.iterdir() if p.name.startswith(f".{folder}-")] == []  # extraction temp folders
 
 
-# --------------------------------------------------------------------------- 1. first download
+# --- first download -------------------------------------------------------------------------------------------------
 
 
 def test_first_download_unpacks_records_hashes_and_loads(registry_server, registry_tarballs, cache, capfd):
@@ -153,9 +113,6 @@ def test_no_progress_bar_when_disabled(registry_server, cache, capfd):
     assert "100%" not in err
 
 
-# --------------------------------------------------------------------------- 2. cached, offline
-
-
 def test_cached_load_works_without_network(registry_server, cache):
     folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
     registry_server.close()
@@ -173,7 +130,35 @@ def test_cached_load_works_without_network(registry_server, cache):
     _nothing_cached(cache, "all_embeddings")
 
 
-# --------------------------------------------------------------------------- 3. corrupted cache
+def test_concurrent_fetches_download_once(registry_server, cache):
+    """Several processes (e.g. torchrun ranks) asking for the same model: one download, all get the folder."""
+
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(registry.fetch("tf-sapiens", cache_dir=cache, progress=False))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(results)) == 1 and results[0] == cache / "tf_sapiens"
+    assert registry_server.requests == [PREFIX + "tf_sapiens.tar.gz"]
+
+
+def test_unknown_name_does_not_touch_network_or_cache(registry_server, cache):
+    with pytest.raises(KeyError, match="tf-foo"):
+        registry.fetch("tf-foo", cache_dir=cache)
+    assert registry_server.requests == []
+    assert list(cache.iterdir()) == []
+
+
+# --- what is cached is checked --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rel", ["model_weights.pt", "config.json"])
@@ -213,7 +198,77 @@ def test_missing_cached_file_is_detected(registry_server, cache):
         registry.verify_checkpoint(folder, ["added.txt"])
 
 
-# --------------------------------------------------------------------------- 4. interrupted download
+def test_an_incomplete_cached_folder_is_downloaded_again(registry_server, cache):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    (folder / "vocabs" / "assay_vocab.json").unlink()
+    assert registry.fetch("tf-sapiens", cache_dir=cache, progress=False) == folder
+    assert len(registry_server.requests) == 2
+    assert (folder / "vocabs" / "assay_vocab.json").is_file()
+
+
+def test_a_download_is_hashed_once_then_only_when_a_file_changes(registry_server, cache, monkeypatch):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    hashes = spy_on(monkeypatch, _files, "sha256_file")
+    loaded = transcriptformer.load_model("tf-sapiens", cache_dir=cache)
+    transcriptformer.clear_cache()  # as a new process
+    transcriptformer.load_model("tf-sapiens", cache_dir=cache)
+    assert hashes == []  # the stamps recorded at download are enough
+    manifest = json.loads((cache / "tf_sapiens.sha256.json").read_text())
+    assert manifest["finite"]["model_weights.pt"] == manifest["verified"]["model_weights.pt"]["stamp"]
+    assert loaded.weights_sha256 == manifest["files"]["model_weights.pt"]
+    # the same bytes written again (new mtime and ctime): hashed once, verified, then known again
+    config = folder / "config.json"
+    config.write_bytes(config.read_bytes())
+    transcriptformer.clear_cache()
+    transcriptformer.load_model("tf-sapiens", cache_dir=cache)
+    assert [Path(a[0]).name for a in hashes] == ["config.json"]
+    transcriptformer.clear_cache()
+    transcriptformer.load_model("tf-sapiens", cache_dir=cache)
+    assert len(hashes) == 1
+
+
+def test_a_damaged_manifest_or_hash_record_is_named(registry_server, cache):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    manifest = cache / "tf_sapiens.sha256.json"
+    good = manifest.read_bytes()
+    for bad in (b"{not json", b"\xff\xfe\x00", b"[]", b'{"files": 5}'):
+        manifest.write_bytes(bad)
+        transcriptformer.clear_cache()
+        with pytest.raises(ValueError, match=r"tf_sapiens\.sha256\.json") as info:
+            transcriptformer.load_model("tf-sapiens", cache_dir=cache)
+        assert "--force" in str(info.value) and "\n" not in str(info.value)
+    manifest.write_bytes(good)
+    known = cache / "known_hashes.json"
+    for bad in (b"{not json", b'["a"]', b'{"tf_sapiens.tar.gz": 5}'):
+        known.write_bytes(bad)
+        shutil.rmtree(folder, ignore_errors=True)
+        with pytest.raises(ValueError, match=r"known_hashes\.json .*repair it, or delete it"):
+            registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+
+
+def test_the_in_memory_cache_rechecks_every_file(registry_server, cache, tmp_path):
+    ckpt = copy_tiny(tmp_path)
+    first = transcriptformer.load_model(ckpt)
+    assert transcriptformer.load_model(ckpt) is first
+    vocab = ckpt / "vocabs" / "assay_vocab.json"
+    labels = json.loads(vocab.read_text())
+    vocab.write_text(json.dumps({**labels, "new assay": max(labels.values())}))
+    second = transcriptformer.load_model(ckpt)  # a vocabulary changed: read again
+    assert second is not first and "new assay" in second.aux_vocabs[0].labels
+    # a download damaged after it was loaded is noticed by the next load, with no clear_cache()
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    transcriptformer.load_model("tf-sapiens", cache_dir=cache)
+    weights = folder / "model_weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tmp = folder / "w.tmp"
+    tmp.write_bytes(bytes(data))
+    os.replace(tmp, weights)
+    with pytest.raises(ValueError, match=r"model_weights\.pt is corrupted"):
+        transcriptformer.load_model("tf-sapiens", cache_dir=cache)
+
+
+# --- interrupted, damaged or hostile downloads ----------------------------------------------------------------------
 
 
 def test_interrupted_download_is_not_cached(registry_server, cache):
@@ -243,27 +298,24 @@ def test_truncated_download_without_length_is_not_cached(registry_server, cache)
     assert len(registry_server.requests) == 2
 
 
-# --------------------------------------------------------------------------- 5. malicious tarballs
-
-
 def _malicious(kind: str, outside: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
-    good = _checkpoint_entries()
+    good = checkpoint_entries()
     if kind == "dotdot":
-        return [*good, _file("../evil", b"x")]
+        return [*good, tar_file("../evil", b"x")]
     if kind == "dotdot-deep":  # from <cache>/.tf_sapiens-xxx/ this lands in the cache's parent
-        return [*good, _file("tf_sapiens/../../../evil", b"x")]
+        return [*good, tar_file("tf_sapiens/../../../evil", b"x")]
     if kind == "absolute":
-        return [*good, _file(str(outside / "evil_abs"), b"x")]
+        return [*good, tar_file(str(outside / "evil_abs"), b"x")]
     if kind == "symlink":  # then write through it
-        return [*good, _symlink("tf_sapiens/link", "../../etc"), _file("tf_sapiens/link/evil", b"x")]
+        return [*good, tar_symlink("tf_sapiens/link", "../../etc"), tar_file("tf_sapiens/link/evil", b"x")]
     if kind == "symlink-up":  # a link to the extraction folder's root (leaves tf_sapiens/ once moved)
-        return [*good, _symlink("tf_sapiens/link", ".."), _file("tf_sapiens/link/evil", b"x")]
+        return [*good, tar_symlink("tf_sapiens/link", ".."), tar_file("tf_sapiens/link/evil", b"x")]
     if kind == "symlink-absolute":
-        return [*good, _symlink("tf_sapiens/link", str(outside))]
+        return [*good, tar_symlink("tf_sapiens/link", str(outside))]
     if kind == "other-top":
-        return [*good, _dir("other_folder"), _file("other_folder/evil", b"x")]
+        return [*good, tar_dir("other_folder"), tar_file("other_folder/evil", b"x")]
     if kind == "top-level-file":
-        return [*good, _file("evil", b"x")]
+        return [*good, tar_file("evil", b"x")]
     raise AssertionError(kind)
 
 
@@ -275,7 +327,7 @@ def test_malicious_tarball_is_refused(registry_server, registry_tarballs, cache,
     entries = _malicious(kind, tmp_path)
     if kind == "absolute":
         assert entries[-1][0].name.startswith("/")
-    registry_server.files["tf_sapiens.tar.gz"] = _tar_bytes(entries)
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(entries)
 
     with pytest.raises(ValueError, match="refusing"):
         registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
@@ -291,17 +343,109 @@ def test_malicious_tarball_is_refused(registry_server, registry_tarballs, cache,
 
 
 def test_tarball_without_expected_folder_is_refused(registry_server, cache):
-    registry_server.files["tf_sapiens.tar.gz"] = _tar_bytes(_checkpoint_entries(top="tf_exemplar"))
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(checkpoint_entries(top="tf_exemplar"))
     with pytest.raises(ValueError, match="refusing"):
         registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
     _nothing_cached(cache)
 
 
-# --------------------------------------------------------------------------- 6. environment variables, available()
+@pytest.mark.parametrize(
+    ("drop", "extra", "message"),
+    [
+        (("model_weights.pt",), None, "missing model_weights.pt"),
+        (("vocabs/homo_sapiens_gene.h5",), None, "missing vocabs/homo_sapiens_gene.h5"),
+        (("config.json",), None, "missing config.json"),
+        ((), {"tf_sapiens/config.json": b"\x89PNG\x00\xff"}, "config.json"),
+    ],
+)
+def test_a_tarball_without_a_usable_checkpoint_is_neither_cached_nor_recorded(
+    registry_server, cache, drop, extra, message
+):
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(checkpoint_entries(drop=drop, extra=extra))
+    with pytest.raises(ValueError, match="not to a usable checkpoint") as info:
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    assert message in str(info.value) and "Nothing was cached or recorded" in str(info.value)
+    _nothing_cached(cache)
+    # the right file, served later, is accepted (no hash was pinned to the bad one)
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(checkpoint_entries())
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    assert transcriptformer.load_model("tf-sapiens", cache_dir=cache).path == folder.resolve()
+
+
+def test_extraction_is_bounded_and_sparse_members_are_refused(registry_server, cache):
+    tiny = sum(p.stat().st_size for p in TINY.rglob("*") if p.is_file())
+    small = dataclasses.replace(registry.REGISTRY["tf-sapiens"], max_unpacked=tiny + 100_000)
+    plain = tar_bytes(checkpoint_entries())
+    bomb = tar_bytes(checkpoint_entries(extra={"tf_sapiens/zeros.bin": bytes(20_000_000)}))  # 20 MB of zeros
+    assert len(bomb) < len(plain) + 50_000  # a small archive that unpacks to far more than the model needs
+    registry_server.files["tf_sapiens.tar.gz"] = bomb
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry.REGISTRY, "tf-sapiens", small)
+        with pytest.raises(ValueError, match=r"refusing to extract.*its members unpack to more than"):
+            registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    _nothing_cached(cache)
+    sparse = [*checkpoint_entries(), tar_file("tf_sapiens/holes.bin", b"", sparse=True)]
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(sparse, fmt=tarfile.GNU_FORMAT)
+    with pytest.raises(ValueError, match="is a sparse file"):
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    _nothing_cached(cache)
+    assert all(r.startswith("/weights/") for r in registry_server.requests)
+
+
+# --- recorded hashes ------------------------------------------------------------------------------------------------
+
+
+def test_recorded_tarball_hash_is_enforced(registry_server, registry_tarballs, cache):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    recorded = json.loads((cache / "known_hashes.json").read_text())["tf_sapiens.tar.gz"]
+    shutil.rmtree(folder)
+
+    entries = checkpoint_entries()
+    entries.append(tar_file("tf_sapiens/extra.txt", b"the publisher changed something"))
+    registry_server.files["tf_sapiens.tar.gz"] = tar_bytes(entries)
+    with pytest.raises(ValueError, match="sha256") as info:
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    msg = str(info.value)
+    assert recorded in msg
+    assert "known_hashes.json" in msg
+    assert not folder.exists()
+    assert json.loads((cache / "known_hashes.json").read_text()) == {"tf_sapiens.tar.gz": recorded}
+    assert list((cache / ".downloads").iterdir()) == []
+
+    # the original tarball is accepted again
+    registry_server.files["tf_sapiens.tar.gz"] = registry_tarballs["tf_sapiens.tar.gz"]
+    assert registry.fetch("tf-sapiens", cache_dir=cache, progress=False) == folder
+    assert not (folder / "extra.txt").exists()
+
+
+def test_force_replaces_a_hash_recorded_on_first_use_after_saying_so(registry_server, cache, caplog):
+    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    pinned = json.loads((cache / "known_hashes.json").read_text())["tf_sapiens.tar.gz"]
+    new = tar_bytes(checkpoint_entries(extra={"tf_sapiens/README": b"republished"}))
+    registry_server.files["tf_sapiens.tar.gz"] = new
+    shutil.rmtree(folder)
+    with pytest.raises(ValueError, match=r"does not match the sha256 recorded.*--force"):
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    assert json.loads((cache / "known_hashes.json").read_text())["tf_sapiens.tar.gz"] == pinned
+    with caplog.at_level(logging.WARNING, logger="transcriptformer"):
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False, force=True)
+    assert "not the " + pinned in caplog.text and "replaces the recorded hash" in caplog.text
+    assert json.loads((cache / "known_hashes.json").read_text())["tf_sapiens.tar.gz"] == hashlib.sha256(new).hexdigest()
+    assert (folder / "README").read_bytes() == b"republished"
+    registry.verify_checkpoint(folder)
+    # a published hash (in the registry table) is never replaced
+    entry = dataclasses.replace(registry.REGISTRY["tf-sapiens"], sha256=pinned)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry.REGISTRY, "tf-sapiens", entry)
+        with pytest.raises(ValueError, match="does not match the sha256"):
+            registry.fetch("tf-sapiens", cache_dir=cache, progress=False, force=True)
+
+
+# --- environment, names, species tables, datasets -------------------------------------------------------------------
 
 
 def test_environment_variables_are_honoured(registry_tarballs, monkeypatch, tmp_path):
-    server = _RegistryServer(registry_tarballs, prefix="/mirror/sub/")
+    server = RegistryServer(registry_tarballs, prefix="/mirror/sub/")
     try:
         monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", server.url.rstrip("/"))  # no trailing slash
         env_cache = tmp_path / "env"
@@ -340,33 +484,25 @@ def test_environment_variables_are_honoured(registry_tarballs, monkeypatch, tmp_
         server.close()
 
 
-# --------------------------------------------------------------------------- 7. recorded tarball hash enforced
+def test_names():
+    assert registry.canonical_name("TF_Sapiens") == "tf-sapiens"
+    assert registry.canonical_name(" tf_metazoa ") == "tf-metazoa"
+    assert registry.canonical_name("all_embeddings") == "all-embeddings"
+    with pytest.raises(KeyError, match="tf-foo"):
+        registry.canonical_name("tf-foo")
+    assert registry.is_registered("tf-exemplar")
+    assert not registry.is_registered("tf-foo")
+    assert not registry.is_registered("./tf_sapiens/")
+    assert set(registry.MODEL_NAMES) < set(registry.REGISTRY)
+    downloads = [e for e in registry.ENTRIES if e.kind != "dataset" and e.bundled is None]
+    assert all(e.file == f"{e.folder}.tar.gz" for e in downloads)
+    assert "tf-demo" in registry.MODEL_NAMES and "human-val" in registry.DATASET_NAMES
 
 
-def test_recorded_tarball_hash_is_enforced(registry_server, registry_tarballs, cache):
-    folder = registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
-    recorded = json.loads((cache / "known_hashes.json").read_text())["tf_sapiens.tar.gz"]
-    shutil.rmtree(folder)
-
-    entries = _checkpoint_entries()
-    entries.append(_file("tf_sapiens/extra.txt", b"the publisher changed something"))
-    registry_server.files["tf_sapiens.tar.gz"] = _tar_bytes(entries)
-    with pytest.raises(ValueError, match="sha256") as info:
-        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
-    msg = str(info.value)
-    assert recorded in msg
-    assert "known_hashes.json" in msg
-    assert not folder.exists()
-    assert json.loads((cache / "known_hashes.json").read_text()) == {"tf_sapiens.tar.gz": recorded}
-    assert list((cache / ".downloads").iterdir()) == []
-
-    # the original tarball is accepted again
-    registry_server.files["tf_sapiens.tar.gz"] = registry_tarballs["tf_sapiens.tar.gz"]
-    assert registry.fetch("tf-sapiens", cache_dir=cache, progress=False) == folder
-    assert not (folder / "extra.txt").exists()
-
-
-# --------------------------------------------------------------------------- 8. species tables
+def test_bundled_demo_model_by_name():
+    m = transcriptformer.load_model("tf-demo")
+    assert m.path == registry.bundled_path(registry.REGISTRY["tf-demo"]).resolve()
+    assert registry.fetch("tf-demo") == registry.bundled_path(registry.REGISTRY["tf-demo"])
 
 
 def test_species_table(registry_server, cache):
@@ -390,36 +526,12 @@ def test_species_table(registry_server, cache):
             registry.species_table(bad, cache_dir=cache)
 
 
-# --------------------------------------------------------------------------- 9. names
-
-
-def test_names():
-    assert registry.canonical_name("TF_Sapiens") == "tf-sapiens"
-    assert registry.canonical_name(" tf_metazoa ") == "tf-metazoa"
-    assert registry.canonical_name("all_embeddings") == "all-embeddings"
-    with pytest.raises(KeyError, match="tf-foo"):
-        registry.canonical_name("tf-foo")
-    assert registry.is_registered("tf-exemplar")
-    assert not registry.is_registered("tf-foo")
-    assert not registry.is_registered("./tf_sapiens/")
-    assert set(registry.MODEL_NAMES) < set(registry.REGISTRY)
-    downloads = [e for e in registry.ENTRIES if e.kind != "dataset" and e.bundled is None]
-    assert all(e.file == f"{e.folder}.tar.gz" for e in downloads)
-    assert "tf-demo" in registry.MODEL_NAMES and "human-val" in registry.DATASET_NAMES
-
-
-def test_bundled_demo_model_by_name():
-    m = transcriptformer.load_model("tf-demo")
-    assert m.path == registry.bundled_path(registry.REGISTRY["tf-demo"]).resolve()
-    assert registry.fetch("tf-demo") == registry.bundled_path(registry.REGISTRY["tf-demo"])
-
-
 def test_datasets_are_pinned_and_recorded(monkeypatch, tmp_path):
     """Published test files: git blob ids checked on download, sha256 recorded at the first one."""
     mouse = registry.fetch_dataset("mouse-val")  # bundled: no download
     assert registry.git_blob_sha1(mouse) == registry.REGISTRY["mouse-val"].git_blob_sha1
     fake = b"not the published human_val.h5ad"
-    server = _RegistryServer(
+    server = RegistryServer(
         {"human_val.h5ad": fake, "Macaca_mulatta_ERP132582_droplet_based_curated.h5ad": b"cells"}, prefix="/data/"
     )
     try:
@@ -450,87 +562,34 @@ def test_datasets_are_pinned_and_recorded(monkeypatch, tmp_path):
         server.close()
 
 
-def test_unknown_name_does_not_touch_network_or_cache(registry_server, cache):
-    with pytest.raises(KeyError, match="tf-foo"):
-        registry.fetch("tf-foo", cache_dir=cache)
-    assert registry_server.requests == []
-    assert list(cache.iterdir()) == []
+def test_a_failed_dataset_download_advises_the_data_mirror(cache):
+    # registry_offline points TRANSCRIPTFORMER_DATA_URL at a closed port
+    with pytest.raises(
+        registry.DownloadError, match=r"could not download http://127\.0\.0\.1:9/.*human_val\.h5ad"
+    ) as info:
+        registry.fetch_dataset("human-val", cache_dir=cache, progress=False)
+    message = str(info.value)
+    assert "point TRANSCRIPTFORMER_DATA_URL at a mirror serving human_val.h5ad" in message
+    assert "TRANSCRIPTFORMER_BASE_URL" not in message  # the weights' mirror is no help for a dataset
+    assert not list((cache / "datasets").glob("*.h5ad"))
 
 
-def test_concurrent_fetches_download_once(registry_server, cache):
-    """Several processes (e.g. torchrun ranks) asking for the same model: one download, all get the folder."""
-    import threading
-
-    results, errors = [], []
-
-    def worker():
-        try:
-            results.append(registry.fetch("tf-sapiens", cache_dir=cache, progress=False))
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    assert len(set(results)) == 1 and results[0] == cache / "tf_sapiens"
-    assert registry_server.requests == [PREFIX + "tf_sapiens.tar.gz"]
-
-
-# --------------------------------------------------------------------------- end to end
-
-
-def test_cli_download_published_layout(registry_server, tmp_path, cli, monkeypatch):
-    for top in ("tf_exemplar", "tf_metazoa"):
-        registry_server.files[f"{top}.tar.gz"] = _tar_bytes(_checkpoint_entries(top=top))
-    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", registry_server.url)
-    proc = cli("download", "tf-sapiens", "--checkpoint-dir", tmp_path / "ckpts", "--no-progress", check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "ckpts" / "tf_sapiens" / "model_weights.pt").read_bytes() == (
-        TINY / "model_weights.pt"
-    ).read_bytes()
-    assert (tmp_path / "ckpts" / "tf_sapiens" / "vocabs" / "assay_vocab.json").is_file()
-    proc = cli("download", "all", "--checkpoint-dir", tmp_path / "ckpts", "--no-progress", check=False)
-    assert proc.returncode == 0, proc.stderr
-    for top in ("tf_sapiens", "tf_exemplar", "tf_metazoa", "all_embeddings"):
-        assert (tmp_path / "ckpts" / top).is_dir()
-    assert registry_server.requests.count(PREFIX + "tf_sapiens.tar.gz") == 1  # cached the second time
-    monkeypatch.setenv("TRANSCRIPTFORMER_BASE_URL", "http://127.0.0.1:9/unreachable/")
-    proc = cli("download", "tf-sapiens", "--checkpoint-dir", tmp_path / "none", check=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("transcriptformer: error:")]
-    assert proc.returncode == 1 and len(errors) == 1 and "could not download" in errors[0], proc.stderr
-
-
-def test_cli_download_of_what_ships_with_the_package(tmp_path, cli):
-    """tf-demo and mouse-val are bundled: download copies them into --checkpoint-dir like any artifact."""
-    import transcriptformer.scanpy as tfs
-
-    proc = cli("download", "tf-demo", "--checkpoint-dir", tmp_path / "ckpts", check=False)
-    assert proc.returncode == 0, proc.stderr
-    copied = tmp_path / "ckpts" / "tf_demo"
-    assert proc.stdout.strip().endswith(str(copied))
-    assert (copied / "model_weights.pt").read_bytes() == (
-        tfs.models.path("tf-demo") / "model_weights.pt"
-    ).read_bytes()
-    assert transcriptformer.load_model(copied).name == "tf_demo"
-    (copied / "config.json").write_text("{}")  # present: kept as it is, unless --force
-    assert cli("download", "tf-demo", "--checkpoint-dir", tmp_path / "ckpts", check=False).returncode == 0
-    assert (copied / "config.json").read_text() == "{}"
-    assert cli("download", "tf-demo", "--checkpoint-dir", tmp_path / "ckpts", "--force", check=False).returncode == 0
-    assert (copied / "config.json").read_text() != "{}"
-    assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["tf_demo"]  # no staging folder left
-    proc = cli("download", "mouse-val", "--checkpoint-dir", tmp_path / "data", check=False)
-    assert proc.returncode == 0 and (tmp_path / "data" / "mouse_val.h5ad").stat().st_size > 1e6
+def test_an_unusable_dataset_cache_is_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(
+        ValueError, match=rf"cannot create the cache folder {blocker}/datasets .*pass a writable cache_dir"
+    ):
+        registry.fetch_dataset("human-val", cache_dir=blocker, progress=False)
+    monkeypatch.setattr(registry.os, "access", lambda *args, **kwargs: False)  # root ignores permission bits
+    with pytest.raises(ValueError, match=rf"the cache folder {tmp_path / 'cache'}/datasets is not writable"):
+        registry.fetch_dataset("human-val", cache_dir=tmp_path / "cache", progress=False)
 
 
 def test_registry_names_end_to_end(registry_server, cache, tmp_path, cli, monkeypatch):
     """model="tf-sapiens", species_embedding="mus_musculus" and the CLI's --checkpoint-path tf-sapiens."""
     import anndata as ad
     import numpy as np
-
-    import transcriptformer.scanpy as tfs
 
     ref = ad.read_h5ad(Path(__file__).parent / "data" / "reference" / "human_cell.h5ad").obsm["embeddings"]
     adata = tfs.datasets.tiny_human()

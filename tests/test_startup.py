@@ -172,3 +172,19 @@ def test_on_device_copies_without_touching_the_cpu_model(tiny_model):
     assert all(p.device.type == "cpu" for p in tiny_model.model.parameters())
     assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in tiny_model.model.parameters())
     tiny_model.runtime.pop("model:meta")
+
+
+@pytest.mark.parametrize("face", ["pp", "tl", "pl", "datasets", "models"])
+def test_the_faces_list_only_their_api(face):
+    import transcriptformer.scanpy as tfs
+
+    module = getattr(tfs, face)
+    names = dir(module)
+    assert names == sorted(module.__all__) and names, names
+    assert not {"np", "os", "pd", "sp", "ad", "sc", "plt", "logger", "logging", "annotations", "Any"} & set(names)
+    for name in names:  # every listed name is there, and is the API (a function, a class or a constant table)
+        value = getattr(module, name)
+        assert callable(value) or name.isupper(), (face, name)
+    assert {"tl": "embed", "pl": "umap", "pp": "check_input", "datasets": "pbmc68k_counts", "models": "path"}[
+        face
+    ] in names

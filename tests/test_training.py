@@ -1,4 +1,5 @@
-"""Training: the objective against the published model, LoRA fine-tuning, new models, resume, determinism, DDP.
+"""Training (training/objective.py, fit.py): the objective against the published model, fine-tuning and training
+runs (options, output folder, resume, divergence, records), new models, determinism, DDP.
 
 The published references (tests/data/reference_train, from scripts/make_reference.py) are the published
 0.6.1 model's own training-mode forward and loss modules (eval mode: no dropout, fp32, CPU) on the parity
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,15 +20,18 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 import transcriptformer
 import transcriptformer.scanpy as tfs
-from helpers import DATA
+from helpers import DATA, adapter_weights, spy_on
+from transcriptformer.errors import TranscriptFormerWarning
 from transcriptformer.training.objective import batch_loss, cell_losses
 from transcriptformer.weights.checkpoint import new_model, save_checkpoint
 
 peft = pytest.importorskip("peft")
+
 
 SETS = {  # name -> (input, options the published run used)
     "tiny_human": (None, {}),
@@ -44,10 +49,13 @@ def _set(name):
     return adata, options, ref
 
 
+# --- the objective --------------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("name", list(SETS))
 def test_cell_losses_equal_the_published_training_objective(tiny_model, name):
     adata, options, ref = _set(name)
-    df = cell_losses(tiny_model, adata, **options)
+    df = cell_losses(adata, tiny_model, **options)
     assert list(df.index) == list(adata.obs_names) and list(df.columns) == ["count_nll", "gene_nll", "n_genes"]
     np.testing.assert_array_equal(df["n_genes"], ref["n_genes"])
     np.testing.assert_allclose(df["count_nll"], ref["train_count_nll_cell"], rtol=1e-5)
@@ -59,11 +67,43 @@ def test_cell_losses_equal_the_published_training_objective(tiny_model, name):
 def test_cell_losses_of_an_h5ad_path(tiny_model, tiny_adata, tmp_path):
     path = tmp_path / "cells.h5ad"
     tiny_adata.write_h5ad(path)
-    pd.testing.assert_frame_equal(cell_losses(tiny_model, path), cell_losses(tiny_model, tiny_adata))
+    pd.testing.assert_frame_equal(cell_losses(path, tiny_model), cell_losses(tiny_adata, tiny_model))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        cell_losses(tiny_model, tmp_path / "missing.h5ad")
+        cell_losses(tmp_path / "missing.h5ad", tiny_model)
     with pytest.raises(TypeError, match="AnnData or the path of an h5ad file, got list"):
-        cell_losses(tiny_model, [tiny_adata])
+        cell_losses([tiny_adata], tiny_model)
+
+
+def test_cell_losses_are_nan_only_for_a_cell_without_any_gene_of_the_vocabulary(tiny_model, tiny_adata):
+    in_vocab = tfs.pp.match_genes(tiny_adata, tiny_model, copy=True).var["transcriptformer_in_vocab"].to_numpy()
+    X = tiny_adata.X.toarray()
+    X[4, in_vocab] = 0  # cell 4 keeps only genes outside the vocabulary
+    assert X[4].sum() > 0
+    tiny_adata.X = sp.csr_matrix(X)
+    with pytest.warns(TranscriptFormerWarning, match="no expressed gene"):
+        df = transcriptformer.cell_losses(tiny_adata, tiny_model)
+    assert df.loc[tiny_adata.obs_names[4], "n_genes"] == 0
+    assert np.isnan(df[["count_nll", "gene_nll"]].to_numpy()[4]).all()
+    others = df.drop(index=tiny_adata.obs_names[4])
+    assert np.isfinite(others[["count_nll", "gene_nll"]].to_numpy()).all()
+
+
+def test_cell_losses_in_the_former_order_are_deprecated_but_work(tiny_model, tiny_adata):
+    expected = transcriptformer.cell_losses(tiny_adata, tiny_model)
+    with pytest.warns(FutureWarning, match=r"cell_losses\(adata, model\)"):
+        old = transcriptformer.cell_losses(tiny_model, tiny_adata)
+    pd.testing.assert_frame_equal(old, expected)
+
+
+def test_inputs_that_are_not_h5ad_files_are_named(tiny_model, tmp_path):
+    text = tmp_path / "cells.csv"
+    text.write_text("cell,gene\n")
+    with pytest.raises(ValueError, match=rf"adata file '{text}' is not an h5ad file \(not HDF5\)"):
+        transcriptformer.cell_losses(text, tiny_model)
+    with pytest.raises(ValueError, match=rf"train file '{text}' is not an h5ad file \(not HDF5\)"):
+        transcriptformer.finetune(text, tiny_model, output_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"validation file '{text}' is not an h5ad file"):
+        transcriptformer.finetune(tfs.datasets.tiny_human(), tiny_model, validation=[text], output_dir=tmp_path / "v")
 
 
 def _forward(model, ref, rows, clip):
@@ -99,109 +139,7 @@ def test_batch_loss_and_gradients_equal_the_published_ones(tiny_model, name):
         np.testing.assert_allclose(params[key].grad.numpy(), expected, atol=1e-5 * scale, rtol=0, err_msg=key)
 
 
-# -- LoRA ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory, tiny_path):
-    a = tfs.datasets.tiny_human()
-    out = tmp_path_factory.mktemp("lora") / "adapter"
-    transcriptformer.finetune(
-        a[:15], tiny_path, validation=a[15:], output_dir=out, epochs=2, learning_rate=1e-2, progress=False
-    )
-    return out
-
-
-def test_adapter_files_in_peft_format(adapter, tiny_model):
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["lora_alpha"] == 16 and config["peft_type"] == "LORA"
-    targets = sorted(config["target_modules"])
-    assert len(targets) == 12  # linear1, linear2 and the four attention projections of both layers
-    assert all(t.endswith(("linear1", "linear2")) or ".self_attn.linears." in t for t in targets)
-    from safetensors.torch import load_file
-
-    weights = load_file(adapter / "adapter_model.safetensors")
-    assert all(k.startswith("base_model.model.") and (".lora_A." in k or ".lora_B." in k) for k in weights)
-    info = json.loads((adapter / "transcriptformer_adapter.json").read_text())
-    assert info["base_weights_sha256"] == tiny_model.weights_sha256
-    assert info["adapter_parameters"] == 3584 and info["adapter_parameters"] < info["base_parameters"]
-    assert info["adapter_bytes"] < (tiny_model.path / "model_weights.pt").stat().st_size
-    history = json.loads((adapter / "training.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2] and all("validation" in h for h in history)
-    assert (adapter / "epochs" / "epoch-1" / "adapter_model.safetensors").is_file()
-
-
-def test_adapter_loads_merged_unmerged_and_through_peft(adapter, tiny_path, tiny_model, tiny_adata, reference):
-    merged = transcriptformer.load_model(tiny_path, adapter=adapter)
-    plain = transcriptformer.load_model((tiny_path, adapter), merge_adapter=False)
-    a = tfs.tl.embed(tiny_adata, model=merged, llh=True, copy=True)
-    b = tfs.tl.embed(tiny_adata, model=(tiny_path, adapter), llh=True, copy=True)  # the tuple form, merged
-    c = tfs.tl.embed(tiny_adata, model=plain, llh=True, copy=True)
-    np.testing.assert_allclose(a.obsm["X_transcriptformer"], b.obsm["X_transcriptformer"], atol=1e-6)
-    np.testing.assert_allclose(a.obsm["X_transcriptformer"], c.obsm["X_transcriptformer"], atol=1e-5)
-    np.testing.assert_allclose(a.obs["transcriptformer_llh"], c.obs["transcriptformer_llh"], atol=1e-5)
-    ref = reference["cell"].obsm["embeddings"]
-    assert np.abs(a.obsm["X_transcriptformer"] - ref).max() > 1e-3  # the adapter changes the model ...
-    base = tfs.tl.embed(tiny_adata, model=tiny_path, copy=True)  # ... and the cached base is untouched
-    np.testing.assert_allclose(base.obsm["X_transcriptformer"], ref, atol=1e-5)
-    assert a.uns["transcriptformer"]["params"]["adapter"] == str(adapter)
-    # PEFT itself reads the files and gives the same model
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_model.model), str(adapter)).merge_and_unload()
-    for key, value in pm.state_dict().items():
-        torch.testing.assert_close(value, merged.model.state_dict()[key], atol=1e-6, rtol=0)
-
-
-def test_adapter_for_other_weights_is_refused(adapter, tiny_path, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(tiny_path, other)
-    state = torch.load(other / "model_weights.pt", weights_only=True)
-    state["mu.mlp.layers.4.bias"] += 1.0
-    torch.save(state, other / "model_weights.pt")
-    with pytest.raises(ValueError, match="trained on weights with identity"):
-        transcriptformer.load_model(other, adapter=adapter)
-    with pytest.raises(FileNotFoundError, match="not a complete LoRA adapter folder"):
-        transcriptformer.load_model(tiny_path, adapter=tmp_path)
-
-
-def _weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(folder / "adapter_model.safetensors")
-
-
-@pytest.mark.slow
-def test_finetune_is_deterministic_and_resumes_exactly(tiny_path, tmp_path, monkeypatch):
-    a = tfs.tl.embed(tfs.datasets.tiny_human(), model=tiny_path, copy=True)  # any AnnData of counts
-    kwargs = {"epochs": 2, "learning_rate": 1e-2, "batch_size": 4, "progress": False, "lora_dropout": 0.1}
-    transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "one", **kwargs)
-    transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "two", **kwargs)
-    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the same seed: the same adapter, bit for bit
-    other = transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "seed", seed=1, **kwargs)
-    assert not all(torch.equal(w1[k], _weights(other)[k]) for k in w1)
-    # an interrupted run (killed while saving epoch 2) resumed gives the uninterrupted run's adapter
-    from transcriptformer.training import lora
-
-    real_save = lora.save_adapter
-
-    def crash_on_epoch_2(wrapped, folder, **kw):
-        if folder.name == "epoch-2":
-            raise KeyboardInterrupt("killed")
-        return real_save(wrapped, folder, **kw)
-
-    monkeypatch.setattr(lora, "save_adapter", crash_on_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "resumed", **kwargs)
-    monkeypatch.setattr(lora, "save_adapter", real_save)
-    with pytest.raises(FileExistsError, match="resume=True"):
-        transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "resumed", **kwargs)
-    transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "resumed", resume=True, **kwargs)
-    w3 = _weights(tmp_path / "resumed")
-    assert all(torch.equal(w1[k], w3[k]) for k in w1)
-    with pytest.raises(ValueError, match="other options"):
-        transcriptformer.finetune(
-            a, tiny_path, output_dir=tmp_path / "resumed", resume=True, **{**kwargs, "learning_rate": 1e-3}
-        )
+# --- fine-tuning runs -----------------------------------------------------------------------------------------------
 
 
 def test_bad_finetune_options(tiny_path, tiny_adata, tmp_path):
@@ -226,7 +164,174 @@ def test_bad_finetune_options(tiny_path, tiny_adata, tmp_path):
         transcriptformer.finetune(tiny_adata, tiny_path, output_dir=tmp_path / "full")
 
 
-# -- new models ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_finetune_is_deterministic_and_resumes_exactly(tiny_path, tmp_path, monkeypatch):
+    a = tfs.tl.embed(tfs.datasets.tiny_human(), model=tiny_path, copy=True)  # any AnnData of counts
+    kwargs = {"epochs": 2, "learning_rate": 1e-2, "batch_size": 4, "progress": False, "lora_dropout": 0.1}
+    transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "one", **kwargs)
+    transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "two", **kwargs)
+    w1, w2 = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the same seed: the same adapter, bit for bit
+    other = transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "seed", seed=1, **kwargs)
+    assert not all(torch.equal(w1[k], adapter_weights(other)[k]) for k in w1)
+    # an interrupted run (killed while saving epoch 2) resumed gives the uninterrupted run's adapter
+    from transcriptformer.training import lora
+
+    real_save = lora.save_adapter
+
+    def crash_on_epoch_2(wrapped, folder, **kw):
+        if folder.name == "epoch-2":
+            raise KeyboardInterrupt("killed")
+        return real_save(wrapped, folder, **kw)
+
+    monkeypatch.setattr(lora, "save_adapter", crash_on_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "resumed", **kwargs)
+    monkeypatch.setattr(lora, "save_adapter", real_save)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "resumed", **kwargs)
+    transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "resumed", resume=True, **kwargs)
+    w3 = adapter_weights(tmp_path / "resumed")
+    assert all(torch.equal(w1[k], w3[k]) for k in w1)
+    with pytest.raises(ValueError, match="other options"):
+        transcriptformer.finetune(
+            a, tiny_path, output_dir=tmp_path / "resumed", resume=True, **{**kwargs, "learning_rate": 1e-3}
+        )
+
+
+def test_an_impossible_learning_rate_is_refused_before_anything_loads(tiny_path, tiny_adata, tmp_path, no_model_load):
+    for lr in (1e38, float("inf"), 0.0):
+        with pytest.raises(ValueError, match="learning_rate must be"):
+            transcriptformer.finetune(tiny_adata, tiny_path, output_dir=tmp_path / "run", learning_rate=lr)
+        with pytest.raises(ValueError, match="learning_rate must be"):
+            transcriptformer.train(tiny_adata, tiny_path, output_dir=tmp_path / "run", learning_rate=lr)
+    assert no_model_load == [] and not (tmp_path / "run").exists()
+
+
+class _Planted:
+    """A pickle that, when loaded with code execution allowed, creates the folder ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_resuming_never_executes_code_from_the_trainer_state(tiny_path, tiny_adata, tmp_path):
+    control = tmp_path / "control.pt"
+    torch.save(_Planted(tmp_path / "control-ran"), control)
+    torch.load(control, weights_only=False)  # the planted file is hostile: loaded with code allowed, it runs
+    assert (tmp_path / "control-ran").is_dir()
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(_Planted(tmp_path / "marker"), run / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"trainer_state\.pt cannot be read as a trainer state") as info:
+        transcriptformer.finetune(tiny_adata[:8], tiny_path, output_dir=run, resume=True, progress=False)
+    assert str(run / "trainer_state.pt") in str(info.value)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_training_stops_at_the_first_non_finite_gradient_and_saves_nothing_non_finite(
+    tiny_path, tiny_adata, tmp_path, monkeypatch
+):
+    from transcriptformer.training import fit
+
+    real_step, real_loss = fit._Run._step, fit.batch_loss
+    where = {}
+
+    def step(self, epoch, g, group, cache):
+        if (epoch, g) == (1, 1):  # the second step of the second epoch: its loss becomes NaN
+            where["step"] = self.step + 1
+            monkeypatch.setattr(fit, "batch_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+        return real_step(self, epoch, g, group, cache)
+
+    monkeypatch.setattr(fit._Run, "_step", step)
+    out = tmp_path / "run"
+    with pytest.raises(
+        FloatingPointError, match=r"training diverged at epoch 2, step \d+: .*gradient norm nan"
+    ) as info:
+        transcriptformer.finetune(
+            tiny_adata[:8], tiny_path, output_dir=out, epochs=2, batch_size=2, learning_rate=1e-2, progress=False
+        )
+    assert f"epoch 2, step {where['step']}:" in str(info.value) and where["step"] > 2
+    assert "Lower learning_rate" in str(info.value)
+    # the last complete epoch is kept, finite; no final adapter, no record of a finished run
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "training.json").exists()
+    assert sorted(p.name for p in (out / "epochs").iterdir()) == ["epoch-1"]
+    assert all(bool(torch.isfinite(v).all()) for v in adapter_weights(out / "epochs" / "epoch-1").values())
+    transcriptformer.load_model(tiny_path, adapter=out / "epochs" / "epoch-1")
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+def test_nan_losses_are_written_to_training_json_as_null(tiny_path, tiny_adata, tmp_path):
+    from transcriptformer.training import fit
+
+    in_vocab = tfs.pp.match_genes(tiny_adata, tiny_path, copy=True).var["transcriptformer_in_vocab"].to_numpy()
+    hopeless = tiny_adata[:4].copy()
+    X = hopeless.X.toarray()
+    X[:, in_vocab] = 0  # no cell has a gene of the vocabulary: the validation losses are NaN
+    hopeless.X = sp.csr_matrix(X)
+    out = transcriptformer.finetune(
+        tiny_adata[4:12], tiny_path, validation=hopeless, output_dir=tmp_path / "run", progress=False
+    )
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    record = json.loads((out / "training.json").read_text(), parse_constant=refuse)
+    assert [h["validation"]["loss"] for h in record["history"]] == [None, None]
+    assert record["history"][-1]["train_loss"] is not None
+    assert record["best_epoch"] is None  # no epoch is chosen by NaN validation losses
+    fit.write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5]})
+    assert json.loads((tmp_path / "x.json").read_text(), parse_constant=refuse) == {"a": None, "b": [None, 1.5]}
+
+
+@pytest.mark.parametrize("kind", ["a-file", "below-a-file", "unwritable"])
+def test_an_unusable_output_dir_fails_before_any_training_step(tiny_path, tiny_adata, tmp_path, monkeypatch, kind):
+    from transcriptformer.training import fit
+
+    (tmp_path / "afile").write_text("x")
+    output_dir = {"a-file": tmp_path / "afile", "below-a-file": tmp_path / "afile" / "run"}.get(kind, tmp_path / "run")
+    if kind == "unwritable":  # root ignores permission bits: the write itself is made to fail
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(fit.tempfile, "mkstemp", denied)
+    opened = spy_on(monkeypatch, fit, "open_cells")
+    with pytest.raises(OSError, match="cannot") as info:
+        transcriptformer.finetune(tiny_adata, tiny_path, output_dir=output_dir, progress=False)
+    message = str(info.value)
+    assert "[Errno" not in message
+    if kind == "unwritable":
+        assert message.startswith(f"cannot write to {tmp_path}") and "pass a writable output_dir" in message
+    else:
+        assert f"{tmp_path / 'afile'} is a file; pass another output_dir" in message
+    assert opened == []  # not a cell read, let alone a step
+
+
+def test_fine_tuning_tells_its_story_on_stderr(tiny_path, tiny_adata, tmp_path, capsys):
+    out = transcriptformer.finetune(
+        tiny_adata[:12], tiny_path, validation=tiny_adata[12:], output_dir=tmp_path / "run", epochs=2
+    )
+    err = capsys.readouterr().err
+    assert re.search(r"before training: validation loss \d+\.\d{4}", err)
+    for epoch in (1, 2):
+        assert re.search(rf"epoch {epoch}/2: train loss \d+\.\d{{4}}, validation loss \d+\.\d{{4}}", err), err
+    assert f"saved to {out}" in err and f"model=('tf_tiny', {str(out)!r})" in err  # where it is, how to load it
+    transcriptformer.finetune(tiny_adata[:12], tiny_path, output_dir=tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_quick_fine_tuning_draws_no_progress_bar(tiny_path, tiny_adata, tmp_path, capsys):
+    transcriptformer.finetune(tiny_adata[:8], tiny_path, output_dir=tmp_path / "run", epochs=2)
+    err = capsys.readouterr().err
+    assert "epoch 2/2: train loss" in err  # the story is told ...
+    assert "step/s" not in err and "%|" not in err, err  # ... without a bar for a run of a second
+
+
+# --- new models -----------------------------------------------------------------------------------------------------
 
 
 def test_new_model_trains_saves_and_loads_in_the_published_layout(tiny_path, tmp_path):
@@ -237,10 +342,10 @@ def test_new_model_trains_saves_and_loads_in_the_published_layout(tiny_path, tmp
     assert model.path is None and len(model.vocab) == 364
     assert list(model.vocab.special_tokens) == ["unknown", "[PAD]", "[START]", "[END]", "[RD]", "[CELL]", "[MASK]"]
     a = tfs.datasets.tiny_human()
-    before = cell_losses(model, a)
+    before = cell_losses(a, model)
     out = transcriptformer.train(
-        model,
         a,
+        model,
         validation=a,
         output_dir=tmp_path / "run",
         epochs=3,
@@ -259,7 +364,7 @@ def test_new_model_trains_saves_and_loads_in_the_published_layout(tiny_path, tmp
         assert key in config["model_config"]
     assert config["data_config"]["aux_cols"] == "assay" and config["loss_config"]["gene_id_loss_weight"] == 1.0
     assert list(loaded.vocab.names()) == list(model.vocab.names())
-    after = cell_losses(loaded, a)
+    after = cell_losses(a, loaded)
     assert after["count_nll"].mean() < before["count_nll"].mean()  # it learned something of its training data
     history = json.loads((out / "training.json").read_text())["history"]
     assert history[-1]["validation"]["count_nll"] == pytest.approx(after["count_nll"].mean(), rel=1e-5)
@@ -270,52 +375,16 @@ def test_new_model_trains_saves_and_loads_in_the_published_layout(tiny_path, tmp
     torch.testing.assert_close(torch.load(again / "model_weights.pt", weights_only=True), state)
 
 
-# -- command line ----------------------------------------------------------------------------------------
+def test_train_in_the_former_order_is_deprecated_but_works(tiny_path, tiny_adata, tmp_path):
+    with pytest.warns(FutureWarning, match=r"train\(model, train\); write train\(train, model\)"):
+        out = transcriptformer.train(
+            tiny_path, tiny_adata[:8], output_dir=tmp_path / "run", learning_rate=1e-3, progress=False
+        )
+    assert transcriptformer.load_model(out).weights_sha256 != transcriptformer.load_model(tiny_path).weights_sha256
 
 
-def test_cli_finetune_with_the_published_flags_and_inference_with_the_adapter(tiny_path, tiny_adata, tmp_path):
-    from transcriptformer.cli import main
+# --- several processes ----------------------------------------------------------------------------------------------
 
-    tiny_adata.write_h5ad(tmp_path / "train.h5ad")
-    code = main([
-        "finetune", "--checkpoint-path", str(tiny_path), "--train-files", str(tmp_path / "train.h5ad"),
-        "--lora-r", "4", "--lora-alpha", "16", "--lora-dropout", "0.0",
-        "--lora-target-modules", "linear1", "linear2", "linears",
-        "--epochs", "1", "--learning-rate", "0.01", "--batch-size", "8", "--seed", "3",
-        "--output-dir", str(tmp_path / "adapter"), "--no-progress",
-    ])  # fmt: skip
-    assert code == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    code = main([
-        "inference", "--checkpoint-path", str(tiny_path), "--data-file", str(tmp_path / "train.h5ad"),
-        "--adapter", str(tmp_path / "adapter"), "--output-path", str(tmp_path / "out"), "--no-progress",
-    ])  # fmt: skip
-    assert code == 0
-    out = ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad")
-    expected = tfs.tl.embed(tiny_adata, model=(tiny_path, tmp_path / "adapter"), copy=True)
-    np.testing.assert_allclose(out.obsm["embeddings"], expected.obsm["X_transcriptformer"], atol=1e-6)
-
-
-def test_cli_train_a_new_model(tiny_path, tiny_adata, tmp_path, capsys):
-    from transcriptformer.cli import main
-
-    tiny_adata.write_h5ad(tmp_path / "train.h5ad")
-    tables = [str(tiny_path / "vocabs" / f) for f in ("homo_sapiens_gene.h5", "mus_musculus_gene.h5")]
-    args = ["train", "--gene-tables", *tables, "--assays", "10x 3' v3", "--embed-dim", "16", "--num-layers", "1",
-            "--num-heads", "2", "--seq-len", "63", "--train-files", str(tmp_path / "train.h5ad"),
-            "--output-dir", str(tmp_path / "model"), "--no-progress"]  # fmt: skip
-    assert main([*args, "--dry-run"]) == 0 and not (tmp_path / "model").exists()
-    assert main(args) == 0
-    assert transcriptformer.load_model(tmp_path / "model").embed_dim == 16
-    assert main([*args[:-3], "--output-dir", str(tmp_path / "model"), "--no-progress"]) == 1
-    assert "resume" in capsys.readouterr().err
-    # the shape flags describe a new model: with --checkpoint-path they are refused, not ignored
-    again = ["train", "--checkpoint-path", str(tmp_path / "model"), "--embed-dim", "32", "--assays", "x",
-             "--train-files", str(tmp_path / "train.h5ad"), "--output-dir", str(tmp_path / "more")]  # fmt: skip
-    assert main(again) == 1 and not (tmp_path / "more").exists()
-    assert "--embed-dim, --assays describe a new model" in capsys.readouterr().err
-
-
-# -- several processes -----------------------------------------------------------------------------------
 
 DDP_SCRIPT = textwrap.dedent(
     """
@@ -349,6 +418,6 @@ def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(t
     reference = [loss for h in one["history"] for loss in h.get("step_losses", [])]
     assert len(curve) == len(reference) >= 4
     np.testing.assert_allclose(curve, reference, rtol=1e-5)
-    w_ddp, w_one = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    w_ddp, w_one = adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "one")
     for key in w_one:
         torch.testing.assert_close(w_ddp[key], w_one[key], atol=1e-5, rtol=1e-4)

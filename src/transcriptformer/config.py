@@ -56,8 +56,10 @@ MuLink = Literal["softmax", "exp", "log", "relu", "sigmoid", "softplus", "linear
 MU_LINK_FUNCTIONS: tuple[str, ...] = get_args(MuLink)
 
 #: Numeric precision of a run: ``auto`` (float32 on CPU and MPS, bfloat16 autocast on CUDA), ``32``, ``bf16``
-#: or ``16`` (autocast; float16 runs as bfloat16 on CPU, as the published tool does).
-Precision = Literal["auto", "32", "bf16", "16"]
+#: or ``16`` (autocast; float16 runs as bfloat16 on CPU, as the published tool does). On a CPU without native
+#: bfloat16 (no AVX512-BF16 or AMX) ``bf16`` and ``16`` run in float32 with a warning; ``bf16!`` and ``16!``
+#: insist on them (see :func:`~transcriptformer.inference.devices.resolve_precision`).
+Precision = Literal["auto", "32", "bf16", "16", "bf16!", "16!"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 #: Other spellings accepted for :data:`Precision` (the published tool's Lightning names among them).
@@ -68,6 +70,8 @@ PRECISION_ALIASES: dict[str, str] = {
     "bf16-mixed": "bf16",
     "bfloat16": "bf16",
     "16-mixed": "16",
+    "bf16-mixed!": "bf16!",
+    "16-mixed!": "16!",
     "fp16": "16",
     "float16": "16",
 }

@@ -1,8 +1,9 @@
 """The ``transcriptformer`` command line, compatible with the published tool.
 
-Sub-commands, one module each: ``download`` (:mod:`.download`), ``inference`` (:mod:`.inference`), ``finetune``
-and ``train`` (:mod:`.training`); what they share is :mod:`._common`. They accept the published tool's flags and
-write its output layout. An error, Ctrl-C or SIGTERM removes any temporary output. The modules import only the
+Sub-commands, one module each: ``download`` (:mod:`.download`), ``inference`` (:mod:`.inference`), ``merge``
+(:mod:`.merge`, the shards of a resumable run), ``finetune`` and ``train`` (:mod:`.training`); what they share is
+:mod:`._common`. They accept the published tool's flags and write its output layout. An error, Ctrl-C or SIGTERM
+removes any temporary output (the finished shards of a resumable run are kept). The modules import only the
 standard library until a command runs (the heavy imports inside the ``run`` functions are for start-up time), so
 ``--help`` and ``--version`` are instant.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import threading
@@ -19,7 +21,7 @@ from typing import Any
 
 from .._meta import __version__
 from ..data import discover
-from . import download, inference, training
+from . import download, inference, merge, training
 
 logger = logging.getLogger("transcriptformer")
 
@@ -41,7 +43,6 @@ _FLAG_NAMES = {
     ),
     "gene_key=<": "--gene-col-name <",
     "duplicate_genes='first'": "--remove-duplicate-genes",
-    "model=(base, ": "--checkpoint-path BASE --adapter (",
     "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
     "layer=<layer of raw counts>": "an input with raw counts in X or .raw (--use-raw)",
 }
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="{download,download-data,inference,finetune,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{download,download-data,inference,merge,finetune,train}")
     download.add_parser(sub)
     data = sub.add_parser(
         "download-data",
@@ -66,12 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     discover.add_arguments(data)
     inference.add_parser(sub)
+    merge.add_parser(sub)
     training.add_parsers(sub)
     for command in sub.choices.values():  # -v also after the sub-command (default: what the main parser says)
         command.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as transcriptformer -v"
         )
     return parser
+
+
+#: Advice with arguments, in the command line's words.
+_FLAG_PATTERNS = [
+    (
+        re.compile(r"model=\(base, '([^']*)'\) \(or load_model\(base, adapter=\.\.\.\)\)"),
+        r"--checkpoint-path BASE --adapter \1",
+    ),
+]
 
 
 class _Terminated(BaseException):
@@ -107,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "download": download.run,
             "download-data": discover.run,
             "inference": inference.run,
+            "merge": merge.run,
             "finetune": training.run_finetune,
             "train": training.run_train,
         }
@@ -125,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = msg.strip("\"'")
         for api, flag in _FLAG_NAMES.items():  # the library's advice, in the command line's words
             msg = msg.replace(api, flag)
+        for pattern, flag in _FLAG_PATTERNS:
+            msg = pattern.sub(flag, msg)
         print(f"transcriptformer: error: {msg}", file=sys.stderr)
         return 1
     finally:

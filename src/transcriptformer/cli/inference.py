@@ -5,6 +5,12 @@ and ``obsm['llh']``, with ``--emb-type cge`` ``uns['cge_embeddings' | 'cge_cell_
 Unlike the published tool, embeddings and likelihoods can be asked for in one run (``--llh``). Under
 ``torchrun`` each process embeds a shard and rank 0 writes the file.
 
+Inputs are h5ad files (read backed), zarr stores (read lazily) or a SOMA experiment (``--soma-uri`` with
+``--obs-filter``, ``--measurement``, ``--soma-layer``, ``--var-id``; read window by window). With ``--resumable``
+the per-cell results are written in shards beside the output as they are computed (``<output>.shards/``): an
+interrupted run resumes with the same command, and the shards are merged into the output at the end
+(``transcriptformer merge`` does it by hand).
+
 Everything that can be checked without the model is checked before it is loaded: every option and
 ``--config-override`` value (by type and range, with the same rules as the Python API), the output location
 (writable, not a folder, not one of the inputs) and the input files (h5ad, with cells). The output is written
@@ -110,7 +116,12 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     inf.add_argument("--checkpoint-path", required=True, help="checkpoint folder, or a name such as tf-sapiens")
-    inf.add_argument("--data-file", required=True, nargs="+", help="input h5ad file(s); several are concatenated")
+    inf.add_argument(
+        "--data-file",
+        nargs="+",
+        default=None,
+        help="input h5ad file(s) or zarr store(s); several are concatenated (or use --soma-uri)",
+    )
     inf.add_argument("--output-path", default="./inference_results", help="output folder")
     inf.add_argument("--output-filename", default="embeddings.h5ad", help="output file name")
     inf.add_argument(
@@ -184,6 +195,32 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="write embeddings to the output file window by window (automatic above 2 GiB of embeddings)",
     )
+    atlas = inf.add_argument_group("SOMA experiments (e.g. the CELLxGENE Census) and resumable runs")
+    atlas.add_argument("--soma-uri", default=None, help="read the cells of this SOMA experiment instead of --data-file")
+    atlas.add_argument(
+        "--obs-filter",
+        default=None,
+        metavar="EXPR",
+        help="SOMA value filter of cells, e.g. \"tissue == 'lung'\"",
+    )
+    atlas.add_argument("--measurement", default="RNA", help="the SOMA measurement with the counts")
+    atlas.add_argument("--soma-layer", default="raw", help="the measurement's X layer of raw counts")
+    atlas.add_argument("--var-id", default="feature_id", help="the measurement's var column with Ensembl gene ids")
+    atlas.add_argument(
+        "--obs-columns",
+        nargs="+",
+        default=None,
+        metavar="COL",
+        help="SOMA obs columns to read and write; unset: assay, when the experiment has it",
+    )
+    atlas.add_argument(
+        "--resumable",
+        action="store_true",
+        help="write results in shards beside the output (<output>.shards/) as they are computed; the same command "
+        "resumes an interrupted run; merged into the output at the end",
+    )
+    atlas.add_argument("--shard-size", type=int, default=16384, help="cells per shard with --resumable")
+    atlas.add_argument("--keep-shards", action="store_true", help="keep the shard folder after the merge")
 
 
 def _non_negative_int(text: str) -> int:
@@ -331,7 +368,7 @@ def _output_file(args: argparse.Namespace) -> Path:
     path = Path(args.output_path).expanduser() / name
     if path.is_dir():
         raise CLIError(f"the output {path} is an existing folder; pass --output-filename <file name>.")
-    for f in args.data_file:
+    for f in args.data_file or []:
         same = Path(f).exists() and path.exists() and os.path.samefile(f, path)
         if same or Path(f).resolve() == path.resolve():
             raise CLIError(
@@ -360,15 +397,33 @@ def _output_file(args: argparse.Namespace) -> Path:
     return path
 
 
+def _count_zarr(path: str) -> int:
+    """Cells in a zarr store of anndata's layout (from its ``obs`` index)."""
+    import zarr
+
+    try:
+        root: Any = zarr.open_group(path, mode="r")
+        obs = root["obs"]
+        index = str(obs.attrs.get("_index", "_index"))
+        return int(obs[index].shape[0])
+    except (KeyError, ValueError, OSError, TypeError) as e:
+        raise CLIError(
+            f"data file {path!r} is a folder but not an AnnData zarr store ({type(e).__name__}: {e}); pass an .h5ad "
+            "file or a store written by AnnData.write_zarr."
+        ) from None
+
+
 def _count_cells(path: str) -> int:
-    """Cells in an h5ad file, read from its ``obs`` without loading it; fix-it errors for what is not an h5ad."""
+    """Cells in an h5ad file or zarr store, read from its ``obs`` without loading it; fix-it errors otherwise."""
     import h5py
 
     p = Path(path)
     if not p.exists():
         raise CLIError(f"data file {path!r} does not exist.")
     if p.is_dir():
-        raise CLIError(f"data file {path!r} is a folder; pass an .h5ad file.")
+        if (p / ".zattrs").exists() or (p / "zarr.json").exists():
+            return _count_zarr(path)
+        raise CLIError(f"data file {path!r} is a folder; pass an .h5ad file or an AnnData zarr store.")
     try:
         if not h5py.is_hdf5(p):
             raise CLIError(
@@ -391,14 +446,69 @@ def _count_cells(path: str) -> int:
         raise CLIError(f"data file {path!r} cannot be read ({e}).") from None
 
 
+def _open_input(path: str, args: argparse.Namespace):
+    """The cells of one input, read lazily: an h5ad file (backed), a zarr store or the SOMA experiment."""
+    import anndata as ad
+
+    if path == getattr(args, "soma_uri", None):
+        return _soma(args)
+    if Path(path).is_dir():
+        try:
+            return ad.experimental.read_lazy(path)
+        except ImportError as e:
+            raise CLIError(
+                f"reading the zarr store {path} lazily needs {e}: pip install 'transcriptformer-scanpy[lazy]'."
+            ) from None
+    return ad.read_h5ad(path, backed="r")
+
+
+def _soma(args: argparse.Namespace):
+    """The SOMA experiment's selected cells (opened once per command)."""
+    cached = getattr(args, "_soma_adata", None)
+    if cached is not None:
+        return cached
+    from ..data.soma import read_soma
+
+    adata = read_soma(
+        args.soma_uri,
+        obs_filter=args.obs_filter,
+        measurement=args.measurement,
+        layer=args.soma_layer,
+        obs_columns=args.obs_columns,
+        var_id=args.var_id,
+    )
+    args._soma_adata = adata
+    return adata
+
+
+def _inputs(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """The inputs (files, or the SOMA URI) and their numbers of cells, checked before the model is loaded."""
+    if args.soma_uri is not None and args.data_file:
+        raise CLIError("pass either --data-file or --soma-uri, not both.")
+    if args.soma_uri is None:
+        if not args.data_file:
+            raise CLIError("pass the cells: --data-file <h5ad files or zarr stores> or --soma-uri <SOMA experiment>.")
+        soma_only = [f for f, v in (("--obs-filter", args.obs_filter), ("--obs-columns", args.obs_columns)) if v]
+        if soma_only:
+            raise CLIError(f"{', '.join(soma_only)} select cells of a SOMA experiment: pass --soma-uri too.")
+        sizes = [_count_cells(f) for f in args.data_file]
+        for f, n in zip(args.data_file, sizes, strict=True):
+            if n == 0:
+                raise CLIError(f"data file {f!r} has no cells.")
+        return list(args.data_file), sizes
+    try:
+        adata = _soma(args)
+    except ImportError as e:
+        raise CLIError(str(e)) from None
+    return [args.soma_uri], [adata.n_obs]
+
+
 def _run_file(
     path: str, loaded, args: argparse.Namespace, heads: list[str], options, embeddings_out: Any = None
 ) -> dict[str, Any]:
-    import anndata as ad
-
     from ..inference.pipeline import infer  # lazily: torch
 
-    adata = ad.read_h5ad(path, backed="r")
+    adata = _open_input(path, args)
     try:
         run = infer(
             adata,
@@ -409,12 +519,7 @@ def _run_file(
             attention=args.attention,
             embeddings_out=embeddings_out,
         )
-        obs = adata.obs.copy()
-        if args.obs_keys != ["all"]:
-            missing = [k for k in args.obs_keys if k not in obs.columns]
-            if missing:
-                raise CLIError(f"obs_keys {missing} are not columns of {path}'s obs ({list(obs.columns)}).")
-            obs = obs[args.obs_keys]
+        obs = _obs(adata, args, path)
     finally:
         if adata.isbacked:
             adata.file.close()
@@ -427,6 +532,19 @@ def _run_file(
         n_data_workers=getattr(args, "n_data_workers", None),  # the published flag's value, without effect
     )
     return {"obs": obs, "result": run.result, "vocab": run.vocab, "params": params}
+
+
+def _obs(adata, args: argparse.Namespace, path: str):
+    """The input's obs as written to the output (every column, or ``obs_keys``)."""
+    from ..data.tokenizer import as_frame
+
+    obs = as_frame(adata.obs).copy()
+    if args.obs_keys != ["all"]:
+        missing = [k for k in args.obs_keys if k not in obs.columns]
+        if missing:
+            raise CLIError(f"obs_keys {missing} are not columns of {path}'s obs ({list(obs.columns)}).")
+        obs = obs[args.obs_keys]
+    return obs
 
 
 def run(args: argparse.Namespace) -> Path | None:
@@ -450,10 +568,11 @@ def run(args: argparse.Namespace) -> Path | None:
     device = args.device
     options = _run_options(args, device)
     path = _output_file(args)
-    sizes = [_count_cells(f) for f in args.data_file]
-    for f, n in zip(args.data_file, sizes, strict=True):
-        if n == 0:
-            raise CLIError(f"data file {f!r} has no cells.")
+    if args.resumable:
+        _check_resumable(args, outputs, path)
+    elif path.suffix == ".zarr":
+        raise CLIError("a .zarr output is written by --resumable runs; pass --resumable or an .h5ad file name.")
+    inputs, sizes = _inputs(args)
     from ..inference.devices import resolve_device  # lazily: torch
 
     resolve_device(device)  # an unavailable device is an error before the model is loaded
@@ -462,9 +581,11 @@ def run(args: argparse.Namespace) -> Path | None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         options = _run_options(args, device)
     loaded = _load(args.checkpoint_path, overrides, args.adapter)
+    if args.resumable:
+        return _run_resumable(args, loaded, outputs, options, path, inputs[0])
     if "embeddings" in outputs and world == 1 and _stream_output(args, loaded, sizes):
-        return _run_streaming(args, loaded, outputs, options, path, sizes)
-    parts = [_run_file(p, loaded, args, outputs, options) for p in args.data_file]
+        return _run_streaming(args, loaded, outputs, options, path, sizes, inputs)
+    parts = [_run_file(p, loaded, args, outputs, options) for p in inputs]
     if rank != 0:
         return None
     out = _output_adata(parts, outputs, published_index=args.published_index)
@@ -531,7 +652,9 @@ class _Rows:
         self.dataset[self.offset + rows.start : self.offset + rows.stop] = values
 
 
-def _run_streaming(args: argparse.Namespace, loaded, outputs, options, path: Path, sizes: Sequence[int]) -> Path:
+def _run_streaming(
+    args: argparse.Namespace, loaded, outputs, options, path: Path, sizes: Sequence[int], inputs: Sequence[str]
+) -> Path:
     """Write the embeddings into the output file window by window (memory does not grow with the data)."""
     import anndata as ad
     import h5py
@@ -555,7 +678,7 @@ def _run_streaming(args: argparse.Namespace, loaded, outputs, options, path: Pat
             offsets = np.cumsum([0, *sizes[:-1]])
             parts = [
                 _run_file(f, loaded, args, outputs, options, embeddings_out=_Rows(ds, int(off)))
-                for f, off in zip(args.data_file, offsets, strict=True)
+                for f, off in zip(inputs, offsets, strict=True)
             ]
             rest = _output_adata(parts, outputs, embeddings=False, published_index=args.published_index)
             del h["obs"]
@@ -570,6 +693,71 @@ def _run_streaming(args: argparse.Namespace, loaded, outputs, options, path: Pat
         raise
     _wrote(path, sum(sizes), outputs)
     return path
+
+
+def _check_resumable(args: argparse.Namespace, outputs: Sequence[str], path: Path) -> None:
+    if args.data_file and len(args.data_file) > 1:
+        raise CLIError("--resumable takes one input (one --data-file, or --soma-uri); run one command per file.")
+    if "cge" in outputs:
+        raise CLIError("--resumable writes per-cell results; --emb-type cge (per gene of every cell) is not sharded.")
+    if args.stream_output:
+        logger.info("--stream-output has no effect with --resumable (results are always written as they come)")
+    if args.published_index:
+        raise CLIError("--published-index is not available with --resumable (rows keep the input's cell names).")
+    if not isinstance(args.shard_size, int) or args.shard_size < 1:
+        raise CLIError(f"--shard-size must be a positive integer, got {args.shard_size!r}.")
+    if path.suffix not in (".h5ad", ".zarr"):
+        raise CLIError(
+            f"--resumable writes an .h5ad file or a .zarr store; --output-filename {path.name!r} is neither."
+        )
+
+
+def _run_resumable(args: argparse.Namespace, loaded, outputs, options, path: Path, source: str) -> Path | None:
+    """Compute the missing shards of ``<output>.shards`` (this rank's share), then merge them into ``path``."""
+    from ..inference.pipeline import infer_sharded
+    from ..inference.shards import Destination, OutputSpec, shard_folder
+
+    destinations = [Destination("obsm", h, h) for h in outputs]
+    if "llh" in outputs:
+        destinations.append(Destination("uns_frame", "llh", "llh"))
+    soma = args.soma_uri is not None
+    where = {"soma_uri": source, "obs_filter": args.obs_filter or "none"} if soma else {"data_file": str(source)}
+
+    def describe(run) -> OutputSpec:
+        params = run.params(loaded, options, "inference", heads=list(outputs), **where)
+        return OutputSpec(
+            path=str(path),
+            destinations=tuple(destinations),
+            uns={"transcriptformer": {"params": params}},
+            params_key="transcriptformer",
+        )
+
+    folder = shard_folder(path)
+    adata = _open_input(source, args)
+    try:
+        run = infer_sharded(
+            adata,
+            loaded,
+            folder,
+            describe=describe,
+            obs=_obs(adata, args, source),
+            heads=outputs,
+            options=options.record(),
+            tokenize=options.tokenize(),
+            **{**options.engine(), "cache_dir": None},
+            attention=args.attention,
+            shard_size=args.shard_size,
+            keep_shards=args.keep_shards,
+            info={"input": str(source), **where},
+        )
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+    logger.info("%d shards computed here, %d were done before", len(run.computed), run.skipped)
+    if run.output is None:
+        return None
+    _wrote(Path(run.output), run.store.n_obs, outputs)
+    return Path(run.output)
 
 
 def _wrote(path: Path, n_cells: int, outputs: Sequence[str]) -> None:

@@ -126,6 +126,8 @@ def _fit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_files(args: argparse.Namespace) -> None:
     for f in [*args.train_files, *(args.val_files or [])]:
+        if Path(f).is_dir():
+            raise CLIError(f"data file {f!r} is a folder; pass an .h5ad file.")
         if not Path(f).is_file():
             raise CLIError(f"data file {f!r} does not exist.")
 

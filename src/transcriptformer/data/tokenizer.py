@@ -35,6 +35,9 @@ __all__ = [
     "TokenWindow",
     "TokenizeOptions",
     "TranscriptFormerWarning",
+    "as_frame",
+    "column_values",
+    "is_lazy",
     "prepare_cells",
     "read_gene_ids",
     "sequence_width",
@@ -144,8 +147,40 @@ def _looks_like_lowercase_ensembl(ids: Sequence[str]) -> bool:
     ) >= 0.5 * len(sample)
 
 
+def as_frame(table: Any) -> pd.DataFrame:
+    """A ``var`` (or small ``obs``) table as a pandas DataFrame.
+
+    AnnData read lazily (``anndata.experimental.read_lazy``) holds ``obs`` and ``var`` as xarray-backed
+    ``Dataset2D`` objects; ``var`` has one row per gene, so reading it into memory is cheap.
+    """
+    if isinstance(table, pd.DataFrame):
+        return table
+    to_memory = getattr(table, "to_memory", None)
+    if callable(to_memory):
+        return to_memory()
+    return pd.DataFrame(table)
+
+
+def column_values(table: Any, column: str) -> list[Any]:
+    """The values of one column of ``obs`` as a list (pandas, or the lazy ``Dataset2D`` of ``read_lazy``)."""
+    values = table[column]
+    if isinstance(values, pd.Series):
+        return values.tolist()
+    return np.asarray(values.to_numpy() if hasattr(values, "to_numpy") else values, dtype=object).tolist()
+
+
+def is_lazy(matrix: Any) -> bool:
+    """Whether ``matrix`` is lazy, like a dask array (rows are computed, and checked, window by window)."""
+    return hasattr(matrix, "compute") and not isinstance(matrix, np.ndarray)
+
+
 def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:
-    """The count matrix, its ``var`` and a label for messages."""
+    """The count matrix, its ``var`` (in memory) and a label for messages."""
+    matrix, var, source = _select(adata, layer)
+    return matrix, as_frame(var), source
+
+
+def _select(adata, layer: str | None) -> tuple[Any, Any, str]:
     if layer is None:
         if adata.raw is not None:
             return adata.raw.X, adata.raw.var, "raw.X"
@@ -315,7 +350,7 @@ class CellSource:
         duplicate entries of a non-canonical CSR).
         """
         block = self.matrix[start:stop]
-        if hasattr(block, "compute") and not isinstance(block, np.ndarray):  # dask (dense or sparse chunks)
+        if is_lazy(block):  # dask (dense or sparse chunks): only the chunks of these rows are read
             block = block.compute()
         if sp.issparse(block):
             with np.errstate(over="ignore"):  # values beyond float32 become inf, refused by the value check
@@ -444,11 +479,11 @@ def unknown_aux_labels(values: Sequence[Any], vocab: AuxVocab, limit: int = 5) -
     return out
 
 
-def _aux_tokens(obs: pd.DataFrame, aux_vocabs: Sequence[AuxVocab], model_name: str) -> np.ndarray:
+def _aux_tokens(obs: Any, aux_vocabs: Sequence[AuxVocab], model_name: str, n_obs: int) -> np.ndarray:
     columns = []
     for voc in aux_vocabs:
         if voc.column in obs.columns:
-            values = obs[voc.column].tolist()
+            values = column_values(obs, voc.column)
             codes = voc.encode(values)
             odd = np.fromiter(
                 (
@@ -477,9 +512,9 @@ def _aux_tokens(obs: pd.DataFrame, aux_vocabs: Sequence[AuxVocab], model_name: s
                 f"treated as {voc.column} 'unknown' (what an unlabelled {voc.column} means to the model). Add "
                 f"adata.obs[{voc.column!r}] with labels such as {sorted(voc.labels)[:3]} to use it."
             )
-            columns.append(np.full(len(obs), voc.unknown, dtype=np.int64))
+            columns.append(np.full(n_obs, voc.unknown, dtype=np.int64))
     if not columns:
-        return np.zeros((len(obs), 0), dtype=np.int64)
+        return np.zeros((n_obs, 0), dtype=np.int64)
     return np.stack(columns, axis=1)
 
 
@@ -514,6 +549,21 @@ def _check_in_memory_values(matrix: Any, columns: np.ndarray, source: str, chunk
     elif isinstance(matrix, np.ndarray):
         for start in range(0, matrix.shape[0], chunk):
             _refuse_bad_values(matrix[start : start + chunk, columns], source)
+
+
+def _describe_chunks(matrix: Any, source: str) -> None:
+    """Log how a dask matrix is chunked (a window of cells computes only the chunks holding its rows)."""
+    chunks = getattr(matrix, "chunks", None)
+    if not chunks or len(chunks) != 2:
+        return
+    rows, cols = chunks
+    logger.info(
+        "adata.%s is a dask array (chunks of up to %s rows x %s columns, %s blocks): read a window of cells at a time",
+        source,
+        f"{max(rows, default=0):,}",
+        f"{max(cols, default=0):,}",
+        type(getattr(matrix, "_meta", None)).__name__,
+    )
 
 
 def prepare_cells(
@@ -553,7 +603,9 @@ def prepare_cells(
         raise ValueError(f"adata.{source} is empty.")
     if matrix.shape[0] != adata.n_obs or matrix.shape[1] != len(var):
         raise ValueError(f"adata.{source} has shape {matrix.shape}, which does not match obs/var.")
-    raw_ids, id_source = read_gene_ids(var, options.gene_key, source, adata_var=adata.var)
+    raw_ids, id_source = read_gene_ids(
+        var, options.gene_key, source, adata_var=as_frame(adata.var) if source == "raw.X" else None
+    )
     ids = strip_version(raw_ids)
     first = ~pd.Index(ids).duplicated(keep="first") | (ids == "")
     if not first.all():
@@ -581,9 +633,11 @@ def prepare_cells(
     backed = not (sp.issparse(matrix) or isinstance(matrix, np.ndarray))
     if backed and _is_backed_sparse(matrix) and getattr(matrix, "format", "csr") == "csc":
         logger.warning("the backed matrix is CSC: reading it row by row is slow; store it as CSR for large data.")
+    if is_lazy(matrix):
+        _describe_chunks(matrix, source)
     if not backed:
         _check_in_memory_values(matrix, columns, source)
-    aux = _aux_tokens(adata.obs, aux_vocabs, model_name)
+    aux = _aux_tokens(adata.obs, aux_vocabs, model_name, int(adata.n_obs))
     return CellSource(
         matrix,
         columns=columns,

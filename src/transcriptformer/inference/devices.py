@@ -7,6 +7,7 @@ chunked kernel (:func:`_probe_flex`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Literal
 import torch
 
 from ..config import ATTENTION_BACKENDS, PRECISION_ALIASES, PRECISIONS, Precision, device_name
+from ..errors import warn
 from ..model import (
     ChunkedAttention,
     DenseAttention,
@@ -29,7 +31,16 @@ from ..weights.loaded import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeviceState", "autocast", "build_kernel", "device_state", "resolve_device", "resolve_precision"]
+__all__ = [
+    "CpuBf16Support",
+    "DeviceState",
+    "autocast",
+    "build_kernel",
+    "cpu_bf16_support",
+    "device_state",
+    "resolve_device",
+    "resolve_precision",
+]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -54,22 +65,150 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+#: Flags of x86 CPUs whose bfloat16 dot products run natively (AVX512-BF16, AMX); without them oneDNN and
+#: PyTorch emulate bfloat16 in float32 registers and a bf16 run is several times slower than float32.
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+#: A measured bfloat16 matmul must be at least this much faster than float32 for bf16 to count as paying.
+_PROBE_MIN_SPEEDUP = 1.2
+
+
+@dataclass(frozen=True)
+class CpuBf16Support:
+    """Whether bfloat16 arithmetic pays on this CPU, and why (:func:`cpu_bf16_support`).
+
+    Attributes
+    ----------
+    native
+        bfloat16 runs natively (faster than float32); ``False`` means it is emulated (slower).
+    capability
+        ``torch.backends.cpu.get_cpu_capability()`` (``"AVX2"``, ``"AVX512"``, ``"SVE256"``, ...).
+    reason
+        How it was decided: the CPU flags found, or the measured bf16 / float32 matmul speed ratio.
+    """
+
+    native: bool
+    capability: str
+    reason: str
+
+
+def _cpu_flags() -> set[str]:
+    """x86 feature flags from ``/proc/cpuinfo`` (Linux), and torch's own checks where it has them."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    checks = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    for flag, name in checks.items():
+        check = getattr(torch.cpu, name, None)
+        with contextlib.suppress(Exception):
+            if check is not None and check():
+                flags.add(flag)
+    return flags
+
+
+def _probe_bf16(size: int = 256, reps: int = 5) -> float:
+    """Measured speed of a bfloat16 matmul relative to float32 on this CPU (best of ``reps``; a few ms)."""
+    import time
+
+    def best(dtype: torch.dtype) -> float:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=g).to(dtype)
+        b = torch.randn(size, size, generator=g).to(dtype)
+        a @ b
+        t = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
+
+
+@functools.cache
+def _bf16_support(capability: str, machine: str) -> CpuBf16Support:
+    if machine in ("x86_64", "amd64", "i386", "i686", "x86"):
+        # PyTorch's kernels use AVX-512 only at capability AVX512 (ATEN_CPU_CAPABILITY can lower it)
+        found = sorted(set(_NATIVE_BF16_FLAGS) & _cpu_flags())
+        if found and capability.upper().startswith("AVX512"):
+            return CpuBf16Support(True, capability, f"CPU flags {', '.join(found)}")
+        why = "without " if not found else f"with {', '.join(found)} but PyTorch at "
+        return CpuBf16Support(
+            False, capability, why + ("AVX512-BF16 or AMX" if not found else f"capability {capability}")
+        )
+    ratio = _probe_bf16()  # ARM (Apple silicon, Graviton, ...) and others: measure once per process
+    return CpuBf16Support(
+        ratio >= _PROBE_MIN_SPEEDUP, capability, f"measured bfloat16 matmul {ratio:.2f}x the float32 speed"
+    )
+
+
+def cpu_bf16_support() -> CpuBf16Support:
+    """Whether bfloat16 (and float16, which runs as bfloat16 on the CPU) pays on this CPU.
+
+    On x86 it does where the CPU has AVX512-BF16 or AMX and PyTorch runs at capability ``AVX512``
+    (``torch.backends.cpu.get_cpu_capability()``): elsewhere bfloat16 is emulated, several times slower
+    than float32. On other CPUs (ARM) a short bfloat16 / float32 matmul probe decides. The answer is
+    cached per process (and per capability).
+
+    Returns
+    -------
+    CpuBf16Support
+        The decision and its reason.
+    """
+    import platform
+
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    return _bf16_support(capability, platform.machine().lower())
+
+
 def resolve_precision(precision: Precision | str, device: torch.device) -> Literal["32", "bf16", "16"]:
-    """Returns ``"32"``, ``"bf16"`` or ``"16"`` (see :data:`~transcriptformer.config.Precision`).
+    """Returns ``"32"``, ``"bf16"`` or ``"16"`` (see :data:`~transcriptformer.config.Precision`): what runs.
 
     ``"auto"`` is float32 on CPU and MPS and bfloat16 autocast on CUDA. ``"16"`` on CPU runs as
-    bfloat16, as the published tool (Lightning) does for its default ``16-mixed``.
+    bfloat16, as the published tool (Lightning) does for its default ``16-mixed``. On a CPU where
+    bfloat16 does not pay (:func:`cpu_bf16_support`: no AVX512-BF16 or AMX, where it is emulated and
+    several times slower than float32), ``"bf16"`` and ``"16"`` (and their aliases ``"bf16-mixed"``,
+    ``"16-mixed"``) run in float32 with a :class:`~transcriptformer.errors.TranscriptFormerWarning`;
+    a trailing ``"!"`` (``"bf16!"``, ``"16-mixed!"``) insists on the reduced precision anyway. The value
+    returned is the precision that runs, and what the run's parameters record.
+
+    Raises
+    ------
+    ValueError
+        An unknown precision.
     """
     key = str(precision).strip().lower() if isinstance(precision, str | int) and not isinstance(precision, bool) else ""
-    p = PRECISION_ALIASES.get(key, key if key in PRECISIONS else None)
-    if p is None:
-        raise ValueError(f"precision={precision!r}; expected one of {', '.join(map(repr, PRECISIONS))}.")
+    insist = key.endswith("!")
+    base = key[:-1].strip() if insist else key
+    p = PRECISION_ALIASES.get(base, base if base in PRECISIONS else None)
+    if p is None or p.endswith("!") or (insist and p not in ("bf16", "16")):
+        raise ValueError(
+            f"precision={precision!r}; expected one of {', '.join(map(repr, PRECISIONS))} "
+            "(a trailing '!' insists on 'bf16' or '16' where the CPU has no native bfloat16)."
+        )
     if p == "auto":
         return "bf16" if device.type == "cuda" else "32"
-    if p == "16" and device.type == "cpu":
+    if device.type != "cpu" or p == "32":
+        return p  # type: ignore[return-value]
+    support = cpu_bf16_support()
+    if not support.native:
+        if insist:
+            logger.info("bfloat16 on this CPU as insisted (%s: emulated, slower than float32).", support.reason)
+        else:
+            warn(
+                f"precision={precision!r} ran in float32: this CPU has no native bfloat16 ({support.reason}; "
+                f"PyTorch capability {support.capability}), where bfloat16 is emulated and several times slower "
+                f"than float32. Use precision='{p}!' to run it anyway."
+            )
+            return "32"
+    if p == "16":
         logger.info("float16 autocast on CPU runs as bfloat16 (as the published tool does).")
-        return "bf16"
-    return p  # type: ignore[return-value]
+    return "bf16"
 
 
 def autocast(device: torch.device, precision: str):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -266,9 +266,8 @@ class Engine:
             return
         yield idx, batch, results
 
-    def _windows(self, source: CellSource, start: int, stop: int) -> Iterator[TokenWindow]:
-        """Tokenised windows of ``[start, stop)``, the next one prepared on a background thread."""
-        bounds = [(s, min(s + self.window, stop)) for s in range(start, stop, self.window)]
+    def _windows(self, source: CellSource, bounds: Sequence[tuple[int, int]]) -> Generator[TokenWindow, None, None]:
+        """Tokenised windows ``bounds``, the next one prepared on a background thread."""
         if not bounds:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="transcriptformer-reader") as pool:
@@ -320,82 +319,165 @@ class Engine:
         InferenceResult
             Results in input order. Under ``torch.distributed`` every rank returns the full result.
         """
+        t0 = time.perf_counter()
+        n = source.n_obs
+        lo, hi = (self.rank * n) // self.world, ((self.rank + 1) * n) // self.world
+        (result,) = self._run_ranges(
+            source,
+            heads,
+            [(lo, hi)],
+            tables=tables,
+            embeddings_out=embeddings_out,
+            gene_tokens=gene_tokens,
+            groups=None if groups is None else np.asarray(groups)[lo:hi],
+            n_groups=n_groups,
+            mode=mode,
+        )
+        stats = result.stats
+        if self.world > 1:
+            result = gather(result, embeddings_out is not None)
+        result.seconds = time.perf_counter() - t0
+        result.stats = {**stats, "cells": n, "world_size": self.world}
+        result.stats.pop("start")
+        result.stats.pop("stop")
+        logger.info(
+            "ran %s cells in %.1f s (%.1f cells/s, %s tokens, %.0f%% padding) on %s",
+            f"{n:,}",
+            result.seconds,
+            n / max(result.seconds, 1e-9),
+            f"{stats['tokens']:,}",
+            100.0 * (1 - stats["tokens"] / max(stats["padded_tokens"], 1)),
+            self.device,
+        )
+        return result
+
+    def run_ranges(
+        self,
+        source: CellSource,
+        heads: Sequence[str],
+        ranges: Sequence[tuple[int, int]],
+        *,
+        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+        gene_tokens: np.ndarray | None = None,
+        mode: BiasMode = "embed",
+    ) -> Iterator[InferenceResult]:
+        """Run the model over the cells ``[start, stop)`` of each range, yielding each range's results when done.
+
+        The building block of sharded, resumable runs (:mod:`~transcriptformer.inference.shards`): the ranges
+        are this process's share (whatever the ``torch.distributed`` rank), read in windows that never cross a
+        range's end, with the next window read on a background thread across ranges, and nothing is gathered.
+        Each result holds the range's cells only (gene rows' ``cell`` are input positions) and ``stats``
+        with ``start``, ``stop``, ``tokens``, ``padded_tokens``, the device, precision, attention kernel and
+        token budget, and ``seconds`` since the previous range ended.
+
+        Parameters
+        ----------
+        source
+            Tokenisable cells.
+        heads
+            Names of the outputs to compute (not the ``"gene_sum"`` layout, which sums over all cells).
+        ranges
+            ``(start, stop)`` pairs of input rows, ``0 <= start <= stop <= n_obs``.
+        tables, gene_tokens, mode
+            As for :meth:`run`.
+        """
+        if any(HEADS[h].layout == "gene_sum" for h in heads if h in HEADS):
+            raise ValueError("outputs summed over cells (gene_sum) cannot be computed range by range; use run().")
+        for lo, hi in ranges:
+            if not 0 <= lo <= hi <= source.n_obs:
+                raise ValueError(f"range ({lo}, {hi}) is outside the {source.n_obs:,} cells of the input.")
+        yield from self._run_ranges(source, heads, ranges, tables=tables, gene_tokens=gene_tokens, mode=mode)
+
+    def _run_ranges(
+        self,
+        source: CellSource,
+        heads: Sequence[str],
+        ranges: Sequence[tuple[int, int]],
+        *,
+        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+        embeddings_out: Any | None = None,
+        gene_tokens: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        n_groups: int = 1,
+        mode: BiasMode = "embed",
+    ) -> Iterator[InferenceResult]:
+        """The run loop over ``ranges`` (``groups``: of the cells of the ranges, in order; one range with it)."""
         unknown = [h for h in heads if h not in HEADS]
         if unknown:
             raise ValueError(f"unknown output(s) {unknown}; known: {', '.join(HEADS)}.")
         selected = [HEADS[h] for h in heads]
         if any(h.gene_head for h in selected) and self.model.gene_id_head is None:
             raise ValueError(f"{self.loaded.name} has no gene-identity head; {heads} cannot be computed.")
-        t0 = time.perf_counter()
-        n = source.n_obs
-        lo, hi = (self.rank * n) // self.world, ((self.rank + 1) * n) // self.world
+        if mode not in ("embed", "train"):
+            raise ValueError(f"mode={mode!r}; expected 'embed' or 'train'.")
         S = self.loaded.seq_len
         keep = np.ones(len(source.vocab), dtype=bool) if gene_tokens is None else np.asarray(gene_tokens, bool).copy()
         keep[: source.vocab.n_special] = False
-        acc = Accumulator(
-            selected,
-            self.model,
-            n_rows=hi - lo,
-            seq_len=S,
-            gene_tokens=keep,
-            groups=None if groups is None else np.asarray(groups)[lo:hi],
-            n_groups=n_groups,
-            embeddings_out=embeddings_out,
-            device=self.device,
-            offset=lo,
-        )
         dev_tables = None if tables is None else (tables[0].to(self.device), tables[1].to(self.device))
         cache_bytes = (4 << 30) if self.device.type == "cuda" else (1 << 30)
         embed = GeneEmbeddingCache(self.model, None if dev_tables is None else dev_tables[0], self.device, cache_bytes)
         state = _RunState(kernel=self.kernel, max_tokens=self.max_tokens)
-        if mode not in ("embed", "train"):
-            raise ValueError(f"mode={mode!r}; expected 'embed' or 'train'.")
         run_args = (dev_tables, source.options.clip_counts, embed, mode)
-        n_tokens = n_padded = 0
+
+        def accumulator(lo: int, hi: int) -> Accumulator:
+            return Accumulator(
+                selected,
+                self.model,
+                n_rows=hi - lo,
+                seq_len=S,
+                gene_tokens=keep,
+                groups=groups,
+                n_groups=n_groups,
+                embeddings_out=embeddings_out,
+                device=self.device,
+                offset=lo,
+            )
+
+        bounds = [(s, min(s + self.window, hi)) for lo, hi in ranges for s in range(lo, hi, self.window)]
+        windows = self._windows(source, bounds)
+        total = sum(hi - lo for lo, hi in ranges)
         bar = None
+        t0 = time.perf_counter()
         try:
-            for window in self._windows(source, lo, hi):
-                base = window.start - lo
-                if bar is None:
-                    bar = self._progress_bar(hi - lo)
-                acc.start_window(window, base)
-                for idx in self.plan_batches(window.lengths, state.max_tokens, state.kernel):
-                    for done, batch, results in self._run_batch(window, idx, selected, state, run_args):
-                        n_tokens += int(np.minimum(window.lengths[done] + 1, S).sum())
-                        n_padded += batch.tokens.shape[1] * len(done)
-                        acc.add(base + done, done, batch, results)
-                        bar.update(len(done))
-                acc.end_window(window, base)
+            for lo, hi in ranges:
+                acc = accumulator(lo, hi)
+                n_tokens = n_padded = 0
+                for window in windows if hi > lo else ():
+                    base = window.start - lo
+                    if bar is None:
+                        bar = self._progress_bar(total)
+                    acc.start_window(window, base)
+                    for idx in self.plan_batches(window.lengths, state.max_tokens, state.kernel):
+                        for done, batch, results in self._run_batch(window, idx, selected, state, run_args):
+                            n_tokens += int(np.minimum(window.lengths[done] + 1, S).sum())
+                            n_padded += batch.tokens.shape[1] * len(done)
+                            acc.add(base + done, done, batch, results)
+                            bar.update(len(done))
+                    acc.end_window(window, base)
+                    if window.start + len(window) >= hi:
+                        break
+                result = acc.finish(offset=lo)
+                now = time.perf_counter()
+                result.seconds, t0 = now - t0, now
+                result.stats = {
+                    "start": lo,
+                    "stop": hi,
+                    "cells": hi - lo,
+                    "tokens": n_tokens,
+                    "padded_tokens": n_padded,
+                    "device": str(self.device),
+                    "precision": self.precision,
+                    "attention": state.kernel.name,  # type: ignore[attr-defined]  # every kernel class has a name
+                    "oom_retries": state.oom_retries,
+                    "max_tokens": state.max_tokens,
+                }
+                if state.fallback:
+                    result.stats["attention_fallback"] = state.fallback
+                yield result
         finally:
+            windows.close()
             if bar is not None:
                 bar.close()
-        result = acc.finish(offset=lo)
-        if self.world > 1:
-            result = gather(result, embeddings_out is not None)
-        result.seconds = time.perf_counter() - t0
-        result.stats = {
-            "cells": n,
-            "tokens": n_tokens,
-            "padded_tokens": n_padded,
-            "device": str(self.device),
-            "precision": self.precision,
-            "attention": state.kernel.name,  # type: ignore[attr-defined]  # every kernel class has a name
-            "oom_retries": state.oom_retries,
-            "max_tokens": state.max_tokens,
-            "world_size": self.world,
-        }
-        if state.fallback:
-            result.stats["attention_fallback"] = state.fallback
-        logger.info(
-            "ran %s cells in %.1f s (%.1f cells/s, %s tokens, %.0f%% padding) on %s",
-            f"{n:,}",
-            result.seconds,
-            n / max(result.seconds, 1e-9),
-            f"{n_tokens:,}",
-            100.0 * (1 - n_tokens / max(n_padded, 1)),
-            self.device,
-        )
-        return result
 
     def _progress_bar(self, n_cells: int):
         """A progress bar that appears once the run has taken :data:`~transcriptformer._progress.PROGRESS_DELAY_S`.

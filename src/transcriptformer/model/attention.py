@@ -8,8 +8,10 @@ only strictly earlier keys get it.
 * :class:`ChunkedAttention` (:func:`chunked_attention`): exact, blocked, never materialises the ``T x T``
   score matrix; the default everywhere.
 * :class:`FlexAttention` (:func:`flex_attention`): ``torch.nn.attention.flex_attention``, compiled, for CUDA.
+* :class:`BlockedAttention` (:func:`blocked_attention`): exact, blocked, with a memory-efficient backward
+  pass (recomputes the scores); training on the CPU.
 * :class:`DenseAttention` (:func:`dense_attention`): the reference; materialises the scores and is
-  differentiable (training on CPU).
+  differentiable.
 
 A kernel is called as ``kernel(q, k, v, inputs)``; :class:`Attend` binds it to the inputs of one forward
 pass, which is what each encoder layer receives.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,10 +36,13 @@ __all__ = [
     "Attend",
     "AttentionInputs",
     "BiasMode",
+    "BlockedAttention",
     "ChunkedAttention",
     "DenseAttention",
     "FlexAttention",
+    "HeadThreads",
     "Kernel",
+    "blocked_attention",
     "chunked_attention",
     "dense_attention",
     "flex_attention",
@@ -166,6 +173,71 @@ def _mask(sc: Tensor, blocked, value: float, s: int, num_aux: int | None) -> Non
         sc[rows, :, :num_aux] = sc[rows, :, :num_aux].masked_fill(aux_blocked, value)
 
 
+#: Below this many scores (``B·H·T²``) a kernel runs its blocks in the calling thread alone.
+_MIN_PARALLEL_SCORES = 1 << 22
+
+
+class HeadThreads:
+    """Runs a kernel's blocks on several threads, split by heads, each thread with one intra-op thread.
+
+    The blocks of the CPU kernels are many small operations; with PyTorch's intra-op threads every one of
+    them is an OpenMP parallel region whose threads wait for each other at its end, and on a machine where
+    other processes compete for the cores that waiting dominates (measured on a loaded 2-core VM: one layer of
+    a 2,048-gene cell at the TF-Sapiens shape took 6.4 s with two OpenMP threads, 1.2 s split by heads). Here
+    each thread takes its own share of the heads and runs its blocks sequentially, so threads meet once per
+    call; results are the same as in one thread. The threads (``torch.get_num_threads() - 1``; the caller
+    takes a share too) are made on first use and kept by the kernel object.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {}  # threads are not copied (a copy makes its own)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def run(self, n_heads: int, scores: int, work: Callable[[int, int], None]) -> None:
+        """``work(h0, h1)`` for contiguous ranges of ``[0, n_heads)`` covering it, concurrently where it pays."""
+        threads = torch.get_num_threads()
+        n = min(threads, n_heads)
+        if n <= 1 or scores < _MIN_PARALLEL_SCORES:
+            work(0, n_heads)
+            return
+        with self._lock:
+            if self._pool is None or self._size != n - 1:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(
+                    n - 1,
+                    thread_name_prefix="transcriptformer-attention",
+                    initializer=torch.set_num_threads,
+                    initargs=(1,),
+                )
+                self._size = n - 1
+            pool = self._pool
+        bounds = [round(i * n_heads / n) for i in range(n + 1)]
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def call(h0: int, h1: int) -> None:  # worker threads do not inherit the caller's autograd modes
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                work(h0, h1)
+
+        torch.set_num_threads(1)  # the caller's share runs without intra-op threads too
+        try:
+            futures = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, n)]
+            try:
+                call(bounds[0], bounds[1])
+            finally:
+                for f in futures:  # every share writes into the same outputs: wait for all before leaving
+                    f.result()
+        finally:
+            torch.set_num_threads(threads)
+
+
 def chunked_attention(
     q: Tensor,
     k: Tensor,
@@ -177,6 +249,7 @@ def chunked_attention(
     mode: BiasMode = "embed",
     num_aux: int | None = None,
     max_scores: int | None = None,
+    threads: HeadThreads | None = None,
 ) -> Tensor:
     """Causal attention with count bias and soft cap, computed in blocks of query rows.
 
@@ -201,6 +274,9 @@ def chunked_attention(
         As in :class:`AttentionInputs`.
     max_scores
         Scores held at once (default: :data:`DEFAULT_MAX_SCORES`, or :data:`DEFAULT_MAX_SCORES_GPU` on a GPU).
+    threads
+        Run the blocks on these threads, split by heads (CPU; see :class:`HeadThreads`); ``None``: in the
+        calling thread, with PyTorch's intra-op threads.
 
     Returns
     -------
@@ -236,8 +312,12 @@ def chunked_attention(
         max_scores = DEFAULT_MAX_SCORES if q.device.type == "cpu" else DEFAULT_MAX_SCORES_GPU
     heads, rows = _chunks(BH, T, max_scores)
     out = torch.empty(BH, T, dk, dtype=q.dtype, device=q.device)
-    for h0 in range(0, BH, heads):
-        h1 = min(BH, h0 + heads)
+
+    def blocks(lo: int, hi: int) -> None:
+        for h0 in range(lo, hi, heads):
+            _chunked_group(h0, min(hi, h0 + heads))
+
+    def _chunked_group(h0: int, h1: int) -> None:
         if num_aux is not None:
             mine = aux_rows[(aux_rows >= h0) & (aux_rows < h1)] - h0
         for s in range(0, T, rows):
@@ -267,7 +347,247 @@ def chunked_attention(
             denom = sc.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
             o = torch.bmm(sc.to(vx.dtype), vx[h0:h1, :e]).float().div_(denom)  # all-masked rows: 0 / tiny = 0
             out[h0:h1, s:e] = o.to(out.dtype)
+
+    if threads is not None and q.device.type == "cpu":
+        threads.run(BH, BH * T * T, blocks)
+    else:
+        blocks(0, BH)
     return out.view(B, H, T, dk)
+
+
+# --------------------------------------------------------------------------------------------
+# blocked attention with a backward pass (training)
+
+
+def _block_mask(
+    B: int, H: int, T: int, key_valid: Tensor, num_aux: int | None, device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The masks of :class:`_BlockedAttentionFunction`'s blocks.
+
+    The causal triangle (``T x T``, upper), and either the full key mask ``(BH, T)`` (``num_aux=None``) or the
+    auxiliary keys' mask ``(BH, A)``.
+    """
+    blocked_key = (~key_valid).repeat_interleave(H, dim=0)  # (BH, T)
+    if num_aux is None:
+        return torch.ones(T, T, dtype=torch.bool, device=device).triu_(1), blocked_key, None
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu_(1), None, blocked_key[:, :num_aux]
+
+
+def _group_masks(
+    masks: tuple[Tensor, Tensor | None, Tensor | None], h0: int, h1: int
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    causal, blocked_key, aux = masks
+    return (
+        causal,
+        None if blocked_key is None else blocked_key[h0:h1],
+        None if aux is None else aux[h0:h1],
+    )
+
+
+def _scores(
+    qb: Tensor,
+    kt: Tensor,
+    bias: Tensor,
+    diag: Tensor | None,
+    s: int,
+    e: int,
+    scale: float,
+    softcap: float,
+    masks: tuple[Tensor, Tensor | None, Tensor | None],
+    num_aux: int | None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Scores of query rows ``[s, e)`` of a group of heads against keys ``[0, e)``.
+
+    Returns the capped scores (masked keys at ``-inf``), ``tanh`` of the scaled ones (for the gradient; ``None``
+    without a cap) and the mask.
+    """
+    x = torch.baddbmm(bias[:, :, :e], qb, kt[:, :, :e], alpha=scale)
+    if diag is not None:  # "train": a query's own key gets no count bias
+        x[:, :, s:e].diagonal(dim1=1, dim2=2).sub_(diag[:, s:e])
+    t = None
+    if softcap > 0:
+        t = x.mul_(1.0 / softcap).tanh_()
+        y = t * softcap
+    else:
+        y = x
+    causal, blocked_key, aux = masks
+    mask = causal[s:e, :e].expand(y.shape[0], -1, -1)
+    if blocked_key is not None:
+        mask = mask | blocked_key[:, None, :e]
+    elif aux is not None and num_aux:
+        mask = mask.clone()
+        mask[:, :, :num_aux] |= aux[:, None, :]
+    return y.masked_fill_(mask, float("-inf")), t, mask
+
+
+class _BlockedAttentionFunction(torch.autograd.Function):
+    """Blocked causal attention with count bias and soft cap, and its gradient (flash-attention style).
+
+    The forward keeps only the output and each row's log-sum-exp; the backward recomputes the scores block by
+    block. Everything is computed in float32 (the inputs may be reduced-precision under autocast).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_bias, key_valid, softcap, mode, num_aux, max_scores, threads):  # type: ignore[override]
+        B, H, T, dk = q.shape
+        BH = B * H
+        qf, vf = q.float().reshape(BH, T, dk), v.float().reshape(BH, T, dk)
+        kt = k.float().reshape(BH, T, dk).transpose(1, 2).contiguous()  # (BH, dk, T): plain products
+        bias = key_bias.float().repeat_interleave(H, dim=0)[:, None, :]  # (BH, 1, T)
+        diag = bias[:, 0] if mode == "train" else None
+        masks = _block_mask(B, H, T, key_valid, num_aux, q.device)
+        heads, rows = _chunks(BH, T, max_scores or DEFAULT_MAX_SCORES)
+        scale = 1.0 / math.sqrt(dk)
+        out = torch.empty(BH, T, dk, dtype=torch.float32, device=q.device)
+        lse = torch.empty(BH, T, 1, dtype=torch.float32, device=q.device)
+
+        def group(h0: int, h1: int) -> None:
+            m_h = _group_masks(masks, h0, h1)
+            for s in range(0, T, rows):
+                e = min(T, s + rows)
+                y, _, _ = _scores(
+                    qf[h0:h1, s:e],
+                    kt[h0:h1],
+                    bias[h0:h1],
+                    None if diag is None else diag[h0:h1],
+                    s,
+                    e,
+                    scale,
+                    softcap,
+                    m_h,
+                    num_aux,
+                )
+                m = y.amax(-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # rows without a key: 0
+                p = y.sub_(m).exp_()
+                denom = p.sum(-1, keepdim=True)
+                out[h0:h1, s:e] = torch.bmm(p, vf[h0:h1, :e]).div_(denom.clamp_min(torch.finfo(torch.float32).tiny))
+                # log-sum-exp; +inf for rows without any key (their weights are then exp(-inf) = 0)
+                lse[h0:h1, s:e] = torch.where(denom > 0, m + denom.log(), float("inf"))
+
+        _run_groups(threads, BH, heads, T, q.device, group)
+        ctx.save_for_backward(q, k, v, key_bias, key_valid, out, lse)
+        ctx.args = (softcap, mode, num_aux, max_scores, threads)
+        return out.view(B, H, T, dk).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, key_bias, key_valid, out, lse = ctx.saved_tensors
+        softcap, mode, num_aux, max_scores, threads = ctx.args
+        B, H, T, dk = q.shape
+        BH = B * H
+        qf, kf, vf = (x.float().reshape(BH, T, dk) for x in (q, k, v))
+        kt = kf.transpose(1, 2).contiguous()
+        vt = vf.transpose(1, 2).contiguous()
+        do = grad_out.float().reshape(BH, T, dk)
+        bias = key_bias.float().repeat_interleave(H, dim=0)[:, None, :]
+        diag = bias[:, 0] if mode == "train" else None
+        masks = _block_mask(B, H, T, key_valid, num_aux, q.device)
+        heads, rows = _chunks(BH, T, max_scores or DEFAULT_MAX_SCORES)
+        scale = 1.0 / math.sqrt(dk)
+        delta = (do * out).sum(-1, keepdim=True)  # (BH, T, 1): rowwise dO . O
+        dq = torch.zeros(BH, T, dk, dtype=torch.float32, device=q.device)
+        dk_ = torch.zeros_like(dq)
+        dv = torch.zeros_like(dq)
+        want_bias = ctx.needs_input_grad[3]
+        dbias = torch.zeros(BH, T, dtype=torch.float32, device=q.device) if want_bias else None
+
+        def group(h0: int, h1: int) -> None:
+            m_h = _group_masks(masks, h0, h1)
+            for s in range(0, T, rows):
+                e = min(T, s + rows)
+                y, t, _ = _scores(
+                    qf[h0:h1, s:e],
+                    kt[h0:h1],
+                    bias[h0:h1],
+                    None if diag is None else diag[h0:h1],
+                    s,
+                    e,
+                    scale,
+                    softcap,
+                    m_h,
+                    num_aux,
+                )
+                p = y.sub_(lse[h0:h1, s:e]).exp_()  # (h, r, e): the attention weights
+                dob = do[h0:h1, s:e]
+                dv[h0:h1, :e].baddbmm_(p.transpose(1, 2), dob)
+                dp = torch.bmm(dob, vt[h0:h1, :, :e])
+                dz = dp.sub_(delta[h0:h1, s:e]).mul_(p)  # d(capped score)
+                if t is not None:
+                    dz.mul_(t.square_().neg_().add_(1.0))  # d tanh
+                if dbias is not None:
+                    dbias[h0:h1, :e] += dz.sum(1)
+                    if diag is not None:
+                        dbias[h0:h1, s:e] -= dz[:, :, s:e].diagonal(dim1=1, dim2=2)
+                dq[h0:h1, s:e] = torch.bmm(dz, kf[h0:h1, :e]).mul_(scale)
+                dk_[h0:h1, :e].baddbmm_(dz.transpose(1, 2), qf[h0:h1, s:e], alpha=scale)
+
+        _run_groups(threads, BH, heads, T, q.device, group)
+        shape = (B, H, T, dk)
+        grad_bias = None
+        if dbias is not None:
+            grad_bias = dbias.view(B, H, T).sum(1).to(key_bias.dtype)
+        return (
+            dq.view(shape).to(q.dtype),
+            dk_.view(shape).to(k.dtype),
+            dv.view(shape).to(v.dtype),
+            grad_bias,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _run_groups(
+    threads: HeadThreads | None, BH: int, heads: int, T: int, device: torch.device, group: Callable[[int, int], None]
+) -> None:
+    """``group(h0, h1)`` over the head groups of ``[0, BH)``, on ``threads`` where given (CPU)."""
+
+    def blocks(lo: int, hi: int) -> None:
+        for h0 in range(lo, hi, heads):
+            group(h0, min(hi, h0 + heads))
+
+    if threads is not None and device.type == "cpu":
+        threads.run(BH, BH * T * T, blocks)
+    else:
+        blocks(0, BH)
+
+
+def blocked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_bias: Tensor,
+    key_valid: Tensor,
+    softcap: float,
+    *,
+    mode: BiasMode = "embed",
+    num_aux: int | None = None,
+    max_scores: int | None = None,
+    threads: HeadThreads | None = None,
+) -> Tensor:
+    """:func:`dense_attention` computed in blocks of query rows, with a memory-efficient backward pass.
+
+    The forward keeps the output and each query row's log-sum-exp (``O(B·H·T)``), never the ``T x T``
+    weights; the backward recomputes each block's scores and accumulates the gradients of ``q``, ``k``,
+    ``v`` (and of ``key_bias`` where it requires one). Exact: the soft cap's ``tanh`` and the count bias are
+    differentiated as written (``d/dx c·tanh(x/c) = 1 - tanh²(x/c)``), not approximated.
+
+    Parameters
+    ----------
+    q, k, v, key_bias, key_valid, softcap, mode, num_aux, max_scores, threads
+        As in :func:`chunked_attention`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, H, T, dk)`` in the dtype of ``q``; query rows with no allowed key are zero.
+    """
+    return _BlockedAttentionFunction.apply(
+        q, k, v, key_bias, key_valid, float(softcap), mode, num_aux, max_scores, threads
+    )
 
 
 def flex_attention(
@@ -349,6 +669,7 @@ class ChunkedAttention:
 
     def __init__(self, max_scores: int | None = None):
         self.max_scores = max_scores
+        self.threads = HeadThreads()
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
         if inputs.q_offset or q.shape[-2] != k.shape[-2]:
@@ -363,6 +684,37 @@ class ChunkedAttention:
             mode=inputs.mode,
             num_aux=inputs.num_aux,
             max_scores=self.max_scores,
+            threads=self.threads,
+        )
+
+
+class BlockedAttention:
+    """Attention kernel: :func:`blocked_attention` (exact, blocked, differentiable; training on the CPU).
+
+    Memory grows with ``T`` rather than ``T²`` in the forward and the backward. Queries after the first position
+    of a KV cache go through :func:`dense_attention`, as in :class:`ChunkedAttention`.
+    """
+
+    name = "blocked"
+
+    def __init__(self, max_scores: int | None = None):
+        self.max_scores = max_scores
+        self.threads = HeadThreads()
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
+        if inputs.q_offset or q.shape[-2] != k.shape[-2]:
+            return DenseAttention()(q, k, v, inputs)
+        return blocked_attention(
+            q,
+            k,
+            v,
+            inputs.key_bias,
+            inputs.key_valid,
+            inputs.softcap,
+            mode=inputs.mode,
+            num_aux=inputs.num_aux,
+            max_scores=self.max_scores,
+            threads=self.threads,
         )
 
 

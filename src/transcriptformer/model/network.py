@@ -213,6 +213,36 @@ _ELEMENTWISE_LINKS: dict[str, Callable[[Tensor], Tensor]] = {
 assert set(_ELEMENTWISE_LINKS) | {"softmax"} == set(MU_LINK_FUNCTIONS), "config.MU_LINK_FUNCTIONS must agree"
 
 
+class _CappedCrossEntropy(torch.autograd.Function):
+    """``logsumexp(y) - y[target]`` with ``y = c·tanh(z/c)`` over the last axis, for training.
+
+    The same function as :meth:`TranscriptFormer.gene_logits` followed by the cross-entropy, differentiated by
+    hand: the forward keeps ``tanh(z/c)`` and the (shifted) weights ``exp(y - m)``, the backward is
+    ``(softmax(y) - onehot(target)) · (1 - tanh²)``. Since ``y <= c``, the shift ``m`` is ``c`` itself for caps
+    up to 40 (no row maximum needed; the weights stay in float32's normal range), the row maximum above.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, cap: float) -> Tensor:  # type: ignore[override]
+        t = (logits if logits.dtype == torch.float64 else logits.float()).mul(1.0 / cap).tanh_()
+        shift = t.amax(-1, keepdim=True).mul_(cap) if cap > 40 else torch.full_like(t[..., :1], cap)
+        w = torch.mul(t, cap).sub_(shift).exp_()
+        total = w.sum(-1, keepdim=True)
+        picked = t.gather(-1, targets[..., None]).mul_(cap)
+        ctx.save_for_backward(t, w, total, targets)
+        ctx.dtype = logits.dtype
+        return (total.log().add_(shift).sub_(picked)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        t, w, total, targets = ctx.saved_tensors
+        g = grad.to(t.dtype)[..., None]
+        dy = w * (g / total)  # softmax(y) · g
+        dy.scatter_add_(-1, targets[..., None], -g)
+        dz = dy.addcmul_(dy * t, t, value=-1.0)  # · (1 - tanh²)
+        return dz.to(ctx.dtype), None, None
+
+
 @dataclass(frozen=True)
 class Encoded:
     """What :meth:`TranscriptFormer.encode` returns.
@@ -550,6 +580,15 @@ class TranscriptFormer(nn.Module):
         0 where the target is ``[PAD]``. Logits are computed ``block`` positions at a time (they are
         ``V`` wide).
         """
+        cap = float(self.config.softcap)
+        if torch.is_grad_enabled() and hidden.requires_grad and cap > 0 and self.gene_id_head is not None:
+            # training: one autograd node per block that keeps tanh and the weights only (the V-wide logits
+            # dominate the memory and element-wise work of a training step)
+            parts = [
+                _CappedCrossEntropy.apply(self.gene_id_head(hidden[:, s : s + block]), targets[:, s : s + block], cap)
+                for s in range(0, targets.shape[1], block)
+            ]
+            return torch.cat(parts, dim=1).masked_fill(targets == self.pad_idx, 0.0)
         out = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
         for s in range(0, targets.shape[1], block):
             logits = self.gene_logits(hidden[:, s : s + block])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +17,12 @@ from anndata import AnnData
 
 from ..errors import deprecated as deprecated_argument
 from ..inference.options import check_bool, check_key
+from ..weights.loaded import LoadedModel
 
 logger = logging.getLogger("transcriptformer")
 
 __all__ = [
+    "ModelArg",
     "Update",
     "base_key",
     "check_adata",
@@ -30,6 +33,14 @@ __all__ = [
     "in_memory_copy",
     "use_rep_or_deprecated",
 ]
+
+
+#: What ``model=`` accepts: a registry name, a checkpoint folder, a loaded model, or ``(model, adapter_folder)``.
+ModelArg = str | os.PathLike | LoadedModel | tuple
+
+
+class _ScanpyLevel(int):
+    """A logger level set from scanpy's verbosity (a level the user sets is a plain ``int`` and is kept)."""
 
 
 class _ScanpyHandler(logging.Handler):
@@ -63,10 +74,10 @@ def follow_scanpy_logging() -> None:
         return
     if not any(isinstance(h, _ScanpyHandler) for h in logger.handlers):
         logger.addHandler(_ScanpyHandler())
-    # follow the verbosity unless the level was set by someone else (the user, a test's caplog)
-    if logger.level in (logging.NOTSET, getattr(logger, "_scanpy_level", None)):
-        logger.setLevel(sc.settings._root_logger.level)
-        logger._scanpy_level = logger.level  # type: ignore[attr-defined]
+    # follow the verbosity unless the level was set by someone else (the user, a test's caplog): a level this
+    # function set is a _ScanpyLevel, any other is the user's
+    if logger.level == logging.NOTSET or isinstance(logger.level, _ScanpyLevel):
+        logger.setLevel(_ScanpyLevel(sc.settings._root_logger.level))
 
 
 def check_adata(adata: Any, name: str = "adata") -> None:

@@ -24,8 +24,7 @@ from ..inference.options import (
     run_options,
 )
 from ..weights.checkpoint import LoadedModel, load_model
-from ._utils import Update, check_adata, check_writable
-from .tl._common import ModelArg
+from ._utils import ModelArg, Update, check_adata, check_writable
 
 __all__ = ["InputReport", "check_input", "match_genes", "symbols_to_ensembl"]
 

@@ -37,7 +37,7 @@ from typing import Any, TypedDict, Unpack
 import numpy as np
 import torch
 
-from .._progress import tqdm, write_above
+from .._progress import PROGRESS_DELAY_S, tqdm, write_above
 from ..errors import deprecated, warn
 from ..inference.batching import BatchPlanner, batch_tensors, estimate_flops
 from ..inference.devices import autocast, resolve_device, resolve_precision
@@ -169,9 +169,18 @@ class FitOptions:
 
 
 def _train_kernel(device: torch.device, attention: str):
-    """A differentiable attention kernel: flex_attention on CUDA when asked (or ``auto``), else dense."""
-    if attention == "dense" or (attention == "auto" and device.type != "cuda"):
+    """A differentiable attention kernel for training.
+
+    flex_attention on CUDA when asked (or ``auto``); elsewhere ``auto`` is the blocked kernel with its own backward
+    pass (:class:`~transcriptformer.model.attention.BlockedAttention`: exact, memory linear in length), ``dense``
+    the reference.
+    """
+    from ..model.attention import BlockedAttention
+
+    if attention == "dense":
         return DenseAttention()
+    if attention == "auto" and device.type != "cuda":
+        return BlockedAttention()
     if attention in ("auto", "flex", "flex-dynamic"):
         if device.type != "cuda":
             raise ValueError("flex_attention cannot be differentiated on this device; use attention='dense'.")
@@ -440,14 +449,17 @@ class _Run:
     def _epoch(self, epoch: int, show: bool) -> list[float]:
         self.net.train()
         steps = self.plans[epoch]
-        bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{self.fit.epochs}", unit="step", disable=not show)
+        delay = 0.0 if self.options.progress else PROGRESS_DELAY_S  # as every run's bar: once it has taken a while
+        bar = tqdm(
+            total=len(steps), desc=f"epoch {epoch + 1}/{self.fit.epochs}", unit="step", disable=not show, delay=delay
+        )
         losses: list[float] = []
         cache: dict[tuple[int, int], Any] = {}
         try:
             for g, group in enumerate(steps):
                 loss = self._step(epoch, g, group, cache)
                 losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", refresh=False)
                 bar.update(1)
         finally:
             bar.close()

@@ -350,7 +350,7 @@ def load_model(
     --------
     >>> import transcriptformer
     >>> import transcriptformer.scanpy as tfs
-    >>> m = transcriptformer.load_model(tfs.datasets.tiny_model_path())
+    >>> m = transcriptformer.load_model("tf-tiny")
     >>> m.embed_dim
     32
     """

@@ -10,8 +10,17 @@ written to ``sc.settings.figdir`` in ``sc.settings.file_format_figs``, named as 
 
 from ._cells import celltype_similarity, label_transfer, llh, species_umap, umap
 from ._genes import gene_embeddings
+from ._prompts import rank_regulators
 
-__all__ = ["celltype_similarity", "gene_embeddings", "label_transfer", "llh", "species_umap", "umap"]
+__all__ = [
+    "celltype_similarity",
+    "gene_embeddings",
+    "label_transfer",
+    "llh",
+    "rank_regulators",
+    "species_umap",
+    "umap",
+]
 
 
 def __dir__() -> list[str]:

@@ -11,6 +11,7 @@ from ._generate import generate
 from ._genes import contextual_gene_embeddings, gene_embeddings, gene_embeddings_by_group
 from ._labels import celltype_similarity, transfer_labels
 from ._likelihood import likelihood
+from ._prompts import gene_interactions, next_gene, rank_regulators
 from ._umap import umap
 
 __all__ = [
@@ -19,8 +20,11 @@ __all__ = [
     "embed",
     "gene_embeddings",
     "gene_embeddings_by_group",
+    "gene_interactions",
     "generate",
     "likelihood",
+    "next_gene",
+    "rank_regulators",
     "transcriptformer",
     "transfer_labels",
     "umap",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,15 +11,15 @@ from ...data.gene_ids import names_to_ids
 from ...inference.options import RunOptions, check_genes
 from ...weights.checkpoint import load_model
 from ...weights.loaded import LoadedModel
-from .._utils import check_adata
+from .._utils import ModelArg, check_adata
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ...inference.pipeline import Inference
+    from ...inference.shards import Destination
 
-__all__ = ["ModelArg", "genes_to_ids", "load", "run_model"]
-
-#: What ``model=`` accepts: a registry name, a checkpoint folder, a loaded model, or ``(model, adapter_folder)``.
-ModelArg = str | os.PathLike | LoadedModel | tuple
+__all__ = ["ModelArg", "check_out", "genes_to_ids", "load", "run_model", "run_to_file"]
 
 
 def run_model(
@@ -39,6 +38,68 @@ def run_model(
     ids = genes_to_ids(genes, adata, loaded, options)
     run = infer(adata, loaded, heads=heads, tokenize=options.tokenize(), **options.engine(), genes=ids, **extra)
     return run, loaded
+
+
+def check_out(out: Any, shard_size: Any) -> tuple[Path | None, int]:
+    """``out`` (``None``, or an ``.h5ad`` / ``.zarr`` path) and ``shard_size``, checked before any compute."""
+    from ...inference.options import check_positive_int
+    from ...inference.shards import check_output_path
+
+    size = check_positive_int(shard_size, "shard_size", allow_none=False)
+    return (None if out is None else check_output_path(out)), size
+
+
+def run_to_file(
+    adata: AnnData,
+    model: ModelArg,
+    options: RunOptions,
+    heads: Sequence[str],
+    *,
+    out: Path,
+    shard_size: int,
+    tool: str,
+    key: str,
+    destinations: Sequence[Destination],
+    **extra: Any,
+) -> dict[str, Any]:
+    """Run the model writing per-cell results into the file ``out`` as they are computed (resumable).
+
+    The results go into a shard folder beside ``out`` (``<out>.shards``), merged into ``out`` when every shard
+    is done: an AnnData with ``adata``'s ``obs``, the ``destinations`` and ``uns[key]["params"]``. A call that
+    was interrupted resumes when made again with the same arguments. Returns the record of the merged file
+    (``params``, with ``"out"`` and how the shards were computed), for ``adata``'s ``uns[key]["params"]``.
+    """
+    from ...data.tokenizer import as_frame
+    from ...inference.devices import resolve_device
+    from ...inference.pipeline import ShardedInference, infer_sharded
+    from ...inference.shards import OutputSpec, read_params, shard_folder
+
+    check_adata(adata)
+    resolve_device(options.device)
+    loaded = load_model(model, cache_dir=options.cache_dir)
+    written = [f"{d.kind}/{d.name}" for d in destinations]
+
+    def describe(run: Inference) -> OutputSpec:
+        params = run.params(loaded, options, tool, out=str(out), **extra)
+        params["keys"] = [*written, f"uns/{key}"]
+        uns = {key: {"params": params}}
+        return OutputSpec(path=str(out), destinations=tuple(destinations), uns=uns, params_key=key)
+
+    info = {"tool": tool, **({"soma": dict(adata.uns["soma"])} if isinstance(adata.uns.get("soma"), dict) else {})}
+    run: ShardedInference = infer_sharded(
+        adata,
+        loaded,
+        shard_folder(out),
+        describe=describe,
+        obs=as_frame(adata.obs),
+        heads=heads,
+        options=options.record(),
+        tokenize=options.tokenize(),
+        **options.engine(),
+        shard_size=shard_size,
+        info=info,
+    )
+    return read_params(out, key) if run.output is not None else {}
 
 
 def genes_to_ids(genes: Any, adata: AnnData | None, loaded: LoadedModel, options: RunOptions) -> list[str] | None:

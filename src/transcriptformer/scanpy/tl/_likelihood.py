@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Literal, Unpack
 
 import numpy as np
@@ -10,8 +11,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from ...inference.options import RunKwargs, check_bool, check_key, documents_run_options, run_options
+from ...inference.shards import DEFAULT_SHARD_SIZE, Destination
 from .._utils import Update, check_adata, check_writable
-from ._common import ModelArg, run_model
+from ._common import ModelArg, check_out, run_model, run_to_file
 
 logger = logging.getLogger("transcriptformer")
 
@@ -28,6 +30,8 @@ def likelihood(
     *,
     level: Literal["cell", "gene"] = "cell",
     key_added: str = "transcriptformer",
+    out: str | os.PathLike | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     copy: bool = False,
     **options: Unpack[RunKwargs],
 ) -> AnnData | None:
@@ -51,13 +55,20 @@ def likelihood(
         NLL as sparse layers aligned with ``adata.var`` (needs the gene-identity head).
     key_added
         Base name of every key written (below).
+    out
+        With ``level="cell"``: write the per-cell values into this file (``.zarr`` or ``.h5ad``) as they are
+        computed, in resumable shards, as :func:`embed` does with ``out``; ``adata`` receives only
+        ``uns[f"{key_added}_llh"]["params"]`` (with ``"out"``).
+    shard_size
+        Cells per shard, with ``out``.
     copy
         Return a modified copy instead of writing into ``adata``.
     {run_options}
 
     Returns
     -------
-    ``None``, or a copy of ``adata`` if ``copy=True``, with:
+    ``None``, or a copy of ``adata`` if ``copy=True``, with (with ``out``: in the file ``out``, and only the
+    record in ``adata``):
 
     ``adata.obs[f"{key_added}_llh"]`` : float32
         Mean count NLL over the genes the model read (the published ``llh``; NaN for a cell without any gene
@@ -102,9 +113,28 @@ def likelihood(
         raise ValueError(f"level={level!r}; expected 'cell' or 'gene'.")
     key = check_key(key_added)  # always a base name here
     copy = check_bool(copy, "copy")
+    path, shard_size = check_out(out, shard_size)
+    if path is not None and level == "gene":
+        raise ValueError(
+            "out= writes per-cell values; level='gene' (one value per read gene of every cell, as sparse layers) "
+            "is computed in memory: leave out out=, or use level='cell'."
+        )
     check_adata(adata)
     check_writable(adata, copy)
     heads = ("llh", "end_nll", "count_nll", "gene_nll") if level == "gene" else ("llh",)
+    if path is not None:
+        destinations = [
+            Destination("uns", "llh", f"{key}_llh/llh"),
+            Destination("obs", "llh", f"{key}_llh"),
+            Destination("obs", "n_genes", f"{key}_n_genes"),
+        ]
+        params = run_to_file(
+            adata, model, opts, heads, out=path, shard_size=shard_size, tool="likelihood", key=f"{key}_llh",
+            destinations=destinations, level=level,
+        )  # fmt: skip
+        update = Update("likelihood", record=f"{key}_llh")
+        update.set("uns", f"{key}_llh", {"params": {k: v for k, v in params.items() if k != "keys"}})
+        return update.apply(adata, copy=copy)
     run, loaded = run_model(adata, model, opts, heads)
     params = run.params(loaded, opts, "likelihood", level=level)
     update = Update("likelihood", record=f"{key}_llh")

@@ -1,11 +1,10 @@
-"""Plots and the analysis helpers behind them: what they draw (axes, labels, points), show/ax/save/return_fig."""
+"""Plots (``tfs.pl``): what they draw (axes, labels, points), show/ax/save/return_fig, and that they only draw."""
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -14,18 +13,7 @@ import scanpy as sc
 
 import transcriptformer.scanpy as tfs
 
-
-@pytest.fixture(scope="module")
-def _embedded_once(tiny_path):
-    adata = tfs.datasets.tiny_human()
-    tfs.tl.embed(adata, model=tiny_path, llh=True)
-    return adata
-
-
-@pytest.fixture
-def embedded(_embedded_once):
-    """The tiny data embedded once per module; each test gets its own copy."""
-    return _embedded_once.copy()
+matplotlib.use("Agg")
 
 
 def _points(ax) -> int:
@@ -61,22 +49,6 @@ def test_pl_umap_only_draws_and_says_what_to_run(embedded):
     embedded.obsm["X_transcriptformer"] = embedded.obsm["X_transcriptformer"][::-1].copy()  # a new embedding
     with pytest.warns(UserWarning, match=r"earlier version of the embedding; run tfs\.tl\.umap"):
         tfs.pl.umap(embedded, show=False)
-
-
-def test_tl_umap_follows_the_conventions(embedded):
-    out = tfs.tl.umap(embedded, n_neighbors=5, copy=True)
-    assert "X_umap_transcriptformer" in out.obsm and "X_umap_transcriptformer" not in embedded.obsm
-    assert tfs.tl.umap(embedded, n_neighbors=5, key_added="mine") is None
-    assert "X_mine" in embedded.obsm and embedded.uns["mine"]["params"]["tool"] == "umap"
-    with pytest.warns(FutureWarning, match="use_rep"):
-        tfs.tl.umap(embedded, rep="X_transcriptformer", n_neighbors=5)
-    for bad in (0, 1, -5):
-        with pytest.raises(ValueError, match="n_neighbors"):
-            tfs.tl.umap(embedded, n_neighbors=bad)
-    broken = embedded.copy()
-    broken.obsm["X_transcriptformer"][2] = np.nan
-    with pytest.raises(ValueError, match="NaN or infinite values in 1 cell"):
-        tfs.tl.umap(broken)
 
 
 def test_save_goes_through_scanpys_figure_settings(embedded, tmp_path):
@@ -150,32 +122,20 @@ def test_label_transfer_plot_leaves_out_cells_without_a_true_label(embedded):
         tfs.pl.label_transfer(query, true_key="truth", key="predicted", show=False)
 
 
-def test_celltype_similarity_tables_and_heatmap(embedded):
-    a, b = embedded[::2].copy(), embedded[1::2].copy()
-    table = tfs.tl.celltype_similarity({"A": a, "B": b}, groupby="cell_type")
-    types_a, types_b = sorted(a.obs["cell_type"].astype(str).unique()), sorted(b.obs["cell_type"].astype(str).unique())
-    assert list(table.index) == [f"A | {t}" for t in types_a] + [f"B | {t}" for t in types_b]
-    np.testing.assert_allclose(np.diag(table.to_numpy()), 1.0)  # cosine of each centroid with itself
-    # the centroid cosine by hand for one pair
-    t = types_a[0]
-    ca = a.obsm["X_transcriptformer"][(a.obs["cell_type"] == t).to_numpy()].mean(0)
-    cb = b.obsm["X_transcriptformer"][(b.obs["cell_type"] == t).to_numpy()].mean(0)
-    expected = ca @ cb / np.linalg.norm(ca) / np.linalg.norm(cb)
-    assert table.loc[f"A | {t}", f"B | {t}"] == pytest.approx(expected, rel=1e-5)
-    knn = tfs.tl.celltype_similarity([a, b], groupby="cell_type", method="knn_transfer", n_neighbors=3)
-    block = knn.loc[[i for i in knn.index if i.startswith("0 |")], [c for c in knn.columns if c.startswith("1 |")]]
-    np.testing.assert_allclose(block.sum(axis=1), 1.0)  # shares of each type's cells
-    assert (
-        knn.loc[[i for i in knn.index if i.startswith("0 |")], [c for c in knn.columns if c.startswith("0 |")]]
-        .isna()
-        .all()
-        .all()
-    )
-    # one AnnData with a batch key: stored in uns, drawn from there
+def test_label_transfer_needs_both_columns(embedded):
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        tfs.pl.label_transfer(embedded, true_key="cell_type", key="nope")
+    with pytest.raises(KeyError, match="batch"):
+        tfs.tl.celltype_similarity(embedded, groupby="cell_type", batch_key="batch")
+    assert isinstance(tfs.tl.celltype_similarity(embedded, groupby="cell_type"), pd.DataFrame)
+
+
+def test_celltype_similarity_heatmap(embedded):
+    types_a = sorted(embedded[::2].obs["cell_type"].astype(str).unique())
+    types_b = sorted(embedded[1::2].obs["cell_type"].astype(str).unique())
     both = embedded.copy()
     both.obs["half"] = np.where(np.arange(both.n_obs) % 2 == 0, "A", "B")
     tfs.tl.celltype_similarity(both, groupby="cell_type", batch_key="half")
-    assert "transcriptformer_celltype_similarity" in both.uns
     ax = tfs.pl.celltype_similarity(both, show=False)
     assert ax.get_ylabel() == "A" and ax.get_xlabel() == "B"
     assert sorted(t.get_text() for t in ax.get_yticklabels()) == types_a
@@ -210,16 +170,30 @@ def test_gene_embeddings_plot_warns_about_a_new_embedding(tiny_path, tiny_adata)
         tfs.pl.gene_embeddings(tiny_adata, show=False)
 
 
-def test_label_transfer_needs_both_columns(embedded):
-    with pytest.raises(KeyError, match="no column 'nope'"):
-        tfs.pl.label_transfer(embedded, true_key="cell_type", key="nope")
-    with pytest.raises(KeyError, match="batch"):
-        tfs.tl.celltype_similarity(embedded, groupby="cell_type", batch_key="batch")
-    assert isinstance(tfs.tl.celltype_similarity(embedded, groupby="cell_type"), pd.DataFrame)
+def test_pl_umap_notices_a_change_of_one_row(embedded):
+    tfs.tl.umap(embedded, n_neighbors=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the embedding the UMAP was made from: no warning
+        tfs.pl.umap(embedded, show=False)
+    embedded.obsm["X_transcriptformer"][7, 3] += 1e-3  # one value of one cell
+    with pytest.warns(UserWarning, match=r"'umap_transcriptformer' was computed from an earlier version"):
+        tfs.pl.umap(embedded, show=False)
 
 
-def test_umap_needs_a_few_cells(embedded):
-    with pytest.raises(ValueError, match="at least 4 cells with an embedding; adata has 3"):
-        tfs.tl.umap(embedded[:3].copy())
-    few = embedded[:4].copy()
-    assert tfs.tl.umap(few) is None and few.obsm["X_umap_transcriptformer"].shape == (4, 2)
+def test_save_names_files_as_scanpy_does(embedded, tmp_path):
+    old = sc.settings.figdir, sc.settings.file_format_figs
+    sc.settings.figdir, sc.settings.file_format_figs = tmp_path, "pdf"
+    try:
+        tfs.pl.llh(embedded, save="_lt.png", show=False)
+        tfs.tl.umap(embedded, n_neighbors=5)
+        tfs.pl.umap(embedded, save="_cells", show=False)
+    finally:
+        sc.settings.figdir, sc.settings.file_format_figs = old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llh_lt.png", "umap_cells.pdf"]
+
+
+def test_pl_umap_rep_is_deprecated_but_works(embedded):
+    tfs.tl.umap(embedded, n_neighbors=5)
+    with pytest.warns(FutureWarning, match=r"use_rep=\.\.\."):
+        ax = tfs.pl.umap(embedded, rep="X_transcriptformer", show=False)
+    assert _points(ax) == embedded.n_obs

@@ -1,8 +1,11 @@
-"""In-silico cells: `tfs.tl.generate` and `transcriptformer.inference.generation.sample_cells`."""
+"""In-silico cells: ``transcriptformer.inference.generation.sample_cells`` and its face ``tfs.tl.generate``."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scipy.stats
@@ -19,6 +22,9 @@ ASSAY = "10x 3' v3"
 @pytest.fixture(scope="module")
 def cells(tiny_model):
     return sample_cells(tiny_model, 6, assay=ASSAY, seed=3)
+
+
+# --- sample_cells ---------------------------------------------------------------------------------------------------
 
 
 def test_same_seed_same_cells_other_seed_other_cells(tiny_model, cells):
@@ -117,41 +123,6 @@ def test_zero_truncated_poisson_sampler():
             np.testing.assert_allclose(np.bincount(x.astype(int), minlength=6)[1:6] / len(x), pk, atol=0.01)
 
 
-def test_prompts_are_continued_never_altered(tiny_path, tiny_model, tiny_adata):
-    before = snapshot(tiny_adata)
-    out = tfs.tl.generate(tiny_path, prompt=tiny_adata[:5], n_prompt_genes=4, seed=2, max_genes=12)
-    assert_unchanged(tiny_adata, before)
-    src = prepare_cells(
-        tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions(clip_counts=None)
-    )
-    window = src.read(0, 5)
-    names = tiny_model.vocab.names()
-    position = out.layers["position"].toarray()
-    X = out.X.toarray()
-    for i in range(5):
-        p = min(4, window.lengths[i])
-        assert out.obs["n_prompt_genes"].iloc[i] == p
-        cols = [out.var_names.get_loc(names[t]) for t in window.tokens[i, :p]]
-        np.testing.assert_array_equal(position[i, cols], np.arange(p))  # first, in the prompt's order
-        np.testing.assert_array_equal(X[i, cols], window.counts[i, :p])  # with their real (unclipped) counts
-    assert list(out.obs["prompt_cell"].astype(str)) == list(tiny_adata.obs_names[:5])
-    assert list(out.obs["assay"].astype(str)) == [
-        a if a in tiny_model.aux_vocabs[0].labels else "unknown" for a in tiny_adata.obs["assay"][:5]
-    ]
-
-
-def test_generate_anndata(tiny_path, tiny_model):
-    out = tfs.tl.generate(tiny_path, 4, assay=ASSAY, max_genes=15, temperature=0.7, top_k=20, seed=1)
-    assert out.n_obs == 4 and sp.issparse(out.X) and out.X.dtype == np.float32
-    assert (out.obs["n_genes"] == np.diff(out.X.indptr)).all()
-    assert list(out.var_names) == list(out.var["ensembl_id"])
-    assert set(out.var_names) <= set(tiny_model.vocab.genes)
-    assert (np.asarray(out.X.sum(axis=0)).ravel() > 0).all()  # only genes that occur
-    params = out.uns["transcriptformer_generate"]["params"]
-    assert params["top_k"] == 20 and params["temperature"] == 0.7 and params["max_genes"] == 15
-    assert np.isfinite(out.obs["gene_logprob"]).all() and (out.obs["gene_logprob"] < 0).all()
-
-
 def test_top_k_restricts_each_choice(tiny_model):
     k = 3
     cells = sample_cells(tiny_model, 4, assay=ASSAY, seed=5, max_genes=10, top_k=k)
@@ -202,3 +173,99 @@ def test_bad_options(tiny_model, kwargs, match):
 def test_numpy_numbers_are_options_too(tiny_model):
     cells = sample_cells(tiny_model, 3, max_genes=4, temperature=np.float32(0.5), total_counts=np.array([10, 20, 30]))
     assert len(cells.lengths) == 3
+
+
+def test_a_vanishing_temperature_samples_greedily(tiny_model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or NaN warning either
+        cold = sample_cells(tiny_model, 3, assay=ASSAY, seed=1, max_genes=12, temperature=1e-45)
+    greedy = sample_cells(tiny_model, 3, assay=ASSAY, seed=1, max_genes=12, top_k=1)
+    # the most likely gene at every slot (the counts, and so what follows them, still come from the seed)
+    np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+    np.testing.assert_array_equal(cold.counts, greedy.counts)
+    p = _first_gene_probabilities(tiny_model, tiny_model.aux_vocabs[0].labels[ASSAY])
+    assert (cold.tokens[:, 0] == int(np.argmax(p))).all()
+    assert np.isfinite(cold.counts).all() and (cold.lengths > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"total_counts": 1e38}, r"total_counts must be finite, > 0 and at most 1e\+09"),
+        ({"total_counts": [10.0, float("inf")]}, "total_counts must be finite"),
+        ({"assay": 3}, r"assay must be a label \(a string\), one label per cell, or None"),
+        ({"assay": ["10x 3' v3", 3]}, "assay must be a label"),
+    ],
+    ids=["total-1e38", "total-inf", "assay-int", "assay-list-with-int"],
+)
+def test_unreasonable_totals_and_assays_are_clear_errors(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_cells(tiny_model, 2, max_genes=4, **kwargs)
+
+
+# --- tl.generate ----------------------------------------------------------------------------------------------------
+
+
+def test_prompts_are_continued_never_altered(tiny_path, tiny_model, tiny_adata):
+    before = snapshot(tiny_adata)
+    out = tfs.tl.generate(tiny_path, prompt=tiny_adata[:5], n_prompt_genes=4, seed=2, max_genes=12)
+    assert_unchanged(tiny_adata, before)
+    src = prepare_cells(
+        tiny_adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions(clip_counts=None)
+    )
+    window = src.read(0, 5)
+    names = tiny_model.vocab.names()
+    position = out.layers["position"].toarray()
+    X = out.X.toarray()
+    for i in range(5):
+        p = min(4, window.lengths[i])
+        assert out.obs["n_prompt_genes"].iloc[i] == p
+        cols = [out.var_names.get_loc(names[t]) for t in window.tokens[i, :p]]
+        np.testing.assert_array_equal(position[i, cols], np.arange(p))  # first, in the prompt's order
+        np.testing.assert_array_equal(X[i, cols], window.counts[i, :p])  # with their real (unclipped) counts
+    assert list(out.obs["prompt_cell"].astype(str)) == list(tiny_adata.obs_names[:5])
+    assert list(out.obs["assay"].astype(str)) == [
+        a if a in tiny_model.aux_vocabs[0].labels else "unknown" for a in tiny_adata.obs["assay"][:5]
+    ]
+
+
+def test_generate_anndata(tiny_path, tiny_model):
+    out = tfs.tl.generate(tiny_path, 4, assay=ASSAY, max_genes=15, temperature=0.7, top_k=20, seed=1)
+    assert out.n_obs == 4 and sp.issparse(out.X) and out.X.dtype == np.float32
+    assert (out.obs["n_genes"] == np.diff(out.X.indptr)).all()
+    assert list(out.var_names) == list(out.var["ensembl_id"])
+    assert set(out.var_names) <= set(tiny_model.vocab.genes)
+    assert (np.asarray(out.X.sum(axis=0)).ravel() > 0).all()  # only genes that occur
+    params = out.uns["transcriptformer_generate"]["params"]
+    assert params["top_k"] == 20 and params["temperature"] == 0.7 and params["max_genes"] == 15
+    assert np.isfinite(out.obs["gene_logprob"]).all() and (out.obs["gene_logprob"] < 0).all()
+
+
+def test_the_same_seed_gives_the_same_cells_whatever_the_batch_size(tiny_path):
+    kwargs = {"assay": ASSAY, "max_genes": 8, "seed": 4}
+    default = tfs.tl.generate(tiny_path, 3, **kwargs)
+    pairs = tfs.tl.generate(tiny_path, 3, batch_size=2, **kwargs)
+    assert list(pairs.var_names) == list(default.var_names)
+    np.testing.assert_array_equal(pairs.X.toarray(), default.X.toarray())
+    np.testing.assert_array_equal(pairs.layers["position"].toarray(), default.layers["position"].toarray())
+    pd.testing.assert_frame_equal(pairs.obs, default.obs, check_exact=False, atol=1e-5)
+    assert pairs.uns["transcriptformer_generate"]["params"]["batch_size"] == 2
+    assert default.uns["transcriptformer_generate"]["params"]["batch_size"] == 64
+    other = tfs.tl.generate(tiny_path, 3, batch_size=2, **{**kwargs, "seed": 5})
+    assert other.X.shape != pairs.X.shape or (other.X != pairs.X).nnz > 0  # the seed does matter
+
+
+def test_generated_genes_carry_their_symbols():
+    from transcriptformer.data import gene_ids
+
+    out = tfs.tl.generate("tf-demo", 2, assay="10x 3' v3", max_genes=30, seed=0)
+    assert list(out.var.columns) == ["ensembl_id", "symbol"]
+    known = {}
+    for species in gene_ids.SPECIES:
+        table = gene_ids.gene_table(species).dropna(subset=["symbol"])
+        known.update(zip(table["ensembl_id"], table["symbol"], strict=True))
+    expected = [known.get(i, "") for i in out.var["ensembl_id"]]
+    assert out.var["symbol"].tolist() == expected
+    assert sum(bool(s) for s in expected) > 0.8 * out.n_vars  # real genes: nearly all have a symbol
+    tiny = tfs.tl.generate("tf-tiny", 1, assay=ASSAY, max_genes=5, seed=0)
+    assert tiny.var["symbol"].tolist() == [""] * tiny.n_vars  # the tiny model's made-up ids have none

@@ -1,4 +1,4 @@
-"""`tfs.tl.likelihood`, `tfs.tl.gene_embeddings` and the CGE count column, against the published outputs.
+"""``tfs.tl.likelihood`` (and ``embed(llh=True)``) against the published outputs, and what a run writes and removes.
 
 The published outputs (fp32 CPU) are those of the parity fixture (tests/data/reference) and of three
 datasets the published tool was run on for this project and never tuned against
@@ -15,10 +15,12 @@ import pytest
 import scipy.sparse as sp
 
 import transcriptformer.scanpy as tfs
-from helpers import DATA, assert_unchanged, snapshot
-from transcriptformer.data.tokenizer import TokenizeOptions, prepare_cells
+from helpers import DATA, assert_unchanged, read_tokens, snapshot
+from transcriptformer.errors import TranscriptFormerWarning
 
 RTOL = 1e-5
+
+
 UNSEEN = {  # name -> options the published run used
     "unseen_mixed": {},
     "unseen_norm": {"normalize_to_scale": 1000},
@@ -31,15 +33,10 @@ def _published(name: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in ("gene_token_indices", "cell_llh_inference_path", "n_genes")}
 
 
-def _tokens(tiny_model, adata, **options):
-    src = prepare_cells(adata, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=63, options=TokenizeOptions(**options))
-    return src, src.read(0, adata.n_obs)
-
-
 def _check_gene_level(tiny_model, adata, out, published_llh, published_gene_llh, **options):
     """The layers hold exactly the read genes, at their columns, with the published per-slot values."""
     S = tiny_model.seq_len
-    src, window = _tokens(tiny_model, adata, **options)
+    src, window = read_tokens(tiny_model, adata, **options)
     llh = out.obs["transcriptformer_llh"].to_numpy()
     np.testing.assert_allclose(llh, published_llh, rtol=RTOL, atol=1e-6)
     count = out.layers["transcriptformer_count_nll"]
@@ -66,6 +63,9 @@ def _check_gene_level(tiny_model, adata, out, published_llh, published_gene_llh,
             np.testing.assert_allclose(end_nll[i], expected[-1], rtol=RTOL, atol=1e-6)
             values, expected = values[:-1], expected[:-1]
         np.testing.assert_allclose(values, expected, rtol=RTOL, atol=1e-6)
+
+
+# --- against the published outputs ----------------------------------------------------------------------------------
 
 
 def test_gene_level_matches_published_on_the_parity_fixture(tiny_path, tiny_model, tiny_adata, reference):
@@ -101,7 +101,7 @@ def test_gene_level_matches_published_on_unseen_data(tiny_path, tiny_model, name
             out.obs["transcriptformer_llh"], published["cell_llh_inference_path"], rtol=RTOL, atol=1e-6
         )
     # the tokens we read are the published ones
-    _, window = _tokens(tiny_model, adata, **options)
+    _, window = read_tokens(tiny_model, adata, **options)
     np.testing.assert_array_equal(window.lengths, published["n_genes"])
     if name == "unseen_mixed":
         assert (window.lengths == 63).sum() == 22  # full-length cells: the [END] slot is exercised
@@ -142,6 +142,20 @@ def test_genes_outside_the_vocabulary_read_as_unknown(tiny_path, tiny_adata, cap
     assert b.layers["transcriptformer_count_nll"].nnz == b.obs["transcriptformer_n_genes"].sum()
 
 
+def test_likelihood_nan_only_for_cells_without_genes(tiny_path, tiny_adata):
+    X = tiny_adata.X.toarray()
+    X[3] = 0
+    tiny_adata.X = sp.csr_matrix(X)
+    with pytest.warns(TranscriptFormerWarning, match="no expressed gene"):
+        tfs.tl.embed(tiny_adata, model=tiny_path, llh=True)
+    llh = tiny_adata.obs["transcriptformer_llh"].to_numpy()
+    assert np.isnan(llh[3]) and np.isfinite(np.delete(llh, 3)).all()
+    assert np.isfinite(tiny_adata.obsm["X_transcriptformer"]).all()
+
+
+# --- what a run writes and removes ----------------------------------------------------------------------------------
+
+
 def test_runs_under_one_key_never_mix(tiny_path, tiny_adata):
     tfs.tl.embed(tiny_adata, tiny_path, llh=True)
     assert "transcriptformer_llh" in tiny_adata.obs
@@ -156,6 +170,49 @@ def test_runs_under_one_key_never_mix(tiny_path, tiny_adata):
     assert "transcriptformer_end_nll" not in tiny_adata.obs
 
 
+def test_one_run_per_key_embed_and_likelihood(tiny_path, tiny_adata):
+    a = tiny_adata
+    tfs.tl.embed(a, model=tiny_path, llh=True)
+    assert "transcriptformer_llh" in a.obs and a.uns["transcriptformer"]["llh"].shape == (a.n_obs,)
+    np.testing.assert_array_equal(a.uns["transcriptformer"]["llh"], a.obs["transcriptformer_llh"])
+    tfs.tl.embed(a, model=tiny_path)  # without llh: what the earlier embed wrote goes
+    assert "transcriptformer_llh" not in a.obs and "transcriptformer_n_genes" not in a.obs
+    assert "llh" not in a.uns["transcriptformer"]
+    assert a.uns["transcriptformer"]["params"]["llh"] is False
+
+    tfs.tl.likelihood(a, model=tiny_path, level="gene")
+    gene_keys = {"transcriptformer_count_nll", "transcriptformer_gene_nll"}
+    assert gene_keys <= set(a.layers) and "transcriptformer_end_nll" in a.obs
+    np.testing.assert_array_equal(a.uns["transcriptformer_llh"]["llh"], a.obs["transcriptformer_llh"])
+    tfs.tl.embed(a, model=tiny_path)  # likelihoods of tl.likelihood are not embed's: left alone
+    assert gene_keys <= set(a.layers) and "transcriptformer_llh" in a.obs
+    tfs.tl.embed(a, model=tiny_path, llh=True)  # rewrites obs[..._llh] but never removes likelihood's other keys
+    assert gene_keys <= set(a.layers) and "transcriptformer_end_nll" in a.obs
+    tfs.tl.likelihood(a, model=tiny_path, level="cell")  # a cell-level run replaces the gene-level one whole
+    assert not gene_keys & set(a.layers) and "transcriptformer_end_nll" not in a.obs
+    assert a.uns["transcriptformer_llh"]["params"]["level"] == "cell"
+    tfs.tl.embed(a, model=tiny_path)  # obs[..._llh] was last written by likelihood: embed leaves it
+    assert "transcriptformer_llh" in a.obs
+    # another key: independent
+    tfs.tl.embed(a, model=tiny_path, key_added="other", llh=True)
+    tfs.tl.embed(a, model=tiny_path, key_added="other")
+    assert "other_llh" not in a.obs and "transcriptformer_llh" in a.obs and "X_other" in a.obsm
+
+
+def test_a_run_removes_only_what_it_wrote(tiny_path, tiny_adata):
+    a = tiny_adata
+    a.layers["transcriptformer_gene_nll"] = a.X.copy()  # the user's own, with a name like ours
+    a.obs["transcriptformer_end_nll"] = 1.0
+    tfs.tl.embed(a, model=tiny_path, llh=True)
+    tfs.tl.likelihood(a, model=tiny_path, level="cell")
+    assert "transcriptformer_gene_nll" in a.layers and "transcriptformer_end_nll" in a.obs
+    assert sorted(a.uns["transcriptformer_llh"]["params"]["keys"]) == [
+        "obs/transcriptformer_llh",
+        "obs/transcriptformer_n_genes",
+        "uns/transcriptformer_llh",
+    ]
+
+
 def test_level_and_key_are_validated(tiny_path, tiny_adata):
     before = snapshot(tiny_adata)
     with pytest.raises(ValueError, match="level='genes'"):
@@ -165,73 +222,24 @@ def test_level_and_key_are_validated(tiny_path, tiny_adata):
     assert_unchanged(tiny_adata, before)
 
 
-# -- contextual gene embeddings: the count the model saw ------------------------------------------------
-
-
-def test_cge_count_column(tiny_path, tiny_model, tiny_adata):
-    cge = tfs.tl.contextual_gene_embeddings(tiny_adata, tiny_path, normalize_to_scale=100, clip_counts=5)
-    _, window = _tokens(tiny_model, tiny_adata, normalize_to_scale=100, clip_counts=5)
-    cells, pos = cge.obs["cell_index"].to_numpy(), cge.obs["position"].to_numpy()
-    np.testing.assert_allclose(cge.obs["count"], window.counts[cells, pos], rtol=1e-6)
-    assert cge.obs["count"].max() <= 5
-
-
-# -- per-gene embeddings ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cge_rows(tiny_path):
-    return tfs.tl.contextual_gene_embeddings(tfs.datasets.tiny_human(), tiny_path)
-
-
-def test_gene_embeddings_are_means_of_the_published_cge(tiny_path, tiny_adata, cge_rows):
-    before = snapshot(tiny_adata)
-    tfs.tl.gene_embeddings(tiny_adata, tiny_path)
-    after = tiny_adata.varm["X_transcriptformer_genes"]
-    assert after.shape == (tiny_adata.n_vars, 32) and after.dtype == np.float32
-    n_cells = tiny_adata.var["transcriptformer_genes_n_cells"].to_numpy()
-    ids = tiny_adata.var["ensembl_id"].astype(str).str.split(".").str[0].to_numpy()
-    read = cge_rows.obs["gene_id"].astype(str).to_numpy()
-    for j, gene in enumerate(ids):
-        rows = read == gene
-        assert n_cells[j] == rows.sum()
-        if rows.any():
-            np.testing.assert_allclose(after[j], cge_rows.X[rows].mean(axis=0), atol=1e-6)
-        else:  # never read (not expressed where the model read, outside the vocabulary): NaN, never 0
-            assert np.isnan(after[j]).all()
-    assert (n_cells > 0).sum() == len(np.unique(read))
-    assert before["obsm"].keys() == tiny_adata.obsm.keys()  # only varm/var/uns are written
-    assert tiny_adata.uns["transcriptformer_genes"]["params"]["tool"] == "gene_embeddings"
-
-
-def test_gene_embeddings_by_group(tiny_path, tiny_adata, cge_rows):
-    before = snapshot(tiny_adata)
-    out = tfs.tl.gene_embeddings(
-        tiny_adata, tiny_path, groupby="cell_type", genes=["ENSG00000900164", "ENSG00000900109"]
-    )
-    assert_unchanged(tiny_adata, before)
-    cell_group = tiny_adata.obs["cell_type"].astype(str).to_numpy()[cge_rows.obs["cell_index"].to_numpy()]
-    read = cge_rows.obs["gene_id"].astype(str).to_numpy()
-    assert set(out.obs["gene_id"].astype(str)) <= {"ENSG00000900164", "ENSG00000900109"}
-    for group, gene, n, x in zip(out.obs["group"], out.obs["gene_id"], out.obs["n_cells"], out.X, strict=True):
-        rows = (cell_group == group) & (read == gene)
-        assert n == rows.sum() > 0
-        np.testing.assert_allclose(x, cge_rows.X[rows].mean(axis=0), atol=1e-6)
-    expected = {(g, r) for g, r in zip(cell_group, read, strict=True) if r in ("ENSG00000900164", "ENSG00000900109")}
-    assert set(zip(out.obs["group"].astype(str), out.obs["gene_id"].astype(str), strict=True)) == expected
-
-
-def test_gene_embeddings_stream_from_a_backed_file(tiny_path, tiny_adata, tmp_path):
-    tiny_adata.write_h5ad(tmp_path / "cells.h5ad")
-    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
-    mem = tfs.tl.gene_embeddings(tiny_adata, tiny_path, copy=True)
-    tfs.tl.gene_embeddings(backed, tiny_path)
-    np.testing.assert_allclose(
-        backed.varm["X_transcriptformer_genes"], mem.varm["X_transcriptformer_genes"], atol=1e-6, equal_nan=True
-    )
-    backed.file.close()
-
-
-def test_gene_embeddings_errors(tiny_path, tiny_adata):
-    with pytest.raises(KeyError, match="groupby='nope'"):
-        tfs.tl.gene_embeddings(tiny_adata, tiny_path, groupby="nope")
+def test_embed_with_llh_removes_only_what_it_wrote(tiny_path, tiny_adata):
+    a = tiny_adata
+    mine = sp.random(a.n_obs, a.n_vars, density=0.1, format="csr", random_state=0, dtype=np.float32)
+    a.layers["transcriptformer_gene_nll"] = mine.copy()  # the user's own, named like ours
+    a.obs["transcriptformer_end_nll"] = 2.0
+    a.obs["transcriptformer_other"] = "mine"
+    tfs.tl.embed(a, model=tiny_path, llh=True)
+    assert sorted(a.uns["transcriptformer"]["params"]["keys"]) == [
+        "obs/transcriptformer_llh",
+        "obs/transcriptformer_n_genes",
+        "obsm/X_transcriptformer",
+        "uns/transcriptformer",
+    ]
+    tfs.tl.embed(a, model=tiny_path)  # without llh: the earlier run's likelihood columns go, nothing else
+    assert "transcriptformer_llh" not in a.obs and "transcriptformer_n_genes" not in a.obs
+    assert sorted(a.uns["transcriptformer"]["params"]["keys"]) == ["obsm/X_transcriptformer", "uns/transcriptformer"]
+    tfs.tl.likelihood(a, model=tiny_path, level="cell")
+    tfs.tl.likelihood(a, model=tiny_path, level="cell")  # a second run replaces the first, and only that
+    np.testing.assert_array_equal(a.layers["transcriptformer_gene_nll"].toarray(), mine.toarray())
+    assert (a.obs["transcriptformer_end_nll"] == 2.0).all() and (a.obs["transcriptformer_other"] == "mine").all()
+    assert "X_transcriptformer" in a.obsm and "transcriptformer_llh" in a.obs
