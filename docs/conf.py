@@ -18,8 +18,14 @@ Environment variables:
     is used when ``docs.python.org`` can be reached, so an offline ``-W`` build does not fail on the
     inventory downloads.
 ``TRANSCRIPTFORMER_DOCS_EXECUTE``
-    myst-nb execution mode (``cache`` by default; ``force`` re-runs every notebook, ``off`` skips
-    execution).
+    myst-nb execution mode: ``cache`` (the default) re-runs a notebook only when its code cells or the
+    package changed (``_build/.jupyter_cache/<digest of the package>/``); ``force`` re-runs every
+    notebook (CI); ``off`` runs none (for edits of prose and API pages).
+``TRANSCRIPTFORMER_DOCS_CACHE``
+    Another folder for the execution cache (default ``docs/_build/.jupyter_cache``).
+
+A kernel that executes a notebook turns the package's deprecation warnings into errors, so a tutorial
+that uses a deprecated name fails the build, and draws no progress bars.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from pathlib import Path
 from transcriptformer._meta import REPOSITORY, our_distribution
 
 sys.path.insert(0, str(Path(__file__).parent / "_ext"))
+
+import notebook_execution  # local (_ext/): the kernels' start-up code, the execution cache
 
 # sphinx-autodoc-typehints still calls an API that Sphinx 10 removes; not our concern here
 warnings.filterwarnings("ignore", message=".*sphinx_autodoc_typehints", category=DeprecationWarning)
@@ -59,6 +67,7 @@ extensions = [
     "myst_nb",
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
+    "stale_stubs",  # local (_ext/): removes the generated pages of names no page lists any more
     "sphinx.ext.napoleon",
     "prose_returns",  # local (_ext/): after napoleon, before sphinx_autodoc_typehints
     "sphinx.ext.intersphinx",
@@ -110,7 +119,19 @@ myst_enable_extensions = [
 myst_heading_anchors = 3
 myst_url_schemes = ("http", "https", "mailto")
 
-nb_execution_mode = os.environ.get("TRANSCRIPTFORMER_DOCS_EXECUTE", "cache")
+_EXECUTION_MODES = ("cache", "force", "off", "auto", "inline")  # myst-nb's
+nb_execution_mode = os.environ.get("TRANSCRIPTFORMER_DOCS_EXECUTE", "cache").strip().lower()
+if nb_execution_mode not in _EXECUTION_MODES:
+    raise ValueError(
+        f"TRANSCRIPTFORMER_DOCS_EXECUTE={nb_execution_mode!r}; expected one of {', '.join(_EXECUTION_MODES)}."
+    )
+# one jupyter-cache folder per digest of the package, outside the HTML output so that it survives a clean of
+# _build/html: a notebook re-runs when its code or the package changed (_ext/notebook_execution.py)
+_cache_root = Path(os.environ.get("TRANSCRIPTFORMER_DOCS_CACHE") or Path(__file__).parent / "_build" / ".jupyter_cache")
+if nb_execution_mode == "cache":
+    nb_execution_cache_path = str(notebook_execution.cache_folder(_cache_root, notebook_execution.package_digest()))
+if nb_execution_mode != "off":
+    notebook_execution.prepare_kernels()  # deprecated names are errors; no progress bars
 nb_execution_timeout = 900  # per cell; fine-tuning on two busy CPU cores can take minutes
 nb_execution_raise_on_error = True  # a failing tutorial fails the build
 nb_execution_show_tb = True
@@ -177,3 +198,17 @@ html_context = {
 
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
+
+
+def setup(app):
+    """Warn (an error with ``-W``) about a tutorial committed with outputs: the build executes them."""
+    from sphinx.util import logging as sphinx_logging
+
+    def check(app):
+        for name in notebook_execution.notebooks_with_outputs(Path(app.srcdir)):
+            sphinx_logging.getLogger("transcriptformer.docs").warning(
+                f"{name} is stored with outputs; clear them before committing "
+                f"(jupyter nbconvert --clear-output --inplace docs/{name})."
+            )
+
+    app.connect("builder-inited", check)
