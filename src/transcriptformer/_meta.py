@@ -13,6 +13,8 @@ import platform
 import sys
 from importlib.metadata import Distribution, distributions
 
+from .errors import warn
+
 #: Our distribution's name (what ``pip install`` takes); the import name stays ``transcriptformer``.
 DIST_NAME = "transcriptformer-scanpy"
 #: The published TranscriptFormer tool's distribution, which installs a ``transcriptformer`` module as well.
@@ -74,8 +76,6 @@ def check_published_conflict() -> bool:
     published = published_versions()
     _checked = bool(published)
     if published:
-        from .errors import warn
-
         warn(conflict_message(published))
     return _checked
 

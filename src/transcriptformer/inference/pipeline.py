@@ -28,7 +28,7 @@ from ..weights import registry
 from ..weights.checkpoint import species_vocabulary
 from ..weights.loaded import LoadedModel
 from .engine import Engine
-from .options import RunOptions
+from .options import RunOptions, check_positive_int
 from .outputs import HEADS, InferenceResult
 from .record import provenance
 from .shards import DEFAULT_SHARD_SIZE, OutputSpec, ShardStore, digest_of, frame_digest
@@ -285,8 +285,6 @@ def infer_sharded(
     info
         Recorded in the manifest, not compared (e.g. where the input came from).
     """
-    from .options import check_positive_int
-
     shard_size = check_positive_int(shard_size, "shard_size", allow_none=False)
     bad = [h for h in heads if h not in HEADS or HEADS[h].layout not in ("cell", "slot")]
     if bad:

@@ -63,6 +63,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._progress import tqdm
+from ..data import gene_ids
+from ..data.gene_ids import names_to_ids
 from ..data.tokenizer import TokenizeOptions, strip_version
 from ..errors import warn
 from ..model import ChunkedAttention, KVCache, TranscriptFormer
@@ -274,8 +277,6 @@ def resolve_genes(
         A gene that none of these finds in the vocabulary (all such genes are named), a gene given twice, or a
         name that is not a non-empty string.
     """
-    from ..data.gene_ids import names_to_ids
-
     names = list(genes)
     bad = [g for g in names if not isinstance(g, str) or not g.strip()]
     if bad:
@@ -306,8 +307,6 @@ def resolve_genes(
 @functools.lru_cache(maxsize=1)
 def _symbol_table() -> dict[str, str]:
     """Ensembl id -> symbol of the offline human and mouse tables (human first); empty without the tables."""
-    from ..data import gene_ids
-
     out: dict[str, str] = {}
     try:
         for sp in gene_ids.SPECIES:
@@ -502,8 +501,6 @@ class _Runner:
 
 def _batches(prompts: Prompts, batch_size: int, progress: bool | None, desc: str) -> Iterator[np.ndarray]:
     """Indices of prompts of similar length, ``batch_size`` at a time (longest first)."""
-    from .._progress import tqdm
-
     order = np.argsort(-prompts.lengths, kind="stable")
     chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     show = progress if progress is not None else len(chunks) > 20

@@ -51,6 +51,7 @@ from ..inference.options import (
 )
 from ..inference.record import provenance
 from ..model import DenseAttention, FlexAttention, TranscriptFormer
+from ..model.attention import BlockedAttention
 from ..weights.adapter import ADAPTER_INFO_FILE
 from ..weights.checkpoint import load_model, save_checkpoint
 from ..weights.loaded import LoadedModel
@@ -175,8 +176,6 @@ def _train_kernel(device: torch.device, attention: str):
     pass (:class:`~transcriptformer.model.attention.BlockedAttention`: exact, memory linear in length), ``dense``
     the reference.
     """
-    from ..model.attention import BlockedAttention
-
     if attention == "dense":
         return DenseAttention()
     if attention == "auto" and device.type != "cuda":

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 from anndata import AnnData
 
 from ...data.gene_ids import names_to_ids
-from ...inference.options import RunOptions, check_genes
+from ...data.tokenizer import as_frame
+from ...inference.options import RunOptions, check_genes, check_positive_int
+from ...inference.shards import OutputSpec, check_output_path, read_params, shard_folder
 from ...weights.checkpoint import load_model
 from ...weights.loaded import LoadedModel
 from .._utils import ModelArg, check_adata
@@ -42,9 +44,6 @@ def run_model(
 
 def check_out(out: Any, shard_size: Any) -> tuple[Path | None, int]:
     """``out`` (``None``, or an ``.h5ad`` / ``.zarr`` path) and ``shard_size``, checked before any compute."""
-    from ...inference.options import check_positive_int
-    from ...inference.shards import check_output_path
-
     size = check_positive_int(shard_size, "shard_size", allow_none=False)
     return (None if out is None else check_output_path(out)), size
 
@@ -69,10 +68,8 @@ def run_to_file(
     was interrupted resumes when made again with the same arguments. Returns the record of the merged file
     (``params``, with ``"out"`` and how the shards were computed), for ``adata``'s ``uns[key]["params"]``.
     """
-    from ...data.tokenizer import as_frame
-    from ...inference.devices import resolve_device
+    from ...inference.devices import resolve_device  # lazily: torch (start-up time of `import tfs.tl`)
     from ...inference.pipeline import ShardedInference, infer_sharded
-    from ...inference.shards import OutputSpec, read_params, shard_folder
 
     check_adata(adata)
     resolve_device(options.device)

@@ -48,7 +48,7 @@ def _symbols(ids: Sequence[str], adata: AnnData | None, gene_key: str | None) ->
     The data's ``var_names`` where the data has the gene, else the human or mouse symbol of the Ensembl tables,
     else the id.
     """
-    from ...inference import prompts as P
+    from ...inference import prompts as P  # lazily: torch (start-up time of `import tfs.tl`)
 
     ids = [str(i) for i in ids]
     out = np.asarray(P.gene_symbols(ids), dtype=object)
@@ -142,7 +142,7 @@ def next_gene(
     >>> out = tfs.tl.next_gene({"ENSG00000090382": 3, "ENSG00000163220": 1}, "tf-demo", assay="10x 3' v1")
     >>> out.var.sort_values("mean_probability", ascending=False).head()  # doctest: +SKIP
     """
-    from ...inference import prompts as P
+    from ...inference import prompts as P  # lazily: torch (start-up time of `import tfs.tl`)
 
     opts = run_options(options, "next_gene", unsupported=_UNSUPPORTED)
     key = check_key(key_added)
@@ -299,7 +299,7 @@ def gene_interactions(
         highest score (a table of ``gene``, ``rank``, ``partner``, ``symbol``, ``partner_symbol``, ``score``);
         ``uns[key_added]["params"]``. Neither ``adata`` nor ``background`` is modified.
     """
-    from ...inference import prompts as P
+    from ...inference import prompts as P  # lazily: torch (start-up time of `import tfs.tl`)
 
     opts = run_options(options, "gene_interactions", unsupported=_UNSUPPORTED)
     key = check_key(key_added)
@@ -444,7 +444,7 @@ def rank_regulators(
     (``groupby``, ``reference="rest"``, ``method="transcriptformer"`` and the run's record). On any error
     ``adata`` is left as it was.
     """
-    from ...inference import prompts as P
+    from ...inference import prompts as P  # lazily: torch (start-up time of `import tfs.tl`)
 
     opts = run_options(options, "rank_regulators", unsupported=_UNSUPPORTED)
     key = check_key(key_added)
