@@ -65,6 +65,20 @@ class Inference:
         )
 
 
+def _prepare(
+    adata, loaded: LoadedModel, tokenize: TokenizeOptions, species_embedding: Any, cache_dir: Any, **engine: Any
+) -> tuple[Engine, CellSource, GeneVocab, tuple | None, list | None]:
+    """The engine, the cells as the model reads them, the vocabulary and (with ``species_embedding``) its tables."""
+    loaded.check_weights_unchanged()
+    vocab, tables, species_paths = loaded.vocab, None, None
+    if species_embedding is not None:
+        species_paths = registry.species_tables(species_embedding, cache_dir=cache_dir)
+        vocab, esm, bias = species_vocabulary(loaded, species_paths)
+        tables = (esm, bias)
+    run = Engine(loaded, **engine)
+    return run, loaded.cells(adata, tokenize, vocab), vocab, tables, species_paths
+
+
 def infer(
     adata,
     loaded: LoadedModel,
@@ -94,9 +108,6 @@ def infer(
     per-gene outputs to those gene ids; ``data_genes_only`` to the genes of the data (smaller ``gene_sum``
     accumulators).
     """
-    loaded.check_weights_unchanged()
-    tokenize = tokenize or TokenizeOptions()
-    vocab, tables, species_paths = loaded.vocab, None, None
     if any(HEADS[h].gene_head for h in heads if h in HEADS):
         if loaded.model.gene_id_head is None:
             raise ValueError(
@@ -107,12 +118,13 @@ def infer(
                 "gene-identity likelihoods are over the model's own vocabulary and cannot be computed with "
                 "species_embedding; drop one of the two."
             )
-    if species_embedding is not None:
-        species_paths = registry.species_tables(species_embedding, cache_dir=cache_dir)
-        vocab, esm, bias = species_vocabulary(loaded, species_paths)
-        tables = (esm, bias)
-    engine = Engine(
+    tokenize = tokenize or TokenizeOptions()
+    engine, source, vocab, tables, species_paths = _prepare(
+        adata,
         loaded,
+        tokenize,
+        species_embedding,
+        cache_dir,
         device=device,
         precision=precision,
         batch_size=batch_size,
@@ -121,7 +133,6 @@ def infer(
         progress=progress,
         distributed=distributed,
     )
-    source = loaded.cells(adata, tokenize, vocab)
     gene_tokens = None if genes is None else vocab.mask(genes, what="requested genes")
     if data_genes_only:
         in_data = np.zeros(len(vocab), dtype=bool)
@@ -292,15 +303,13 @@ def infer_sharded(
             f"{bad} cannot be written in shards (only per-cell and per-slot outputs: "
             f"{[n for n, h in HEADS.items() if h.layout in ('cell', 'slot')]})."
         )
-    loaded.check_weights_unchanged()
     tokenize = tokenize or TokenizeOptions()
-    vocab, tables, species_paths = loaded.vocab, None, None
-    if species_embedding is not None:
-        species_paths = registry.species_tables(species_embedding, cache_dir=cache_dir)
-        vocab, esm, bias = species_vocabulary(loaded, species_paths)
-        tables = (esm, bias)
-    engine = Engine(
+    engine, source, vocab, tables, species_paths = _prepare(
+        adata,
         loaded,
+        tokenize,
+        species_embedding,
+        cache_dir,
         device=device,
         precision=precision,
         batch_size=batch_size,
@@ -309,7 +318,6 @@ def infer_sharded(
         progress=progress,
         distributed=distributed,
     )
-    source = loaded.cells(adata, tokenize, vocab)
     if len(obs) != source.n_obs:
         raise ValueError(f"obs has {len(obs):,} rows for {source.n_obs:,} cells.")
     stats = {

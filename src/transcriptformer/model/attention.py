@@ -666,6 +666,7 @@ class ChunkedAttention:
     """
 
     name = "chunked"
+    kernel = staticmethod(chunked_attention)
 
     def __init__(self, max_scores: int | None = None):
         self.max_scores = max_scores
@@ -674,7 +675,7 @@ class ChunkedAttention:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
         if inputs.q_offset or q.shape[-2] != k.shape[-2]:
             return DenseAttention()(q, k, v, inputs)
-        return chunked_attention(
+        return self.kernel(
             q,
             k,
             v,
@@ -688,7 +689,7 @@ class ChunkedAttention:
         )
 
 
-class BlockedAttention:
+class BlockedAttention(ChunkedAttention):
     """Attention kernel: :func:`blocked_attention` (exact, blocked, differentiable; training on the CPU).
 
     Memory grows with ``T`` rather than ``T²`` in the forward and the backward. Queries after the first position
@@ -696,26 +697,7 @@ class BlockedAttention:
     """
 
     name = "blocked"
-
-    def __init__(self, max_scores: int | None = None):
-        self.max_scores = max_scores
-        self.threads = HeadThreads()
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs) -> Tensor:
-        if inputs.q_offset or q.shape[-2] != k.shape[-2]:
-            return DenseAttention()(q, k, v, inputs)
-        return blocked_attention(
-            q,
-            k,
-            v,
-            inputs.key_bias,
-            inputs.key_valid,
-            inputs.softcap,
-            mode=inputs.mode,
-            num_aux=inputs.num_aux,
-            max_scores=self.max_scores,
-            threads=self.threads,
-        )
+    kernel = staticmethod(blocked_attention)
 
 
 class FlexAttention:
