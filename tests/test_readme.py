@@ -185,3 +185,26 @@ def test_show_versions(capsys, monkeypatch):
     transcriptformer.show_versions()
     out = capsys.readouterr().out
     assert "anndata" in out and "cuda" in out
+
+
+def test_every_public_name_has_an_api_entry():
+    """Each name a public module exports has an autosummary entry in docs/api.md (an alias or a deprecated name
+    is named in the page's prose or in the CHANGELOG's "Deprecated" section instead)."""
+    import transcriptformer
+    import transcriptformer.scanpy as tfs
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    entries = set(re.findall(r"^ {3}([\w.]+)\s*$", api, re.M))
+    leaves = {e.rsplit(".", 1)[-1] for e in entries}
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    deprecated = changelog[changelog.index("### Deprecated") :].split("\n### ", 1)[0]
+    missing = []
+    for face in ("pp", "tl", "pl", "datasets", "models"):
+        for name in getattr(tfs, face).__all__:
+            named = f"{face}.{name}" in entries or f"tfs.{face}.{name}" in api
+            if not named and f"{face}.{name}" not in deprecated:
+                missing.append(f"tfs.{face}.{name}")
+    for name in transcriptformer.__all__:
+        if name not in leaves and name != "__version__":
+            missing.append(f"transcriptformer.{name}")
+    assert not missing, f"no entry in docs/api.md: {missing}"
