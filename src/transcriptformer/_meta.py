@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import warnings
 from importlib.metadata import Distribution, distributions
 
 from .errors import warn
@@ -139,7 +140,10 @@ def show_versions() -> None:
 
     try:
         print()
-        session_info.show(html=False, dependencies=True)
+        with warnings.catch_warnings():  # it reads `module.__version__`, which many packages now deprecate
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            session_info.show(html=False, dependencies=True)
     except ValueError:  # nothing imported in __main__ to report (e.g. called from a library)
         pass
     except Exception as e:  # noqa: BLE001 - a diagnostic must not fail: session_info walks every module
