@@ -16,7 +16,11 @@ gathered in input order.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
+import sys
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +43,30 @@ from .outputs import HEADS, Accumulator, Batch, Head, InferenceResult, gather
 logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "GeneEmbeddingCache"]
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """The C library's ``malloc_trim`` (Linux with glibc), or ``None`` elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory that the run has freed back to the operating system (glibc keeps it otherwise).
+
+    Batches of changing shapes leave glibc's heap fragmented, and without this a long CPU run's resident memory
+    grew by about 80 MB per 16,384 cells (tf-demo, 1 million cells: 1.7 GB at 100,000 cells, 3.5 GB at 1 million);
+    trimmed after every window it stays flat. A no-op off Linux/glibc.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class GeneEmbeddingCache:
@@ -454,6 +482,8 @@ class Engine:
                             acc.add(base + done, done, batch, results)
                             bar.update(len(done))
                     acc.end_window(window, base)
+                    if self.device.type != "cuda":  # host memory (on CUDA the batches live on the card)
+                        release_freed_memory()
                     if window.start + len(window) >= hi:
                         break
                 result = acc.finish(offset=lo)
