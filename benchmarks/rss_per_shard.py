@@ -58,7 +58,8 @@ def worker(path: str, cells: int, shard_size: int, trim: bool) -> dict:
         params = run.params(loaded, options, "embed")
         destinations = (Destination("obsm", "embeddings", "X_transcriptformer"),)
         uns = {"transcriptformer": {"params": params}}
-        return OutputSpec(path=str(folder / "out.zarr"), destinations=destinations, uns=uns, params_key="transcriptformer")
+        out = str(folder / "out.zarr")
+        return OutputSpec(path=out, destinations=destinations, uns=uns, params_key="transcriptformer")
 
     t0 = time.perf_counter()
     try:
