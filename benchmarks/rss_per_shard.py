@@ -1,9 +1,10 @@
-"""Resident memory after every shard of a resumable run, with and without trimming the C heap after each window.
+"""Resident memory after every shard of a resumable run, with and without the engine's trimming of the C heap.
 
 A CPU run over many cells frees and allocates batches of changing shapes; glibc keeps what is freed, so without
-``transcriptformer.inference.engine.release_freed_memory`` (called by the engine after every window) the resident
-memory of a long run grows with the number of cells. Each variant runs in a fresh process (``--no-trim`` replaces
-the trim by a no-op) over the first ``--cells`` cells of a backed h5ad, ``tf-demo`` on the CPU, one thread.
+``transcriptformer.inference.engine.HeapTrim`` (asked by the engine after every window; it trims when the resident
+memory has grown by 256 MB since its last trim) the resident memory of a long run grows with the number of cells.
+Each variant runs in a fresh process (``no-trim`` makes it a no-op) over the first ``--cells`` cells of a backed
+h5ad, ``tf-demo`` on the CPU, one thread.
 
 Usage (the cells of ``benchmarks/atlas.py``)::
 
@@ -35,7 +36,7 @@ def worker(path: str, cells: int, shard_size: int, trim: bool) -> dict:
 
     torch.set_num_threads(1)
     if not trim:
-        engine.release_freed_memory = lambda: None
+        engine.HeapTrim.__call__ = lambda self: None  # type: ignore[method-assign]
 
     def rss_mb() -> float:
         with open("/proc/self/statm") as f:
