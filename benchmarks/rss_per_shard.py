@@ -4,7 +4,7 @@ A CPU run over many cells frees and allocates batches of changing shapes; glibc 
 ``transcriptformer.inference.engine.HeapTrim`` (asked by the engine after every window; it trims when the resident
 memory has grown by 256 MB since its last trim) the resident memory of a long run grows with the number of cells.
 Each variant runs in a fresh process (``no-trim`` makes it a no-op) over the first ``--cells`` cells of a backed
-h5ad, ``tf-demo`` on the CPU, one thread.
+h5ad (or a zarr store, read with ``anndata.experimental.read_lazy``), ``tf-demo`` on the CPU, one thread.
 
 Usage (the cells of ``benchmarks/atlas.py``)::
 
@@ -43,7 +43,10 @@ def worker(path: str, cells: int, shard_size: int, trim: bool) -> dict:
             return int(f.read().split()[1]) * 4096 / 2**20
 
     loaded = transcriptformer.load_model("tf-demo")
-    adata = ad.read_h5ad(path, backed="r")[:cells]
+    if path.rstrip("/").endswith(".zarr"):
+        adata = ad.experimental.read_lazy(path)[:cells]  # a dask X, as the atlas benchmark reads zarr
+    else:
+        adata = ad.read_h5ad(path, backed="r")[:cells]
     after_shard: list[float] = []
     write = ShardStore.write
 
