@@ -164,6 +164,45 @@ def test_capped_cross_entropy_equals_autograd():
         assert (z.grad - expected).abs().max() <= 1e-6 * expected.abs().max()
 
 
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_fused_gene_cross_entropy_sum_equals_autograd(tiny_model, frozen_head):
+    import copy
+
+    from transcriptformer.model import network
+
+    net = copy.deepcopy(tiny_model.model).train()
+    head = net.gene_id_head
+    head.requires_grad_(not frozen_head)
+    head.layers[3].p = 0.0  # the dropout before the last layer: both passes must see the same function
+    g = torch.Generator().manual_seed(1)
+    V = head.layers[-1].out_features
+    hidden = torch.randn(3, 300, head.layers[0].in_features, generator=g).requires_grad_(True)
+    targets = torch.randint(5, V, (3, 300), generator=g)
+    targets[1, 200:] = net.pad_idx  # padding: no target (and more than one chunk of rows)
+    calls = []
+    apply = network._CappedCrossEntropySum.apply
+    network._CappedCrossEntropySum.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        fused = net.gene_nll_sum(hidden, targets)
+    finally:
+        network._CappedCrossEntropySum.apply = apply
+    assert calls, "the fused path was not taken"
+    (fused * 0.3).backward()
+    got = [hidden.grad] + [p.grad for p in head.parameters() if p.requires_grad]
+    # reference: float64 autograd through the published function
+    ref_net = copy.deepcopy(net).double()
+    ref_net.zero_grad(set_to_none=True)
+    h64 = hidden.detach().double().requires_grad_(True)
+    with torch.autocast("cpu", enabled=False):
+        expected = ref_net.gene_nll(h64, targets).sum()
+    (expected * 0.3).backward()
+    want = [h64.grad] + [p.grad for p in ref_net.gene_id_head.parameters() if p.requires_grad]
+    assert len(got) == len(want) == (1 if frozen_head else 7)
+    assert abs(float(fused.detach()) - float(expected.detach())) <= 1e-6 * abs(float(expected.detach()))
+    for a, b in zip(got, want, strict=True):
+        assert (a.double() - b).abs().max() <= 1e-6 * b.abs().max()
+
+
 def test_training_on_the_cpu_uses_the_blocked_kernel():
     from transcriptformer.model.attention import BlockedAttention, DenseAttention
     from transcriptformer.training.fit import _train_kernel

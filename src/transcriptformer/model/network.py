@@ -243,6 +243,47 @@ class _CappedCrossEntropy(torch.autograd.Function):
         return dz.to(ctx.dtype), None, None
 
 
+class _CappedCrossEntropySum(torch.autograd.Function):
+    """Sum over the non-``[PAD]`` targets of :class:`_CappedCrossEntropy`, fused with the head's last ``Linear``.
+
+    For CPU training: the loss is a plain sum (the published gene term), so the gradient with respect to each
+    logit is known in the forward; each chunk of rows is computed, reduced and differentiated while it is in
+    cache (the ``V``-wide logits never exist for the whole batch, nor are they read again), ``[PAD]`` targets are
+    skipped, and the backward only scales the kept gradients of ``h``, ``weight`` and ``bias``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, pad: int, cap: float) -> Tensor:  # type: ignore[override]
+        rows, tg = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        keep = (tg != pad).nonzero().squeeze(1)
+        total = h.new_zeros((), dtype=torch.float32)
+        grads = [torch.zeros_like(x) if need else None for x, need in zip((rows, weight, bias), ctx.needs_input_grad)]
+        dh, dw, db = grads
+        for s in range(0, keep.numel(), 256):
+            idx = keep[s : s + 256]
+            hc, tc = rows.index_select(0, idx), tg.index_select(0, idx)[:, None]
+            t = torch.addmm(bias, hc, weight.t()).mul_(1.0 / cap).tanh_()
+            p = t.sub(1.0).mul_(cap).exp_()  # exp(y - c): y <= c keeps it in float32's range
+            z = p.sum(-1, keepdim=True)
+            total += z.log().add_(cap).sum() - t.gather(-1, tc).sum() * cap
+            dz = p.div_(z).scatter_add_(-1, tc, torch.full_like(z, -1.0)).mul_(t.mul_(t).neg_().add_(1.0))
+            if dh is not None:
+                dh.index_copy_(0, idx, dz @ weight)
+            if dw is not None:
+                dw.addmm_(dz.t(), hc)
+            if db is not None:
+                db.add_(dz.sum(0))
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.has, ctx.shape = [g is not None for g in grads], h.shape
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        kept = iter(ctx.saved_tensors)
+        dh, dw, db = (next(kept) * grad if has else None for has in ctx.has)
+        return (dh.view(ctx.shape) if dh is not None else None), dw, db, None, None, None
+
+
 @dataclass(frozen=True)
 class Encoded:
     """What :meth:`TranscriptFormer.encode` returns.
@@ -498,7 +539,7 @@ class TranscriptFormer(nn.Module):
             full_length=full_length,
         ).sum()
         if self.gene_id_head is not None:
-            gene = self.gene_nll(enc.hidden, self.gene_targets(tokens, full_length=full_length)).sum()
+            gene = self.gene_nll_sum(enc.hidden, self.gene_targets(tokens, full_length=full_length))
         else:
             gene = count.new_zeros(())
         return count, gene, (tokens != self.pad_idx).sum()
@@ -595,6 +636,23 @@ class TranscriptFormer(nn.Module):
             picked = logits.gather(-1, targets[:, s : s + block, None]).squeeze(-1)
             out[:, s : s + block] = torch.logsumexp(logits, dim=-1) - picked
         return out.masked_fill_(targets == self.pad_idx, 0.0)
+
+    def gene_nll_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """``gene_nll(hidden, targets).sum()``; on the CPU in float32 with gradients, fused with the last layer."""
+        head, cap = self.gene_id_head, float(self.config.softcap)
+        last = head.layers[-1] if head is not None else None
+        if (
+            torch.is_grad_enabled()
+            and 0 < cap <= 40  # exp(y - c) needs no row maximum
+            and type(last) is nn.Linear  # not LoRA-wrapped
+            and last.bias is not None
+            and hidden.device.type == "cpu"
+            and hidden.dtype == last.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            h = head.layers[:-1](hidden)  # type: ignore[index]
+            return _CappedCrossEntropySum.apply(h, last.weight, last.bias, targets, self.pad_idx, cap)
+        return self.gene_nll(hidden, targets).sum()
 
     def gene_targets(self, tokens: Tensor, *, full_length: bool) -> Tensor:
         """The gene-identity targets of the published objective: the tokens, with ``[END]`` at slot ``S - 1``.
