@@ -257,7 +257,8 @@ class _CappedCrossEntropySum(torch.autograd.Function):
         rows, tg = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         keep = (tg != pad).nonzero().squeeze(1)
         total = h.new_zeros((), dtype=torch.float32)
-        grads = [torch.zeros_like(x) if need else None for x, need in zip((rows, weight, bias), ctx.needs_input_grad)]
+        needs = ctx.needs_input_grad[:3]
+        grads = [torch.zeros_like(x) if need else None for x, need in zip((rows, weight, bias), needs, strict=True)]
         dh, dw, db = grads
         for s in range(0, keep.numel(), 256):
             idx = keep[s : s + 256]
