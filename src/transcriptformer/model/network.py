@@ -651,7 +651,7 @@ class TranscriptFormer(nn.Module):
             and hidden.dtype == last.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
         ):
-            h = head.layers[:-1](hidden)  # type: ignore[index]
+            h = head.layers[:-1](hidden)  # type: ignore[index,union-attr]  # the head exists: last is a Linear
             return _CappedCrossEntropySum.apply(h, last.weight, last.bias, targets, self.pad_idx, cap)
         return self.gene_nll(hidden, targets).sum()
 
