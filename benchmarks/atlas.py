@@ -207,6 +207,23 @@ def worker(spec: dict) -> dict:
                 params_key="transcriptformer",
             )
 
+        from transcriptformer.inference.shards import ShardStore
+
+        write, shards = ShardStore.write, []
+
+        def traced(self, index, arrays, stats):  # the memory after every shard, to compare early and late
+            write(self, index, arrays, stats)
+            shards.append(
+                {
+                    "shard": int(index),
+                    "seconds": time.perf_counter() - t0,
+                    "rss_mb": _rss_mb(),
+                    "peak_rss_mb": _peak_rss_mb(),
+                }
+            )
+
+        ShardStore.write = traced  # type: ignore[method-assign]
+        out["after_each_shard"] = shards
         shutil.rmtree(spec["shards"], ignore_errors=True)
         run = infer_sharded(
             adata,

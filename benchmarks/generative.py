@@ -139,7 +139,10 @@ def worker_training(spec: dict) -> dict:
     tokens = float(record["tokens_per_s"] * record["seconds"])
     extra = 3 * 2 * tokens * (E * Hg + Hg * V + E * E + D * E + E * E)
     counted = record["train_flops_per_s"] * record["seconds"]
-    full = counted + extra
+    if record.get("train_flops_counted") == "objective":  # newer records count the heads too
+        full, counted = counted, counted - extra
+    else:
+        full = counted + extra
     return {
         **spec,
         "src": os.environ.get("TF_BENCH_SRC"),

@@ -109,6 +109,23 @@ def test_insisted_bf16_runs_bfloat16_on_any_cpu(tiny_path, tiny_adata, reference
     assert np.abs(emb - ref).max() > 0  # it did not run in float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_in_pieces_equals_gelu(dtype):
+    from transcriptformer.model.network import GELU
+
+    g = torch.Generator().manual_seed(0)
+    act, piece = GELU(), GELU.piece
+    for shape in [(3, 7), (1, piece), (2, piece), (3, 101, 517), (5, 1000, 64)]:
+        x = (torch.randn(shape, generator=g) * 3).to(dtype)
+        with torch.no_grad():
+            got = act(x)
+        assert got.shape == x.shape and got.dtype == dtype
+        assert torch.equal(got, torch.nn.functional.gelu(x))
+    x = torch.randn(4, 300, 128, generator=g, requires_grad=True)  # with gradients: nn.GELU itself
+    act(x).sum().backward()
+    assert x.grad is not None
+
+
 # -- training on the CPU: the blocked kernel's backward and the capped cross-entropy ------------------------
 
 

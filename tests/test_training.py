@@ -421,3 +421,18 @@ def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(t
     w_ddp, w_one = adapter_weights(tmp_path / "ddp"), adapter_weights(tmp_path / "one")
     for key in w_one:
         torch.testing.assert_close(w_ddp[key], w_one[key], atol=1e-5, rtol=1e-4)
+
+
+def test_training_flops_count_the_whole_objective(tiny_model):
+    from transcriptformer.inference.batching import estimate_flops
+
+    c = tiny_model.config.model
+    E, Hg, V = c.embed_dim, c.gene_head_hidden_dim, len(tiny_model.vocab)
+    D = tiny_model.model.gene_embeddings.embedding.weight.shape[1]
+    lengths = np.array([3, 40, 17])
+    layers = estimate_flops(lengths, tiny_model)
+    with_count_head = estimate_flops(lengths, tiny_model, llh=True)
+    objective = estimate_flops(lengths, tiny_model, objective=True)
+    # the gene-identity head (E -> Hg -> V) and the targets' gene MLP (D -> E -> E), per gene token
+    assert objective - with_count_head == pytest.approx(2 * lengths.sum() * (E * Hg + Hg * V + D * E + E * E))
+    assert with_count_head > layers

@@ -147,11 +147,15 @@ def _optimal_cuts(widths: np.ndarray, cap: np.ndarray, overhead: float, per_toke
     return cuts[::-1]
 
 
-def estimate_flops(n_tokens_per_cell: np.ndarray, loaded: LoadedModel, *, llh: bool = False) -> float:
+def estimate_flops(
+    n_tokens_per_cell: np.ndarray, loaded: LoadedModel, *, llh: bool = False, objective: bool = False
+) -> float:
     """Multiply-add FLOPs (x2) the model needs for cells of the given token counts (no padding).
 
     Counts the gene MLP, the projections and feed-forward of every layer, causal attention
-    (``QK^T`` and ``PV`` over keys up to each query) and, with ``llh``, the count head.
+    (``QK^T`` and ``PV`` over keys up to each query) and, with ``llh``, the count head. ``objective`` counts
+    the training objective's forward: also the count head, the gene MLP of the targets and the gene-identity
+    head (``V`` logits per token), together more than half of it for the released shapes.
     """
     c = loaded.config.model
     E, Fd, L = c.embed_dim, c.model_dim, c.num_layers
@@ -161,6 +165,10 @@ def estimate_flops(n_tokens_per_cell: np.ndarray, loaded: LoadedModel, *, llh: b
     per_token = 2 * (D * E + E * E) + L * 2 * (4 * E * E + 2 * E * Fd)
     attn = L * 2 * 2 * E * (T * (T + 1) / 2)  # causal: query i meets i+1 keys
     total = float((per_token * T).sum() + attn.sum())
-    if llh:
+    if llh or objective:
         total += float((2 * (E * E + E / 2) * T).sum())
+    if objective:
+        head = loaded.model.gene_id_head
+        gene_head = E * c.gene_head_hidden_dim + c.gene_head_hidden_dim * len(loaded.vocab) if head else 0
+        total += float((2 * (D * E + E * E + gene_head) * n_tokens_per_cell).sum())
     return total

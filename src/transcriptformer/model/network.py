@@ -142,7 +142,34 @@ class SelfAttention(nn.Module):
         return self.linears[3](out.transpose(1, 2).reshape(B, T, H * dk))
 
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+class GELU(nn.GELU):
+    """``nn.GELU`` (erf form) that, on the CPU, runs oneDNN kernels of ten lengths only, whatever the shapes.
+
+    PyTorch computes a float32 or bfloat16 GELU on the CPU with oneDNN, which compiles a kernel for every new
+    input shape and caches up to 1,024 of them (~0.27 MB each): batches of ragged cells have ever new shapes, so
+    the memory of a long run grew by ~280 MB. Without gradients the input is cut into pieces of ``2**18``
+    elements and the rest is padded to a power of two (at least ``2**10``); the values are those of ``F.gelu``
+    element by element.
+    """
+
+    piece = 1 << 18
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return super().forward(x)
+        flat, n = x.reshape(-1), x.numel()
+        out = torch.empty_like(flat)
+        whole = n - n % self.piece
+        for s in range(0, whole, self.piece):
+            torch.ops.aten.gelu.out(flat[s : s + self.piece], out=out[s : s + self.piece])
+        if whole < n:
+            rest = flat.new_empty(max(1 << 10, 1 << (n - whole - 1).bit_length()))  # the padding is never read
+            rest[: n - whole] = flat[whole:]
+            out[whole:] = torch.ops.aten.gelu.out(rest, out=rest)[: n - whole]
+        return out.view_as(x)
+
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 assert set(_ACTIVATIONS) == set(ACTIVATIONS), "config.ACTIVATIONS and the modules here must agree"
 
 

@@ -444,6 +444,7 @@ class _Run:
         record = {**self.record, "history": self.history, "seconds": seconds}
         record["tokens_per_s"] = self.n_tokens * self.world / seconds if seconds > 0 else None
         record["train_flops_per_s"] = self.flops * self.world / seconds if seconds > 0 else None  # forward x 3
+        record["train_flops_counted"] = "objective"  # the heads too (before 0.6: the layers and gene MLP only)
         record["best_epoch"] = _best_epoch(self.history)
         if self.rank == 0:
             self.save(self.net, self.output_dir)
@@ -516,7 +517,8 @@ class _Run:
             sums += torch.tensor([float(count.detach()) * w, float(gene.detach()) * w], dtype=torch.float64)
             if w > 0:
                 self.n_tokens += int(window.lengths[mb.rows].sum())
-                self.flops += 3 * estimate_flops(np.minimum(window.lengths[mb.rows] + 1, S), self.loaded)
+                tokens = np.minimum(window.lengths[mb.rows] + 1, S)
+                self.flops += 3 * estimate_flops(tokens, self.loaded, objective=True)
         if world > 1:
             torch.distributed.all_reduce(sums)
         step_loss = float(sums[0] / N + gene_weight * sums[1] / (B * S))
