@@ -70,12 +70,15 @@ def _rss_bytes() -> int:
 class HeapTrim:
     """Hands memory that a CPU run has freed back to the operating system once it has piled up.
 
-    Batches of changing shapes leave glibc's heap fragmented and glibc keeps what is freed: without this a long
-    CPU run's resident memory grew by about 80 MB per 16,384 cells of tf-demo (1.7 GB at 100,000 cells, 3.5 GB at
-    1 million). Trimming (``malloc_trim``) after every window kept it flat but cost 10% of the time (the next
-    batches fault their pages in again), so the heap is trimmed only when the resident memory has grown by
+    Memory that stays allocated between freed batches (oneDNN's kernels compiled per input shape were the
+    largest case: see :class:`~transcriptformer.model.network.GELU`) keeps glibc from returning the batches'
+    memory, and a long CPU run's resident memory grew with its cells (1.7 GB at 100,000 cells of tf-demo, 3.5
+    GB at 1 million). Trimming (``malloc_trim``) after every window kept it flat but cost 10% of the time (the
+    next batches fault their pages in again), so the heap is trimmed only when the resident memory has grown by
     ``slack`` bytes since the last trim: memory stays within ``slack`` of its floor for a fraction of a percent of
-    the time. A no-op off Linux/glibc.
+    the time. With the GELU's kernels bounded a float32 run stays flat without it (measured); it stays as a
+    guard for other per-shape caches (bfloat16 matrix products also go through oneDNN; not measured). A no-op
+    off Linux/glibc.
     """
 
     def __init__(self, slack: int = 256 << 20, *, trim: Callable[[int], int] | None = None, rss=_rss_bytes):
