@@ -148,6 +148,9 @@ def machine_info() -> dict:
         info["cpu_simd"] = sorted({f for f in flags.split() if f.startswith(("avx512f", "avx2", "amx", "avx512_bf16"))})
     except (OSError, StopIteration):
         pass
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    limits = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    info["isa_limits"] = {k: os.environ[k] for k in limits if k in os.environ}  # e.g. an AVX2 machine stood in for
     with contextlib.suppress(ValueError, OSError):
         info["mem_total_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     info.update(git_state())
