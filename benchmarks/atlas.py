@@ -221,6 +221,8 @@ def worker(spec: dict) -> dict:
                     "peak_rss_mb": _peak_rss_mb(),
                 }
             )
+            with open(str(spec["output"]) + ".trace.jsonl", "a") as f:  # readable while the run goes on
+                f.write(json.dumps(shards[-1]) + "\n")
 
         ShardStore.write = traced  # type: ignore[method-assign]
         out["after_each_shard"] = shards

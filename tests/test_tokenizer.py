@@ -112,6 +112,35 @@ def test_backed_dense_input_is_read_in_windows(tiny_path, tiny_adata, ref_embedd
     backed.file.close()
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_views_of_backed_data_are_read_in_windows(tiny_path, tiny_adata, ref_embedding, tmp_path, dense, monkeypatch):
+    from transcriptformer.data.tokenizer import BackedRows
+
+    if dense:
+        tiny_adata.X = tiny_adata.X.toarray()
+    path = tmp_path / "cells.h5ad"
+    tiny_adata.write_h5ad(path)
+    backed, in_memory = ad.read_h5ad(path, backed="r"), ad.read_h5ad(path)
+    m = transcriptformer.load_model(tiny_path)
+    genes = backed.var_names[::-1][:-3]  # some genes, in another order
+    for rows in (slice(2, 17), np.array([9, 3, 3, 14, 0, 20]), backed.obs_names[5:1:-1]):
+        view = backed[rows, genes]
+        opts = TokenizeOptions()
+        expected = prepare_cells(in_memory[rows, genes], m.vocab, m.aux_vocabs, seq_len=m.seq_len, options=opts)
+        # anndata's view.X would load every row of the view: the tokeniser must not ask for it
+        monkeypatch.setattr(type(view), "X", property(lambda self: pytest.fail("view.X was read")), raising=True)
+        src = prepare_cells(view, m.vocab, m.aux_vocabs, seq_len=m.seq_len, options=TokenizeOptions())
+        monkeypatch.undo()
+        assert isinstance(src.matrix, BackedRows)
+        for a, b in [(0, view.n_obs), (1, 3)]:
+            got, want = src.read(a, b), expected.read(a, b)
+            np.testing.assert_array_equal(got.tokens, want.tokens)
+            np.testing.assert_array_equal(got.counts, want.counts)
+    out = tfs.tl.embed(backed[::2], model=tiny_path, copy=True)
+    np.testing.assert_allclose(out.obsm["X_transcriptformer"], ref_embedding[0][::2], atol=1e-6)
+    backed.file.close()
+
+
 class _LazyRows:
     """What a dask array looks like to the tokenizer: slicing gives a block with ``.compute()``."""
 

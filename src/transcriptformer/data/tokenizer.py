@@ -176,8 +176,53 @@ def is_lazy(matrix: Any) -> bool:
 
 def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:
     """The count matrix, its ``var`` (in memory) and a label for messages."""
+    if getattr(adata, "isbacked", False) and adata.is_view and (layer == "X" or (layer is None and adata.raw is None)):
+        rows = BackedRows.of(adata)  # adata.X of a backed view would load every row of the view
+        if rows is not None:
+            return rows, as_frame(adata.var), "X"
     matrix, var, source = _select(adata, layer)
     return matrix, as_frame(var), source
+
+
+class BackedRows:
+    """The ``X`` of a view of a backed AnnData, read a window of rows at a time.
+
+    anndata answers ``view.X`` by loading every row of the view (a view of a million cells of a backed file: the
+    whole matrix in memory); this reads the view's rows from the file only when asked, in the view's order.
+    """
+
+    def __init__(self, matrix: Any, rows: np.ndarray, columns: np.ndarray):
+        self.matrix, self.rows, self.columns = matrix, rows, columns
+        self.all_columns = len(columns) == matrix.shape[1] and bool(np.all(columns == np.arange(len(columns))))
+        self.shape = (len(rows), len(columns))
+        self.dtype = matrix.dtype
+        self.format = getattr(matrix, "format", None)
+
+    @classmethod
+    def of(cls, view: Any) -> BackedRows | None:
+        """The reader of ``view.X``, or ``None`` where anndata does not say which rows the view holds."""
+        oidx, vidx = getattr(view, "_oidx", None), getattr(view, "_vidx", None)  # anndata's view indices
+        if oidx is None or vidx is None:
+            return None
+        try:
+            from anndata.io import sparse_dataset
+        except ImportError:  # anndata < 0.11
+            from anndata.experimental import sparse_dataset
+        stored = view.file["X"]
+        matrix = stored if hasattr(stored, "dtype") else sparse_dataset(stored)  # dense: an h5py dataset
+        n_obs, n_vars = matrix.shape
+        return cls(matrix, np.arange(n_obs)[oidx], np.arange(n_vars)[vidx])
+
+    def __getitem__(self, key: slice) -> Any:
+        rows = self.rows[key]
+        if len(rows) == 0:
+            block = self.matrix[0:0]
+        elif rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+            block = self.matrix[int(rows[0]) : int(rows[-1]) + 1]
+        else:  # the file is read in increasing row order, then put in the view's
+            stored, order = np.unique(rows, return_inverse=True)
+            block = self.matrix[stored][order]
+        return block if self.all_columns else block[:, self.columns]
 
 
 def _select(adata, layer: str | None) -> tuple[Any, Any, str]:
