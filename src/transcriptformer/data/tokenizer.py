@@ -204,7 +204,7 @@ class BackedRows:
         oidx, vidx = getattr(view, "_oidx", None), getattr(view, "_vidx", None)  # anndata's view indices
         if oidx is None or vidx is None:
             return None
-        try:
+        try:  # lazily: start-up time (only a backed view gets here)
             from anndata.io import sparse_dataset
         except ImportError:  # anndata < 0.11
             from anndata.experimental import sparse_dataset
