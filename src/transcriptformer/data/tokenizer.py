@@ -208,6 +208,8 @@ class BackedRows:
             from anndata.io import sparse_dataset
         except ImportError:  # anndata < 0.11
             from anndata.experimental import sparse_dataset
+        if not view.file.is_open:  # as anndata's own X does: copies of backed views close the file
+            view.file.open()
         stored = view.file["X"]
         matrix = stored if hasattr(stored, "dtype") else sparse_dataset(stored)  # dense: an h5py dataset
         n_obs, n_vars = matrix.shape
