@@ -444,7 +444,7 @@ class _Run:
         record = {**self.record, "history": self.history, "seconds": seconds}
         record["tokens_per_s"] = self.n_tokens * self.world / seconds if seconds > 0 else None
         record["train_flops_per_s"] = self.flops * self.world / seconds if seconds > 0 else None  # forward x 3
-        record["train_flops_counted"] = "objective"  # the heads too (before 0.6: the layers and gene MLP only)
+        record["train_flops_counted"] = "objective"  # the heads too (records without it: layers and gene MLP only)
         record["best_epoch"] = _best_epoch(self.history)
         if self.rank == 0:
             self.save(self.net, self.output_dir)
