@@ -184,6 +184,11 @@ def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:
     return matrix, as_frame(var), source
 
 
+def _every_column(columns: np.ndarray, n: int) -> bool:
+    """Whether ``columns`` selects all ``n`` columns in order (so no selection is needed)."""
+    return len(columns) == n and bool(np.all(columns == np.arange(n)))
+
+
 class BackedRows:
     """The ``X`` of a view of a backed AnnData, read a window of rows at a time.
 
@@ -193,7 +198,7 @@ class BackedRows:
 
     def __init__(self, matrix: Any, rows: np.ndarray, columns: np.ndarray):
         self.matrix, self.rows, self.columns = matrix, rows, columns
-        self.all_columns = len(columns) == matrix.shape[1] and bool(np.all(columns == np.arange(len(columns))))
+        self.all_columns = _every_column(columns, matrix.shape[1])
         self.shape = (len(rows), len(columns))
         self.dtype = matrix.dtype
         self.format = getattr(matrix, "format", None)
@@ -351,7 +356,7 @@ class CellSource:
         self.matrix = matrix
         self.columns = columns
         self.column_tokens = column_tokens.astype(np.int32)
-        self.all_columns = len(columns) == matrix.shape[1] and bool(np.all(columns == np.arange(len(columns))))
+        self.all_columns = _every_column(columns, matrix.shape[1])
         self.aux = aux
         self.vocab = vocab
         self.seq_len = seq_len
