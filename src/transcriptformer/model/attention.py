@@ -359,65 +359,61 @@ def chunked_attention(
 # blocked attention with a backward pass (training)
 
 
-def _block_mask(
-    B: int, H: int, T: int, key_valid: Tensor, num_aux: int | None, device: torch.device
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The masks of :class:`_BlockedAttentionFunction`'s blocks.
+class _Blocks:
+    """What the forward and the backward of :class:`_BlockedAttentionFunction` share.
 
-    The causal triangle (``T x T``, upper), and either the full key mask ``(BH, T)`` (``num_aux=None``) or the
-    auxiliary keys' mask ``(BH, A)``.
+    The key bias per head, the masks (the causal triangle ``T x T``, upper, and either the full key mask
+    ``(BH, T)`` with ``num_aux=None`` or the auxiliary keys' mask ``(BH, A)``), the block sizes, and the capped
+    scores of one block.
     """
-    blocked_key = (~key_valid).repeat_interleave(H, dim=0)  # (BH, T)
-    if num_aux is None:
-        return torch.ones(T, T, dtype=torch.bool, device=device).triu_(1), blocked_key, None
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu_(1), None, blocked_key[:, :num_aux]
 
+    def __init__(self, q: Tensor, key_bias: Tensor, key_valid: Tensor, softcap: float, mode: str, num_aux, max_scores):
+        B, H, T, dk = q.shape
+        self.BH, self.T, self.device = B * H, T, q.device
+        self.bias = key_bias.float().repeat_interleave(H, dim=0)[:, None, :]  # (BH, 1, T)
+        self.diag = self.bias[:, 0] if mode == "train" else None  # "train": a query's own key gets no count bias
+        self.causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+        blocked_key = (~key_valid).repeat_interleave(H, dim=0)  # (BH, T)
+        self.blocked_key = blocked_key if num_aux is None else None
+        self.aux = None if num_aux is None else blocked_key[:, :num_aux]
+        self.heads, self.rows = _chunks(self.BH, T, max_scores or DEFAULT_MAX_SCORES)
+        self.scale, self.softcap, self.num_aux = 1.0 / math.sqrt(dk), softcap, num_aux
 
-def _group_masks(
-    masks: tuple[Tensor, Tensor | None, Tensor | None], h0: int, h1: int
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    causal, blocked_key, aux = masks
-    return (
-        causal,
-        None if blocked_key is None else blocked_key[h0:h1],
-        None if aux is None else aux[h0:h1],
-    )
+    def run(self, threads: HeadThreads | None, block: Callable[[int, int, int, int], None]) -> None:
+        """``block(h0, h1, s, e)`` over the head groups of ``[0, BH)`` and their query rows, on ``threads`` (CPU)."""
 
+        def groups(lo: int, hi: int) -> None:
+            for h0 in range(lo, hi, self.heads):
+                for s in range(0, self.T, self.rows):
+                    block(h0, min(hi, h0 + self.heads), s, min(self.T, s + self.rows))
 
-def _scores(
-    qb: Tensor,
-    kt: Tensor,
-    bias: Tensor,
-    diag: Tensor | None,
-    s: int,
-    e: int,
-    scale: float,
-    softcap: float,
-    masks: tuple[Tensor, Tensor | None, Tensor | None],
-    num_aux: int | None,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Scores of query rows ``[s, e)`` of a group of heads against keys ``[0, e)``.
+        if threads is not None and self.device.type == "cpu":
+            threads.run(self.BH, self.BH * self.T * self.T, groups)
+        else:
+            groups(0, self.BH)
 
-    Returns the capped scores (masked keys at ``-inf``), ``tanh`` of the scaled ones (for the gradient; ``None``
-    without a cap) and the mask.
-    """
-    x = torch.baddbmm(bias[:, :, :e], qb, kt[:, :, :e], alpha=scale)
-    if diag is not None:  # "train": a query's own key gets no count bias
-        x[:, :, s:e].diagonal(dim1=1, dim2=2).sub_(diag[:, s:e])
-    t = None
-    if softcap > 0:
-        t = x.mul_(1.0 / softcap).tanh_()
-        y = t * softcap
-    else:
-        y = x
-    causal, blocked_key, aux = masks
-    mask = causal[s:e, :e].expand(y.shape[0], -1, -1)
-    if blocked_key is not None:
-        mask = mask | blocked_key[:, None, :e]
-    elif aux is not None and num_aux:
-        mask = mask.clone()
-        mask[:, :, :num_aux] |= aux[:, None, :]
-    return y.masked_fill_(mask, float("-inf")), t, mask
+    def scores(self, qf: Tensor, kt: Tensor, h0: int, h1: int, s: int, e: int) -> tuple[Tensor, Tensor | None]:
+        """Scores of query rows ``[s, e)`` of heads ``[h0, h1)`` against keys ``[0, e)``.
+
+        Returns the capped scores (masked keys at ``-inf``) and ``tanh`` of the scaled ones (for the gradient;
+        ``None`` without a cap).
+        """
+        x = torch.baddbmm(self.bias[h0:h1, :, :e], qf[h0:h1, s:e], kt[h0:h1, :, :e], alpha=self.scale)
+        if self.diag is not None:
+            x[:, :, s:e].diagonal(dim1=1, dim2=2).sub_(self.diag[h0:h1, s:e])
+        t = None
+        if self.softcap > 0:
+            t = x.mul_(1.0 / self.softcap).tanh_()
+            y = t * self.softcap
+        else:
+            y = x
+        mask = self.causal[s:e, :e].expand(y.shape[0], -1, -1)
+        if self.blocked_key is not None:
+            mask = mask | self.blocked_key[h0:h1, None, :e]
+        elif self.aux is not None and self.num_aux:
+            mask = mask.clone()
+            mask[:, :, : self.num_aux] |= self.aux[h0:h1, None, :]
+        return y.masked_fill_(mask, float("-inf")), t
 
 
 class _BlockedAttentionFunction(torch.autograd.Function):
@@ -430,41 +426,23 @@ class _BlockedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_bias, key_valid, softcap, mode, num_aux, max_scores, threads):  # type: ignore[override]
         B, H, T, dk = q.shape
-        BH = B * H
+        blocks = _Blocks(q, key_bias, key_valid, softcap, mode, num_aux, max_scores)
+        BH = blocks.BH
         qf, vf = q.float().reshape(BH, T, dk), v.float().reshape(BH, T, dk)
         kt = k.float().reshape(BH, T, dk).transpose(1, 2).contiguous()  # (BH, dk, T): plain products
-        bias = key_bias.float().repeat_interleave(H, dim=0)[:, None, :]  # (BH, 1, T)
-        diag = bias[:, 0] if mode == "train" else None
-        masks = _block_mask(B, H, T, key_valid, num_aux, q.device)
-        heads, rows = _chunks(BH, T, max_scores or DEFAULT_MAX_SCORES)
-        scale = 1.0 / math.sqrt(dk)
         out = torch.empty(BH, T, dk, dtype=torch.float32, device=q.device)
         lse = torch.empty(BH, T, 1, dtype=torch.float32, device=q.device)
 
-        def group(h0: int, h1: int) -> None:
-            m_h = _group_masks(masks, h0, h1)
-            for s in range(0, T, rows):
-                e = min(T, s + rows)
-                y, _, _ = _scores(
-                    qf[h0:h1, s:e],
-                    kt[h0:h1],
-                    bias[h0:h1],
-                    None if diag is None else diag[h0:h1],
-                    s,
-                    e,
-                    scale,
-                    softcap,
-                    m_h,
-                    num_aux,
-                )
-                m = y.amax(-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # rows without a key: 0
-                p = y.sub_(m).exp_()
-                denom = p.sum(-1, keepdim=True)
-                out[h0:h1, s:e] = torch.bmm(p, vf[h0:h1, :e]).div_(denom.clamp_min(torch.finfo(torch.float32).tiny))
-                # log-sum-exp; +inf for rows without any key (their weights are then exp(-inf) = 0)
-                lse[h0:h1, s:e] = torch.where(denom > 0, m + denom.log(), float("inf"))
+        def block(h0: int, h1: int, s: int, e: int) -> None:
+            y, _ = blocks.scores(qf, kt, h0, h1, s, e)
+            m = y.amax(-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # rows without a key: 0
+            p = y.sub_(m).exp_()
+            denom = p.sum(-1, keepdim=True)
+            out[h0:h1, s:e] = torch.bmm(p, vf[h0:h1, :e]).div_(denom.clamp_min(torch.finfo(torch.float32).tiny))
+            # log-sum-exp; +inf for rows without any key (their weights are then exp(-inf) = 0)
+            lse[h0:h1, s:e] = torch.where(denom > 0, m + denom.log(), float("inf"))
 
-        _run_groups(threads, BH, heads, T, q.device, group)
+        blocks.run(threads, block)
         ctx.save_for_backward(q, k, v, key_bias, key_valid, out, lse)
         ctx.args = (softcap, mode, num_aux, max_scores, threads)
         return out.view(B, H, T, dk).to(q.dtype)
@@ -474,85 +452,39 @@ class _BlockedAttentionFunction(torch.autograd.Function):
         q, k, v, key_bias, key_valid, out, lse = ctx.saved_tensors
         softcap, mode, num_aux, max_scores, threads = ctx.args
         B, H, T, dk = q.shape
-        BH = B * H
+        blocks = _Blocks(q, key_bias, key_valid, softcap, mode, num_aux, max_scores)
+        BH, scale = blocks.BH, blocks.scale
         qf, kf, vf = (x.float().reshape(BH, T, dk) for x in (q, k, v))
         kt = kf.transpose(1, 2).contiguous()
         vt = vf.transpose(1, 2).contiguous()
         do = grad_out.float().reshape(BH, T, dk)
-        bias = key_bias.float().repeat_interleave(H, dim=0)[:, None, :]
-        diag = bias[:, 0] if mode == "train" else None
-        masks = _block_mask(B, H, T, key_valid, num_aux, q.device)
-        heads, rows = _chunks(BH, T, max_scores or DEFAULT_MAX_SCORES)
-        scale = 1.0 / math.sqrt(dk)
         delta = (do * out).sum(-1, keepdim=True)  # (BH, T, 1): rowwise dO . O
         dq = torch.zeros(BH, T, dk, dtype=torch.float32, device=q.device)
         dk_ = torch.zeros_like(dq)
         dv = torch.zeros_like(dq)
-        want_bias = ctx.needs_input_grad[3]
-        dbias = torch.zeros(BH, T, dtype=torch.float32, device=q.device) if want_bias else None
+        dbias = torch.zeros(BH, T, dtype=torch.float32, device=q.device) if ctx.needs_input_grad[3] else None
 
-        def group(h0: int, h1: int) -> None:
-            m_h = _group_masks(masks, h0, h1)
-            for s in range(0, T, rows):
-                e = min(T, s + rows)
-                y, t, _ = _scores(
-                    qf[h0:h1, s:e],
-                    kt[h0:h1],
-                    bias[h0:h1],
-                    None if diag is None else diag[h0:h1],
-                    s,
-                    e,
-                    scale,
-                    softcap,
-                    m_h,
-                    num_aux,
-                )
-                p = y.sub_(lse[h0:h1, s:e]).exp_()  # (h, r, e): the attention weights
-                dob = do[h0:h1, s:e]
-                dv[h0:h1, :e].baddbmm_(p.transpose(1, 2), dob)
-                dp = torch.bmm(dob, vt[h0:h1, :, :e])
-                dz = dp.sub_(delta[h0:h1, s:e]).mul_(p)  # d(capped score)
-                if t is not None:
-                    dz.mul_(t.square_().neg_().add_(1.0))  # d tanh
-                if dbias is not None:
-                    dbias[h0:h1, :e] += dz.sum(1)
-                    if diag is not None:
-                        dbias[h0:h1, s:e] -= dz[:, :, s:e].diagonal(dim1=1, dim2=2)
-                dq[h0:h1, s:e] = torch.bmm(dz, kf[h0:h1, :e]).mul_(scale)
-                dk_[h0:h1, :e].baddbmm_(dz.transpose(1, 2), qf[h0:h1, s:e], alpha=scale)
+        def block(h0: int, h1: int, s: int, e: int) -> None:
+            y, t = blocks.scores(qf, kt, h0, h1, s, e)
+            p = y.sub_(lse[h0:h1, s:e]).exp_()  # (h, r, e): the attention weights
+            dob = do[h0:h1, s:e]
+            dv[h0:h1, :e].baddbmm_(p.transpose(1, 2), dob)
+            dp = torch.bmm(dob, vt[h0:h1, :, :e])
+            dz = dp.sub_(delta[h0:h1, s:e]).mul_(p)  # d(capped score)
+            if t is not None:
+                dz.mul_(t.square_().neg_().add_(1.0))  # d tanh
+            if dbias is not None:
+                dbias[h0:h1, :e] += dz.sum(1)
+                if blocks.diag is not None:
+                    dbias[h0:h1, s:e] -= dz[:, :, s:e].diagonal(dim1=1, dim2=2)
+            dq[h0:h1, s:e] = torch.bmm(dz, kf[h0:h1, :e]).mul_(scale)
+            dk_[h0:h1, :e].baddbmm_(dz.transpose(1, 2), qf[h0:h1, s:e], alpha=scale)
 
-        _run_groups(threads, BH, heads, T, q.device, group)
+        blocks.run(threads, block)
         shape = (B, H, T, dk)
-        grad_bias = None
-        if dbias is not None:
-            grad_bias = dbias.view(B, H, T).sum(1).to(key_bias.dtype)
-        return (
-            dq.view(shape).to(q.dtype),
-            dk_.view(shape).to(k.dtype),
-            dv.view(shape).to(v.dtype),
-            grad_bias,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def _run_groups(
-    threads: HeadThreads | None, BH: int, heads: int, T: int, device: torch.device, group: Callable[[int, int], None]
-) -> None:
-    """``group(h0, h1)`` over the head groups of ``[0, BH)``, on ``threads`` where given (CPU)."""
-
-    def blocks(lo: int, hi: int) -> None:
-        for h0 in range(lo, hi, heads):
-            group(h0, min(hi, h0 + heads))
-
-    if threads is not None and device.type == "cpu":
-        threads.run(BH, BH * T * T, blocks)
-    else:
-        blocks(0, BH)
+        grad_bias = None if dbias is None else dbias.view(B, H, T).sum(1).to(key_bias.dtype)
+        grads = dq.view(shape).to(q.dtype), dk_.view(shape).to(k.dtype), dv.view(shape).to(v.dtype), grad_bias
+        return (*grads, None, None, None, None, None, None)
 
 
 def blocked_attention(
