@@ -95,7 +95,7 @@ def test_out_of_memory_halves_and_retries_without_losing_cells(tiny_model, big_a
     seen = []
 
     def budgeted(self, window, idx, *args, **kwargs):
-        width = self._width(int(window.lengths[idx].max()))
+        width = self.planner().width(int(window.lengths[idx].max()))
         seen.append(len(idx))
         if len(idx) > 1 and len(idx) * width > 40:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")

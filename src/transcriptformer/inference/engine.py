@@ -221,10 +221,6 @@ class Engine:
             kernel=getattr(kernel or self.kernel, "name", "chunked"),
         )
 
-    def _width(self, longest: int, kernel: Kernel | None = None) -> int:
-        """Sequence length a batch whose longest cell has ``longest`` genes runs at."""
-        return self.planner(kernel=kernel).width(longest)
-
     def plan_batches(
         self, lengths: np.ndarray, max_tokens: int | None = None, kernel: Kernel | None = None
     ) -> list[np.ndarray]:
