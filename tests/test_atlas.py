@@ -556,6 +556,18 @@ def test_tl_out_keeps_the_conventions(tiny_path, tiny_adata, reference, tmp_path
     np.testing.assert_array_equal(lik.obs["ll_n_genes"], reference.n_genes)
 
 
+def test_tl_out_refuses_the_file_a_backed_input_reads(tiny_path, tiny_adata, tmp_path):
+    source = tmp_path / "cells.h5ad"
+    tiny_adata.write_h5ad(source)
+    backed = ad.read_h5ad(source, backed="r")
+    for tool, kwargs in ((tfs.tl.embed, {}), (tfs.tl.likelihood, {})):
+        for same in (source, tmp_path / "." / "cells.h5ad"):
+            with pytest.raises(ValueError, match="is the file this backed AnnData reads"):
+                tool(backed, model=tiny_path, out=same, **kwargs)
+    backed.file.close()
+    assert ad.read_h5ad(source).shape == tiny_adata.shape  # the input is intact
+
+
 def test_tl_gene_embeddings_and_likelihood_of_a_soma_experiment(tiny_path, tiny_adata, soma_uri):
     adata = tfs.read_soma(soma_uri, layer="data", var_id="ensembl_id")
     tfs.tl.gene_embeddings(adata, model=tiny_path)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anndata import AnnData
@@ -16,8 +18,6 @@ from ...weights.loaded import LoadedModel
 from .._utils import ModelArg, check_adata
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ...inference.pipeline import Inference
     from ...inference.shards import Destination
 
@@ -42,10 +42,25 @@ def run_model(
     return run, loaded
 
 
-def check_out(out: Any, shard_size: Any) -> tuple[Path | None, int]:
-    """``out`` (``None``, or an ``.h5ad`` / ``.zarr`` path) and ``shard_size``, checked before any compute."""
+def check_out(out: Any, shard_size: Any, adata: AnnData) -> tuple[Path | None, int]:
+    """``out`` (``None``, or an ``.h5ad`` / ``.zarr`` path) and ``shard_size``, checked before any compute.
+
+    ``out`` may not be the file a backed ``adata`` reads: writing it would replace the input's counts.
+    """
     size = check_positive_int(shard_size, "shard_size", allow_none=False)
-    return (None if out is None else check_output_path(out)), size
+    if out is None:
+        return None, size
+    path = check_output_path(out)
+    source = getattr(adata, "filename", None) if getattr(adata, "isbacked", False) else None
+    if source is not None:
+        source = Path(source)
+        same = path.exists() and source.exists() and os.path.samefile(source, path)
+        if same or source.resolve() == path.resolve():
+            raise ValueError(
+                f"out={str(out)!r} is the file this backed AnnData reads ({source}): writing it would replace the "
+                "input. Pass another path."
+            )
+    return path, size
 
 
 def run_to_file(

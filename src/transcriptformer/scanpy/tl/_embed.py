@@ -94,7 +94,7 @@ def embed(
     llh = check_bool(llh, "llh")
     key = base_key(key_added, "embed")
     copy = check_bool(copy, "copy")
-    path, shard_size = check_out(out, shard_size)
+    path, shard_size = check_out(out, shard_size, adata)
     check_adata(adata)
     check_writable(adata, copy)
     heads = ("embeddings", "llh") if llh else ("embeddings",)

@@ -113,7 +113,7 @@ def likelihood(
         raise ValueError(f"level={level!r}; expected 'cell' or 'gene'.")
     key = check_key(key_added)  # always a base name here
     copy = check_bool(copy, "copy")
-    path, shard_size = check_out(out, shard_size)
+    path, shard_size = check_out(out, shard_size, adata)
     if path is not None and level == "gene":
         raise ValueError(
             "out= writes per-cell values; level='gene' (one value per read gene of every cell, as sparse layers) "
