@@ -136,6 +136,13 @@ def test_genes_outside_the_vocabulary_read_as_unknown(tiny_path, tiny_adata, cap
     unknown = a.uns["transcriptformer_llh"]["params"]["n_genes_read_as_unknown"]
     stored = a.layers["transcriptformer_count_nll"].nnz
     assert unknown > 0 and stored + unknown == a.obs["transcriptformer_n_genes"].sum()
+    # the per-cell gene-identity mean is over the genes that have one (the layer's entries), not n_genes
+    layer = a.layers["transcriptformer_gene_nll"]
+    entries = np.diff(layer.indptr)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.asarray(layer.sum(1)).ravel() / entries
+    np.testing.assert_allclose(a.obs["transcriptformer_gene_nll"], mean, rtol=1e-5)
+    assert (entries < a.obs["transcriptformer_n_genes"]).any()
     b = tiny_adata.copy()  # the default reads only vocabulary genes: every read gene is in the layers
     tfs.tl.likelihood(b, tiny_path, level="gene")
     assert b.uns["transcriptformer_llh"]["params"]["n_genes_read_as_unknown"] == 0

@@ -87,8 +87,8 @@ def likelihood(
         At the last slot of a full-length cell the published target is ``[END]``; there this layer holds the
         cross-entropy of the gene itself, and the ``[END]`` value goes to ``obs[f"{key_added}_end_nll"]``.
     ``adata.obs[f"{key_added}_gene_nll"]``, ``adata.obs[f"{key_added}_end_nll"]`` : float32, ``level="gene"``
-        The mean of the gene-identity layer over the cell's read genes; the ``[END]`` cross-entropy of
-        full-length cells (NaN for the others).
+        The mean of the gene-identity cross-entropy over the cell's read vocabulary genes (NaN for a cell
+        without any); the ``[END]`` cross-entropy of full-length cells (NaN for the others).
     ``adata.uns[f"{key_added}_llh"]["params"]`` : :class:`dict`
         How it was computed, and the keys written.
 
@@ -152,8 +152,9 @@ def _gene_level(update: Update, key: str, run: Inference, adata: AnnData, params
     genes = res.genes
     update.set("obs", f"{key}_end_nll", res.cells["end_nll"])
     sums = np.bincount(genes["cell"], weights=genes["gene_nll"], minlength=adata.n_obs)
+    entries = np.bincount(genes["cell"], minlength=adata.n_obs)  # genes read as 'unknown' have no gene identity
     with np.errstate(invalid="ignore", divide="ignore"):
-        update.set("obs", f"{key}_gene_nll", (sums / res.n_genes).astype(np.float32))
+        update.set("obs", f"{key}_gene_nll", (sums / entries).astype(np.float32))
     cols = run.source.token_positions(adata.var_names)[genes["token"]]
     placed = cols >= 0
     if not placed.all():
