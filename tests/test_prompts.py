@@ -431,6 +431,51 @@ def test_tl_rank_regulators_writes_nothing_on_error(tiny_model, tiny_adata, head
         tfs.pl.rank_regulators(tiny_adata, show=False)
 
 
+def test_tl_options_are_checked_before_the_model_is_loaded(tiny_adata, monkeypatch):
+    """A typo must not cost a download and load of the model (the default is tf-sapiens)."""
+    import transcriptformer.scanpy as tfs
+    from transcriptformer.scanpy.tl import _common
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(_common, "load_model", no_loading)
+    gene = "ENSG00000000001"
+    for call, match in [
+        (lambda: tfs.tl.generate("tf-sapiens", 0), "n_cells must be a positive integer"),
+        (lambda: tfs.tl.generate("tf-sapiens", 2, temperature=0), "temperature must be a finite number > 0"),
+        (lambda: tfs.tl.generate("tf-sapiens", 2, top_k=0), "top_k must be a positive integer"),
+        (lambda: tfs.tl.generate("tf-sapiens", 2, seed=-1), "seed must be an integer"),
+        (lambda: tfs.tl.generate("tf-sapiens", 2, total_counts=-5), "total_counts must be finite"),
+        (lambda: tfs.tl.generate("tf-sapiens", 2, n_prompt_genes=3), "n_prompt_genes needs a prompt"),
+        (lambda: tfs.tl.next_gene([gene], "tf-sapiens", total_counts=-1), "total_counts must be finite numbers > 0"),
+        (lambda: tfs.tl.next_gene([gene], "tf-sapiens", total_counts="x"), "total_counts must be a number"),
+        (lambda: tfs.tl.gene_interactions(tiny_adata, "tf-sapiens", count=-1), "count must be a finite number > 0"),
+        (lambda: tfs.tl.gene_interactions(tiny_adata, "tf-sapiens", random_state="a"), "random_state must be"),
+        (
+            lambda: tfs.tl.rank_regulators(
+                tiny_adata, "tf-sapiens", groupby="cell_type", candidates=[gene], random_state=1.5
+            ),
+            "random_state must be an integer >= 0 or None",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_tl_rank_regulators_random_state_none(tiny_model, tiny_adata):
+    import transcriptformer.scanpy as tfs
+
+    cand = _known_var_names(tiny_model, tiny_adata)[[2, 5]].tolist()
+    for max_cells in (None, 2):  # with and without subsampling
+        out = tfs.tl.rank_regulators(
+            tiny_adata, tiny_model, groupby="cell_type", candidates=cand, random_state=None, max_cells=max_cells,
+            copy=True,
+        )  # fmt: skip
+        n_cells = out.uns["transcriptformer_regulators"]["n_cells"]
+        assert max_cells is None or max(n_cells.values()) <= max_cells
+
+
 @pytest.mark.slow
 def test_demo_model_prompted_by_symbols():
     """On tf-demo (real Ensembl ids): symbols in, symbols out."""

@@ -44,7 +44,13 @@ from .options import check_positive_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_COUNTS_PER_GENE", "GeneratedCells", "sample_cells", "sample_zero_truncated_poisson"]
+__all__ = [
+    "DEFAULT_COUNTS_PER_GENE",
+    "GeneratedCells",
+    "check_sampling",
+    "sample_cells",
+    "sample_zero_truncated_poisson",
+]
 
 #: Without a prompt, the default total count of a generated cell is this many counts per gene slot
 #: (``max_genes``): about what droplet data (10x 3') has per detected gene.
@@ -184,6 +190,43 @@ def _prompts(
 
 
 @torch.inference_mode()
+def check_sampling(
+    *,
+    n_cells: Any,
+    prompt: bool,
+    n_prompt_genes: Any,
+    max_genes: Any,
+    temperature: Any,
+    top_k: Any,
+    total_counts: Any,
+    seed: Any,
+) -> None:
+    """The options of :func:`sample_cells` that do not depend on the model, checked before one is loaded."""
+    check_positive_int(n_cells, "n_cells", allow_none=prompt)
+    check_positive_int(n_prompt_genes, "n_prompt_genes")
+    if n_prompt_genes is not None and not prompt:
+        raise ValueError("n_prompt_genes needs a prompt.")
+    check_positive_int(max_genes, "max_genes")
+    check_positive_int(top_k, "top_k")
+    if (
+        isinstance(temperature, bool | np.bool_)
+        or not isinstance(temperature, numbers.Real)
+        or not (math.isfinite(temperature) and float(temperature) > 0)
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}.")
+    if total_counts is not None:
+        try:
+            totals = np.array(total_counts, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"total_counts must be a number or one number per cell, got {total_counts!r}.") from None
+        if not (np.isfinite(totals).all() and (totals > 0).all() and (totals <= MAX_TOTAL_COUNTS).all()):
+            raise ValueError(
+                f"total_counts must be finite, > 0 and at most {MAX_TOTAL_COUNTS:g}, got {total_counts!r}."
+            )
+
+
 def sample_cells(
     loaded: LoadedModel,
     n_cells: int | None = None,
@@ -253,6 +296,16 @@ def sample_cells(
     GeneratedCells
         The cells, genes in generation order.
     """
+    check_sampling(
+        n_cells=n_cells,
+        prompt=prompt is not None,
+        n_prompt_genes=n_prompt_genes,
+        max_genes=max_genes,
+        temperature=temperature,
+        top_k=top_k,
+        total_counts=total_counts,
+        seed=seed,
+    )
     model_cpu = loaded.model
     if model_cpu.gene_id_head is None:
         raise ValueError(f"{loaded.name} has no gene-identity head, so it cannot generate cells.")
@@ -260,16 +313,8 @@ def sample_cells(
     max_genes = check_positive_int(max_genes, "max_genes") or S
     if max_genes > S:
         raise ValueError(f"max_genes={max_genes} is more than the model's seq_len ({S}).")
-    if (
-        isinstance(temperature, bool | np.bool_)
-        or not isinstance(temperature, numbers.Real)
-        or not (math.isfinite(temperature) and temperature > 0)
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
     top_k = check_positive_int(top_k, "top_k")
     batch_size = check_positive_int(batch_size, "batch_size") or 64
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}.")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
 
@@ -295,19 +340,12 @@ def sample_cells(
     if total_counts is None:
         totals = default_total.astype(np.float32)
     else:
-        try:
-            totals = np.array(total_counts, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise ValueError(f"total_counts must be a number or one number per cell, got {total_counts!r}.") from None
+        totals = np.array(total_counts, dtype=np.float32)  # values checked by check_sampling
         if totals.ndim == 0:
             totals = np.full(n_cells, totals, dtype=np.float32)
         elif totals.shape != (n_cells,):
             raise ValueError(
                 f"total_counts must be one number or one per generated cell ({n_cells}), got shape {totals.shape}."
-            )
-        if not (np.isfinite(totals).all() and (totals > 0).all() and (totals <= MAX_TOTAL_COUNTS).all()):
-            raise ValueError(
-                f"total_counts must be finite, > 0 and at most {MAX_TOTAL_COUNTS:g}, got {total_counts!r}."
             )
     if (totals <= 0).any():
         raise ValueError("a prompt cell has no count of the model's genes: pass total_counts=...")

@@ -82,6 +82,8 @@ __all__ = [
     "Prompts",
     "aux_tokens",
     "cell_prompts",
+    "check_count",
+    "check_total_counts",
     "gene_prompts",
     "gene_symbols",
     "group_regulators",
@@ -324,7 +326,8 @@ def gene_symbols(ids: Sequence[str] | np.ndarray) -> np.ndarray:
     return np.asarray([table.get(str(i), "") for i in ids], dtype=object)
 
 
-def _check_count(value: Any, what: str) -> float:
+def check_count(value: Any, what: str) -> float:
+    """A prompt gene's count: a finite number > 0."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise ValueError(f"{what} must be a number > 0, got {value!r}.")
     value = float(value)
@@ -333,13 +336,24 @@ def _check_count(value: Any, what: str) -> float:
     return value
 
 
+def check_total_counts(total_counts: Any) -> np.ndarray:
+    """``total_counts`` of :func:`next_gene` (one number, or one per prompt) as float64, checked."""
+    try:
+        totals = np.asarray(total_counts, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"total_counts must be a number or one number per prompt, got {total_counts!r}.") from None
+    if isinstance(total_counts, bool | np.bool_) or not (np.isfinite(totals).all() and (totals > 0).all()):
+        raise ValueError(f"total_counts must be finite numbers > 0, got {total_counts!r}.")
+    return totals
+
+
 def _one_prompt(genes: Any) -> tuple[list[str], list[float]]:
     """Genes and counts of one prompt: a gene, a list of genes (count 1 each) or a mapping gene -> count."""
     if isinstance(genes, str):
         return [genes], [1.0]
     if isinstance(genes, Mapping) or (hasattr(genes, "items") and hasattr(genes, "index")):
         items = list(genes.items())
-        return [g for g, _ in items], [_check_count(c, f"the count of {g!r}") for g, c in items]
+        return [g for g, _ in items], [check_count(c, f"the count of {g!r}") for g, c in items]
     items = list(genes)
     return items, [1.0] * len(items)
 
@@ -593,9 +607,7 @@ def next_gene(
     if total_counts is None:
         totals = prompts.totals
     else:
-        totals = np.broadcast_to(np.asarray(total_counts, dtype=np.float64), (n,)).copy()
-        if not (np.isfinite(totals).all() and (totals > 0).all()):
-            raise ValueError("total_counts must be finite numbers > 0.")
+        totals = np.broadcast_to(check_total_counts(total_counts), (n,)).copy()
     run = _Runner.build(loaded, device, precision)
     model = run.model
     vocab = loaded.vocab
@@ -846,7 +858,7 @@ def interactions(
         raise ValueError(f"interactions need at least 2 genes, got {m}.")
     if len(np.unique(genes)) != m:
         raise ValueError("the genes must be distinct.")
-    count = _check_count(count, "count")
+    count = check_count(count, "count")
     batch_size = check_positive_int(batch_size, "batch_size") or 16
     vocab = loaded.vocab
     if background is None:

@@ -114,10 +114,20 @@ def generate(
             "max_tokens": "batch_size sets how many cells are generated together",
         },
     )
-    from ...inference.generation import sample_cells  # lazily: torch (start-up time of `import tfs.tl`)
+    from ...inference.generation import check_sampling, sample_cells  # lazily: torch (`import tfs.tl` start-up)
 
     if prompt is not None:
         check_adata(prompt, "prompt")
+    check_sampling(
+        n_cells=n_cells,
+        prompt=prompt is not None,
+        n_prompt_genes=n_prompt_genes,
+        max_genes=max_genes,
+        temperature=temperature,
+        top_k=top_k,
+        total_counts=total_counts,
+        seed=seed,
+    )  # before the model is loaded (or downloaded)
     loaded = load(model, opts)
     g = sample_cells(
         loaded,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import numpy as np
 import pandas as pd
@@ -69,10 +69,20 @@ def _assay_of(adata: AnnData | None) -> str | None:
     return str(counts.index[0]) if len(counts) else None
 
 
-def _subsample(n: int, max_cells: int | None, random_state: int) -> np.ndarray:
+def check_random_state(random_state: Any) -> None:
+    """A seed (an integer >= 0) or ``None`` (fresh randomness each call)."""
+    if random_state is not None and (
+        isinstance(random_state, bool | np.bool_) or not isinstance(random_state, int | np.integer) or random_state < 0
+    ):
+        raise ValueError(f"random_state must be an integer >= 0 or None, got {random_state!r}.")
+
+
+def _subsample(n: int, max_cells: int | None, random_state: int | None, offset: int = 0) -> np.ndarray:
+    """At most ``max_cells`` of ``n`` rows, in order; drawn with the seed ``random_state + offset``."""
     if max_cells is None or n <= max_cells:
         return np.arange(n)
-    return np.sort(np.random.default_rng(random_state).choice(n, max_cells, replace=False))
+    seed = None if random_state is None else int(random_state) + offset
+    return np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
 
 
 @documents_run_options
@@ -155,6 +165,8 @@ def next_gene(
             raise ValueError("assay= is for written prompts; cells are read with their own obs['assay'].")
     elif n_prompt_genes is not None:
         raise ValueError("n_prompt_genes= is for cells; a written prompt holds the genes it lists.")
+    if total_counts is not None:
+        P.check_total_counts(total_counts)  # before the model is loaded (or downloaded)
     loaded = load(model, opts)
     P.require_gene_head(loaded, "predict the next gene")
     if cells:
@@ -240,7 +252,7 @@ def gene_interactions(
     count: float = 1.0,
     assay: str | None = None,
     n_top: int = 10,
-    random_state: int = 0,
+    random_state: int | None = 0,
     key_added: str = "transcriptformer_interactions",
     **options: Unpack[RunKwargs],
 ) -> AnnData:
@@ -284,7 +296,7 @@ def gene_interactions(
     n_top
         Partners listed per gene in ``uns[key_added]["top_partners"]``.
     random_state
-        Seed of the choice of background cells.
+        Seed of the choice of background cells (``None``: a different choice each call).
     key_added
         Key of the record in the result's ``uns``.
     {run_options}
@@ -315,6 +327,8 @@ def gene_interactions(
         check_adata(background, "background")
         if background.n_obs == 0:
             raise ValueError("background has no cells (e.g. a group with no cells): give at least one cell.")
+    count = P.check_count(count, "count")
+    check_random_state(random_state)
     loaded = load(model, opts)
     P.require_gene_head(loaded, "score gene interactions")
     if names is None:
@@ -388,7 +402,7 @@ def rank_regulators(
     groups: Sequence[str] | None = None,
     max_cells: int | None = None,
     at: Literal["place", "end"] = "place",
-    random_state: int = 0,
+    random_state: int | None = 0,
     key_added: str = "transcriptformer_regulators",
     copy: bool = False,
     **options: Unpack[RunKwargs],
@@ -427,7 +441,7 @@ def rank_regulators(
     at
         Where a candidate is scored in a cell: ``"place"`` or ``"end"`` (above).
     random_state
-        Seed of the choice of cells.
+        Seed of the choice of cells (``None``: a different choice each call).
     key_added
         Key in ``uns`` (as ``sc.tl.rank_genes_groups``' ``key_added``).
     copy
@@ -451,6 +465,7 @@ def rank_regulators(
     copy = check_bool(copy, "copy")
     max_cells = check_positive_int(max_cells, "max_cells")
     check_key(groupby, "groupby")
+    check_random_state(random_state)
     names = check_genes(candidates, "candidates")
     if names is None:
         raise ValueError(
@@ -480,7 +495,7 @@ def rank_regulators(
     codes = np.full(adata.n_obs, -1, dtype=np.int64)
     for j, g in enumerate(chosen):
         where = np.flatnonzero((text == g) & labels.notna().to_numpy())
-        codes[where[_subsample(len(where), max_cells, random_state + j)]] = j
+        codes[where[_subsample(len(where), max_cells, random_state, j)]] = j
     loaded = load(model, opts)
     P.require_gene_head(loaded, "rank genes by the next-gene distribution")
     cand = P.resolve_genes(loaded, names, var=adata.var, gene_key=opts.gene_key, what="candidates")
