@@ -107,6 +107,17 @@ def test_models_paths_and_listing(registry_offline, tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(KeyError, match="tf-nonsense"):
         tfs.models.path("tf-nonsense")
+    # datasets are not models: say what they are and how to read them (tfs.models.path gave the .h5ad file)
+    with pytest.raises(ValueError, match=r"'human-val' is a dataset .*tfs\.datasets\.published_test_data\('human'\)"):
+        tfs.models.path("human-val", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"'mouse-val' is a dataset .*published_test_data\('mouse'\)"):
+        transcriptformer.load_model("mouse-val")
+    with pytest.raises(ValueError, match=r"'testis-human' is a dataset .*bgee_testis_evolution\('human'\)"):
+        transcriptformer.load_model("testis-human")
+    with pytest.raises(ValueError, match=r"'all-embeddings' is a set of gene tables .*species_embedding"):
+        transcriptformer.load_model("all-embeddings")
+    with pytest.raises(FileNotFoundError, match=r"or pass a species name as species_embedding= to any tool"):
+        tfs.models.path("all-embeddings", cache_dir=tmp_path)
     assert dir(tfs.models) == ["available", "download", "path"]
 
 

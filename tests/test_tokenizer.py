@@ -319,6 +319,19 @@ def test_gene_id_messages(tiny_path, tiny_adata):
     symbols.var["ensembl_id"] = symbols.var["feature_name"]
     with pytest.raises(ValueError, match=r"look like gene symbols.*symbols_to_ensembl"):
         tfs.tl.embed(symbols, model=tiny_path)
+    # a missing gene_key column of symbol var_names: the suggested call writes the column that gene_key names
+    named = tiny_adata.copy()
+    named.var_names = named.var["feature_name"].astype(str).to_numpy()
+    named.var = named.var[[]]
+    for key, call in (
+        (
+            "gene_ids",
+            r"symbols_to_ensembl\(adata, species=\.\.\., key_added='gene_ids'\), which writes var\['gene_ids'\]",
+        ),
+        ("ensembl_id", r"symbols_to_ensembl\(adata, species=\.\.\.\), which writes var\['ensembl_id'\]"),
+    ):
+        with pytest.raises(KeyError, match=call):
+            tfs.tl.embed(named, model=tiny_path, gene_key=key)
 
 
 def test_special_token_names_never_match_as_genes(tiny_path, tiny_adata, tiny_model):

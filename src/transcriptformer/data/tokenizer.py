@@ -282,11 +282,17 @@ def read_gene_ids(
     elif _looks_like_symbols([str(i) for i in var.index[:2000]]):
         msg += (
             " var_names look like gene symbols: map them to Ensembl ids with "
-            f"tfs.pp.symbols_to_ensembl(adata, species=...), which writes var[{gene_key!r}] (and raw.var's)."
+            f"tfs.pp.symbols_to_ensembl(adata, species=...{_key_added(gene_key)}), which writes var[{gene_key!r}] "
+            "(and raw.var's)."
         )
     else:
         msg += " Pass gene_key=<column with Ensembl ids>, or gene_key=None to use var_names."
     raise KeyError(msg)
+
+
+def _key_added(gene_key: str) -> str:
+    """``symbols_to_ensembl``'s argument that makes it write ``var[gene_key]`` (nothing for its default)."""
+    return "" if gene_key == "ensembl_id" else f", key_added={gene_key!r}"
 
 
 def _describe_no_match(raw_ids: np.ndarray, ids: np.ndarray, source: str, vocab: GeneVocab, model_name: str) -> str:

@@ -164,8 +164,8 @@ def pbmc68k_counts() -> ad.AnnData:
             From ``pbmc68k_reduced``, for plots.
         ``uns["pbmc68k_counts"]``
             ``max_deviation`` (distance to the nearest integer before rounding) and ``source``.
-        ``uns["symbols_to_ensembl"]``
-            The mapping report.
+        ``uns["ensembl_id"]``
+            The mapping report of :func:`~transcriptformer.scanpy.pp.symbols_to_ensembl`.
     """
     import scanpy as sc
 

@@ -66,15 +66,20 @@ def path(name: str, *, cache_dir: str | os.PathLike | None = None) -> Path:
     ------
     FileNotFoundError
         A published model not downloaded yet (the message says how to).
+    ValueError
+        A dataset's name (datasets are read with :mod:`~transcriptformer.scanpy.datasets`).
     """
     entry = registry.REGISTRY[registry.canonical_name(name)]
+    if entry.kind == "dataset":
+        raise ValueError(registry.not_a_model(entry.name))
     if entry.bundled is not None:
         return registry.bundled_path(entry)
     folder = registry.cache_path(cache_dir) / entry.folder
     if not folder.is_dir():
+        use = f"model={entry.name!r}" if entry.kind == "model" else "a species name as species_embedding="
         raise FileNotFoundError(
-            f"{entry.name} is not downloaded yet: tfs.models.download({entry.name!r}) (or pass model={entry.name!r} "
-            "to any tool, which downloads it on first use)."
+            f"{entry.name} is not downloaded yet: tfs.models.download({entry.name!r}) (or pass {use} to any tool, "
+            "which downloads it on first use)."
         )
     return folder
 

@@ -285,7 +285,7 @@ def _resolve(model: Any, cache_dir: str | os.PathLike | None) -> tuple[Path, str
     if isinstance(model, str) and registry.is_registered(model):
         name = registry.canonical_name(model)
         if registry.REGISTRY[name].kind != "model":
-            raise ValueError(f"{name!r} is a set of gene tables, not a model; known models: {registry.MODEL_NAMES}.")
+            raise ValueError(registry.not_a_model(name))
         path = registry.fetch(name, cache_dir=cache_dir)
         logger.info("model=%r: using the registry download %s", model, path)
         return path, name

@@ -311,6 +311,22 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def not_a_model(name: str) -> str:
+    """What a registry name that is not a model is, and how to use it (for errors where a model is expected)."""
+    entry = REGISTRY[canonical_name(name)]
+    if entry.kind == "dataset":
+        if entry.name.endswith("-val"):
+            how = f"tfs.datasets.published_test_data({entry.name.removesuffix('-val')!r})"
+        elif entry.name.startswith("testis-"):
+            how = f"tfs.datasets.bgee_testis_evolution({entry.name.removeprefix('testis-')!r})"
+        else:
+            how = f"transcriptformer.weights.registry.fetch_dataset({entry.name!r})"
+        what = f"a dataset (cells: read it with {how})"
+    else:
+        what = "a set of gene tables (used through species_embedding=<species name>)"
+    return f"{entry.name!r} is {what}, not a model; known models: {', '.join(MODEL_NAMES)}."
+
+
 def canonical_name(name: str) -> str:
     """``"TF_Sapiens"`` / ``"tf-sapiens"`` / ``"tf_sapiens"`` -> ``"tf-sapiens"``."""
     key = str(name).strip().lower().replace("_", "-")
