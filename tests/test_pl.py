@@ -41,6 +41,15 @@ def test_umap(embedded):
     np.testing.assert_array_equal(embedded.obsm["X_umap_transcriptformer"], first)  # pl only draws
 
 
+def test_tl_umap_never_writes_over_its_input(embedded):
+    embedded.obsm["X_other"] = embedded.obsm["X_transcriptformer"][:, :5].copy()
+    before = embedded.obsm["X_other"].copy()
+    with pytest.raises(ValueError, match=r"over the embedding it is computed from; pass another key_added"):
+        tfs.tl.umap(embedded, use_rep="X_other", key_added="other")
+    np.testing.assert_array_equal(embedded.obsm["X_other"], before)
+    assert "other" not in embedded.uns
+
+
 def test_pl_umap_only_draws_and_says_what_to_run(embedded):
     with pytest.raises(KeyError, match=r"tfs\.tl\.umap\(adata"):
         tfs.pl.umap(embedded)
@@ -197,3 +206,74 @@ def test_pl_umap_rep_is_deprecated_but_works(embedded):
     with pytest.warns(FutureWarning, match=r"use_rep=\.\.\."):
         ax = tfs.pl.umap(embedded, rep="X_transcriptformer", show=False)
     assert _points(ax) == embedded.n_obs
+
+
+def test_pl_umap_checks_the_embedding_the_umap_was_made_from(embedded):
+    """A UMAP of another embedding (``tl.umap(use_rep=...)``) is checked against that one, and named in the advice."""
+    embedded.obsm["X_other"] = np.random.default_rng(0).normal(size=(embedded.n_obs, 5)).astype(np.float32)
+    tfs.tl.umap(embedded, use_rep="X_other", key_added="other_umap", n_neighbors=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # neither X_other nor the UMAP changed: no warning
+        tfs.pl.umap(embedded, key="other_umap", show=False)
+    embedded.obsm["X_other"][0, 0] += 1.0
+    with pytest.warns(
+        UserWarning, match=r"run tfs\.tl\.umap\(adata, use_rep='X_other', key_added='other_umap'\) again"
+    ):
+        tfs.pl.umap(embedded, key="other_umap", show=False)
+
+
+def test_gene_embeddings_plot_checks_the_embedding_the_umap_was_made_from(tiny_adata):
+    rng = np.random.default_rng(0)
+    tiny_adata.varm["X_transcriptformer_genes"] = rng.normal(size=(tiny_adata.n_vars, 4)).astype(np.float32)
+    tiny_adata.varm["X_g2"] = rng.normal(size=(tiny_adata.n_vars, 4)).astype(np.float32)
+    tfs.tl.umap(tiny_adata, use_rep="X_g2", axis="var", key_added="gu", n_neighbors=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the UMAP of X_g2, which did not change: no warning
+        tfs.pl.gene_embeddings(tiny_adata, umap_key="gu", show=False)
+    tiny_adata.varm["X_g2"][0, 0] += 1.0
+    with pytest.warns(UserWarning, match=r"use_rep='X_g2', axis='var', key_added='gu'\) again"):
+        tfs.pl.gene_embeddings(tiny_adata, umap_key="gu", show=False)
+
+
+def test_pl_umap_returns_what_scanpy_returns(embedded):
+    """One Axes per panel (no colour bars), a single Axes for one colour, the figure with return_fig."""
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    tfs.tl.umap(embedded, n_neighbors=5)
+    panels = ["transcriptformer_llh", "n_counts_input"]
+    axs = tfs.pl.umap(embedded, color=panels, show=False)
+    assert isinstance(axs, list) and [ax.get_title() for ax in axs] == panels
+    assert all(_points(ax) == embedded.n_obs for ax in axs)
+    for color in (["transcriptformer_llh"], "transcriptformer_llh", None):
+        ax = tfs.pl.umap(embedded, color=color, show=False)
+        assert isinstance(ax, Axes) and _points(ax) == embedded.n_obs
+    assert isinstance(tfs.pl.umap(embedded, color=panels, return_fig=True), Figure)
+
+
+def test_pl_umap_and_llh_leave_adata_unchanged_and_use_its_colours(embedded):
+    """Scanpy stores colours and makes string columns categorical: the plots draw from a copy of what they need."""
+    from matplotlib.colors import to_rgba
+
+    from helpers import assert_unchanged, snapshot
+
+    tfs.tl.umap(embedded, n_neighbors=5)
+    embedded.obs["donor"] = embedded.obs["donor_id"].astype(str).astype(object)
+    n_types = len(embedded.obs["cell_type"].cat.categories)
+    mine = ["#123456", "#abcdef", "#fedcba", "#0f0f0f", "#f0f0f0", "#00ff00", "#ff00ff", "#00ffff"][:n_types]
+    embedded.uns["cell_type_colors"] = list(mine)
+    before, uns_before = snapshot(embedded), {k: embedded.uns[k] for k in embedded.uns}
+    gene = embedded.var_names[3]
+    axs = tfs.pl.umap(embedded, color=["donor", "cell_type", gene], show=False)
+    ax = tfs.pl.llh(embedded, groupby="donor", show=False)
+    tfs.pl.llh(embedded, groupby="cell_type", show=False)
+    assert_unchanged(embedded, before)
+    assert embedded.obs["donor"].dtype == object and "donor_colors" not in embedded.uns
+    assert embedded.uns["cell_type_colors"] == mine and set(embedded.uns) == set(uns_before)
+    # the plots are those of scanpy: the colours already in adata.uns, genes' values from X
+    drawn = {tuple(c) for c in axs[1].collections[0].get_facecolors()}
+    assert drawn == {to_rgba(c) for c in mine[: embedded.obs["cell_type"].nunique()]}
+    values = np.asarray(embedded[:, gene].X.toarray()).ravel()
+    assert axs[2].collections[0].get_array().min() == values.min()
+    assert axs[2].collections[0].get_array().max() == values.max()
+    assert [t.get_text() for t in ax.get_xticklabels()] == sorted(embedded.obs["donor"].unique())

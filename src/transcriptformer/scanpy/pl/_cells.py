@@ -12,7 +12,7 @@ from anndata import AnnData
 from .._utils import deprecated_argument, use_rep_or_deprecated
 from ..tl import umap as tl_umap
 from ..tl._labels import SEPARATOR
-from ._base import axes, check_fresh, finish, heatmap
+from ._base import axes, check_fresh, finish, heatmap, light, made_from, umap_call
 
 __all__ = ["celltype_similarity", "label_transfer", "llh", "species_umap", "umap"]
 
@@ -37,15 +37,17 @@ def umap(
 ) -> Any:
     """UMAP of the TranscriptFormer cell embeddings, computed by :func:`~transcriptformer.scanpy.tl.umap`.
 
-    Draws ``obsm[f"X_{key}"]`` with :func:`scanpy.pl.embedding`; warns when the embedding changed since the
-    UMAP was computed.
+    Draws ``obsm[f"X_{key}"]`` with :func:`scanpy.pl.embedding`; warns when the embedding the UMAP was computed
+    from (the ``use_rep`` recorded in ``uns[key]["params"]``) changed since. ``adata`` is not written to: scanpy
+    draws from a copy of the columns it colours by and their ``uns[f"{column}_colors"]``, which it uses.
 
     Parameters
     ----------
     adata
         AnnData after ``tfs.tl.umap(adata)``.
     use_rep
-        The embedding the UMAP was made from (gives the default ``key``).
+        The embedding the UMAP was made from: gives the default ``key`` (and is the one checked for a UMAP
+        without a record).
     key
         The ``key_added`` of :func:`~transcriptformer.scanpy.tl.umap` (default ``f"umap_{base of use_rep}"``).
     color
@@ -59,7 +61,8 @@ def umap(
 
     Returns
     -------
-    The axes with ``show=False``, the figure with ``return_fig=True``, else ``None``.
+    As :func:`scanpy.pl.embedding`: with ``show=False`` the axes (a list of one per panel for several colours,
+    without the colour bars), the figure with ``return_fig=True``, else ``None``.
     """
     import scanpy as sc  # lazily: start-up time
 
@@ -68,20 +71,59 @@ def umap(
         deprecated_argument("pl.umap(n_neighbors=..., random_state=...)", "tfs.tl.umap(adata, n_neighbors=...)")
         kwargs.pop("n_neighbors", None), kwargs.pop("random_state", None)
     key = key or f"umap_{use_rep.removeprefix('X_')}"
+    source = made_from(adata, key, use_rep)  # the embedding tl.umap recorded: the one to compare with
+    made_by = umap_call(source, key)
     if f"X_{key}" not in adata.obsm:
-        raise KeyError(
-            f"adata.obsm has no {f'X_{key}'!r}: compute the UMAP first, tfs.tl.umap(adata, use_rep={use_rep!r})."
-        )
-    if use_rep in adata.obsm:
-        check_fresh(adata, key, adata.obsm[use_rep], f"tfs.tl.umap(adata, use_rep={use_rep!r})")
+        raise KeyError(f"adata.obsm has no {f'X_{key}'!r}: compute the UMAP first, {made_by}.")
+    if source in adata.obsm:
+        check_fresh(adata, key, adata.obsm[source], made_by)
     kwargs = _point_size(adata.n_obs, kwargs)
-    if ax is None:
-        fig = sc.pl.embedding(adata, basis=f"X_{key}", color=color, show=False, return_fig=True, **kwargs)
-        drawn = fig.axes[0] if len(fig.axes) == 1 or color is None or isinstance(color, str) else fig.axes
-    else:
-        sc.pl.embedding(adata, basis=f"X_{key}", color=color, ax=ax, show=False, **kwargs)
-        fig, drawn = ax.figure, ax
+    draw = _umap_data(adata, f"X_{key}", color, kwargs)
+    drawn = sc.pl.embedding(draw, basis=f"X_{key}", color=color, ax=ax, show=False, **kwargs)
+    fig = (drawn[0] if isinstance(drawn, list) else drawn).figure
     return finish(fig, drawn, "umap", show, save, return_fig)
+
+
+def _umap_data(adata: AnnData, basis: str, color: str | Sequence[str] | None, kwargs: dict[str, Any]) -> AnnData:
+    """What :func:`scanpy.pl.embedding` reads of ``adata`` for :func:`umap`, in an AnnData of its own.
+
+    The ``obs`` columns coloured by (and ``mask_obs``), their colours, the basis and, with ``edges=True``, the
+    neighbour graph. A gene is looked up as scanpy looks it up (``gene_symbols``, ``use_raw``, ``layer``, which
+    are taken out of ``kwargs``) and its values become a column of the same name: drawn as scanpy draws it.
+    """
+    names = [color] if isinstance(color, str) else [c for c in (color or []) if c is not None]
+    mask = kwargs.get("mask_obs")
+    columns = [c for c in names if c in adata.obs.columns] + ([mask] if isinstance(mask, str) else [])
+    genes = list(dict.fromkeys(c for c in names if c not in adata.obs.columns))
+    gene_symbols, layer = kwargs.pop("gene_symbols", None), kwargs.pop("layer", None)
+    use_raw = kwargs.pop("use_raw", None)
+    if use_raw is None:  # scanpy's default
+        use_raw = layer is None and adata.raw is not None
+    if use_raw and layer is not None:
+        raise ValueError(f"Cannot use both a layer and the raw representation. Was passed: {use_raw=!r}, {layer=!r}.")
+    if use_raw and adata.raw is None:
+        raise ValueError("`use_raw` is set to True but AnnData object does not have raw. Please check.")
+    values = {}
+    for name in genes:
+        gene = name
+        if gene_symbols is not None and gene not in adata.var_names:
+            hits = adata.var.index[adata.var[gene_symbols] == gene]
+            if len(hits) == 0:
+                raise KeyError(f"{name!r} is neither an obs column nor a gene (var_names or var[{gene_symbols!r}]).")
+            gene = hits[0]
+        values[name] = adata.raw.obs_vector(gene) if use_raw else adata.obs_vector(gene, layer=layer)
+    draw = light(adata, columns, {basis: adata.obsm[basis]})
+    for name, vector in values.items():
+        draw.obs[name] = np.asarray(vector)
+    if kwargs.get("edges"):
+        neighbors = kwargs.get("neighbors_key") or "neighbors"
+        if neighbors in adata.uns:
+            graph = dict(adata.uns[neighbors])
+            draw.uns[neighbors] = graph
+            for what in ("connectivities_key", "distances_key"):
+                if graph.get(what) in adata.obsp:
+                    draw.obsp[graph[what]] = adata.obsp[graph[what]]
+    return draw
 
 
 def species_umap(
@@ -172,7 +214,11 @@ def llh(
     kwargs = {"stripplot": adata.n_obs <= 2000, "size": 1.5, **kwargs}
     if groupby is not None:
         kwargs.setdefault("rotation", 90)
-    sc.pl.violin(adata, keys=column, groupby=groupby, ax=ax, show=False, **kwargs)
+    # drawn from a copy of the columns: scanpy stores colours and makes string columns categorical
+    for option in ("use_raw", "layer"):  # they choose among genes' values; the likelihood is an obs column
+        kwargs.pop(option, None)
+    draw = light(adata, [column] + ([groupby] if groupby is not None else []))
+    sc.pl.violin(draw, keys=column, groupby=groupby, ax=ax, show=False, **kwargs)
     ax.set_ylabel("negative log-likelihood per gene")
     return finish(fig, ax, "llh", show, save, return_fig)
 

@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from ...data.gene_ids import SPECIES, map_symbols
 from .._utils import deprecated_argument
-from ._base import axes, check_fresh, finish
+from ._base import axes, check_fresh, finish, made_from, umap_call
 
 __all__ = ["gene_embeddings"]
 
@@ -34,7 +34,8 @@ def gene_embeddings(
     """UMAP of the per-gene embeddings (:func:`~transcriptformer.scanpy.tl.gene_embeddings`).
 
     Draws ``varm[f"X_{umap_key}"]`` as computed by ``tfs.tl.umap(adata, use_rep=f"X_{key}", axis="var")``;
-    genes without an embedding (never read) are left out. Warns when the gene embeddings changed since.
+    genes without an embedding (never read) are left out. Warns when the gene embeddings the UMAP was computed
+    from (the ``use_rep`` recorded in ``uns[umap_key]["params"]``) changed since.
 
     Parameters
     ----------
@@ -71,13 +72,14 @@ def gene_embeddings(
         deprecated_argument(f"pl.gene_embeddings(key={key!r}) (a varm key)", f"key={key.removeprefix('X_')!r}")
         key = key.removeprefix("X_")
     umap_key = umap_key or f"umap_{key}"
-    made_by = f"tfs.tl.umap(adata, use_rep={'X_' + key!r}, axis='var')"
+    source = made_from(adata, umap_key, f"X_{key}")  # the embedding tl.umap recorded: the one to compare with
+    made_by = umap_call(source, umap_key, axis="var")
     if f"X_{umap_key}" not in adata.varm:
-        if f"X_{key}" not in adata.varm:
-            raise KeyError(f"adata.varm has no {'X_' + key!r}; run tfs.tl.gene_embeddings(adata, ...), then {made_by}.")
+        if source not in adata.varm:
+            raise KeyError(f"adata.varm has no {source!r}; run tfs.tl.gene_embeddings(adata, ...), then {made_by}.")
         raise KeyError(f"adata.varm has no {'X_' + umap_key!r}: compute the UMAP first, {made_by}.")
-    if f"X_{key}" in adata.varm:
-        check_fresh(adata, umap_key, adata.varm[f"X_{key}"], made_by)
+    if source in adata.varm:
+        check_fresh(adata, umap_key, adata.varm[source], made_by)
     coords = np.asarray(adata.varm[f"X_{umap_key}"], dtype=np.float32)
     drawn = np.isfinite(coords).all(axis=1)
     coords, names = coords[drawn], np.asarray(adata.var_names)[drawn]

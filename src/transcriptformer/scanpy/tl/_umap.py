@@ -78,6 +78,11 @@ def umap(
     if use_rep not in store:
         made_by = "tfs.tl.embed(adata, ...)" if axis == "obs" else "tfs.tl.gene_embeddings(adata, ...)"
         raise KeyError(f"adata.{axis}m has no {use_rep!r}; run {made_by} first (or pass use_rep=<{axis}m key>).")
+    if f"X_{key}" == use_rep:
+        raise ValueError(
+            f"key_added={key!r} would write the UMAP to {axis}m[{use_rep!r}], over the embedding it is computed from; "
+            f"pass another key_added (e.g. {f'umap_{key}'!r})."
+        )
     X = np.asarray(store[use_rep], dtype=np.float32)
     finite = np.isfinite(X).all(axis=1)
     if axis == "obs" and not finite.all():
