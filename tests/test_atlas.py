@@ -562,10 +562,27 @@ def test_tl_out_refuses_the_file_a_backed_input_reads(tiny_path, tiny_adata, tmp
     backed = ad.read_h5ad(source, backed="r")
     for tool, kwargs in ((tfs.tl.embed, {}), (tfs.tl.likelihood, {})):
         for same in (source, tmp_path / "." / "cells.h5ad"):
-            with pytest.raises(ValueError, match="is the file this backed AnnData reads"):
+            with pytest.raises(ValueError, match="is the file this AnnData reads its cells from"):
                 tool(backed, model=tiny_path, out=same, **kwargs)
     backed.file.close()
     assert ad.read_h5ad(source).shape == tiny_adata.shape  # the input is intact
+    # read lazily (no filename for a zarr store): the stores behind the dask arrays count as well
+    import dask.array as da
+    from anndata.experimental import read_lazy
+
+    dense = tiny_adata.copy()
+    dense.X = dense.X.toarray()
+    for data, suffix in ((tiny_adata, ".zarr"), (dense, ".zarr"), (tiny_adata, ".h5ad"), (dense, ".h5ad")):
+        store = tmp_path / f"lazy_{data is dense}{suffix}"
+        data.write_zarr(store) if suffix == ".zarr" else data.write_h5ad(store)
+        with pytest.raises(ValueError, match="is the file this AnnData reads its cells from"):
+            tfs.tl.embed(read_lazy(store), model=tiny_path, out=store)
+        assert (ad.read_zarr(store) if suffix == ".zarr" else ad.read_h5ad(store)).shape == tiny_adata.shape
+    from_zarr = ad.AnnData(obs=tiny_adata.obs, var=tiny_adata.var)
+    from_zarr.X = da.from_zarr(str(tmp_path / "lazy_True.zarr"), component="X")
+    with pytest.raises(ValueError, match="is the file this AnnData reads its cells from"):
+        tfs.tl.likelihood(from_zarr, model=tiny_path, out=tmp_path / "lazy_True.zarr")
+    tfs.tl.embed(read_lazy(tmp_path / "lazy_True.zarr"), model=tiny_path, out=tmp_path / "elsewhere.zarr")
 
 
 def test_tl_gene_embeddings_and_likelihood_of_a_soma_experiment(tiny_path, tiny_adata, soma_uri):

@@ -15,10 +15,13 @@ a time, so nothing is ever densified whole.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +44,7 @@ __all__ = [
     "prepare_cells",
     "read_gene_ids",
     "sequence_width",
+    "source_files",
     "strip_version",
     "unknown_aux_labels",
 ]
@@ -172,6 +176,52 @@ def column_values(table: Any, column: str) -> list[Any]:
 def is_lazy(matrix: Any) -> bool:
     """Whether ``matrix`` is lazy, like a dask array (rows are computed, and checked, window by window)."""
     return hasattr(matrix, "compute") and not isinstance(matrix, np.ndarray)
+
+
+def source_files(adata: Any) -> set[Path]:
+    """The files or stores an AnnData reads its matrices from (resolved paths; none for one in memory).
+
+    Its ``filename`` (backed, or ``read_lazy`` of an h5ad file), and the h5ad files and zarr stores behind the
+    dask arrays of ``X``, ``raw.X`` and the layers (``read_lazy``, ``da.from_zarr``).
+    """
+    found: set[Path] = set()
+    if getattr(adata, "filename", None) is not None:
+        found.add(Path(adata.filename).resolve())
+    raw = getattr(adata, "raw", None)
+    matrices = [adata.X, None if raw is None else raw.X, *getattr(adata, "layers", {}).values()]
+    for matrix in matrices:
+        if is_lazy(matrix):
+            for task in list(dict(matrix.__dask_graph__()).values())[:16]:  # chunks share their source
+                _paths_in(task, found, depth=0)
+    return found
+
+
+def _paths_in(obj: Any, found: set[Path], depth: int) -> None:
+    """Collect the paths of the h5py files, zarr stores and path objects reachable from a dask task."""
+    if depth > 8 or obj is None or isinstance(obj, str | bytes | int | float | np.ndarray):
+        return
+    if isinstance(obj, os.PathLike):
+        found.add(Path(obj).resolve())
+        return
+    h5 = getattr(getattr(obj, "file", None), "filename", None)  # an h5py dataset or group
+    if isinstance(h5, str):
+        found.add(Path(h5).resolve())
+        return
+    store = getattr(obj, "store", None)  # a zarr array or group: its store's folder (LocalStore, FsspecStore)
+    root = getattr(store, "root", None) or getattr(store, "path", None)
+    if isinstance(root, str | os.PathLike) and root:
+        found.add(Path(root).resolve())
+        return
+    if isinstance(obj, functools.partial):
+        children: list[Any] = [*obj.args, *obj.keywords.values()]
+    elif isinstance(obj, tuple | list):
+        children = list(obj)
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    else:  # dask task nodes (their value, arguments) and anndata's sparse datasets (their group)
+        children = [getattr(obj, name, None) for name in ("value", "args", "kwargs", "group")]
+    for child in children:
+        _paths_in(child, found, depth + 1)
 
 
 def _select_matrix(adata, layer: str | None) -> tuple[Any, pd.DataFrame, str]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from anndata import AnnData
 
 from ...data.gene_ids import names_to_ids
-from ...data.tokenizer import as_frame
+from ...data.tokenizer import as_frame, source_files
 from ...inference.options import RunOptions, check_genes, check_positive_int
 from ...inference.shards import OutputSpec, check_output_path, read_params, shard_folder
 from ...weights.checkpoint import load_model
@@ -45,20 +45,18 @@ def run_model(
 def check_out(out: Any, shard_size: Any, adata: AnnData) -> tuple[Path | None, int]:
     """``out`` (``None``, or an ``.h5ad`` / ``.zarr`` path) and ``shard_size``, checked before any compute.
 
-    ``out`` may not be the file a backed ``adata`` reads: writing it would replace the input's counts.
+    ``out`` may not be a file ``adata`` reads (backed, or read lazily): writing it would replace the input's counts.
     """
     size = check_positive_int(shard_size, "shard_size", allow_none=False)
     if out is None:
         return None, size
     path = check_output_path(out)
-    source = getattr(adata, "filename", None) if getattr(adata, "isbacked", False) else None
-    if source is not None:
-        source = Path(source)
+    for source in source_files(adata):
         same = path.exists() and source.exists() and os.path.samefile(source, path)
-        if same or source.resolve() == path.resolve():
+        if same or source == path.resolve():
             raise ValueError(
-                f"out={str(out)!r} is the file this backed AnnData reads ({source}): writing it would replace the "
-                "input. Pass another path."
+                f"out={str(out)!r} is the file this AnnData reads its cells from ({source}): writing it would "
+                "replace the input. Pass another path."
             )
     return path, size
 
