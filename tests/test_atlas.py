@@ -325,6 +325,15 @@ def test_another_run_is_refused_with_what_differs(tiny_model, cells, tmp_path, m
         _sharded(other, tiny_model, folder, out)
     with pytest.raises(ValueError, match=r"another run.*input\.n_obs: 104"):
         _sharded(cells[:104].copy(), tiny_model, folder, out)
+    # what the tokeniser reads changed, the matrix and names did not: other gene ids, other assay labels
+    ids = cells.copy()
+    ids.var["ensembl_id"] = ids.var["ensembl_id"].astype(object).where(np.arange(ids.n_vars) % 2 == 1, None)
+    with pytest.raises(ValueError, match=r"another run.*input\.tokens_sha256"):
+        _sharded(ids, tiny_model, folder, out)
+    assays = cells.copy()
+    assays.obs["assay"] = assays.obs["assay"].astype(str).str.upper()
+    with pytest.raises(ValueError, match=r"another run.*input\.tokens_sha256"):
+        _sharded(assays, tiny_model, folder, out)
     # a shard of another run (same name, another fingerprint) is refused, never merged
     _sharded(cells[:50].copy(), tiny_model, tmp_path / "other.shards", tmp_path / "o.zarr", merge=False)
     os.replace(tmp_path / "other.shards" / "shards" / "part-000002.npz", folder / "shards" / "part-000002.npz")
@@ -333,6 +342,36 @@ def test_another_run_is_refused_with_what_differs(tiny_model, cells, tmp_path, m
     with pytest.raises(ValueError, match="written by another run"):
         ShardStore.open(folder).read(2)
     assert not out.exists()
+
+
+def test_the_merge_has_the_obs_of_the_call_that_makes_it(tiny_model, cells, tmp_path, monkeypatch):
+    folder, out = tmp_path / "run.shards", tmp_path / "run.h5ad"
+    _stop_after(monkeypatch, 2)
+    with pytest.raises(_Stop):
+        _sharded(cells, tiny_model, folder, out)
+    monkeypatch.undo()
+    relabelled = cells.copy()
+    relabelled.obs["cell_type"] = relabelled.obs["cell_type"].astype(str) + " (checked)"
+    _sharded(relabelled, tiny_model, folder, out)
+    merged = ad.read_h5ad(out)
+    np.testing.assert_array_equal(merged.obs["cell_type"].astype(str), relabelled.obs["cell_type"].to_numpy())
+
+
+def test_a_start_that_fails_leaves_no_folder_and_a_retry_runs(tiny_model, cells, tmp_path):
+    folder, out = tmp_path / "run.shards", tmp_path / "run.h5ad"
+    bad = cells.copy()
+    bad.obs["cell_type"] = [1 if i % 2 else "a" for i in range(bad.n_obs)]  # h5ad cannot write a mixed column
+    with pytest.raises(ValueError, match=r"obs cannot be written to an h5ad file .*make such obs columns strings"):
+        _sharded(bad, tiny_model, folder, out)
+    assert not folder.exists()
+    folder.mkdir()
+    (folder / "shards").mkdir()  # what an earlier version left after such a failure: no shard file in it
+    run = _sharded(cells, tiny_model, folder, out)
+    assert run.output == out and out.exists()
+    (folder / "shards").mkdir(parents=True)
+    (folder / "shards" / "part-000000.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"has shard files but no manifest\.json"):
+        _sharded(cells, tiny_model, folder, out)
 
 
 def test_merge_refuses_missing_shards_and_ignores_temporary_files(tiny_model, cells, tmp_path, monkeypatch):

@@ -183,6 +183,9 @@ class ShardedInference:
 def input_identity(adata: Any, source: CellSource, *, sample: int = 64) -> dict[str, Any]:
     """What identifies an input for a sharded run: its size, digests of its cell names, gene ids and first cells.
 
+    ``tokens_sha256`` covers what the tokeniser read: the columns, the gene token of each (from ``gene_key``) and
+    every cell's auxiliary tokens (its ``obs["assay"]``), so a resume after those changed is refused.
+
     Cheap at any size: the cell names are hashed by pandas a million at a time, and only the first ``sample``
     cells' counts are read (as stored, every column: options that change how they are read are recorded
     separately).
@@ -205,12 +208,16 @@ def input_identity(adata: Any, source: CellSource, *, sample: int = 64) -> dict[
         for part in parts:
             h.update(np.ascontiguousarray(part).tobytes())
     genes = source.var_names if source.var_names is not None else pd.RangeIndex(source.matrix.shape[1])
+    read = hashlib.sha256()  # what the tokeniser made of the input: the columns read, their tokens, the aux tokens
+    for part in (source.columns, source.column_tokens, source.aux):
+        read.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
     return {
         "n_obs": int(source.n_obs),
         "n_vars": int(source.matrix.shape[1]),
         "counts_source": source.source,
         "obs_names_sha256": frame_digest(adata.obs_names),
         "genes_sha256": frame_digest(pd.Index([str(g) for g in genes])),
+        "tokens_sha256": read.hexdigest(),
         "first_cells_sha256": h.hexdigest(),
     }
 

@@ -308,8 +308,9 @@ class ShardStore:
     def prepare(cls, root: str | os.PathLike, manifest: dict[str, Any], obs: pd.DataFrame) -> ShardStore:
         """Start a run in ``root`` (created), or resume it: the folder's manifest must have the same fingerprint.
 
-        ``obs`` (one row per input cell) is written once, for the merged output. Temporary files of an
-        interrupted run are removed and every finished shard is checked to belong to this run.
+        ``obs`` (one row per input cell) is written for the merged output by every call, so the merge has the
+        ``obs`` of the call that makes it. Temporary files of an interrupted run are removed and every finished
+        shard is checked to belong to this run. A call that fails before its manifest is written leaves no folder.
         """
         root = Path(root)
         if len(obs) != manifest["n_obs"]:
@@ -328,29 +329,46 @@ class ShardStore:
             store.manifest["output"] = manifest["output"]  # where to merge may change (same results)
             store._clean_temporary()
             store.finished(verify=True)
-            if not (root / CELLS_FILE).is_file():
-                store._write_obs(obs)
+            store._write_obs(obs)
             write_json_atomic(root / MANIFEST, store.manifest)
             return store
-        if root.exists() and any(root.iterdir()):
-            if (root / SHARD_DIR).exists() or (root / CELLS_FILE).exists():
+
+        def leftover(f: Path) -> bool:  # temporary files and an empty shard folder: what a failed start leaves
+            return not (f.name.endswith(".tmp") or (f.name == SHARD_DIR and f.is_dir() and not any(f.iterdir())))
+
+        if root.is_dir() and any(leftover(f) for f in root.iterdir()):
+            shards = root / SHARD_DIR
+            if (shards.is_dir() and any(_PART.match(f.name) for f in shards.iterdir())) or (root / CELLS_FILE).exists():
                 raise ValueError(
                     f"{root} has shard files but no {MANIFEST}, so nothing says which run wrote them: delete {root} "
                     "to start over."
                 )
             raise ValueError(f"the shard folder {root} exists and is not empty; pass another output or remove it.")
-        (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        created = not root.exists()
+        root.mkdir(parents=True, exist_ok=True)
         store = cls(root, manifest)
-        store._write_obs(obs)
-        write_json_atomic(root / MANIFEST, manifest)  # last: a folder with a manifest is complete
+        try:
+            store._write_obs(obs)
+            (root / SHARD_DIR).mkdir(exist_ok=True)
+            write_json_atomic(root / MANIFEST, manifest)  # last: a folder with a manifest is complete
+        except BaseException:
+            if created:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
         logger.info("new shard folder %s: %s cells in %d shards", root, f"{store.n_obs:,}", store.n_shards)
         return store
 
     def _write_obs(self, obs: pd.DataFrame) -> None:
         import anndata as ad
 
-        with _written_as(self.root / CELLS_FILE) as tmp:
-            ad.AnnData(obs=obs).write_h5ad(tmp)
+        try:
+            with _written_as(self.root / CELLS_FILE) as tmp:
+                ad.AnnData(obs=obs).write_h5ad(tmp)
+        except (TypeError, ValueError) as e:  # e.g. a column mixing numbers and strings
+            raise ValueError(
+                f"the cells' obs cannot be written to an h5ad file for the merged output ({type(e).__name__}: {e}); "
+                "make such obs columns strings or categories, or drop them, and run again."
+            ) from e
 
     def _clean_temporary(self) -> None:
         for f in [*self.root.glob(".*.tmp"), *(self.root / SHARD_DIR).glob(".*.tmp")]:
