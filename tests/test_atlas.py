@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -170,6 +171,37 @@ def test_lazy_inputs_equal_the_in_memory_run(tiny_model, reference, zarr_store, 
     got = infer(adata, tiny_model, heads=HEADS).result
     np.testing.assert_allclose(got.embeddings, reference.embeddings, atol=1e-6, rtol=0)
     np.testing.assert_allclose(got.llh, reference.llh, atol=1e-6, rtol=0)
+
+
+def test_the_other_tools_read_lazy_inputs_as_in_memory_ones(tiny_model, zarr_store):
+    """obs and var of read_lazy are xarray-backed: every tool reads their columns as the in-memory ones."""
+    pytest.importorskip("xarray")
+    memory = tfs.datasets.tiny_human()
+
+    def both(call):
+        lazy = ad.experimental.read_lazy(zarr_store)
+        return call(memory.copy()), call(lazy)
+
+    a, b = both(lambda x: tfs.pp.check_input(x, tiny_model))
+    assert dataclasses.asdict(a) == dataclasses.asdict(b)
+    a, b = both(lambda x: tfs.pp.match_genes(x, tiny_model, copy=True).var["transcriptformer_in_vocab"].to_numpy())
+    np.testing.assert_array_equal(a, b)
+    a, b = both(lambda x: tfs.tl.gene_embeddings_by_group(x, tiny_model, groupby="cell_type"))
+    np.testing.assert_allclose(a.X, b.X, atol=1e-6, rtol=0)
+    assert list(a.obs_names) == list(b.obs_names)
+    gene = str(memory.var_names[memory.var["ensembl_id"].isin(tiny_model.vocab.genes)][0])
+    a, b = both(lambda x: tfs.tl.gene_embeddings(x, tiny_model, genes=[gene], copy=True).varm)
+    np.testing.assert_allclose(a["X_transcriptformer_genes"], b["X_transcriptformer_genes"], atol=1e-6, equal_nan=True)
+
+    def embedded(x):
+        tfs.tl.embed(x, tiny_model)
+        return x
+
+    query = embedded(memory.copy())
+    a, b = both(lambda x: tfs.tl.transfer_labels(query, embedded(x), labels_key="cell_type", copy=True).obs)
+    pd.testing.assert_frame_equal(a, b)
+    a, b = both(lambda x: tfs.tl.celltype_similarity(embedded(x), groupby="cell_type", batch_key="donor_id"))
+    pd.testing.assert_frame_equal(a, b)
 
 
 def test_dask_raw_and_layers_are_read_window_by_window(tiny_model, reference, monkeypatch):

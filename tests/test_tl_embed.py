@@ -129,6 +129,12 @@ def test_zero_cells_are_an_error_in_the_api_and_the_cli(tmp_path, tiny_path, tin
     assert not (tmp_path / "out").exists()
 
 
+def test_zero_genes_say_so(tiny_path, tiny_adata):
+    for no_genes in (tiny_adata[:, []], tiny_adata[:, tiny_adata.var_names == "not a gene"].copy()):
+        with pytest.raises(ValueError, match=r"the data has no genes \(var\['ensembl_id'\] is empty, n_vars = 0\)"):
+            tfs.tl.embed(no_genes, model=tiny_path)
+
+
 def test_views_of_backed_data(tiny_path, tiny_adata, tmp_path, no_model_load):
     path = tmp_path / "backed.h5ad"
     tiny_adata.write_h5ad(path)

@@ -46,6 +46,7 @@ __all__ = [
     "sequence_width",
     "source_files",
     "strip_version",
+    "table_column",
     "unknown_aux_labels",
 ]
 
@@ -167,10 +168,17 @@ def as_frame(table: Any) -> pd.DataFrame:
 
 def column_values(table: Any, column: str) -> list[Any]:
     """The values of one column of ``obs`` as a list (pandas, or the lazy ``Dataset2D`` of ``read_lazy``)."""
-    values = table[column]
-    if isinstance(values, pd.Series):
-        return values.tolist()
-    return np.asarray(values.to_numpy() if hasattr(values, "to_numpy") else values, dtype=object).tolist()
+    return table_column(table, column).tolist()
+
+
+def table_column(table: Any, name: str) -> pd.Series:
+    """One column of ``obs`` or ``var`` as a pandas Series, its dtype kept and indexed as the table.
+
+    The table is pandas, or the lazy ``Dataset2D`` of ``read_lazy`` (only that column is read).
+    """
+    if isinstance(table, pd.DataFrame):
+        return table[name]
+    return as_frame(table[[name]])[name]
 
 
 def is_lazy(matrix: Any) -> bool:
@@ -347,6 +355,8 @@ def _key_added(gene_key: str) -> str:
 
 def _describe_no_match(raw_ids: np.ndarray, ids: np.ndarray, source: str, vocab: GeneVocab, model_name: str) -> str:
     vocab_examples = list(vocab.genes[:3])
+    if len(raw_ids) == 0:
+        return f"the data has no genes ({source} is empty, n_vars = 0): select some genes (e.g. adata[:, genes])."
     strings = [s for s in raw_ids if isinstance(s, str) and s]
     if not strings:
         present = [v for v in raw_ids if v is not None and not (isinstance(v, float) and np.isnan(v))]

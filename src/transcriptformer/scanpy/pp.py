@@ -12,7 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from ..data import gene_ids
-from ..data.tokenizer import read_gene_ids, strip_version, unknown_aux_labels
+from ..data.tokenizer import as_frame, column_values, read_gene_ids, strip_version, unknown_aux_labels
 from ..errors import warn
 from ..inference.options import (
     RunKwargs,
@@ -173,7 +173,7 @@ def check_input(
             for i, voc in enumerate(loaded.aux_vocabs)
         },
         unknown_aux_labels={
-            voc.column: unknown_aux_labels(adata.obs[voc.column].tolist(), voc, limit=20)
+            voc.column: unknown_aux_labels(column_values(adata.obs, voc.column), voc, limit=20)
             for voc in loaded.aux_vocabs
             if voc.column in adata.obs.columns
         },
@@ -230,7 +230,7 @@ def match_genes(
             "key_added."
         )
     check_writable(adata, copy)
-    ids, _ = read_gene_ids(adata.var, gene_key, "X")
+    ids, _ = read_gene_ids(as_frame(adata.var), gene_key, "X")
     loaded = load_model(model, cache_dir=cache_dir)
     update = Update("match_genes")
     update.set("var", key_added, loaded.vocab.lookup_genes(list(strip_version(ids))) >= 0)

@@ -117,7 +117,7 @@ def genes_to_ids(genes: Any, adata: AnnData | None, loaded: LoadedModel, options
     names = check_genes(genes)
     if names is None:
         return None
-    var = None if adata is None else adata.var
+    var = None if adata is None else as_frame(adata.var)
     return names_to_ids(names, loaded.vocab, var=var, gene_key=options.gene_key)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ...data.tokenizer import table_column
 from ...inference.options import RunKwargs, check_bool, check_genes, documents_run_options, run_options
 from .._utils import Update, base_key, check_adata, check_writable, deprecated_argument
 from ._common import ModelArg, load, run_model
@@ -180,7 +181,7 @@ def gene_embeddings_by_group(
     check_adata(adata)
     if not isinstance(groupby, str) or groupby not in adata.obs:
         raise KeyError(f"groupby={groupby!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
-    cat = pd.Categorical(adata.obs[groupby].astype("category")).remove_unused_categories()
+    cat = pd.Categorical(table_column(adata.obs, groupby).astype("category")).remove_unused_categories()
     codes, labels = np.asarray(cat.codes, dtype=np.int64), [str(c) for c in cat.categories]
     if not labels:
         raise ValueError(f"adata.obs[{groupby!r}] has no group with cells.")

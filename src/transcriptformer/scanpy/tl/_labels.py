@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ...data.tokenizer import table_column
 from ...inference.options import check_bool, check_key, check_positive_int
 from .._utils import Update, check_adata, check_writable, deprecated_argument, use_rep_or_deprecated
 
@@ -105,7 +106,7 @@ def transfer_labels(
         raise ValueError(
             f"the embeddings differ in width ({X_ref.shape[1]} vs {X_query.shape[1]}): embed both with one model."
         )
-    labels = reference.obs[labels_key]
+    labels = table_column(reference.obs, labels_key)
     known = labels.notna().to_numpy()
     if known.sum() == 0:
         raise ValueError(f"reference.obs[{labels_key!r}] has no label.")
@@ -203,9 +204,10 @@ def celltype_similarity(
     for name, a in parts.items():
         if groupby not in a.obs:
             raise KeyError(f"dataset {name!r} has no obs column {groupby!r}.")
-        known = a.obs[groupby].notna().to_numpy()
+        column = table_column(a.obs, groupby)
+        known = column.notna().to_numpy()
         X = embedding(a, use_rep, f"dataset {name!r}").astype(np.float64)[known]
-        y = a.obs[groupby].astype(str).to_numpy()[known]
+        y = column.astype(str).to_numpy()[known]
         data[name] = (X, y)
         for g in sorted(pd.unique(y)):
             if SEPARATOR in name or SEPARATOR in g:
@@ -260,7 +262,7 @@ def _datasets(adatas: object, batch_key: str | None) -> dict[str, AnnData]:
             return {"data": adatas}
         if batch_key not in adatas.obs:
             raise KeyError(f"adata.obs has no column {batch_key!r} (batch_key).")
-        labels = adatas.obs[batch_key].astype(str)
+        labels = table_column(adatas.obs, batch_key).astype(str)
         return {b: adatas[(labels == b).to_numpy()] for b in pd.unique(labels)}
     if isinstance(adatas, Mapping):
         parts = {str(k): v for k, v in adatas.items()}
