@@ -427,6 +427,32 @@ def test_merge_refuses_missing_shards_and_ignores_temporary_files(tiny_model, ce
     assert not out.exists()
 
 
+def test_merge_never_writes_over_a_folder_or_the_input(tiny_model, cells, tmp_path):
+    source = tmp_path / "input.h5ad"
+    cells.write_h5ad(source)
+    folder = tmp_path / "run.shards"
+    _sharded(cells, tiny_model, folder, tmp_path / "run.h5ad", merge=False, info={"input": str(source)})
+    store = ShardStore.open(folder)
+    for name, match in (("results.h5ad", "is an existing folder: the merge"), ("results.zarr", "not a zarr store")):
+        precious = tmp_path / name
+        precious.mkdir()
+        (precious / "notes.txt").write_text("precious")
+        with pytest.raises(ValueError, match=match):
+            store.merge(precious, keep=True)
+        assert (precious / "notes.txt").read_text() == "precious"
+    (tmp_path / "file.zarr").write_text("not a store")
+    with pytest.raises(ValueError, match="is an existing file, not a zarr store"):
+        store.merge(tmp_path / "file.zarr", keep=True)
+    before = source.read_bytes()
+    for same in (source, tmp_path / "." / "input.h5ad"):
+        with pytest.raises(ValueError, match=r"is the run's input .*: writing it would replace the input"):
+            store.merge(same, keep=True)
+    assert source.read_bytes() == before
+    store.merge(tmp_path / "m.zarr", keep=True)  # a store an earlier merge wrote is replaced
+    merged = store.merge(tmp_path / "m.zarr", keep=True)
+    assert ad.read_zarr(merged).n_obs == cells.n_obs
+
+
 def test_shards_of_gene_outputs_are_refused(tiny_model, cells, tmp_path):
     with pytest.raises(ValueError, match=r"\['cge'\] cannot be written in shards"):
         infer_sharded(cells, tiny_model, tmp_path / "x", describe=None, obs=cells.obs, heads=("cge",))  # type: ignore[arg-type]

@@ -748,7 +748,7 @@ def _run_resumable(args: argparse.Namespace, loaded, outputs, options, path: Pat
             attention=args.attention,
             shard_size=args.shard_size,
             keep_shards=args.keep_shards,
-            info={"input": str(source), **where},
+            info={"input": str(Path(source).resolve()) if Path(source).exists() else str(source), **where},
         )
     finally:
         if adata.isbacked:

@@ -485,9 +485,8 @@ class ShardStore:
             raise ValueError(self.missing_message(pending))
         spec = self.output
         path = Path(output if output is not None else spec.path).expanduser()
-        if path.resolve() == self.root.resolve() or self.root.resolve() in path.resolve().parents:
-            raise ValueError(f"the output {path} is inside the shard folder {self.root}; pass another path.")
         zarr_out = path.suffix == ".zarr"
+        self._check_output(path, zarr_out)
         obs = ad.read_h5ad(self.root / CELLS_FILE).obs
         if len(obs) != self.n_obs:
             raise ValueError(f"{self.root / CELLS_FILE} has {len(obs):,} cells for {self.n_obs:,}; delete the folder.")
@@ -505,6 +504,28 @@ class ShardStore:
         if not keep:
             shutil.rmtree(self.root, ignore_errors=True)
         return path
+
+    def _check_output(self, path: Path, zarr_out: bool) -> None:
+        """The merge replaces only a file, or a zarr store where a ``.zarr`` is asked for; never the run's input."""
+        if path.resolve() == self.root.resolve() or self.root.resolve() in path.resolve().parents:
+            raise ValueError(f"the output {path} is inside the shard folder {self.root}; pass another path.")
+        is_store = (path / ".zgroup").is_file() or (path / "zarr.json").is_file()
+        if path.is_dir() and not (zarr_out and is_store):
+            raise ValueError(
+                f"the output {path} is an existing folder{' that is not a zarr store' if zarr_out else ''}: the merge "
+                "would replace it and everything in it; pass another path (or remove the folder)."
+            )
+        if zarr_out and path.exists() and not path.is_dir():
+            raise ValueError(f"the output {path} is an existing file, not a zarr store; pass another path.")
+        info = self.manifest.get("info", {})
+        inputs = [info.get("input"), *info.get("inputs", [])]
+        for source in (Path(f).expanduser() for f in inputs if isinstance(f, str) and f):
+            same = path.exists() and source.exists() and os.path.samefile(source, path)
+            if same or source.resolve() == path.resolve():
+                raise ValueError(
+                    f"the output {path} is the run's input {source}: writing it would replace the input; pass another "
+                    "path."
+                )
 
     def _copy_shards(
         self, handle: Any, spec: OutputSpec, progress: bool | None

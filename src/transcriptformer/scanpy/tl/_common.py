@@ -95,7 +95,11 @@ def run_to_file(
         uns = {key: {"params": params}}
         return OutputSpec(path=str(out), destinations=tuple(destinations), uns=uns, params_key=key)
 
-    info = {"tool": tool, **({"soma": dict(adata.uns["soma"])} if isinstance(adata.uns.get("soma"), dict) else {})}
+    info = {
+        "tool": tool,
+        "inputs": sorted(str(f) for f in source_files(adata)),  # files the merge must not write over
+        **({"soma": dict(adata.uns["soma"])} if isinstance(adata.uns.get("soma"), dict) else {}),
+    }
     run: ShardedInference = infer_sharded(
         adata,
         loaded,
