@@ -358,6 +358,140 @@ def test_new_model_refuses_unusable_assay_indices(tiny_path, no_network_built, a
     assert no_network_built == []
 
 
+def test_new_model_takes_one_assay_label_given_as_a_string(tiny_path, no_network_built):
+    model = checkpoint.new_model(
+        _tables(tiny_path), assay_vocab="10x 3' v3", embed_dim=16, num_layers=1, num_heads=2, seq_len=15
+    )
+    assert dict(model.aux_vocabs[0].labels) == {"unknown": 0, "10x 3' v3": 1}  # not one label per character
+
+
+def test_new_model_numbers_each_assay_label_once(tiny_path, no_network_built):
+    assays = ["10x 3' v2", "10x 3' v3", "unknown", "10x 3' v2", "smart-seq"]
+    model = checkpoint.new_model(_tables(tiny_path), assay_vocab=assays, embed_dim=16, num_layers=1, num_heads=2)
+    assert dict(model.aux_vocabs[0].labels) == {"unknown": 0, "10x 3' v2": 1, "10x 3' v3": 2, "smart-seq": 3}
+
+
+@pytest.mark.parametrize("assays", [5, [""], ["10x", None]], ids=["not-a-list", "empty-label", "not-a-string"])
+def test_new_model_refuses_unusable_assay_labels(tiny_path, no_network_built, assays):
+    with pytest.raises(ValueError, match="assay_vocab"):
+        checkpoint.new_model(_tables(tiny_path), assay_vocab=assays, embed_dim=16, num_layers=1, num_heads=2)
+    assert no_network_built == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("embed_dim", 16.0),
+        ("embed_dim", "16"),
+        ("embed_dim", True),
+        ("num_heads", 2.0),
+        ("num_layers", "1"),
+        ("num_layers", 0),
+        ("seq_len", 15.5),
+        ("model_dim", 64.0),
+        ("gene_head_hidden_dim", "16"),
+        ("dropout", "0.1"),
+        ("dropout", 2),
+        ("softcap", float("nan")),
+        ("seed", 1.5),
+        ("activation", "tanh"),
+    ],
+)
+def test_new_model_refuses_wrong_typed_shapes_naming_the_argument(tiny_path, no_network_built, key, value):
+    options = {"embed_dim": 16, "num_layers": 1, "num_heads": 2, key: value}
+    with pytest.raises(ValueError, match=rf"^{key}(=| must be)") as info:
+        checkpoint.new_model(_tables(tiny_path), **options)
+    assert "\n" not in str(info.value)
+    assert no_network_built == []
+
+
+def test_new_model_with_numpy_integers_saves_and_loads(tiny_path, tmp_path):
+    model = checkpoint.new_model(
+        _tables(tiny_path), embed_dim=np.int64(16), num_layers=np.int32(1), num_heads=np.int64(2), seq_len=15
+    )
+    checkpoint.save_checkpoint(model, tmp_path / "ckpt")  # config.json holds plain integers
+    assert transcriptformer.load_model(tmp_path / "ckpt").config.model.embed_dim == 16
+
+
+def test_new_model_refuses_heads_that_do_not_divide_the_width(tiny_path, no_network_built):
+    with pytest.raises(ValueError, match=r"embed_dim=16 is not divisible by num_heads=3"):
+        checkpoint.new_model(_tables(tiny_path), embed_dim=16, num_layers=1, num_heads=3)
+    assert no_network_built == []
+
+
+# --- saving ---------------------------------------------------------------------------------------------------------
+
+
+def _lora_wrapped(tiny_model):
+    """A copy of tf-tiny's network holding LoRA layers with non-zero updates (as merge_adapter=False leaves it),
+    and the plain network those layers merge into."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraModel
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["linear1", "linear2"])
+    wrapped = LoraModel(copy.deepcopy(tiny_model.model), config, "default")
+    with torch.no_grad():
+        for name, p in wrapped.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    return wrapped.model, merged
+
+
+@pytest.mark.parametrize("how", ["loaded", "model="])
+def test_save_checkpoint_merges_a_network_with_lora_layers(tiny_model, tmp_path, how):
+    import dataclasses
+
+    net, merged = _lora_wrapped(tiny_model)
+    assert any(".base_layer." in k for k in net.state_dict())
+    if how == "loaded":  # load_model(..., adapter=..., merge_adapter=False)
+        checkpoint.save_checkpoint(dataclasses.replace(tiny_model, model=net), tmp_path / "ckpt")
+    else:
+        checkpoint.save_checkpoint(tiny_model, tmp_path / "ckpt", model=net)
+    assert any(".base_layer." in k for k in net.state_dict())  # the network itself is left as it was
+    saved = transcriptformer.load_model(tmp_path / "ckpt")
+    expected = merged.state_dict()
+    assert set(saved.model.state_dict()) == set(expected)
+    for key, value in saved.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    key = "transformer_encoder.encoder_layers.0.linear1.weight"
+    assert not torch.equal(expected[key], tiny_model.model.state_dict()[key])  # the adapter changed the weights
+
+
+def test_save_checkpoint_refuses_weights_that_would_not_load(tiny_path, tiny_model, tmp_path):
+    import copy
+
+    other = checkpoint.new_model(_tables(tiny_path), embed_dim=16, num_layers=1, num_heads=2, seq_len=15)
+    with pytest.raises(ValueError, match=r"model= does not fit the config and vocabularies of tf.tiny .*nothing was"):
+        checkpoint.save_checkpoint(tiny_model, tmp_path / "ckpt", model=other.model)
+    assert not (tmp_path / "ckpt").exists()
+    broken = copy.deepcopy(tiny_model.model)
+    with torch.no_grad():
+        broken.transformer_encoder.encoder_layers[0].linear1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite values .*linear1.weight"):
+        checkpoint.save_checkpoint(tiny_model, tmp_path / "ckpt", model=broken)
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(TypeError, match=r"model= must be a network"):
+        checkpoint.save_checkpoint(tiny_model, tmp_path / "ckpt", model=tiny_model)
+
+
+def test_save_checkpoint_names_what_is_wrong_with_its_arguments(tiny_model, tmp_path):
+    with pytest.raises(TypeError, match=r"call transcriptformer.load_model\('tf-tiny'\) first"):
+        checkpoint.save_checkpoint("tf-tiny", tmp_path / "ckpt")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"takes a loaded model"):
+        checkpoint.save_checkpoint(tiny_model.model, tmp_path / "ckpt")  # type: ignore[arg-type]
+    assert not (tmp_path / "ckpt").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"{tmp_path / 'afile'}: it is a file, not a folder"):
+        checkpoint.save_checkpoint(tiny_model, tmp_path / "afile")
+    with pytest.raises(NotADirectoryError, match=rf"{tmp_path / 'afile'} is a file; pass another folder"):
+        checkpoint.save_checkpoint(tiny_model, tmp_path / "afile" / "sub")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_docstring_examples_use_no_deprecated_name():
     import doctest
     import warnings

@@ -617,3 +617,19 @@ def test_registry_names_end_to_end(registry_server, cache, tmp_path, cli, monkey
     )
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad").obsm["embeddings"], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tf-sapiens", "tf-tiny"])
+@pytest.mark.parametrize("below", [False, True], ids=["a-file", "below-a-file"])
+def test_download_to_a_file_names_the_flag_before_downloading(registry_server, cli, tmp_path, model, below):
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / "sub" if below else tmp_path / "afile"
+    proc = cli("download", model, "--checkpoint-dir", target, "--no-progress", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"transcriptformer: error: --checkpoint-dir {target} "
+        + (f"cannot be created: {tmp_path / 'afile'} is a file" if below else "is a file, not a folder")
+        + "; pass a folder (new or existing) to receive the <name>/ folders, e.g. --checkpoint-dir ./checkpoints."
+    ]
+    assert registry_server.requests == []  # checked before anything is downloaded
+    assert (tmp_path / "afile").read_text() == "x"

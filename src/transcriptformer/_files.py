@@ -19,7 +19,15 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VerificationRecord", "cache_path", "file_stamp", "read_json", "sha256_file", "write_json_atomic"]
+__all__ = [
+    "VerificationRecord",
+    "cache_path",
+    "file_stamp",
+    "give_default_mode",
+    "read_json",
+    "sha256_file",
+    "write_json_atomic",
+]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -62,13 +70,41 @@ def read_json(path: Path, what: str, fix: str) -> Any:
         raise ValueError(f"{path} ({what}) is {reason}. {fix}") from None
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # no other way to read it; meanwhile, the most restrictive value
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions a plain ``open(path, "w")`` (a folder: ``os.mkdir``) would give it.
+
+    That is ``0o666 & ~umask`` (a folder: ``0o777 & ~umask``). For files that :func:`tempfile.mkstemp` or a
+    library (safetensors) creates owner-only (mode 0600), before they are renamed into place, and for folders
+    copied with another folder's modes: what others could read had it been written directly stays readable.
+    """
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = True, default: Any = None) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written).
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (not mkstemp's owner-only 0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(data, indent=1, sort_keys=sort_keys, default=default))
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._files import give_default_mode
 from ..weights import registry
 from ..weights.registry import REGISTRY
+from ._common import CLIError
 
 __all__ = ["DOWNLOAD_CHOICES", "add_parser", "run"]
 
@@ -37,6 +40,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Run the ``download`` command."""
+    _check_checkpoint_dir(Path(args.checkpoint_dir).expanduser())  # before anything is downloaded
     published = [e.name for e in registry.ENTRIES if e.kind in ("model", "tables") and e.bundled is None]
     names = published if args.model == "all" else [args.model]
     folders = []
@@ -47,6 +51,21 @@ def run(args: argparse.Namespace) -> list[Path]:
         print(folder)
         folders.append(folder)
     return folders
+
+
+def _check_checkpoint_dir(root: Path) -> None:
+    """``--checkpoint-dir`` is a folder, or can become one, and can be written to (one line naming the flag)."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = "is a file, not a folder" if existing == root else f"cannot be created: {existing} is a file"
+        raise CLIError(
+            f"--checkpoint-dir {root} {problem}; pass a folder (new or existing) to receive the <name>/ folders, "
+            "e.g. --checkpoint-dir ./checkpoints."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--checkpoint-dir {root}: {existing} is not writable; pass a writable folder.")
 
 
 def _copy_bundled(source: Path, root: Path, *, force: bool) -> Path:
@@ -60,6 +79,8 @@ def _copy_bundled(source: Path, root: Path, *, force: bool) -> Path:
         staged = tmp / source.name
         if source.is_dir():  # contents only: the installed package's read-only modes are not copied
             shutil.copytree(source, staged, copy_function=shutil.copyfile)
+            for folder in (staged, *(p for p in staged.rglob("*") if p.is_dir())):
+                give_default_mode(folder)  # copytree gives folders the source's modes
         else:
             shutil.copyfile(source, staged)
         if dest.is_dir():

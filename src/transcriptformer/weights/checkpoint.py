@@ -17,14 +17,17 @@ This module does not import torch until a model is loaded (the imports inside fu
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +35,16 @@ import numpy as np
 
 from .. import _files
 from .._files import VerificationRecord, file_stamp
-from ..config import Activation, DataConfig, LossConfig, ModelConfig, MuLink, TranscriptFormerConfig
+from ..config import (
+    ACTIVATIONS,
+    MU_LINK_FUNCTIONS,
+    Activation,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    MuLink,
+    TranscriptFormerConfig,
+)
 from ..vocab import AuxVocab, GeneVocab, read_aux_vocab, read_gene_tables, read_table_ids
 from . import adapter, registry
 from .layout import CONFIG_FILE, VOCAB_DIR, WEIGHTS_FILE, check_folder, check_layout, confined
@@ -467,6 +479,54 @@ def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _positive_int(value: Any, name: str, *, none_means: str = "") -> int:
+    """A positive integer as a Python int; bools, floats, strings refused (the message names the argument)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < 1:
+        expected = f"a positive integer or None ({none_means})" if none_means else "a positive integer"
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+    return int(value)
+
+
+def _number(value: Any, name: str, low: float, high: float, expected: str) -> float:
+    """A finite number from ``low`` to ``high`` (bools and strings refused)."""
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, int | float | np.integer | np.floating)
+        or not (math.isfinite(value) and low <= value <= high)
+    ):
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+    return float(value)
+
+
+def _assay_labels(assay_vocab: Any) -> dict[str, int]:
+    """``{label: index}`` of new_model's ``assay_vocab`` (see there); ``{}`` for ``None``."""
+    if assay_vocab is None:
+        return {}
+    if isinstance(assay_vocab, Mapping):
+        labels = dict(assay_vocab)
+        bad = {k: v for k, v in labels.items() if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 100_000}
+        if bad or len(set(labels.values())) != len(labels):
+            raise ValueError(
+                f"assay_vocab: every label needs its own index, an integer from 0 to 99,999 (one embedding row "
+                f"each), got {bad or assay_vocab}."
+            )
+        return {str(k): int(v) for k, v in labels.items()}
+    # one label given as a string is that label (not its characters)
+    items = [assay_vocab] if isinstance(assay_vocab, str) else assay_vocab
+    if not isinstance(items, Iterable) or isinstance(items, bytes):
+        raise ValueError(
+            f"assay_vocab must be an assay label, a list of labels or {{label: index}}, got {assay_vocab!r}."
+        )
+    items = list(items)
+    bad_labels = [a for a in items if not isinstance(a, str) or not a.strip()]
+    if bad_labels:
+        raise ValueError(f"assay_vocab: every label must be a non-empty string, got {bad_labels[0]!r}.")
+    labels = {"unknown": 0}
+    for label in items:  # in order, each label once ("unknown" is index 0)
+        labels.setdefault(label, len(labels))
+    return labels
+
+
 def new_model(
     gene_tables: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -501,7 +561,8 @@ def new_model(
         Gene-table files in the published HDF5 format (``keys`` + ``arrays``), or species names of the
         ``all-embeddings`` download (``"homo_sapiens"``), in vocabulary order.
     assay_vocab
-        Assay labels (a list, or ``{label: index}`` with ``"unknown"``): the cells' ``obs["assay"]`` becomes an
+        Assay labels (a list, numbered in order from 1 after ``"unknown"`` = 0, each label once; a single string
+        is one label), or ``{label: index}`` with ``"unknown"``: the cells' ``obs["assay"]`` becomes an
         auxiliary token. ``None``: no auxiliary token.
     embed_dim, num_layers, num_heads, model_dim, seq_len, gene_head_hidden_dim, dropout, softcap, activation, mu_link_fn
         The ``model_config`` entries (``model_dim`` default ``4 * embed_dim``, ``gene_head_hidden_dim``
@@ -519,27 +580,44 @@ def new_model(
     -------
     LoadedModel
         The model (``path`` is ``None`` until it is saved).
+
+    Raises
+    ------
+    ValueError
+        An argument of the wrong type or out of range (``embed_dim=16.0``, ``num_heads="2"``, ``dropout=2``), the
+        message naming it; checked before any table is read.
     """
     import torch
 
+    # plain Python numbers from here on (numpy's would not survive config.json)
+    embed_dim = _positive_int(embed_dim, "embed_dim")
+    num_layers = _positive_int(num_layers, "num_layers")
+    num_heads = _positive_int(num_heads, "num_heads")
+    seq_len = _positive_int(seq_len, "seq_len")
+    if model_dim is not None:
+        model_dim = _positive_int(model_dim, "model_dim", none_means="4 * embed_dim")
+    if gene_head_hidden_dim is not None:
+        gene_head_hidden_dim = _positive_int(gene_head_hidden_dim, "gene_head_hidden_dim", none_means="embed_dim")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; pick a divisor.")
+    dropout = _number(dropout, "dropout", 0.0, 1.0, "a number from 0 to 1")
+    softcap = _number(softcap, "softcap", 0.0, math.inf, "a finite number >= 0 (0: no soft-capping)")
+    for option, choice, choices in (
+        ("activation", activation, ACTIVATIONS),
+        ("mu_link_fn", mu_link_fn, MU_LINK_FUNCTIONS),
+    ):
+        if not isinstance(choice, str) or choice not in choices:
+            raise ValueError(f"{option}={choice!r}; expected one of {', '.join(map(repr, choices))}.")
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}.")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a non-empty string, got {name!r}.")
+    labels = _assay_labels(assay_vocab)
     paths = registry.species_tables(gene_tables, cache_dir=cache_dir)
     table = read_gene_tables(paths)
     files = {p.name: p for p in paths}
     if len(files) != len(paths):
         raise ValueError(f"gene tables must have distinct file names (they are saved side by side): {paths}.")
-    if assay_vocab is None:
-        labels: dict[str, int] = {}
-    elif isinstance(assay_vocab, Mapping):
-        labels = dict(assay_vocab)
-        bad = {k: v for k, v in labels.items() if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 100_000}
-        if bad or len(set(labels.values())) != len(labels):
-            raise ValueError(
-                f"assay_vocab: every label needs its own index, an integer from 0 to 99,999 (one embedding row "
-                f"each), got {bad or assay_vocab}."
-            )
-        labels = {str(k): int(v) for k, v in labels.items()}
-    else:
-        labels = {"unknown": 0, **{str(a): i + 1 for i, a in enumerate(x for x in assay_vocab if x != "unknown")}}
     config = TranscriptFormerConfig(
         model=ModelConfig(
             embed_dim=embed_dim,
@@ -560,7 +638,7 @@ def new_model(
     dc = config.data
     vocab = GeneVocab(dc.special_tokens, table.ids, pad_token=dc.gene_pad_token)
     aux_vocabs = (AuxVocab("assay", labels),) if labels else ()
-    torch.manual_seed(seed)
+    torch.manual_seed(int(seed))
     model = _network(config, vocab, aux_vocabs, table.dim)
     special = np.random.RandomState(42).rand(vocab.n_special, table.dim)
     esm = torch.from_numpy(np.concatenate([special, table.vectors.astype(np.float64)])).float()
@@ -579,6 +657,61 @@ def new_model(
     )
 
 
+def _merged_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``net``'s state_dict with every PEFT (LoRA) layer folded into its base layer, as ``merge_adapter=True`` does.
+
+    A model loaded with ``merge_adapter=False`` (or a network being fine-tuned) holds its linear layers wrapped:
+    their weights are named ``<layer>.base_layer.weight``, ``<layer>.lora_A.default.weight``, ... Each wrapped layer
+    is merged on a copy of that layer only (``net`` is not modified), giving the names and weights of a plain
+    network that computes the same outputs. A network without such layers gives its own state_dict.
+    """
+    try:
+        from peft import PeftModel  # lazily: an optional dependency (a network can hold its layers only if installed)
+        from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    except ImportError:
+        return dict(net.state_dict())
+    if isinstance(net, PeftModel):
+        net = net.get_base_model()
+    if isinstance(net, BaseTuner):
+        net = net.model
+    state = dict(net.state_dict())
+    done: list[str] = []
+    for prefix, layer in net.named_modules():
+        if not isinstance(layer, BaseTunerLayer) or any(prefix.startswith(f"{d}.") for d in done):
+            continue
+        done.append(prefix)
+        plain = copy.deepcopy(layer)
+        if plain.disable_adapters:  # the layer computes its base layer alone
+            if plain.merged:
+                plain.unmerge()
+        else:
+            pending = [a for a in plain.active_adapters if a not in plain.merged_adapters]
+            if pending:
+                with warnings.catch_warnings():  # PEFT warns when some adapters were merged before
+                    warnings.simplefilter("ignore", UserWarning)
+                    plain.merge(adapter_names=pending)
+        for key in [k for k in state if k.startswith(f"{prefix}.")]:
+            del state[key]
+        state.update({f"{prefix}.{k}": v for k, v in plain.get_base_layer().state_dict().items()})
+    if done:
+        logger.info("save_checkpoint: merged the adapter layers of %d module(s) into their weights", len(done))
+    return state
+
+
+def _check_save_folder(folder: Path) -> None:
+    """``folder`` is a folder or can be made one (a file there, or above it, is an error with the fix)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir():
+        return
+    if existing == folder:
+        raise NotADirectoryError(f"cannot save a checkpoint to {folder}: it is a file, not a folder; pass a folder.")
+    raise NotADirectoryError(
+        f"cannot create the checkpoint folder {folder}: {existing} is a file; pass another folder."
+    )
+
+
 def save_checkpoint(
     loaded: LoadedModel,
     folder: str | os.PathLike,
@@ -591,12 +724,15 @@ def save_checkpoint(
     The folder is what :func:`load_model`, the registry layout and the published ``transcriptformer
     inference --checkpoint-path`` read. Everything is written into a temporary folder first and then moved
     into place, so a failure while writing never leaves a half-written checkpoint; other files in the
-    folder (training logs, say) are left alone.
+    folder (training logs, say) are left alone. Nothing is written that :func:`load_model` would refuse: the
+    weights are checked against the config and the vocabularies first, and a network whose layers carry a
+    LoRA adapter (:func:`load_model` with ``merge_adapter=False``) is saved with the adapter merged into its
+    weights (a copy is merged; the network is not modified).
 
     Parameters
     ----------
     loaded
-        The model and its vocabularies.
+        The model and its vocabularies: what :func:`load_model` or :func:`new_model` returns.
     folder
         The checkpoint folder to write.
     model
@@ -608,27 +744,76 @@ def save_checkpoint(
     -------
     pathlib.Path
         The folder.
+
+    Raises
+    ------
+    TypeError
+        ``loaded`` is not a loaded model (a registry name or a folder: call :func:`load_model` first), or
+        ``model`` is not a network.
+    ValueError
+        The weights do not fit ``loaded``'s config and vocabularies (another architecture), or hold NaN or
+        infinite values.
+    FileExistsError, NotADirectoryError
+        The folder holds a checkpoint and ``overwrite`` is false; ``folder`` (or a folder above it) is a file.
     """
     import torch
 
+    if not isinstance(loaded, LoadedModel):
+        if isinstance(loaded, str | os.PathLike):
+            raise TypeError(
+                f"save_checkpoint takes a loaded model, got the {type(loaded).__name__} {str(loaded)!r}: call "
+                f"transcriptformer.load_model({str(loaded)!r}) first and pass what it returns."
+            )
+        raise TypeError(
+            f"save_checkpoint takes a loaded model (from transcriptformer.load_model or new_model), got a "
+            f"{type(loaded).__name__}."
+        )
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model= must be a network (a torch.nn.Module such as loaded.model), got a {type(model).__name__}."
+        )
     folder = Path(folder).expanduser()
+    _check_save_folder(folder)
     parts = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_DIR)
     if any((folder / p).exists() for p in parts) and not overwrite:
         raise FileExistsError(f"{folder} already holds a checkpoint; pass overwrite=True or choose another folder.")
+    dc = loaded.config.data
+    sources = []
+    for name in dc.esm2_mappings:
+        source = loaded.vocab_files.get(name) or (loaded.path / VOCAB_DIR / name if loaded.path else None)
+        if source is None or not Path(source).is_file():
+            raise FileNotFoundError(f"the gene table {name} of {loaded.name} is not available to copy.")
+        sources.append(Path(source))
+    # what load_model will build from the files written here, and check the weights against
+    net = model if model is not None else loaded.model
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in _merged_state(net).items()}
+    ids, esm_dim = read_table_ids(sources)
+    vocab = GeneVocab(dc.special_tokens, ids, pad_token=dc.gene_pad_token)
+    with torch.device("meta"), _skip_init_mode():
+        reference = _network(loaded.config, vocab, loaded.aux_vocabs, esm_dim)
+    problem = _describe_mismatch(reference, state)
+    if problem:
+        what = "model=" if model is not None else f"{loaded.name}'s network"
+        raise ValueError(
+            f"{what} does not fit the config and vocabularies of {loaded.name} (vocabulary: {len(vocab)} tokens, "
+            f"ESM width {esm_dim}), so load_model could not read the checkpoint; nothing was written: {problem}. "
+            "Pass a network of the same architecture (e.g. a trained copy of loaded.model)."
+        )
+    bad = _non_finite(state)
+    if bad:
+        raise ValueError(
+            f"the weights to save hold NaN or infinite values ({len(bad)} tensor(s), e.g. {', '.join(bad[:3])}), "
+            "which load_model refuses; nothing was written."
+        )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=folder))
     try:
         (tmp / VOCAB_DIR).mkdir()
         (tmp / CONFIG_FILE).write_text(json.dumps(loaded.config.to_dict(), indent=2) + "\n")
-        net = model if model is not None else loaded.model
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
         torch.save(state, tmp / WEIGHTS_FILE)
         for a in loaded.aux_vocabs:
             (tmp / VOCAB_DIR / f"{a.column}_vocab.json").write_text(json.dumps(dict(a.labels), indent=1) + "\n")
-        for name in loaded.config.data.esm2_mappings:
-            source = loaded.vocab_files.get(name) or (loaded.path / VOCAB_DIR / name if loaded.path else None)
-            if source is None or not Path(source).is_file():
-                raise FileNotFoundError(f"the gene table {name} of {loaded.name} is not available to copy.")
+        for name, source in zip(dc.esm2_mappings, sources, strict=True):
             shutil.copyfile(source, tmp / VOCAB_DIR / name)
         # everything is written: move it into place (other files in the folder are left alone)
         old = tmp / ".previous-vocabs"
