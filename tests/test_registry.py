@@ -541,6 +541,9 @@ def test_datasets_are_pinned_and_recorded(monkeypatch, tmp_path):
         assert not (tmp_path / "datasets" / "human_val.h5ad").exists()
         path = registry.fetch_dataset("testis-macaque", cache_dir=tmp_path, progress=False)  # no pin: recorded
         assert path.read_bytes() == b"cells"
+        mask = os.umask(0)
+        os.umask(mask)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # as a plain open() gives (pooch's file is 0600)
         recorded = json.loads((tmp_path / "known_hashes.json").read_text())[path.name]
         assert recorded == hashlib.sha256(b"cells").hexdigest()
         assert registry.fetch_dataset("testis-macaque", cache_dir=tmp_path, progress=False) == path

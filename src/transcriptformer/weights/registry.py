@@ -668,6 +668,7 @@ def fetch_dataset(
                         digest[:16],
                     )
                 _record_hash(root, entry.file, digest)
+            _files.give_default_mode(tmp)  # pooch's temporary file is owner-only
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
