@@ -622,6 +622,77 @@ def test_registry_names_end_to_end(registry_server, cache, tmp_path, cli, monkey
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad").obsm["embeddings"], ref, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("entry", "make"),
+    [
+        ("tf_sapiens", "file"),
+        ("tf_sapiens.sha256.json", "folder"),
+        ("known_hashes.json", "folder"),
+        (".downloads", "file"),
+        (".locks", "file"),
+    ],
+)
+def test_a_cache_entry_of_the_wrong_kind_is_named_before_downloading(registry_server, tmp_path, entry, make):
+    path = tmp_path / entry
+    path.mkdir() if make == "folder" else path.write_text("x")
+    with pytest.raises(ValueError, match=rf"{entry} is a {make} where the cache .* keeps a .*: remove it and run again"):
+        registry.fetch("tf-sapiens", cache_dir=tmp_path, progress=False)
+    assert registry_server.requests == []
+
+
+def test_a_folder_without_its_record_is_never_used(registry_server, tmp_path, monkeypatch):
+    """The record is written before the folder moves into place: an interruption between leaves no usable folder."""
+    import transcriptformer.scanpy as tfs
+
+    real = os.replace
+
+    def interrupted(src, dst, *args, **kwargs):
+        if Path(dst).name == "tf_sapiens":
+            raise KeyboardInterrupt
+        return real(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(registry.os, "replace", interrupted)
+        registry.fetch("tf-sapiens", cache_dir=tmp_path, progress=False)
+    assert not (tmp_path / "tf_sapiens").exists()
+    folder = registry.fetch("tf-sapiens", cache_dir=tmp_path, progress=False)  # downloaded again, and recorded
+    assert registry.manifest_path(folder).is_file() and tfs.models.path("tf-sapiens", cache_dir=tmp_path) == folder
+    registry.manifest_path(folder).unlink()  # a record lost: the folder is not handed out as downloaded
+    assert not tfs.models.available(tmp_path).loc["tf-sapiens", "cached"]
+    with pytest.raises(FileNotFoundError, match=r"is incomplete .*tfs\.models\.download\('tf-sapiens', force=True\)"):
+        tfs.models.path("tf-sapiens", cache_dir=tmp_path)
+
+
+def test_a_read_only_cache_that_holds_everything_is_used(registry_server, cli, tmp_path, monkeypatch):
+    """A shared cache is often read-only: what it holds is read (checked) without writing anything."""
+    from transcriptformer.cli import download as cli_download
+
+    root = tmp_path / "shared"
+    cli("download", "tf-sapiens", "--checkpoint-dir", root, "--no-progress")  # filled while writable
+    cli("download", "tf-tiny", "--checkpoint-dir", root, "--no-progress")
+    data = RegistryServer({"Macaca_mulatta_ERP132582_droplet_based_curated.h5ad": b"cells"}, prefix="/data/")
+    try:
+        monkeypatch.setenv("TRANSCRIPTFORMER_DATA_URL", data.url)
+        cached = registry.fetch_dataset("testis-macaque", cache_dir=root, progress=False)
+    finally:
+        data.close()
+
+    def read_only(*args, **kwargs):
+        raise ValueError("read-only")
+
+    monkeypatch.setattr(registry, "_writable", read_only)
+    monkeypatch.setattr(cli_download, "_check_checkpoint_dir", read_only)
+    n = len(registry_server.requests)
+    assert registry.fetch_dataset("testis-macaque", cache_dir=root, progress=False) == cached
+    assert registry.fetch("tf-sapiens", cache_dir=root, progress=False) == root / "tf_sapiens"
+    for model in ("tf-sapiens", "tf-tiny"):
+        assert cli("download", model, "--checkpoint-dir", root, "--no-progress").returncode == 0
+    assert len(registry_server.requests) == n  # nothing downloaded again
+    for asked in (("tf-exemplar",), ("tf-sapiens", "--force")):  # not there yet, or asked again: the check runs
+        proc = cli("download", *asked, "--checkpoint-dir", root, "--no-progress", check=False)
+        assert proc.returncode == 1 and "read-only" in proc.stderr
+
+
 @pytest.mark.parametrize("model", ["tf-sapiens", "tf-tiny"])
 @pytest.mark.parametrize("below", [False, True], ids=["a-file", "below-a-file"])
 def test_download_to_a_file_names_the_flag_before_downloading(registry_server, cli, tmp_path, model, below):

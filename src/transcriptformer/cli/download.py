@@ -40,9 +40,13 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Run the ``download`` command."""
-    _check_checkpoint_dir(Path(args.checkpoint_dir).expanduser())  # before anything is downloaded
+    root = Path(args.checkpoint_dir).expanduser()
     published = [e.name for e in registry.ENTRIES if e.kind in ("model", "tables") and e.bundled is None]
     names = published if args.model == "all" else [args.model]
+    entries = [REGISTRY[registry.canonical_name(n)] for n in names]
+    # before anything is downloaded; a folder that already holds everything asked for may be read-only
+    if args.force or not all(_already_in(root, e) for e in entries):
+        _check_checkpoint_dir(root)
     folders = []
     for name in names:
         folder = registry.fetch(name, cache_dir=args.checkpoint_dir, progress=not args.no_progress, force=args.force)
@@ -51,6 +55,13 @@ def run(args: argparse.Namespace) -> list[Path]:
         print(folder)
         folders.append(folder)
     return folders
+
+
+def _already_in(root: Path, entry: registry.Entry) -> bool:
+    """Whether ``root`` holds the artifact already (then nothing is written: the folder may be read-only)."""
+    if entry.bundled is not None:
+        return (root / registry.bundled_path(entry).name).exists()
+    return registry.is_complete(root / entry.folder)
 
 
 def _check_checkpoint_dir(root: Path) -> None:

@@ -75,6 +75,11 @@ def path(name: str, *, cache_dir: str | os.PathLike | None = None) -> Path:
     if entry.bundled is not None:
         return registry.bundled_path(entry)
     folder = registry.cache_path(cache_dir) / entry.folder
+    if folder.is_dir() and not registry.is_complete(folder):
+        raise FileNotFoundError(
+            f"{folder} is incomplete (no record of its download, or files missing: an interrupted download or a "
+            f"damaged cache): tfs.models.download({entry.name!r}, force=True) downloads it again."
+        )
     if not folder.is_dir():
         use = f"model={entry.name!r}" if entry.kind == "model" else "a species name as species_embedding="
         raise FileNotFoundError(

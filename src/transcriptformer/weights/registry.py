@@ -65,7 +65,9 @@ __all__ = [
     "fetch",
     "fetch_dataset",
     "git_blob_sha1",
+    "is_complete",
     "is_registered",
+    "not_a_model",
     "species_table",
     "species_tables",
     "verify_checkpoint",
@@ -381,13 +383,13 @@ def _is_cached(folder: Path) -> bool:
     return folder.is_dir() and manifest_path(folder).is_file()
 
 
-def _is_complete(folder: Path) -> bool:
+def is_complete(folder: Path) -> bool:
     """Cached, and every file recorded at download still there (a damaged manifest raises, with the fix)."""
     if not _is_cached(folder):
         return False
     missing = [rel for rel in _open_manifest(folder).data["files"] if not (folder / rel).is_file()]
     if missing:
-        logger.warning("%s is incomplete (missing %s); downloading it again.", folder, ", ".join(missing[:3]))
+        logger.warning("%s is incomplete (missing %s).", folder, ", ".join(missing[:3]))
         return False
     return True
 
@@ -569,12 +571,13 @@ def fetch(
     folder = root / entry.folder
     if root.exists() and not root.is_dir():
         raise ValueError(f"the cache folder {root} is a file; pass another folder or remove the file.")
-    if not force and _is_complete(folder):
+    _check_layout(root, folders=[folder], files=[manifest_path(folder)])
+    if not force and is_complete(folder):
         return folder
     _writable(root)
     # one download per cache folder at a time (several torchrun processes may ask at once)
     with _lock(root, entry.folder):
-        if not force and _is_complete(folder):
+        if not force and is_complete(folder):
             return folder
         _download_and_unpack(entry, base_url() + entry.file, root, folder, progress, force)
     logger.info("%s ready in %s", entry.name, folder)
@@ -640,6 +643,10 @@ def fetch_dataset(
     root = cache_path(cache_dir)
     folder = root / entry.folder
     target = folder / entry.file
+    _check_layout(root, folders=[folder], files=[target])
+    if target.is_file() and not force:  # cached: readable from a read-only (shared) cache
+        _check_dataset(entry, target, root)
+        return target
     _writable(folder)
     with _lock(root, f"{entry.folder}-{entry.file}"):
         if target.is_file() and not force:
@@ -687,6 +694,18 @@ def _check_dataset(entry: Entry, path: Path, root: Path) -> None:
             f"cached file {path} is corrupted: sha256 {digest[:16]}... differs from {expected[:16]}...; delete it "
             f"(or pass force=True) to download it again."
         )
+
+
+def _check_layout(root: Path, folders: Sequence[Path] = (), files: Sequence[Path] = ()) -> None:
+    """Refuse, before any download, a cache entry of the wrong kind (a file where a folder goes, or the reverse)."""
+    wanted = [(p, True) for p in (*folders, root / ".downloads", root / ".locks")]
+    wanted += [(p, False) for p in (*files, root / KNOWN_HASHES_FILE)]
+    for path, folder in wanted:
+        if path.exists() and path.is_dir() != folder:
+            raise ValueError(
+                f"{path} is a {'file' if folder else 'folder'} where the cache {root} keeps a "
+                f"{'folder' if folder else 'file'}: remove it and run again."
+            )
 
 
 def _writable(folder: Path) -> None:
@@ -795,9 +814,10 @@ def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progr
                 _record_hash(root, fname, digest)
             if folder.exists():
                 shutil.rmtree(folder)
-            manifest_path(folder).unlink(missing_ok=True)
-            os.replace(unpacked, folder)
+            # the record first: a folder is cached only with its record beside it, so an interruption between
+            # the two steps leaves a record without a folder (not cached), never a folder without its record
             write_json_atomic(manifest_path(folder), manifest)
+            os.replace(unpacked, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
