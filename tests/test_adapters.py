@@ -115,6 +115,41 @@ def test_an_adapter_trained_on_an_adapted_model_loads_only_on_that_model(adapter
     assert np.abs(out.obsm["X_transcriptformer"] - once).max() > 1e-4  # the second adapter changes the model
 
 
+def test_training_on_a_model_that_keeps_its_adapter_layers_trains_a_merged_copy(
+    adapter, tiny_path, tiny_adata, tmp_path
+):
+    from transcriptformer.training import lora
+
+    plain = transcriptformer.load_model((tiny_path, adapter), merge_adapter=False)  # keeps PEFT's LoRA layers
+    merged = transcriptformer.load_model((tiny_path, adapter))
+    before = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    assert lora.has_lora_layers(plain.model) and not lora.has_lora_layers(merged.model)
+    copy_ = lora.merged_copy(plain.model)  # PEFT's merge, into a copy: the merged model's weights
+    assert not lora.has_lora_layers(copy_) and set(copy_.state_dict()) == set(merged.model.state_dict())
+    for key, value in copy_.state_dict().items():
+        torch.testing.assert_close(value, merged.model.state_dict()[key], atol=1e-6, rtol=0)
+    # finetune on it (was PEFT's NoMatchingPeftModuleError): the adapter of the merged model, bit for bit
+    kwargs = {"epochs": 1, "learning_rate": 1e-2, "progress": False}
+    second = transcriptformer.finetune(tiny_adata[:8], plain, output_dir=tmp_path / "second", **kwargs)
+    same = transcriptformer.finetune(tiny_adata[:8], merged, output_dir=tmp_path / "same", **kwargs)
+    w1, w2 = adapter_weights(second), adapter_weights(same)
+    assert set(w1) == set(w2) and all(torch.equal(w1[k], w2[k]) for k in w1)
+    record = json.loads((second / "transcriptformer_adapter.json").read_text())
+    assert record["base_weights_sha256"] == merged.identity and not hasattr(copy_, "peft_config")
+    assert record["base_parameters"] == sum(v.numel() for v in merged.model.state_dict().values())
+    transcriptformer.load_model(merged, adapter=second)  # loads on the adapted model it was trained on
+    # full training of it saves a checkpoint in the published layout, which loads
+    out = transcriptformer.train(tiny_adata[:8], plain, output_dir=tmp_path / "full", **kwargs)
+    assert set(transcriptformer.load_model(out).model.state_dict()) == set(merged.model.state_dict())
+    after = plain.model.state_dict()  # the model given is never modified
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # a second adapter on the model with the layers kept: refused with the cause and the fix
+    with pytest.raises(ValueError, match=r"is itself a LoRA layer: .*merge_adapter=False.*merge_adapter=True"):
+        transcriptformer.load_model(plain, adapter=second)
+    with pytest.raises(ValueError, match=r"already holds LoRA layers.*merge_adapter=True"):
+        lora.apply_lora(copy.deepcopy(plain.model))
+
+
 # --- an adapter's own files are checked ------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ real processes, and the torchrun tests in test_engine.py run ``python -m transcr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -662,7 +663,7 @@ def test_dry_run_reads_the_data_and_names_a_file_that_is_not_h5ad(cli, tmp_path,
     text = tmp_path / "cells.h5ad"
     text.write_text("cell,gene\n")
     proc = cli(*base, "--train-files", text, check=False)
-    assert proc.returncode == 1 and f"data file '{text}' is not an h5ad file (not HDF5)" in error_line(proc.stderr)
+    assert proc.returncode == 1 and f"train file '{text}' is not an h5ad file (not HDF5)" in error_line(proc.stderr)
 
 
 def test_an_adapter_folder_as_the_checkpoint_says_to_pass_it_with_adapter(tmp_path, h5ad, capsys):
@@ -691,3 +692,93 @@ def test_a_folder_given_as_training_data_is_called_a_folder(cli, tmp_path, tiny_
     line = error_line(proc.stderr)
     assert proc.returncode == 1 and str(tmp_path / "cells.h5ad") in line
     assert "is a folder" in line, line
+
+
+def _flags_of(command: str) -> set[str]:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")  # argparse keeps the sub-commands there
+    return {flag for action in sub.choices[command]._actions for flag in action.option_strings}
+
+
+@pytest.mark.parametrize("command", ["finetune", "train"])
+def test_a_dry_run_makes_every_check_of_the_run(cli, tmp_path, tiny_path, human_h5ad, command):
+    pytest.importorskip("peft")
+    import torch
+
+    nan = tfs.datasets.tiny_human()
+    X = nan.X.toarray()
+    X[1, 0], X[2, 0] = np.nan, -5  # column 0 is a gene of the vocabulary
+    nan.X = X
+    nan.write_h5ad(tmp_path / "nan.h5ad")
+    run = tmp_path / "run"
+    base = [command, "--checkpoint-path", tiny_path, "--output-dir", run, "--no-progress", "--dry-run"]
+    cases = [
+        (["--epochs", "0"], "epochs must be a positive integer"),
+        (["--learning-rate", "100"], "learning_rate must be > 0 and at most 10"),
+        (["--warmup-ratio", "5"], "warmup_ratio must be between 0 and 1"),
+        (["--max-tokens", "0"], "max_tokens must be a positive integer"),
+        (["--device", "cuda:99"], "device='cuda:99' but"),
+        (["--attention", "flex"], "flex_attention cannot be differentiated on this device"),
+        (["--train-files", tmp_path / "nan.h5ad"], "the counts in X contain NaN values"),
+        (["--val-files", tmp_path / "nan.h5ad"], "the counts in X contain NaN values"),
+    ]
+    if command == "finetune":
+        cases.append((["--lora-r", "64"], "lora_r=64 exceeds the width of"))
+    for extra, message in cases:
+        args = extra if "--train-files" in extra else ["--train-files", human_h5ad, *extra]
+        if extra[0] == "--attention" and torch.cuda.is_available():
+            continue  # flex_attention trains on CUDA
+        proc = cli(*base, *args, check=False)
+        line = error_line(proc.stderr)
+        assert proc.returncode == 1 and message in line, (extra, line)
+        assert not run.exists()
+    proc = cli(*base, "--train-files", human_h5ad, "--val-files", human_h5ad)
+    assert "dry run: the model, the data and the output folder are ready" in proc.stdout and not run.exists()
+
+
+def test_training_advice_names_only_flags_the_command_has(cli, tmp_path, tiny_path, human_h5ad):
+    pytest.importorskip("peft")
+    dup = tfs.datasets.tiny_human()
+    ids = dup.var["ensembl_id"].astype(str).tolist()
+    ids[1] = ids[0]
+    dup.var["ensembl_id"] = ids
+    dup.write_h5ad(tmp_path / "dup.h5ad")
+    adapter = transcriptformer.finetune(
+        tfs.datasets.tiny_human()[:8], tiny_path, output_dir=tmp_path / "adapter", progress=False
+    )
+    for command in ("finetune", "train"):
+        flags = _flags_of(command)
+        assert {"--use-raw", "--remove-duplicate-genes", "--adapter", "--gene-col-name"} <= flags
+        base = [command, "--output-dir", tmp_path / "run", "--no-progress", "--dry-run"]
+        ckpt = ["--checkpoint-path", tiny_path]
+        for args, advice, fixed in [
+            (  # duplicate gene ids: the advice, and the flag it names works
+                [*ckpt, "--train-files", tmp_path / "dup.h5ad"],
+                "Pass --remove-duplicate-genes to keep the first column of each",
+                ["--remove-duplicate-genes"],
+            ),
+            (  # counts from .raw of a file without one
+                [*ckpt, "--train-files", human_h5ad, "--use-raw", "True"],
+                "--use-raw True but the file has no .raw; pass --use-raw False",
+                ["--use-raw", "False"],
+            ),
+            (  # an adapter given as the checkpoint
+                ["--checkpoint-path", adapter, "--train-files", human_h5ad],
+                f"--checkpoint-path BASE --adapter {adapter}",
+                None,
+            ),
+        ]:
+            line = error_line(cli(*base, *args, check=False).stderr)
+            assert advice in line, line
+            named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", line))
+            assert named and named <= flags, (command, named - flags)
+            if fixed is not None:
+                cli(*base, *args, *fixed)
+        cli(*base, *ckpt, "--adapter", adapter, "--train-files", human_h5ad)  # the adapter advice, followed
+    assert not (tmp_path / "run").exists()
+    # each command's own flags only
+    from transcriptformer.cli import in_flags
+
+    assert in_flags("lower lora_r to at most 32", "finetune") == "lower --lora-r to at most 32"
+    assert in_flags("lower lora_r to at most 32", "inference") == "lower lora_r to at most 32"
+    assert in_flags("pass resume=True to continue it", "merge") == "pass resume=True to continue it"

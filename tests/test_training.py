@@ -256,11 +256,170 @@ def test_training_stops_at_the_first_non_finite_gradient_and_saves_nothing_non_f
         )
     assert f"epoch 2, step {where['step']}:" in str(info.value) and where["step"] > 2
     assert "Lower learning_rate" in str(info.value)
+    assert f"the last complete epoch is in {out / 'epochs' / 'epoch-1'}" in str(info.value)
     # the last complete epoch is kept, finite; no final adapter, no record of a finished run
     assert not (out / "adapter_model.safetensors").exists() and not (out / "training.json").exists()
     assert sorted(p.name for p in (out / "epochs").iterdir()) == ["epoch-1"]
     assert all(bool(torch.isfinite(v).all()) for v in adapter_weights(out / "epochs" / "epoch-1").values())
     transcriptformer.load_model(tiny_path, adapter=out / "epochs" / "epoch-1")
+
+
+def test_a_divergence_in_the_first_epoch_says_that_nothing_was_saved(tiny_path, tiny_adata, tmp_path, monkeypatch):
+    from transcriptformer.training import fit
+
+    real_loss = fit.batch_loss
+    monkeypatch.setattr(fit, "batch_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    out = tmp_path / "run"
+    with pytest.raises(fit.TrainingDiverged, match="epoch 1, step 1") as info:
+        transcriptformer.finetune(tiny_adata[:8], tiny_path, output_dir=out, progress=False)
+    assert "no epoch was complete, so nothing was saved" in str(info.value)
+    assert "last complete epoch" not in str(info.value)
+    assert not (out / "epochs").exists()
+
+
+def _without_genes(adata, rows):
+    """``adata`` with the cells ``rows`` emptied (all counts 0: an empty droplet)."""
+    adata = adata.copy()
+    X = adata.X.toarray()
+    X[rows] = 0
+    adata.X = sp.csr_matrix(X)
+    return adata
+
+
+def test_cells_without_any_gene_are_left_out_of_training(tiny_path, tiny_adata, tmp_path):
+    from transcriptformer.inference.batching import BatchPlanner
+    from transcriptformer.training import fit
+
+    # 8 empty cells: in micro-batches of 4, the planner (which groups cells by length) put them together, and the
+    # step of two such micro-batches had loss 0 / 0: the run stopped as "diverged"
+    a = _without_genes(tiny_adata, slice(0, 8))
+    with pytest.warns(TranscriptFormerWarning, match="8 of 21 training cells have no expressed gene"):
+        out = transcriptformer.finetune(a, tiny_path, output_dir=tmp_path / "run", batch_size=4, progress=False)
+    record = json.loads((out / "training.json").read_text())
+    assert record["train_cells"] == 13 and record["train_cells_left_out"] == 8
+    assert all(np.isfinite(record["history"][-1]["step_losses"]))
+    # the plan: no empty cell, every other cell once
+    planner = BatchPlanner.for_model(transcriptformer.load_model(tiny_path), "cpu", max_tokens=4096, batch_size=4)
+    lengths = [np.array([0, 3, 0, 5, 7, 0, 2, 9])]
+    plan = fit._plan_epoch(lengths, planner, 0, 0, 4096)
+    assert sorted(r for mb in plan for r in mb.rows) == [1, 3, 4, 6, 7] and all(mb.n_genes > 0 for mb in plan)
+    full = [np.array([4, 3, 1, 5, 7, 6, 2, 9])]
+    assert sorted(r for mb in fit._plan_epoch(full, planner, 0, 0, 4096) for r in mb.rows) == list(range(8))
+    # no cell with a gene: nothing to train on, said before any step
+    with pytest.raises(ValueError, match="none of the 4 training cells has an expressed gene"):
+        transcriptformer.finetune(a[:4], tiny_path, output_dir=tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()
+
+
+def _interrupted_after_epoch_1(monkeypatch, call):
+    """Run ``call()`` (a 2-epoch run) and stop it after its first epoch is saved, as Ctrl-C would."""
+    from transcriptformer.training import fit
+
+    real = fit._Run._checkpoint
+
+    def checkpoint(self, epoch):
+        real(self, epoch)
+        raise KeyboardInterrupt("after epoch 1")
+
+    monkeypatch.setattr(fit._Run, "_checkpoint", checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    monkeypatch.setattr(fit._Run, "_checkpoint", real)
+
+
+def test_resume_compares_the_tokenisation_precision_attention_and_the_data(
+    tiny_path, tiny_adata, tmp_path, monkeypatch
+):
+    (tmp_path / "data").mkdir()
+    tiny_adata.var["gene_ids"] = tiny_adata.var["ensembl_id"]  # another column of the same ids
+    tiny_adata[:8].write_h5ad(tmp_path / "data" / "cells.h5ad")
+    tiny_adata[8:12].write_h5ad(tmp_path / "data" / "held_out.h5ad")
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path / "data")
+    kwargs = {"epochs": 2, "learning_rate": 1e-2, "progress": False, "validation": "held_out.h5ad"}
+    _interrupted_after_epoch_1(
+        monkeypatch, lambda: transcriptformer.finetune("cells.h5ad", tiny_path, output_dir=run, **kwargs)
+    )
+    other = tiny_adata[:8].copy()
+    X = other.X.toarray()
+    X[1] *= 2  # the same cells and genes; one cell's counts differ
+    other.X = sp.csr_matrix(X)
+    other.write_h5ad(tmp_path / "other.h5ad")
+    refused = [
+        ({"clip_counts": 1}, "clip_counts: 30.0 -> 1.0"),
+        ({"normalize_to_scale": 10}, "normalize_to_scale: None -> 10.0"),
+        ({"gene_key": "gene_ids"}, "gene_key: 'ensembl_id' -> 'gene_ids'"),
+        ({"filter_to_vocab": False}, "filter_to_vocab: True -> False"),
+        ({"duplicate_genes": "first"}, "duplicate_genes: 'raise' -> 'first'"),
+        ({"layer": "X"}, "layer: None -> 'X'"),
+        ({"precision": "bf16!"}, "precision: '32' -> 'bf16'"),
+        ({"attention": "dense"}, "attention: 'auto' -> 'dense'"),
+        ({"train": tiny_adata[:12]}, "train_inputs: input 1 differs (n_obs 8 -> 12; cell names"),
+        ({"train": str(tmp_path / "other.h5ad")}, "input 1 differs (first cells' counts)"),
+        ({"validation": "cells.h5ad"}, "validation_inputs: input 1 differs (n_obs 4 -> 8"),
+        ({"validation": None}, "validation_inputs: 1 -> 0 inputs"),
+    ]
+    for change, message in refused:
+        args = {"train": "cells.h5ad", **kwargs, **change}
+        with pytest.raises(ValueError, match="was written with other options") as info:
+            transcriptformer.finetune(args.pop("train"), tiny_path, output_dir=run, resume=True, **args)
+        assert message in str(info.value), (change, str(info.value))
+    # the same files named another way (absolute paths, from another working directory) resume
+    monkeypatch.chdir(tmp_path)
+    absolute = {**kwargs, "validation": str(tmp_path / "data" / "held_out.h5ad")}
+    transcriptformer.finetune(tmp_path / "data" / "cells.h5ad", tiny_path, output_dir=run, resume=True, **absolute)
+    record = json.loads((run / "training.json").read_text())
+    assert [h["epoch"] for h in record["history"]] == [0, 1, 2]
+    assert record["train"] == [str(tmp_path / "data" / "cells.h5ad")]
+    for key, value in [("clip_counts", 30.0), ("normalize_to_scale", None), ("gene_key", "ensembl_id"),
+                       ("layer", None), ("filter_to_vocab", True), ("duplicate_genes", "raise"),
+                       ("precision", "32"), ("attention", "auto")]:  # fmt: skip
+        assert record[key] == value, key
+    assert record["train_inputs"][0]["n_obs"] == 8 and record["validation_inputs"][0]["n_obs"] == 4
+
+
+def test_a_dry_run_makes_the_checks_of_the_run_and_writes_nothing(tiny_path, tiny_adata, tmp_path, monkeypatch):
+    from transcriptformer.training import fit
+
+    steps = spy_on(monkeypatch, fit._Run, "_step")
+    out = transcriptformer.finetune(tiny_adata, tiny_path, output_dir=tmp_path / "run", dry_run=True, progress=False)
+    assert out == tmp_path / "run" and not out.exists() and steps == []
+    out = transcriptformer.train(tiny_adata, tiny_path, output_dir=tmp_path / "run", dry_run=True, progress=False)
+    assert not out.exists() and steps == []
+    bad = tiny_adata[:8].copy()
+    X = bad.X.toarray()
+    X[1, 0] = np.nan
+    bad.X = sp.csr_matrix(X)
+    for kwargs, message in [
+        ({"validation": bad}, "NaN"),  # validation counts: read by a dry run as the run reads them first
+        ({"max_tokens": 0}, "max_tokens must be a positive integer"),
+        ({"device": "cuda:99"}, "device='cuda:99' but"),
+        ({"lora_r": 33}, "lora_r=33 exceeds the width"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            transcriptformer.finetune(
+                tiny_adata, tiny_path, output_dir=tmp_path / "run", dry_run=True, progress=False, **kwargs
+            )
+    assert not (tmp_path / "run").exists() and steps == []
+
+
+def test_a_rank_wider_than_a_targeted_layer_is_refused_before_any_cell_is_read(
+    tiny_path, tiny_adata, tmp_path, monkeypatch
+):
+    from transcriptformer.training import fit
+
+    opened = spy_on(monkeypatch, fit, "open_cells")
+    # tf-tiny: linear1 is 32 -> 64, linear2 64 -> 32, the attention projections 32 -> 32: a rank of 33 fits none
+    for targets in (["linear1"], ["linears"], ["linear1", "linear2", "linears"]):
+        with pytest.raises(ValueError, match=r"lora_r=33 exceeds the width of .* lower lora_r to at most 32"):
+            transcriptformer.finetune(
+                tiny_adata, tiny_path, output_dir=tmp_path / "run", lora_r=33, target_modules=targets, progress=False
+            )
+    assert opened == [] and not (tmp_path / "run").exists()
+    out = transcriptformer.finetune(
+        tiny_adata[:8], tiny_path, output_dir=tmp_path / "r32", lora_r=32, target_modules=["linear1"], progress=False
+    )
+    transcriptformer.load_model(tiny_path, adapter=out)  # the widest rank allowed: it loads
 
 
 @pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")

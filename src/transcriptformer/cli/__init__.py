@@ -28,16 +28,10 @@ logger = logging.getLogger("transcriptformer")
 __all__ = ["main"]
 
 
-#: How the library's error messages name options, and the flags that set them here.
-_FLAG_NAMES = {
+#: How the library's error messages name the options of reading the data, and the flags that set them in every
+#: command that reads data (``inference``, ``finetune``, ``train``).
+_DATA_FLAG_NAMES = {
     "gene_key=None to use var_names": "--gene-col-name var_names to use var_names",
-    "pass resume=True to continue it": "pass --resume to continue it",
-    "resume=True but": "--resume but",
-    "start without resume": "start without --resume",
-    "pass another output_dir": "pass another --output-dir",
-    "pass a writable output_dir": "pass a writable --output-dir",
-    "lower learning_rate": "lower --learning-rate",
-    "clip the gradients (grad_clip)": "clip the gradients (--grad-clip)",
     "layer='raw' but adata.raw is None; pass layer='X' or the name of a layer of counts.": (
         "--use-raw True but the file has no .raw; pass --use-raw False (counts in X) or auto."
     ),
@@ -45,6 +39,25 @@ _FLAG_NAMES = {
     "duplicate_genes='first'": "--remove-duplicate-genes",
     "layer=<layer of raw counts> (or 'raw')": "an input with raw counts in X or .raw (--use-raw)",
     "layer=<layer of raw counts>": "an input with raw counts in X or .raw (--use-raw)",
+}
+
+#: The same for the options of ``finetune`` and ``train``.
+_TRAINING_FLAG_NAMES = {
+    "pass resume=True to continue it": "pass --resume to continue it",
+    "resume=True but": "--resume but",
+    "start without resume": "start without --resume",
+    "pass another output_dir": "pass another --output-dir",
+    "pass a writable output_dir": "pass a writable --output-dir",
+    "lower learning_rate": "lower --learning-rate",
+    "clip the gradients (grad_clip)": "clip the gradients (--grad-clip)",
+    "lower lora_r": "lower --lora-r",
+}
+
+#: Each command's rewriting: only its own flags are named (a command without a flag keeps the library's words).
+_FLAG_NAMES = {
+    "inference": _DATA_FLAG_NAMES,
+    "finetune": {**_DATA_FLAG_NAMES, **_TRAINING_FLAG_NAMES},
+    "train": {**_DATA_FLAG_NAMES, **_TRAINING_FLAG_NAMES},
 }
 
 
@@ -76,13 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Advice with arguments, in the command line's words.
+#: Advice with arguments, in the command line's words (the commands that have ``--adapter``).
 _FLAG_PATTERNS = [
     (
         re.compile(r"model=\(base, '([^']*)'\) \(or load_model\(base, adapter=\.\.\.\)\)"),
         r"--checkpoint-path BASE --adapter \1",
     ),
 ]
+_COMMAND_PATTERNS = {"inference": _FLAG_PATTERNS, "finetune": _FLAG_PATTERNS, "train": _FLAG_PATTERNS}
 
 
 class _Terminated(BaseException):
@@ -91,6 +105,15 @@ class _Terminated(BaseException):
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated
+
+
+def in_flags(message: str, command: str) -> str:
+    """The library's advice in ``message``, in the words of ``command``'s flags (only flags it has)."""
+    for api, flag in _FLAG_NAMES.get(command, {}).items():
+        message = message.replace(api, flag)
+    for pattern, flag in _COMMAND_PATTERNS.get(command, []):
+        message = pattern.sub(flag, message)
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,10 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, KeyError):
             msg = msg.strip("\"'")
-        for api, flag in _FLAG_NAMES.items():  # the library's advice, in the command line's words
-            msg = msg.replace(api, flag)
-        for pattern, flag in _FLAG_PATTERNS:
-            msg = pattern.sub(flag, msg)
+        msg = in_flags(msg, args.command)  # the library's advice, in the words of this command's flags
         print(f"transcriptformer: error: {msg}", file=sys.stderr)
         return 1
     finally:

@@ -3,7 +3,10 @@
 ``finetune`` takes the flags of the published LoRA example (``--checkpoint-path``, ``--train-files``,
 ``--lora-r``, ``--lora-alpha``, ``--lora-dropout``, ``--lora-target-modules``, ``--epochs``,
 ``--batch-size``, ``--dry-run``) plus ``--val-files``, ``--learning-rate``, ``--seed`` and ``--output-dir``;
-``train`` trains all weights of an existing checkpoint or of a new model built from gene tables.
+``train`` trains all weights of an existing checkpoint or of a new model built from gene tables. Both read the
+data with inference's flags (``--gene-col-name``, ``--use-raw``, ``--remove-duplicate-genes``,
+``--clip-counts``), take ``--adapter`` to start from an adapted model, and ``--dry-run`` makes every check of the
+run (through the same preparation) and stops before the first step.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._common import GENE_COL_HELP, CLIError, gene_column, init_distributed
+from ._common import GENE_COL_HELP, CLIError, _bool_or_auto, gene_column, init_distributed
 
 logger = logging.getLogger("transcriptformer")
 
@@ -57,6 +60,14 @@ def _common(p: argparse.ArgumentParser, *, lr: float, wd: float) -> None:
         help="auto: compiled flex_attention on CUDA (needs Triton), dense elsewhere; dense: no compilation",
     )
     p.add_argument("--gene-col-name", type=gene_column, default="ensembl_id", help=GENE_COL_HELP)
+    p.add_argument(
+        "--use-raw",
+        type=_bool_or_auto,
+        default="auto",
+        metavar="{True,False,auto}",
+        help="counts from .raw (True), from X (False), or .raw if present (auto)",
+    )
+    p.add_argument("--remove-duplicate-genes", action="store_true", help="keep the first of duplicate gene ids")
     p.add_argument("--clip-counts", type=float, default=30, help="clip counts to this value")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
     p.add_argument("--dry-run", action="store_true", help="check the model and the data, then exit")
@@ -73,6 +84,7 @@ def add_parsers(sub: Any) -> None:
         formatter_class=fmt,
     )
     ft.add_argument("--checkpoint-path", required=True, help="base checkpoint folder or registry name")
+    ft.add_argument("--adapter", default=None, help="start from the base with this LoRA adapter (merged)")
     ft.add_argument("--lora-r", type=int, default=4, help="adapter rank")
     ft.add_argument("--lora-alpha", type=float, default=16, help="adapter scale (alpha / r)")
     ft.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input")
@@ -93,6 +105,7 @@ def add_parsers(sub: Any) -> None:
     source = tr.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint-path", help="checkpoint folder or registry name to train further")
     source.add_argument("--gene-tables", nargs="+", metavar="H5", help="gene tables (or species names): a new model")
+    tr.add_argument("--adapter", default=None, help="with --checkpoint-path: train it with this LoRA adapter merged")
     # the shape of a new model (--gene-tables): unset unless given, so that they can be refused with --checkpoint-path
     tr.add_argument("--assays", nargs="+", default=None, help="new model: assay labels (obs['assay'])")
     for flag, what in NEW_MODEL_FLAGS.items():
@@ -119,8 +132,11 @@ def _fit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "attention": args.attention,
         "gene_key": args.gene_col_name,
+        "layer": {True: "raw", False: "X", None: None}[args.use_raw],
+        "duplicate_genes": "first" if args.remove_duplicate_genes else "raise",
         "clip_counts": args.clip_counts,
         "progress": False if args.no_progress else None,
+        "dry_run": args.dry_run,
     }
 
 
@@ -132,19 +148,8 @@ def _check_files(args: argparse.Namespace) -> None:
             raise CLIError(f"data file {f!r} does not exist.")
 
 
-def _dry_run(args: argparse.Namespace, model) -> Path | None:
-    """Build the model and read the data (with every check), then stop."""
-    from ..inference.options import RunOptions
-    from ..training.objective import open_cells
-
-    options = RunOptions(gene_key=args.gene_col_name, clip_counts=args.clip_counts)
-    for files in (args.train_files, args.val_files or []):
-        for _, src, _ in open_cells(list(files), model, options, "data") if files else []:
-            logger.info(
-                "%s: %d cells, %d of %d genes in the vocabulary", src.source, src.n_obs, src.n_matched, src.n_genes
-            )
+def _dry_run_done() -> None:
     print("dry run: the model, the data and the output folder are ready; nothing was trained.")
-    return None
 
 
 def _distributed_device(args: argparse.Namespace) -> None:
@@ -164,19 +169,8 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
     _check_files(args)
     check_output_dir(Path(args.output_dir), args.resume)  # before any model is loaded or cell read
     _distributed_device(args)
-    base = load_model(args.checkpoint_path)
-    if args.dry_run:
-        from ..training import lora
-
-        net = __import__("copy").deepcopy(base.model)
-        lora.apply_lora(
-            net,
-            r=args.lora_r,
-            alpha=args.lora_alpha,
-            dropout=args.lora_dropout,
-            target_modules=args.lora_target_modules,
-        )
-        return _dry_run(args, base)
+    base = load_model(args.checkpoint_path, adapter=args.adapter)
+    # --dry-run: the same call, every check of the run, stopped before the first step
     out = finetune(
         list(args.train_files),
         base,
@@ -186,7 +180,14 @@ def run_finetune(args: argparse.Namespace) -> Path | None:
         target_modules=tuple(args.lora_target_modules),
         **_fit_kwargs(args),
     )
-    print(f"wrote a LoRA adapter to {out}; use it as --checkpoint-path {args.checkpoint_path} --adapter {out}")
+    if args.dry_run:
+        _dry_run_done()
+        return None
+    if args.adapter:  # an adapter trained on an adapted model loads on that adapted model only
+        model = f"(({args.checkpoint_path!r}, {args.adapter!r}), {str(out)!r})"
+        print(f"wrote a LoRA adapter to {out}, for {args.checkpoint_path} with {args.adapter}; use it as model={model}")
+    else:
+        print(f"wrote a LoRA adapter to {out}; use it as --checkpoint-path {args.checkpoint_path} --adapter {out}")
     return out
 
 
@@ -207,8 +208,10 @@ def run_train(args: argparse.Namespace) -> Path | None:
                 f"{', '.join(given)} describe a new model (with --gene-tables); --checkpoint-path trains the "
                 "checkpoint's own architecture and vocabularies. Drop them, or start a new model."
             )
-        model = load_model(args.checkpoint_path)
+        model = load_model(args.checkpoint_path, adapter=args.adapter)
     else:
+        if args.adapter:
+            raise CLIError("--adapter applies to a --checkpoint-path; a new model (--gene-tables) has no adapter.")
         model = new_model(
             args.gene_tables,
             assay_vocab=args.assays,
@@ -216,8 +219,9 @@ def run_train(args: argparse.Namespace) -> Path | None:
             seed=args.seed,
             name=Path(args.output_dir).name,
         )
+    out = train(list(args.train_files), model, **_fit_kwargs(args))  # --dry-run: every check, then stops
     if args.dry_run:
-        return _dry_run(args, model)
-    out = train(list(args.train_files), model, **_fit_kwargs(args))
+        _dry_run_done()
+        return None
     print(f"wrote a checkpoint to {out} (training.json: options and losses); use it as --checkpoint-path {out}")
     return out

@@ -49,6 +49,7 @@ from ..inference.options import (
     documents_run_options,
     run_options,
 )
+from ..inference.pipeline import input_identity
 from ..inference.record import provenance
 from ..model import DenseAttention, FlexAttention, TranscriptFormer
 from ..model.attention import BlockedAttention
@@ -94,13 +95,21 @@ def _lengths(sources, seq_len: int, window: int) -> list[np.ndarray]:
 def _plan_epoch(
     lengths: list[np.ndarray], planner: BatchPlanner, epoch: int, seed: int, window: int
 ) -> list[_MicroBatch]:
-    """The micro-batches of one epoch, in order (a function of the seed and the epoch only)."""
+    """The micro-batches of one epoch, in order (a function of the seed and the epoch only).
+
+    Cells without any gene (no expressed gene of the vocabulary) are left out: they have no count term, and a
+    micro-batch of them only would make the loss of its step ``0 / 0``. Data without such cells get the plan they
+    always had.
+    """
     rng = np.random.default_rng([seed, epoch])
     windows = [(i, s, min(s + window, len(n))) for i, n in enumerate(lengths) for s in range(0, len(n), window)]
     plan = []
     for k in rng.permutation(len(windows)):
         i, start, stop = windows[k]
         perm = rng.permutation(stop - start)
+        perm = perm[lengths[i][start:stop][perm] > 0]
+        if not len(perm):
+            continue
         lens = lengths[i][start:stop][perm]
         batches = planner.plan(lens)
         for j in rng.permutation(len(batches)):
@@ -325,8 +334,12 @@ class _Run:
     n_tokens: int = 0
     flops: float = 0.0
 
-    def prepare(self, train_data: Any, validation: Any, resume: bool) -> None:
-        """Check and open everything, plan every epoch, build the optimiser; resume if asked."""
+    def prepare(self, train_data: Any, validation: Any, resume: bool, *, dry_run: bool = False) -> None:
+        """Check and open everything, plan every epoch, build the optimiser; resume if asked.
+
+        ``dry_run`` also reads the validation cells' counts once (the value checks; a run evaluates them before its
+        first step).
+        """
         self.device = resolve_device(self.options.device)
         self.precision = resolve_precision(self.options.precision, self.device)
         if self.precision == "16" and self.device.type != "cuda":
@@ -344,9 +357,26 @@ class _Run:
             self.loaded, self.device.type, max_tokens=max_tokens, batch_size=self.options.batch_size
         )
         lengths = _lengths(self.train_sources, S, self.fit.window)
+        if dry_run:  # the value checks of the validation counts (a run makes them when it evaluates them first)
+            _lengths(self.val_sources, S, self.fit.window)
+        for label, src, _ in [*self.train_sources, *self.val_sources]:
+            logger.info("%s: %d cells, %d of %d genes in the vocabulary", label, src.n_obs, src.n_matched, src.n_genes)
         for _, src, _ in self.train_sources:
             if (message := src.raw_count_warning()) is not None:
                 warn(message)
+        n_cells = int(sum(len(n) for n in lengths))
+        empty = int(sum(int((n == 0).sum()) for n in lengths))
+        if empty == n_cells:
+            raise ValueError(
+                f"none of the {n_cells:,} training cells has an expressed gene of the vocabulary of {self.loaded.name}:"
+                " there is nothing to train on. Check the gene ids (gene_key) and where the counts come from (layer)."
+            )
+        if empty:
+            warn(
+                f"{empty:,} of {n_cells:,} training cells have no expressed gene of the vocabulary; they are left out "
+                "of training (they have no count term to learn from). Consider filtering them "
+                "(e.g. sc.pp.filter_cells(adata, min_genes=...))."
+            )
         per_step = self.fit.accumulate * self.world
         self.plans = [
             _steps(_plan_epoch(lengths, planner, e, self.fit.seed, self.fit.window), per_step)
@@ -373,15 +403,24 @@ class _Run:
             **provenance(self.info["kind"], self.loaded),
             **self.info,
             **dataclasses.asdict(fit),
+            **dataclasses.asdict(self.options.tokenize()),
             "max_tokens": max_tokens,
             "batch_size": self.options.batch_size,
             "precision": self.precision,
+            "attention": self.attention,
             "device": str(self.device),
             "world_size": self.world,
             "steps": total_steps,
-            "train_cells": int(sum(len(n) for n in lengths)),
+            "train_cells": n_cells - empty,
+            "train_cells_left_out": empty,
             "train": [label for label, _, _ in self.train_sources],
             "validation": [label for label, _, _ in self.val_sources],
+            # what identifies the data (resume compares these, not the files' names)
+            "train_inputs": [
+                {**input_identity(adata, src), "lengths_sha256": _digest(n)}
+                for (_, src, adata), n in zip(self.train_sources, lengths, strict=True)
+            ],
+            "validation_inputs": [input_identity(adata, src) for _, src, adata in self.val_sources],
         }
         if resume:
             self._resume()
@@ -483,7 +522,7 @@ class _Run:
         """One optimiser step over the micro-batches ``group`` (dealt to the ranks); returns the step's loss."""
         fit, S, world, rank = self.fit, self.loaded.seq_len, self.world, self.rank
         per_step = fit.accumulate * world
-        N = sum(mb.n_genes for mb in group)
+        N = max(sum(mb.n_genes for mb in group), 1)  # the plan has no cell without genes: never 0 / 0
         B = sum(len(mb.rows) for mb in group)
         index = list(range(g * per_step, g * per_step + len(group)))  # micro-batches' places in the epoch
         mine, ids = group[rank::world], index[rank::world]
@@ -526,11 +565,14 @@ class _Run:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, fit.grad_clip if fit.grad_clip is not None else math.inf)
         if not (math.isfinite(step_loss) and bool(torch.isfinite(norm))) and self.scaler is None:
+            if epoch > 0:
+                saved = f"the last complete epoch is in {self.output_dir / 'epochs' / f'epoch-{epoch}'}"
+            else:
+                saved = "no epoch was complete, so nothing was saved"
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch + 1}, step {self.step + 1}: loss {step_loss:g}, gradient norm "
-                f"{float(norm):g}. Nothing of this step was applied, and nothing non-finite was saved (the last "
-                f"complete epoch is in {self.output_dir}). Lower learning_rate ({fit.learning_rate:g}) or clip the "
-                "gradients (grad_clip)."
+                f"{float(norm):g}. Nothing of this step was applied, and nothing non-finite was saved ({saved}). "
+                f"Lower learning_rate ({fit.learning_rate:g}) or clip the gradients (grad_clip)."
             )
         if self.scaler is not None:  # float16: the scaler skips non-finite steps and lowers its scale
             self.scaler.step(self.optimizer)
@@ -591,12 +633,50 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
         "warmup_ratio",
     )
     keys += ("min_lr_ratio", "grad_clip", "accumulate", "seed", "window", "max_tokens", "batch_size", "world_size")
-    keys += ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "train")
+    keys += ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+    keys += ("gene_key", "layer", "clip_counts", "normalize_to_scale", "filter_to_vocab", "duplicate_genes")
+    keys += ("precision", "attention", "train_inputs", "validation_inputs")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, record.get(k)) for k in keys)}
 
 
+def _digest(values: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()
+
+
+#: The digests of an input's identity, in words.
+_DIGESTS = {
+    "obs_names_sha256": "cell names",
+    "genes_sha256": "gene ids",
+    "tokens_sha256": "genes and assays as read",
+    "first_cells_sha256": "first cells' counts",
+    "lengths_sha256": "genes of each cell",
+}
+
+
+def _difference(key: str, a: Any, b: Any) -> str:
+    """How one compared option differs; for the inputs, which input and what about it."""
+    if not (key.endswith("_inputs") and isinstance(a, list) and isinstance(b, list)):
+        return f"{key}: {a!r} -> {b!r}"
+    if len(a) != len(b):
+        return f"{key}: {len(a)} -> {len(b)} inputs"
+    parts = []
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x == y:
+            continue
+        if not (isinstance(x, dict) and isinstance(y, dict)):
+            parts.append(f"input {i + 1} differs")
+            continue
+        fields = [k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        values = [f"{k} {x.get(k)!r} -> {y.get(k)!r}" for k in fields if k not in _DIGESTS]
+        digests = [words for k, words in _DIGESTS.items() if k in fields]
+        parts.append(f"input {i + 1} differs ({'; '.join([*values, ', '.join(digests)] if digests else values)})")
+    return f"{key}: {', '.join(parts)}"
+
+
 def _differences(a: dict, b: dict) -> str:
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    return ", ".join(_difference(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 def _fit(
@@ -612,11 +692,38 @@ def _fit(
     save: Callable[[TranscriptFormer, Path], None],
     info: dict[str, Any],
     attention: str,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
-    """The one path of :func:`train` and :func:`finetune`: prepare (every check), run, save; the record."""
+    """The one path of :func:`train` and :func:`finetune`: prepare (every check), run, save; the record.
+
+    With ``dry_run`` it stops after the preparation, before the first step: the record of the run it would make.
+    """
     run = _Run(loaded, net, options, fit, Path(output_dir), save, info, attention)
-    run.prepare(train_data, validation, check_bool(resume, "resume"))
-    return run.run()
+    run.prepare(train_data, validation, check_bool(resume, "resume"), dry_run=dry_run)
+    return run.record if dry_run else run.run()
+
+
+def _say_dry_run(show: bool, record: dict[str, Any], output_dir: Path) -> None:
+    cells, left_out, steps, epochs = (record[k] for k in ("train_cells", "train_cells_left_out", "steps", "epochs"))
+    left = f" ({left_out:,} without a gene of the vocabulary left out)" if left_out else ""
+    _Run._say(
+        show,
+        f"dry run: {cells:,} training cells{left}, {steps:,} step{'s' * (steps != 1)} over {epochs} "
+        f"epoch{'s' * (epochs != 1)}; the options, the model, the data and {output_dir} are ready; nothing was "
+        "trained.",
+    )
+
+
+def _without_lora_layers(loaded: LoadedModel) -> LoadedModel:
+    """``loaded``, or for a model that keeps LoRA layers (``merge_adapter=False``) a copy with them merged.
+
+    What training starts from is then the plain network of the same weights (and the same identity, so that an
+    adapter trained on it loads on the adapted model, merged).
+    """
+    if not lora.has_lora_layers(loaded.model):
+        return loaded
+    adapter = {**loaded.adapter, "merged": True} if loaded.adapter else None
+    return dataclasses.replace(loaded, model=lora.merged_copy(loaded.model), adapter=adapter)
 
 
 def _data_first(train: Any, model: Any, tool: str) -> tuple[Any, Any]:
@@ -650,6 +757,7 @@ def train(
     validation: Any = None,
     resume: bool = False,
     attention: str = "auto",
+    dry_run: bool = False,
     **options: Unpack[TrainKwargs],
 ) -> Path:
     """Train every weight of a model (the frozen ESM2 gene vectors excepted) on cells; save it.
@@ -670,9 +778,13 @@ def train(
         Held-out cells, evaluated before training and after every epoch with
         :func:`~transcriptformer.training.objective.cell_losses`.
     resume
-        Continue a run in ``output_dir`` from its last complete epoch (same options).
+        Continue a run in ``output_dir`` from its last complete epoch (same options, tokenisation, precision,
+        attention and data; the differences are listed otherwise).
     attention
         ``"auto"`` (flex_attention on CUDA, dense elsewhere), ``"dense"``, ``"flex"``.
+    dry_run
+        Make every check of the run (options, device, output folder, every training and validation cell's counts,
+        the resume state) and stop before the first step: nothing is trained or written.
     {fit_options}
     {run_options}
 
@@ -684,7 +796,8 @@ def train(
     train, model = _data_first(train, model, "train")
     fit, opts = _split_kwargs(dict(options), "train", {"learning_rate": 5.5e-5, "weight_decay": 0.05})
     check_bool(resume, "resume")
-    loaded = load_model(model, cache_dir=opts.cache_dir)
+    check_bool(dry_run, "dry_run")
+    loaded = _without_lora_layers(load_model(model, cache_dir=opts.cache_dir))
     net = copy.deepcopy(loaded.model)
     net.requires_grad_(True)
     net.gene_embeddings.embedding.weight.requires_grad_(False)  # the ESM2 gene vectors stay frozen
@@ -705,8 +818,12 @@ def train(
         save=save,
         info=info,
         attention=attention,
+        dry_run=dry_run,
     )
     out = Path(output_dir).expanduser()
+    if dry_run:
+        _say_dry_run(opts.progress is not False, record, out)
+        return out
     _Run._say(opts.progress is not False, _summary(record, out, f"transcriptformer.load_model({str(out)!r})"))
     return out
 
@@ -724,6 +841,7 @@ def finetune(
     target_modules: Sequence[str] = lora.DEFAULT_TARGET_MODULES,
     resume: bool = False,
     attention: str = "auto",
+    dry_run: bool = False,
     **options: Unpack[TrainKwargs],
 ) -> Path:
     """Fine-tune a model with LoRA adapters; only the adapters are trained and saved.
@@ -740,7 +858,8 @@ def finetune(
     train
         Training cells: an AnnData, an h5ad path (read backed, in windows), or a list of them.
     model
-        The base model (folder, registry name, loaded model, or an adapted model); never modified.
+        The base model (folder, registry name, loaded model, or an adapted model); never modified. An adapted
+        model loaded with ``merge_adapter=False`` is trained on a merged copy (the same weights).
     output_dir
         A new folder: the adapter (``adapter_config.json``, ``adapter_model.safetensors``,
         ``transcriptformer_adapter.json``), ``training.json``, one adapter per epoch under ``epochs/`` and
@@ -748,8 +867,9 @@ def finetune(
     validation
         Held-out cells, evaluated before training and after every epoch.
     lora_r, lora_alpha, lora_dropout, target_modules
-        The adapters' rank, scale, dropout and the layers they wrap.
-    resume, attention
+        The adapters' rank (at most the smaller width of every layer it wraps), scale, dropout and the layers
+        they wrap.
+    resume, attention, dry_run
         As in :func:`train`.
     {fit_options}
     {run_options}
@@ -762,8 +882,9 @@ def finetune(
     train, model = _data_first(train, model, "finetune")
     fit, opts = _split_kwargs(dict(options), "finetune", {"learning_rate": 5e-4, "weight_decay": 0.0})
     check_bool(resume, "resume")
+    check_bool(dry_run, "dry_run")
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    base = load_model(model, cache_dir=opts.cache_dir)
+    base = _without_lora_layers(load_model(model, cache_dir=opts.cache_dir))
     net = copy.deepcopy(base.model)
     torch.manual_seed(fit.seed)  # the adapters' initialisation
     wrapped = lora.apply_lora(net, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets)
@@ -793,8 +914,12 @@ def finetune(
         save=save,
         info=info,
         attention=attention,
+        dry_run=dry_run,
     )
     out = Path(output_dir).expanduser()
+    if dry_run:
+        _say_dry_run(opts.progress is not False, record, out)
+        return out
     adapter = json.loads((out / ADAPTER_INFO_FILE).read_text())
     how = f"model=({base.name!r}, {str(out)!r}) or transcriptformer.load_model(base, adapter={str(out)!r})"
     summary = _summary(record, out, how)

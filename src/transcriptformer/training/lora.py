@@ -9,6 +9,7 @@ loading are :mod:`transcriptformer.weights.adapter`.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
@@ -22,7 +23,15 @@ from ..model import TranscriptFormer
 from ..weights.adapter import PREFIX, peft, write_adapter
 from ..weights.loaded import LoadedModel
 
-__all__ = ["DEFAULT_TARGET_MODULES", "adapter_state", "apply_lora", "resolve_target_modules", "save_adapter"]
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "adapter_state",
+    "apply_lora",
+    "has_lora_layers",
+    "merged_copy",
+    "resolve_target_modules",
+    "save_adapter",
+]
 
 #: The published LoRA example's default targets: the feed-forward block and the attention projections.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("linear1", "linear2", "linears")
@@ -67,6 +76,13 @@ def apply_lora(
     -------
     peft.tuners.lora.LoraModel
         PEFT's wrapper; ``.model`` is ``model`` itself, now holding the adapters.
+
+    Raises
+    ------
+    ValueError
+        An option out of range, a target that selects no linear layer, a model that already holds LoRA layers, or
+        a rank larger than a selected layer's smaller width (the rule :func:`~transcriptformer.load_model` applies
+        to an adapter: such an adapter would never load).
     """
     peft_ = peft()
     from peft.tuners.lora import LoraModel
@@ -77,12 +93,55 @@ def apply_lora(
         raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}.")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"lora_alpha must be a finite number > 0 (the scale is lora_alpha / lora_r), got {alpha!r}.")
+    if has_lora_layers(model):
+        raise ValueError(
+            "the model already holds LoRA layers (an adapted model loaded with merge_adapter=False); load it with "
+            "merge_adapter=True (the default) to train another adapter on top of it."
+        )
     names = resolve_target_modules(model, target_modules)
+    layers = {n: m for n, m in model.named_modules() if n in names and isinstance(m, nn.Linear)}
+    too_narrow = [n for n in names if r > min(layers[n].in_features, layers[n].out_features)]
+    if too_narrow:
+        largest = min(min(m.in_features, m.out_features) for m in layers.values())
+        first = layers[too_narrow[0]]
+        others = f" and {len(too_narrow) - 1} other targeted layer(s)" if len(too_narrow) > 1 else ""
+        raise ValueError(
+            f"lora_r={r} exceeds the width of {too_narrow[0]} ({first.in_features} x {first.out_features}){others}: "
+            "the rank must be at most the smaller width of every targeted layer, or the adapter would not load; "
+            f"lower lora_r to at most {largest} or target other layers."
+        )
     config = peft_.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=names)
     wrapped = LoraModel(model, config, "default")
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return wrapped
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer (a wrapper holding its ``base_layer`` and the ``lora_A``/``lora_B`` matrices)."""
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "merge")
+
+
+def has_lora_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds LoRA layers (an adapted model loaded with ``merge_adapter=False``)."""
+    return any(_is_lora_layer(m) for m in model.modules())
+
+
+def merged_copy(model: nn.Module) -> Any:
+    """A copy of ``model`` with every LoRA layer folded into its base layer: a plain network of the same outputs.
+
+    What :func:`~transcriptformer.load_model` with ``merge_adapter=True`` makes of the same adapter; ``model`` is
+    not modified.
+    """
+    net = copy.deepcopy(model)
+    for name, module in list(net.named_modules()):
+        if _is_lora_layer(module):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent), child, module.get_base_layer())
+    if "peft_config" in vars(net):  # PEFT's record of the adapters it injected (merge_and_unload drops it too)
+        del net.peft_config
+    return net
 
 
 def adapter_state(wrapped: Any) -> dict[str, torch.Tensor]:

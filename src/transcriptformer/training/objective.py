@@ -62,7 +62,11 @@ def read_h5ad(path: str | os.PathLike, what: str) -> Any:
 
 
 def open_cells(data: Any, loaded: LoadedModel, options: RunOptions, what: str) -> list[tuple[str, CellSource, Any]]:
-    """``(label, source, handle)`` for an AnnData, an h5ad path, or a list of either (files are opened backed)."""
+    """``(label, source, handle)`` for an AnnData, an h5ad path, or a list of either (files are opened backed).
+
+    A file's label is its resolved path (the same file named relatively, absolutely or from another working
+    directory has one label); an AnnData's is ``what[i]``.
+    """
     import anndata as ad
 
     items = data if isinstance(data, list | tuple) else [data]
@@ -71,7 +75,7 @@ def open_cells(data: Any, loaded: LoadedModel, options: RunOptions, what: str) -
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str | os.PathLike):
-            adata, label = read_h5ad(item, what), str(Path(item).expanduser())
+            adata, label = read_h5ad(item, what), str(Path(item).expanduser().resolve())
         elif isinstance(item, ad.AnnData):
             adata, label = item, f"{what}[{i}]"
         else:

@@ -162,6 +162,13 @@ def _check_shapes(net: Any, files: AdapterFiles) -> dict[str, Any]:
         # PEFT's rule: a name matches itself and every module whose dotted name ends with it (PEFT saves 20 or
         # more targets as their shortest distinct endings, e.g. "linear1" for every layer's linear1)
         matched = {n: m for n, m in modules.items() if n == target or n.endswith(f".{target}")}
+        wrapped = [n for n, m in matched.items() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+        if wrapped:  # a LoRA layer of PEFT: the base keeps the layers of its own adapter (merge_adapter=False)
+            raise ValueError(
+                f"{files.folder / CONFIG_FILE}: target module {wrapped[0]!r} of the base model is itself a LoRA "
+                "layer: the base is an adapted model loaded with merge_adapter=False. Load it with "
+                "merge_adapter=True (the default) to apply another adapter on top of it."
+            )
         if not matched or not all(isinstance(m, nn.Linear) for m in matched.values()):
             raise ValueError(
                 f"{files.folder / CONFIG_FILE}: target module {target!r} is not a linear layer of the base model."
@@ -276,6 +283,9 @@ def write_adapter(
     (folder / ADAPTER_INFO_FILE).unlink(missing_ok=True)  # the folder is incomplete until the record is back
     tmp = folder / f".{WEIGHTS_FILE}.tmp"
     save_file(state, str(tmp))
+    from .._files import give_default_mode  # safetensors creates the file owner-only (0600)
+
+    give_default_mode(tmp)
     os.replace(tmp, folder / WEIGHTS_FILE)
     write_json_atomic(folder / CONFIG_FILE, config, sort_keys=True, default=str)
     record = {
