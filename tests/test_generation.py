@@ -203,6 +203,22 @@ def test_unreasonable_totals_and_assays_are_clear_errors(tiny_model, kwargs, mat
         sample_cells(tiny_model, 2, max_genes=4, **kwargs)
 
 
+def test_an_unknown_assay_label_is_a_transcriptformer_warning(tiny_path, tiny_model):
+    """As in the other tools (docs/errors.md): a warning that -W error and warnings filters see, not only a log line."""
+    from transcriptformer.errors import TranscriptFormerWarning
+
+    match = r"assay label\(s\) \['10x 3 v3'\] are not in tf_tiny's assay vocabulary, so they mean 'unknown'"
+    with pytest.warns(TranscriptFormerWarning, match=match):
+        cells = sample_cells(tiny_model, 2, assay="10x 3 v3", max_genes=4)
+    assert (cells.aux[:, 0] == tiny_model.aux_vocabs[0].unknown).all()
+    with pytest.warns(TranscriptFormerWarning, match=match):
+        out = tfs.tl.generate(tiny_path, 2, assay=["10x 3 v3", ASSAY], max_genes=4)
+    assert out.obs["assay"].astype(str).tolist() == ["unknown", ASSAY]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TranscriptFormerWarning)
+        sample_cells(tiny_model, 2, assay=ASSAY, max_genes=4)  # known labels: no warning
+
+
 # --- tl.generate ----------------------------------------------------------------------------------------------------
 
 

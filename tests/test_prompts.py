@@ -476,6 +476,129 @@ def test_tl_rank_regulators_random_state_none(tiny_model, tiny_adata):
         assert max_cells is None or max(n_cells.values()) <= max_cells
 
 
+def test_tl_gene_interactions_default_assay_leaves_missing_labels_out(tiny_model, tiny_adata):
+    """The default assay is the most frequent label, not "nan" when most cells have none."""
+    import warnings
+
+    import transcriptformer.scanpy as tfs
+    from transcriptformer.errors import TranscriptFormerWarning
+    from transcriptformer.scanpy.tl._prompts import _assay_of
+
+    adata = tiny_adata.copy()
+    assert adata.n_obs == 21
+    adata.obs["assay"] = pd.Series([np.nan] * 12 + [None] * 2 + [ASSAY] * 7, index=adata.obs_names, dtype=object)
+    genes = list(tiny_model.vocab.genes[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TranscriptFormerWarning)  # no "unknown assay 'nan'" warning
+        out = tfs.tl.gene_interactions(adata, tiny_model, genes=genes)
+    assert out.uns["transcriptformer_interactions"]["params"]["assay"] == ASSAY
+    ref = tfs.tl.gene_interactions(adata, tiny_model, genes=genes, assay=ASSAY)
+    np.testing.assert_array_equal(out.X, ref.X)
+    adata.obs["assay"] = pd.Categorical([np.nan] * 20 + [ASSAY])
+    assert _assay_of(adata) == ASSAY
+    adata.obs["assay"] = pd.Series([None] * 21, index=adata.obs_names, dtype=object)
+    assert _assay_of(adata) is None  # no label at all: unknown
+
+
+def _refuse_loading(monkeypatch):
+    from transcriptformer.scanpy.tl import _common
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(_common, "load_model", no_loading)
+
+
+def test_tl_rank_regulators_refuses_an_empty_group_label_before_the_model_runs(tiny_adata, monkeypatch):
+    """numpy renames an empty field name, so '' cannot name a group: refused upfront, not after the computation."""
+    import transcriptformer.scanpy as tfs
+    from helpers import assert_unchanged, snapshot
+
+    _refuse_loading(monkeypatch)
+    adata = tiny_adata.copy()
+    adata.obs["label"] = adata.obs["cell_type"].astype(str)
+    adata.obs.loc[adata.obs_names[:2], "label"] = ""
+    before = snapshot(adata)
+    for kwargs in ({}, {"groups": ["", "B cell"]}):
+        with pytest.raises(ValueError, match=r"cells of 'label' are labelled '' \(the empty string\)"):
+            tfs.tl.rank_regulators(adata, "tf-sapiens", groupby="label", candidates=["ENSG00000000001"], **kwargs)
+    assert_unchanged(adata, before)
+
+
+def test_tl_rank_regulators_empty_group_label_left_out_with_groups(tiny_model, tiny_adata):
+    import transcriptformer.scanpy as tfs
+
+    adata = tiny_adata.copy()
+    adata.obs["label"] = adata.obs["cell_type"].astype(str)
+    adata.obs.loc[adata.obs_names[:2], "label"] = ""
+    cand = _known_var_names(tiny_model, adata)[[2, 5]].tolist()
+    groups = ["B cell", "monocyte"]
+    tfs.tl.rank_regulators(adata, tiny_model, groupby="label", candidates=cand, groups=groups)
+    assert adata.uns["transcriptformer_regulators"]["names"].dtype.names == tuple(groups)
+
+
+def test_tl_rank_regulators_groups_given_twice_or_not_labels(tiny_adata, monkeypatch):
+    import transcriptformer.scanpy as tfs
+
+    _refuse_loading(monkeypatch)
+    gene = ["ENSG00000000001"]
+    for groups, match in [
+        (["B cell", "B cell", "monocyte"], r"group\(s\) \['B cell'\] of 'cell_type' are given more than once"),
+        ([None, "B cell"], r"groups must be labels of obs\['cell_type'\]"),
+        ([["B cell"], "monocyte"], r"groups must be labels of obs\['cell_type'\]"),
+        ({"B cell": 1}, r"groups must be labels of obs\['cell_type'\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            tfs.tl.rank_regulators(tiny_adata, "tf-sapiens", groupby="cell_type", candidates=gene, groups=groups)
+    adata = tiny_adata.copy()
+    adata.obs["cluster"] = adata.obs["cell_type"].cat.codes.astype(int)
+    with pytest.raises(ValueError, match=r"given more than once in groups= \(labels are compared as strings\)"):
+        tfs.tl.rank_regulators(adata, "tf-sapiens", groupby="cluster", candidates=gene, groups=[0, "0", 1])
+
+
+def test_tl_rank_regulators_takes_the_column_own_labels(tiny_model, tiny_adata):
+    """Cluster ids: groups=[0, 1] are the groups '0' and '1' (labels are compared as strings, as the grouping does)."""
+    import transcriptformer.scanpy as tfs
+
+    adata = tiny_adata.copy()
+    adata.obs["cluster"] = adata.obs["cell_type"].cat.codes.astype(int)
+    cand = _known_var_names(tiny_model, adata)[[2, 5]].tolist()
+    by_int = tfs.tl.rank_regulators(
+        adata, tiny_model, groupby="cluster", candidates=cand, groups=[np.int64(0), 1], copy=True
+    ).uns["transcriptformer_regulators"]
+    by_str = tfs.tl.rank_regulators(
+        adata, tiny_model, groupby="cluster", candidates=cand, groups=["0", "1"], copy=True
+    ).uns["transcriptformer_regulators"]
+    assert by_int["names"].dtype.names == ("0", "1")
+    assert by_int["n_cells"] == by_str["n_cells"] == {g: int((adata.obs["cluster"] == int(g)).sum()) for g in "01"}
+    pd.testing.assert_frame_equal(by_int["mean_probability"], by_str["mean_probability"])
+
+
+def test_tl_next_gene_total_counts_of_the_wrong_length(tiny_model, tiny_adata, monkeypatch):
+    """One number or one per prompt: named before the model is loaded where the prompts are counted upfront."""
+    import transcriptformer.scanpy as tfs
+
+    gene = tiny_model.vocab.genes[0]
+    other = tiny_model.vocab.genes[1]
+    written = P.gene_prompts(tiny_model, [[gene], [other]], assay=ASSAY)
+    with pytest.raises(ValueError, match=r"total_counts must be one number or one per prompt \(2\), got shape \(3,\)"):
+        P.next_gene(tiny_model, written, total_counts=[1.0, 2.0, 3.0])
+    # a generator of prompts is only counted once read: still before the computation
+    gen = (p for p in [[gene], [other]])
+    with pytest.raises(ValueError, match=r"one per prompt \(2\), got shape \(3,\)"):
+        tfs.tl.next_gene(gen, tiny_model, total_counts=[1, 2, 3])
+    _refuse_loading(monkeypatch)
+    for prompt, totals, match in [
+        (tiny_adata[:3], [100, 200], r"one number or one per prompt \(3\), got shape \(2,\)"),
+        (tiny_adata[:2], [[100, 200]], r"one number or one per prompt \(2\), got shape \(1, 2\)"),
+        ([[gene], [other]], [1, 2, 3], r"one per prompt \(2\), got shape \(3,\)"),
+        ({gene: 2, other: 1}, [1, 2], r"one per prompt \(1\), got shape \(2,\)"),
+        ([gene, other], [1, 2], r"one per prompt \(1\), got shape \(2,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            tfs.tl.next_gene(prompt, "tf-sapiens", total_counts=totals)
+
+
 @pytest.mark.slow
 def test_demo_model_prompted_by_symbols():
     """On tf-demo (real Ensembl ids): symbols in, symbols out."""

@@ -37,6 +37,7 @@ import torch
 
 from .._progress import PROGRESS_DELAY_S, tqdm
 from ..data.tokenizer import TokenizeOptions
+from ..errors import warn
 from ..model import ChunkedAttention, KVCache, TranscriptFormer
 from ..weights.loaded import LoadedModel
 from .devices import autocast, resolve_device, resolve_precision
@@ -161,12 +162,10 @@ def _aux_tokens(loaded: LoadedModel, assay: Any, n: int) -> np.ndarray:
             raise ValueError(f"assay has {len(labels)} labels for {n} cells.")
         unknown = sorted({str(x) for x in labels if x is not None and x not in voc.labels})
         if unknown:
-            logger.warning(
-                "assay label(s) %s are not in %s's %s vocabulary; they mean 'unknown'. Known: %s.",
-                unknown[:3],
-                loaded.name,
-                voc.column,
-                sorted(voc.labels)[:8],
+            # a warning about the input (TranscriptFormerWarning), as the other tools give, not only a log line
+            warn(
+                f"assay label(s) {unknown[:3]} are not in {loaded.name}'s {voc.column} vocabulary, so they mean "
+                f"'unknown'. Known labels are e.g. {sorted(k for k in voc.labels if k != 'unknown')[:6]}."
             )
         cols.append(voc.encode(labels))
     return np.stack(cols, axis=1) if cols else np.zeros((n, 0), dtype=np.int64)

@@ -84,6 +84,7 @@ __all__ = [
     "cell_prompts",
     "check_count",
     "check_total_counts",
+    "count_prompts",
     "gene_prompts",
     "gene_symbols",
     "group_regulators",
@@ -336,14 +337,20 @@ def check_count(value: Any, what: str) -> float:
     return value
 
 
-def check_total_counts(total_counts: Any) -> np.ndarray:
-    """``total_counts`` of :func:`next_gene` (one number, or one per prompt) as float64, checked."""
+def check_total_counts(total_counts: Any, n: int | None = None) -> np.ndarray:
+    """``total_counts`` of :func:`next_gene` (one number, or one per prompt) as float64, checked.
+
+    ``n``: the number of prompts, where it is known (the length is then checked too).
+    """
     try:
         totals = np.asarray(total_counts, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"total_counts must be a number or one number per prompt, got {total_counts!r}.") from None
     if isinstance(total_counts, bool | np.bool_) or not (np.isfinite(totals).all() and (totals > 0).all()):
         raise ValueError(f"total_counts must be finite numbers > 0, got {total_counts!r}.")
+    if totals.ndim > 1 or (n is not None and totals.ndim == 1 and totals.shape != (n,)):
+        per = "one per prompt" if n is None else f"one per prompt ({n})"
+        raise ValueError(f"total_counts must be one number or {per}, got shape {totals.shape}.")
     return totals
 
 
@@ -356,6 +363,39 @@ def _one_prompt(genes: Any) -> tuple[list[str], list[float]]:
         return [g for g, _ in items], [check_count(c, f"the count of {g!r}") for g, c in items]
     items = list(genes)
     return items, [1.0] * len(items)
+
+
+def _prompt_specs(genes: Any) -> list[Any]:
+    """The written prompts in ``genes`` (see :func:`gene_prompts`), one item per prompt, not yet parsed."""
+    if isinstance(genes, str | Mapping) or (hasattr(genes, "items") and hasattr(genes, "index")):
+        return [genes]
+    try:
+        specs = list(genes)
+    except TypeError:
+        raise ValueError(
+            f"genes must be gene names, a mapping gene -> count, or a list of those; got {genes!r}."
+        ) from None
+    if specs and all(isinstance(g, str) for g in specs):
+        specs = [specs]
+    return specs
+
+
+def count_prompts(genes: Any) -> int | None:
+    """How many prompts :func:`gene_prompts` makes of ``genes``, without reading an iterator; ``None``: not known yet.
+
+    Known for a gene, a mapping, or a list (tuple, array) of genes or of prompts; a list that
+    :func:`gene_prompts` will refuse (e.g. empty) gives ``None``, so that its own error is raised.
+    """
+    if not (
+        isinstance(genes, str | Mapping | Sequence | np.ndarray)
+        or (hasattr(genes, "items") and hasattr(genes, "index"))
+    ):
+        return None
+    try:
+        n = len(_prompt_specs(genes))
+    except ValueError:
+        return None
+    return n or None
 
 
 def gene_prompts(
@@ -389,17 +429,7 @@ def gene_prompts(
     ValueError
         An empty prompt, an unknown gene, a gene given twice in a prompt, or a count that is not a number > 0.
     """
-    if isinstance(genes, str | Mapping) or (hasattr(genes, "items") and hasattr(genes, "index")):
-        specs = [genes]
-    else:
-        try:
-            specs = list(genes)
-        except TypeError:
-            raise ValueError(
-                f"genes must be gene names, a mapping gene -> count, or a list of those; got {genes!r}."
-            ) from None
-        if specs and all(isinstance(g, str) for g in specs):
-            specs = [specs]
+    specs = _prompt_specs(genes)
     if not specs:
         raise ValueError("the prompt is empty: give at least one gene.")
     parsed = [_one_prompt(s) for s in specs]
@@ -607,7 +637,7 @@ def next_gene(
     if total_counts is None:
         totals = prompts.totals
     else:
-        totals = np.broadcast_to(check_total_counts(total_counts), (n,)).copy()
+        totals = np.broadcast_to(check_total_counts(total_counts, n), (n,)).copy()
     run = _Runner.build(loaded, device, precision)
     model = run.model
     vocab = loaded.vocab

@@ -6,7 +6,8 @@ The computation, and the exact definitions, are in :mod:`transcriptformer.infere
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import numpy as np
@@ -62,10 +63,13 @@ def _symbols(ids: Sequence[str], adata: AnnData | None, gene_key: str | None) ->
 
 
 def _assay_of(adata: AnnData | None) -> str | None:
-    """The most frequent ``obs["assay"]`` label of ``adata`` (``None`` without one)."""
+    """The most frequent ``obs["assay"]`` label of ``adata``, missing labels left out (``None`` without one)."""
     if adata is None or "assay" not in adata.obs.columns or adata.n_obs == 0:
         return None
-    counts = adata.obs["assay"].astype(str).value_counts()
+    from ...data.tokenizer import table_column
+
+    # missing labels (NaN, None) are no assay: they must not count as one called "nan"
+    counts = table_column(adata.obs, "assay").dropna().astype(str).value_counts()
     return str(counts.index[0]) if len(counts) else None
 
 
@@ -166,7 +170,8 @@ def next_gene(
     elif n_prompt_genes is not None:
         raise ValueError("n_prompt_genes= is for cells; a written prompt holds the genes it lists.")
     if total_counts is not None:
-        P.check_total_counts(total_counts)  # before the model is loaded (or downloaded)
+        # before the model is loaded (or downloaded); its length too where the number of prompts is known
+        P.check_total_counts(total_counts, prompt.n_obs if isinstance(prompt, AnnData) else P.count_prompts(prompt))
     loaded = load(model, opts)
     P.require_gene_head(loaded, "predict the next gene")
     if cells:
@@ -399,7 +404,7 @@ def rank_regulators(
     *,
     groupby: str,
     candidates: Sequence[str],
-    groups: Sequence[str] | None = None,
+    groups: Sequence[Any] | str | None = None,
     max_cells: int | None = None,
     at: Literal["place", "end"] = "place",
     random_state: int | None = 0,
@@ -429,13 +434,15 @@ def rank_regulators(
     model
         As in :func:`embed` (it needs the gene-identity head).
     groupby
-        ``obs`` column of the groups (e.g. cell types).
+        ``obs`` column of the groups (e.g. cell types). Cells without a label (NaN) are left out; the empty string
+        ``""`` cannot name a group (it is refused: label those cells, or leave them out with ``groups``).
     candidates
         Genes to rank: Ensembl ids, ``var_names`` (with ``var[gene_key]`` holding their ids) or human / mouse
         symbols. Genes the model does not know are an error; with ``at="place"`` genes that are not columns of
         the data have no place and are left out (with a warning).
     groups
-        Rank within these groups only (default: every group with cells).
+        Rank within these groups only: labels of ``obs[groupby]``, each named once, compared as strings (so
+        cluster ids ``[0, 1]`` and ``["0", "1"]`` are the same groups). Default: every group with cells.
     max_cells
         Use at most this many cells per group (drawn with ``random_state``); ``None``: all.
     at
@@ -482,13 +489,8 @@ def rank_regulators(
     present = [str(g) for g in pd.unique(labels.dropna().astype(str))]
     if isinstance(labels.dtype, pd.CategoricalDtype):
         present = [str(c) for c in labels.cat.categories if (labels == c).any()]
-    if groups is None:
-        chosen = present
-    else:
-        chosen = [str(g) for g in check_genes(groups, "groups") or []]
-        empty = [g for g in chosen if g not in present]
-        if empty:
-            raise ValueError(f"group(s) {empty} of {groupby!r} have no cells; groups with cells: {present}.")
+    present = list(dict.fromkeys(present))  # labels are compared as strings: 1 and "1" are one group
+    chosen = _check_groups(groups, groupby, present)
     if len(chosen) < 2:
         raise ValueError(f"the score compares groups, so it needs at least 2 groups of {groupby!r}; got {chosen}.")
     text = labels.astype(str).to_numpy()
@@ -552,6 +554,50 @@ def rank_regulators(
     update = Update("rank_regulators", record=key)
     update.set("uns", key, result)
     return update.apply(adata, copy=copy)
+
+
+def _check_groups(groups: Any, groupby: str, present: list[str]) -> list[str]:
+    """The groups to rank, as strings: ``groups`` (labels of ``obs[groupby]``, compared as strings) or ``present``.
+
+    Every group names a field of the result's structured arrays (as in ``sc.tl.rank_genes_groups``), so a group
+    is named once and is not the empty string (numpy renames an empty field name). Checked before the model runs.
+    """
+    if groups is None:
+        chosen = present
+    else:
+        items: list[Any] | None = None  # None: not labels at all
+        if isinstance(groups, str | bool | np.bool_ | numbers.Number):
+            items = [groups]  # one label
+        elif isinstance(groups, Iterable) and not isinstance(groups, Mapping):
+            items = list(groups)
+        bad = (
+            [groups]
+            if items is None
+            else [g for g in items if not isinstance(g, str | bool | np.bool_ | numbers.Number) or pd.isna(g)]
+        )
+        if bad:
+            raise ValueError(
+                f"groups must be labels of obs[{groupby!r}] (a label or a list of labels, compared as strings) or "
+                f"None, got {bad[0]!r}{'' if items is None else f' in {groups!r}'}."
+            )
+        assert items is not None
+        chosen = [str(g) for g in items]
+        twice = sorted({g for g in chosen if chosen.count(g) > 1})
+        if twice:
+            raise ValueError(
+                f"group(s) {twice} of {groupby!r} are given more than once in groups= (labels are compared as "
+                "strings); name each group once."
+            )
+        empty = [g for g in chosen if g not in present]
+        if empty:
+            raise ValueError(f"group(s) {empty} of {groupby!r} have no cells; groups with cells: {present}.")
+    if "" in chosen:
+        raise ValueError(
+            f"cells of {groupby!r} are labelled '' (the empty string), which cannot name a group of the result (a "
+            "field of its structured arrays, as in sc.tl.rank_genes_groups): give those cells a label (e.g. "
+            "'unassigned') or leave the group out with groups=[...]."
+        )
+    return chosen
 
 
 def _names_in_data(ids: np.ndarray, adata: AnnData, gene_key: str | None) -> np.ndarray:
