@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Unpack
+from typing import Any, Unpack
 
 import numpy as np
 import pandas as pd
@@ -118,28 +118,22 @@ def generate(
 
     if prompt is not None:
         check_adata(prompt, "prompt")
-    check_sampling(
-        n_cells=n_cells,
-        prompt=prompt is not None,
-        n_prompt_genes=n_prompt_genes,
-        max_genes=max_genes,
-        temperature=temperature,
-        top_k=top_k,
-        total_counts=total_counts,
-        seed=seed,
-    )  # before the model is loaded (or downloaded)
+    sampling: dict[str, Any] = {
+        "n_cells": n_cells,
+        "n_prompt_genes": n_prompt_genes,
+        "max_genes": max_genes,
+        "temperature": temperature,
+        "top_k": top_k,
+        "total_counts": total_counts,
+        "seed": seed,
+    }
+    check_sampling(prompt=prompt is not None, **sampling)  # before the model is loaded (or downloaded)
     loaded = load(model, opts)
     g = sample_cells(
         loaded,
-        n_cells,
         assay=assay,
         prompt=prompt,
-        n_prompt_genes=n_prompt_genes,
-        max_genes=max_genes,
-        temperature=temperature,
-        top_k=top_k,
-        total_counts=total_counts,
-        seed=seed,
+        **sampling,
         device=opts.device,
         precision=opts.precision,
         batch_size=opts.batch_size,
