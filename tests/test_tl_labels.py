@@ -127,3 +127,20 @@ def test_celltype_similarity_rep_is_deprecated_but_works(embedded):
     with pytest.warns(FutureWarning, match=r"use_rep=\.\.\."):
         old = tfs.tl.celltype_similarity(embedded, groupby="cell_type", rep="X_transcriptformer")
     pd.testing.assert_frame_equal(old, expected)
+
+
+def test_the_tools_without_a_model_record_the_package_version(embedded):
+    """Every params record is built by the one provenance builder: tool and package version included."""
+    from transcriptformer import __version__
+
+    a = embedded.copy()
+    tfs.tl.transfer_labels(a, embedded, labels_key="cell_type")
+    tfs.tl.celltype_similarity(a, groupby="cell_type", batch_key="donor_id")
+    tfs.tl.umap(a, n_neighbors=5)
+    for key, tool in (
+        ("cell_type_transferred", "transfer_labels"),
+        ("transcriptformer_celltype_similarity", "celltype_similarity"),
+        ("umap_transcriptformer", "umap"),
+    ):
+        params = a.uns[key]["params"]
+        assert params["tool"] == tool and params["transcriptformer_version"] == __version__, key

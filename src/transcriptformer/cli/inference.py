@@ -573,6 +573,15 @@ def run(args: argparse.Namespace) -> Path | None:
     elif path.suffix == ".zarr":
         raise CLIError("a .zarr output is written by --resumable runs; pass --resumable or an .h5ad file name.")
     inputs, sizes = _inputs(args)
+    from ..data.tokenizer import check_readable  # lazily: pandas (start-up time)
+
+    for source in inputs:  # the counts' matrix (--use-raw) and gene ids (--gene-col-name), before the model is loaded
+        adata = _open_input(source, args)
+        try:
+            check_readable(adata, options.tokenize())
+        finally:
+            if adata.isbacked:
+                adata.file.close()
     from ..inference.devices import resolve_device  # lazily: torch
 
     resolve_device(device)  # an unavailable device is an error before the model is loaded

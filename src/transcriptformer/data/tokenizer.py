@@ -39,6 +39,7 @@ __all__ = [
     "TokenizeOptions",
     "TranscriptFormerWarning",
     "as_frame",
+    "check_readable",
     "column_values",
     "is_lazy",
     "prepare_cells",
@@ -309,6 +310,19 @@ def _select(adata, layer: str | None) -> tuple[Any, Any, str]:
             "Pass layer=None (raw if present, else X), 'X', 'raw' or one of those."
         )
     return adata.layers[layer], adata.var, f"layers[{layer!r}]"
+
+
+def check_readable(adata: Any, options: TokenizeOptions) -> None:
+    """The matrix the counts come from (``options.layer``) and its gene ids (``options.gene_key``) exist.
+
+    What :func:`prepare_cells` would refuse about them, with its messages, but before a model is loaded (or
+    downloaded): only ``layers``, ``raw`` and the ``var`` columns are looked at.
+    """
+    matrix, var, source = _select_matrix(adata, options.layer)
+    if matrix is None:
+        raise ValueError(f"adata.{source} is empty.")
+    if options.gene_key is not None and options.gene_key not in var.columns:
+        read_gene_ids(var, options.gene_key, source, adata_var=as_frame(adata.var) if source == "raw.X" else None)
 
 
 def read_gene_ids(

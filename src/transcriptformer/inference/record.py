@@ -17,7 +17,7 @@ __all__ = ["provenance"]
 
 def provenance(
     tool: str,
-    loaded: LoadedModel,
+    loaded: LoadedModel | None,
     *,
     options: RunOptions | None = None,
     stats: Mapping[str, Any] | None = None,
@@ -31,7 +31,8 @@ def provenance(
         The function or command that made the result.
     loaded
         The model: its name, folder (``"in memory"`` for one built in memory), the sha256 of its weights file and,
-        for an adapted model, the adapter's folder, sha256 and whether it was merged.
+        for an adapted model, the adapter's folder, sha256 and whether it was merged. ``None`` for the tools
+        that run no model (``transfer_labels``, ``umap``, ``celltype_similarity``, ``symbols_to_ensembl``).
     options
         The run options (every value, ``None`` written as ``"none"``).
     stats
@@ -44,20 +45,19 @@ def provenance(
     dict
         The record, for ``uns[key]["params"]``, the command line's output and training histories.
     """
-    params: dict[str, Any] = {
-        "tool": tool,
-        "model": loaded.name,
-        "model_path": str(loaded.path) if loaded.path is not None else "in memory",
-        "weights_sha256": loaded.weights_sha256,
-    }
-    if loaded.adapter:
+    params: dict[str, Any] = {"tool": tool}
+    if loaded is not None:
+        params["model"] = loaded.name
+        params["model_path"] = str(loaded.path) if loaded.path is not None else "in memory"
+        params["weights_sha256"] = loaded.weights_sha256
+    if loaded is not None and loaded.adapter:
         params["adapter"] = loaded.adapter["path"]
         params["adapter_sha256"] = loaded.adapter["sha256"]
         params["adapter_merged"] = loaded.adapter["merged"]
     if options is not None:
         params.update(options.record())
         params["gene_key"] = options.gene_key if options.gene_key is not None else "var_names"
-    if stats is not None:
+    if stats is not None and loaded is not None:
         params["seq_len"] = loaded.seq_len
         for key in ("device", "precision", "attention", "max_tokens", "attention_fallback"):
             if key in stats:

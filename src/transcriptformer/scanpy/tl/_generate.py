@@ -128,7 +128,7 @@ def generate(
         "seed": seed,
     }
     check_sampling(prompt=prompt is not None, **sampling)  # before the model is loaded (or downloaded)
-    loaded = load(model, opts)
+    loaded = load(model, opts, prompt)
     g = sample_cells(
         loaded,
         assay=assay,

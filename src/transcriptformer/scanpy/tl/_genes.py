@@ -186,7 +186,7 @@ def gene_embeddings_by_group(
     if not labels:
         raise ValueError(f"adata.obs[{groupby!r}] has no group with cells.")
     genes = check_genes(genes)
-    loaded = load(model, opts)
+    loaded = load(model, opts, adata)
     n_genes = len(genes) if genes is not None else adata.n_vars
     need = len(labels) * min(n_genes, len(loaded.vocab)) * loaded.embed_dim * 8
     if need > MAX_GROUP_BYTES:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -11,6 +11,7 @@ from anndata import AnnData
 
 from ...data.tokenizer import table_column
 from ...inference.options import check_bool, check_key, check_positive_int
+from ...inference.record import provenance
 from .._utils import Update, check_adata, check_writable, deprecated_argument, use_rep_or_deprecated
 
 __all__ = ["celltype_similarity", "transfer_labels"]
@@ -128,14 +129,15 @@ def transfer_labels(
         predicted = clf.classes_[proba.argmax(axis=1)]
         confidence = proba.max(axis=1).astype(np.float32)
     categories = pd.unique(labels.dropna().astype(str))
-    params = {
-        "tool": "transfer_labels",
-        "labels_key": labels_key,
-        "use_rep": use_rep,
-        "method": method,
-        "n_neighbors": n_neighbors,
-        "n_reference": len(y),
-    }
+    params = provenance(
+        "transfer_labels",
+        None,
+        labels_key=labels_key,
+        use_rep=use_rep,
+        method=method,
+        n_neighbors=n_neighbors,
+        n_reference=len(y),
+    )
     update = Update("transfer_labels", record=key_added)
     update.set("obs", key_added, pd.Categorical(predicted, categories=categories))
     update.set("obs", f"{key_added}_confidence", confidence)
@@ -245,8 +247,15 @@ def celltype_similarity(
                     for h, v in pd.Series(pred[ya == g]).value_counts(normalize=True).items():
                         out.loc[row, f"{b_name}{SEPARATOR}{h}"] = v
     if isinstance(adatas, AnnData):
-        params: dict[str, Any] = {"tool": "celltype_similarity", "groupby": groupby, "batch_key": batch_key or "none"}
-        params.update(use_rep=use_rep, method=method, n_neighbors=n_neighbors)
+        params = provenance(
+            "celltype_similarity",
+            None,
+            groupby=groupby,
+            batch_key=batch_key or "none",
+            use_rep=use_rep,
+            method=method,
+            n_neighbors=n_neighbors,
+        )
         update = Update("celltype_similarity", record=key_added)
         update.set("uns", key_added, {"similarity": out, "params": params})
         update.apply(adatas, copy=False)

@@ -172,7 +172,7 @@ def next_gene(
     if total_counts is not None:
         # before the model is loaded (or downloaded); its length too where the number of prompts is known
         P.check_total_counts(total_counts, prompt.n_obs if isinstance(prompt, AnnData) else P.count_prompts(prompt))
-    loaded = load(model, opts)
+    loaded = load(model, opts, prompt if cells else None)
     P.require_gene_head(loaded, "predict the next gene")
     if cells:
         prompts = P.cell_prompts(loaded, prompt, tokenize=opts.tokenize(), n_genes=n_prompt_genes)
@@ -334,7 +334,7 @@ def gene_interactions(
             raise ValueError("background has no cells (e.g. a group with no cells): give at least one cell.")
     count = P.check_count(count, "count")
     check_random_state(random_state)
-    loaded = load(model, opts)
+    loaded = load(model, opts, adata if names is None else None, background)
     P.require_gene_head(loaded, "score gene interactions")
     if names is None:
         src = P.cell_prompts(loaded, adata, tokenize=opts.tokenize())
@@ -498,7 +498,7 @@ def rank_regulators(
     for j, g in enumerate(chosen):
         where = np.flatnonzero((text == g) & labels.notna().to_numpy())
         codes[where[_subsample(len(where), max_cells, random_state, j)]] = j
-    loaded = load(model, opts)
+    loaded = load(model, opts, adata)
     P.require_gene_head(loaded, "rank genes by the next-gene distribution")
     cand = P.resolve_genes(loaded, names, var=adata.var, gene_key=opts.gene_key, what="candidates")
     used = np.flatnonzero(codes >= 0)

@@ -9,6 +9,7 @@ import numpy as np
 from anndata import AnnData
 
 from ...inference.options import check_bool, check_key, check_positive_int
+from ...inference.record import provenance
 from .._utils import Update, check_adata, check_writable, fingerprint, use_rep_or_deprecated
 
 logger = logging.getLogger("transcriptformer")
@@ -95,14 +96,15 @@ def umap(
             f"a UMAP needs at least {MIN_UMAP_POINTS} {'cells' if axis == 'obs' else 'genes'} with an "
             f"embedding; adata has {int(finite.sum())}."
         )
-    params = {
-        "tool": "umap",
-        "use_rep": use_rep,
-        "axis": axis,
-        "n_neighbors": n_neighbors,
-        "random_state": random_state,
-        "fingerprint": fingerprint(X),
-    }
+    params = provenance(
+        "umap",
+        None,
+        use_rep=use_rep,
+        axis=axis,
+        n_neighbors=n_neighbors,
+        random_state=random_state,
+        fingerprint=fingerprint(X),
+    )
     # computed on an AnnData holding only the embedding: nothing of adata is copied or touched until the end
     points = AnnData(obsm={"X": X[finite]})
     k = min(n_neighbors, int(finite.sum()) - 1)
