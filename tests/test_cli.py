@@ -20,6 +20,7 @@ from pathlib import Path
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 import transcriptformer
@@ -29,6 +30,7 @@ from transcriptformer import cli
 from transcriptformer.cli import inference as cli_inference
 from transcriptformer.cli._common import CLIError
 from transcriptformer.config import TranscriptFormerConfig
+from transcriptformer.errors import TranscriptFormerWarning
 
 ATOL = 1e-5
 
@@ -796,3 +798,191 @@ def test_inputs_are_checked_before_the_model_is_loaded(tmp_path, tiny_adata, cli
         proc = cli(*base, *extra, "--no-progress", check=False)
         assert proc.returncode == 1 and match in proc.stderr and "download" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- several inputs: checked before the model, obs of mixed types, the run record, messages ------------------------
+
+
+def _split(tmp_path, edit_a=None, edit_b=None) -> tuple[Path, Path]:
+    """The tiny cells as two files, cells 0-9 and 10-20 (each file's categoricals keep only its categories);
+    ``edit_a`` / ``edit_b`` change a file's AnnData before it is written."""
+    adata = tfs.datasets.tiny_human()
+    paths = []
+    for name, part, edit in (("a", adata[:10].copy(), edit_a), ("b", adata[10:].copy(), edit_b)):
+        part = edit(part) or part if edit else part
+        path = tmp_path / f"{name}.h5ad"
+        part.write_h5ad(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _lognorm(adata: ad.AnnData) -> None:
+    import scanpy as sc
+
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+
+
+def test_inputs_whose_obs_columns_differ_in_type_are_written(cli, tmp_path, tiny_path):
+    """A bool column in one file only (CELLxGENE's is_primary_data), and a column of strings in one file and integers
+    in the other: the output holds both, streamed or not (it was computed, then could not be written)."""
+
+    def primary(adata):
+        adata.obs["is_primary_data"] = True
+
+    def numbered(adata):
+        adata.obs["donor_id"] = np.arange(adata.n_obs)
+
+    a, b = _split(tmp_path, primary, numbered)
+    outs = [
+        _infer(cli, tmp_path / d, tiny_path, [a, b], *extra) for d, extra in (("m", ()), ("s", ["--stream-output"]))
+    ]
+    for out in outs:
+        primary_data = out.obs["is_primary_data"]
+        assert primary_data.dtype == "boolean" and primary_data[:10].all() and primary_data[10:].isna().all()
+        donors = ad.read_h5ad(a).obs["donor_id"].astype(str).tolist() + [str(i) for i in range(11)]
+        assert out.obs["donor_id"].astype(str).tolist() == donors
+    pd.testing.assert_frame_equal(outs[0].obs, outs[1].obs)
+
+
+def test_an_obs_column_that_cannot_be_written_is_named_before_the_model_is_loaded(
+    tmp_path, tiny_path, capsys, monkeypatch, no_model_load
+):
+    a, b = _split(tmp_path)
+    original = cli_inference._obs
+
+    def with_dates(adata, args, path):
+        obs = original(adata, args, path)
+        if path == str(b):  # a type h5ad cannot hold (an input read another way, e.g. SOMA, may have it)
+            obs["sampled"] = pd.Timestamp("2024-01-01")
+        return obs
+
+    monkeypatch.setattr(cli_inference, "_obs", with_dates)
+    code, err = run_cli(capsys, *infer_args(tiny_path, [a, b], tmp_path / "out"))
+    line = error_line(err)
+    assert code == 1 and "obs column 'sampled' cannot be written" in line, line
+    assert f"data file {str(a)!r}: no such column" in line and f"data file {str(b)!r}: datetime64" in line
+    assert "obs_keys" in line and no_model_load == []
+
+
+def test_stream_output_writes_the_same_obs(cli, tmp_path, tiny_path):
+    """Files whose categoricals have different categories: the streamed obs equals the in-memory one, dtypes too."""
+    a, b = _split(tmp_path)
+    plain = _infer(cli, tmp_path / "p", tiny_path, [a, b])
+    streamed = _infer(cli, tmp_path / "s", tiny_path, [a, b], "--stream-output")
+    assert isinstance(plain.obs["cell_type"].dtype, pd.CategoricalDtype)
+    pd.testing.assert_frame_equal(streamed.obs, plain.obs)
+
+
+def test_the_run_record_of_several_files_describes_each(cli, tmp_path, tiny_path):
+    """counts_look_raw holds for every file; the facts of each file are lists in the order of data_file."""
+
+    def lognorm_fewer_genes(adata):
+        _lognorm(adata)
+        return adata[:, 20:].copy()
+
+    a, b = _split(tmp_path, edit_b=lognorm_fewer_genes)
+    with pytest.warns(TranscriptFormerWarning, match="do not look like raw counts"):
+        out = _infer(cli, tmp_path, tiny_path, [a, b])
+    params = out.uns["transcriptformer"]["params"]
+    assert list(params["data_file"]) == [str(a), str(b)]
+    assert not params["counts_look_raw"] and list(params["counts_look_raw_per_file"]) == [True, False]
+    assert list(params["n_genes"]) == [205, 185] and list(params["n_genes_matched"]) == [165, 149]
+    assert list(params["counts_source"]) == ["X", "X"]
+    assert isinstance(params["model"], str) and params["precision"] == "32"  # the same for every file: one value
+    with pytest.warns(TranscriptFormerWarning, match="do not look like raw counts"):
+        single = _infer(cli, tmp_path / "one", tiny_path, b)
+    params = single.uns["transcriptformer"]["params"]
+    assert params["n_genes"] == 185 and not params["counts_look_raw"] and "counts_look_raw_per_file" not in params
+
+
+def test_every_input_is_checked_before_the_model_is_loaded_and_errors_name_it(
+    tmp_path, tiny_path, capsys, no_model_load
+):
+    def duplicate_id(adata):
+        ids = adata.var["ensembl_id"].astype(str).to_numpy().copy()
+        ids[-1] = ids[5] + ".3"
+        adata.var["ensembl_id"] = ids
+
+    def with_raw(adata):
+        adata.raw = adata.copy()
+
+    def no_id_column(adata):
+        del adata.var["ensembl_id"]
+
+    cases = [
+        (duplicate_id, [], "1 gene id(s) in var['ensembl_id'] appear more than once", "--remove-duplicate-genes"),
+        (no_id_column, [], "gene id column 'ensembl_id' not found", "symbols_to_ensembl"),
+    ]
+    for edit_b, extra, message, flag in cases:
+        a, b = _split(tmp_path, edit_b=edit_b)
+        code, err = run_cli(capsys, *infer_args(tiny_path, [a, b], tmp_path / "out", *extra))
+        line = error_line(err)
+        assert code == 1 and line.startswith(f"transcriptformer: error: data file {str(b)!r}: {message}"), line
+        assert flag in line
+    a, b = _split(tmp_path, edit_a=with_raw)  # --use-raw True: the second file has no .raw
+    code, err = run_cli(capsys, *infer_args(tiny_path, [a, b], tmp_path / "out", "--use-raw", "True"))
+    line = error_line(err)
+    assert line.startswith(f"transcriptformer: error: data file {str(b)!r}: --use-raw True but the file has no .raw")
+    assert no_model_load == []
+    a, b = _split(tmp_path, edit_b=duplicate_id)  # with the flag the duplicates pass: the model is loaded next
+    code, err = run_cli(capsys, *infer_args(tiny_path, [a, b], tmp_path / "out", "--remove-duplicate-genes"))
+    assert code == 1 and "a model was loaded" in err and len(no_model_load) == 1
+    assert not (tmp_path / "out" / "embeddings.h5ad").exists()
+
+
+def test_an_error_found_while_reading_a_later_input_names_it(tmp_path, tiny_path, capsys):
+    def negative(adata):
+        adata.X = adata.X.toarray()
+        adata.X[3, :] = -1  # found while its cells are read (backed files are checked window by window)
+
+    a, b = _split(tmp_path, edit_b=negative)
+    code, err = run_cli(capsys, *infer_args(tiny_path, [a, b], tmp_path / "out"))
+    line = error_line(err)
+    assert code == 1 and line.startswith(
+        f"transcriptformer: error: data file {str(b)!r}: the counts in X contain negative"
+    )
+
+
+def test_warnings_give_the_command_lines_advice(cli, tmp_path, tiny_path):
+    """The library's warnings, like its errors, name the command's flags (inference has no layer=)."""
+    import warnings
+
+    adata = tfs.datasets.tiny_human()
+    lognorm = adata.copy()
+    _lognorm(lognorm)
+    lognorm.raw = adata
+    path = tmp_path / "lognorm_with_raw.h5ad"
+    lognorm.write_h5ad(path)
+    shown = warnings.showwarning
+    with pytest.warns(TranscriptFormerWarning, match="do not look like raw counts") as record:
+        _infer(cli, tmp_path, tiny_path, path, "--use-raw", "False")
+    text = " ".join(str(w.message) for w in record if "raw counts" in str(w.message))
+    assert "--use-raw" in text and "layer=" not in text, text
+    assert warnings.showwarning is shown  # the command's rewriting ends with it
+    with pytest.warns(TranscriptFormerWarning, match="layer=<layer of raw counts>"):  # the API's own words
+        tfs.tl.embed(lognorm, tiny_path, layer="X", copy=True)
+
+
+def test_pretrained_embedding_species_offline_advises_a_table_before_the_model_is_loaded(
+    tmp_path, tiny_path, h5ad, capsys, registry_offline, no_model_load
+):
+    code, err = run_cli(
+        capsys, *infer_args(tiny_path, h5ad, tmp_path / "out", "--pretrained-embedding", "mus_musculus")
+    )
+    line = error_line(err)
+    assert code == 1 and "could not download" in line and "all_embeddings.tar.gz" in line, line
+    assert "--pretrained-embedding <folder>/<species>_gene.h5" in line and "--checkpoint-path <folder>" not in line
+    assert no_model_load == []  # the species name is resolved before the model is loaded
+
+
+def test_inputs_sharing_cell_names_give_no_advice_to_make_them_unique(cli, tmp_path, tiny_path, human_h5ad):
+    """The command makes shared cell names unique itself: anndata's advice to call obs_names_make_unique is not
+    shown."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = _infer(cli, tmp_path, tiny_path, [human_h5ad, human_h5ad])
+    assert not [w for w in record if "make_unique" in str(w.message) or "not unique" in str(w.message)], record
+    assert out.obs_names.is_unique and list(out.obs_names[20:23]) == ["cell020", "cell000-1", "cell001-1"]

@@ -32,6 +32,19 @@ def test_check_input_summary(tiny_path, tiny_adata):
     assert tiny_adata.var["transcriptformer_in_vocab"].sum() == 165
 
 
+def test_check_input_reads_with_the_species_tables_as_embed_does(tiny_path, tiny_adata):
+    """species_embedding changes the vocabulary: the report is what embed reads with the same tables."""
+    table = str(tiny_path / "vocabs" / "homo_sapiens_gene.h5")
+    report = tfs.pp.check_input(tiny_adata, tiny_path, species_embedding=[table])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embed warns about the cell without genes
+        out = tfs.tl.embed(tiny_adata, tiny_path, species_embedding=[table], llh=True, copy=True)
+    n = out.obs["transcriptformer_n_genes"].to_numpy()
+    assert report.n_genes_matched == out.uns["transcriptformer"]["params"]["n_genes_matched"] != 165
+    assert report.genes_per_cell == {"min": int(n.min()), "median": float(np.median(n)), "max": int(n.max())}
+    assert report.n_cells_without_genes == int((n == 0).sum()) == 1
+
+
 def test_check_input_window_is_validated(tiny_path, tiny_adata):
     for bad in (0, -1, 1.5, None, True):
         with pytest.raises(ValueError, match="window"):

@@ -526,6 +526,19 @@ def test_species_table(registry_server, cache):
             registry.species_table(bad, cache_dir=cache)
 
 
+def test_unreachable_gene_tables_advise_passing_a_table_not_a_checkpoint(cache):
+    """all_embeddings holds gene tables: offline, the advice is species_embedding=<table>, not model=<folder>."""
+    with pytest.raises(registry.DownloadError, match="could not download") as info:
+        registry.species_table("mus_musculus", cache_dir=cache, progress=False)
+    message = str(info.value)
+    assert "species_embedding=<folder>/<species>_gene.h5" in message
+    assert "--pretrained-embedding <folder>/<species>_gene.h5" in message
+    assert "model=<folder>" not in message and "--checkpoint-path" not in message
+    with pytest.raises(registry.DownloadError) as info:  # a checkpoint keeps the checkpoint's advice
+        registry.fetch("tf-sapiens", cache_dir=cache, progress=False)
+    assert "--checkpoint-path <folder>" in str(info.value) and "species_embedding" not in str(info.value)
+
+
 def test_datasets_are_pinned_and_recorded(monkeypatch, tmp_path):
     """Published test files: git blob ids checked on download, sha256 recorded at the first one."""
     mouse = registry.fetch_dataset("mouse-val")  # bundled: no download

@@ -303,6 +303,42 @@ def test_duplicate_ids(tiny_path, tiny_adata, ref_embedding):
     assert out.obsm["X_transcriptformer"].shape == (21, 32)
 
 
+def test_duplicate_ids_are_refused_before_the_model_is_loaded(tiny_adata, no_model_load):
+    """check_readable (run before any model is loaded) refuses duplicate ids, as prepare_cells would."""
+    from transcriptformer.data.tokenizer import check_readable
+
+    ids = tiny_adata.var["ensembl_id"].astype(str).to_numpy().copy()
+    ids[-1] = ids[0] + ".2"
+    tiny_adata.var["ensembl_id"] = ids
+    with pytest.raises(ValueError, match=r"1 gene id\(s\) in var\['ensembl_id'\] appear more than once"):
+        check_readable(tiny_adata, TokenizeOptions())
+    check_readable(tiny_adata, TokenizeOptions(duplicate_genes="first"))
+    with pytest.raises(ValueError, match="more than once"):
+        tfs.tl.embed(tiny_adata, model="tf-tiny")
+    assert no_model_load == []
+
+
+def test_gene_id_messages_name_raw_var_when_the_counts_come_from_raw(tiny_path, tiny_adata, tiny_model):
+    """Ids read from raw.var (the counts come from raw.X) are called raw.var's in the messages, not var's."""
+    with_raw = tiny_adata.copy()
+    raw_var = tiny_adata.var.copy()
+    ids = raw_var["ensembl_id"].astype(str).to_numpy().copy()
+    ids[-1] = ids[0] + ".3"  # var stays clean: only raw.var has a duplicate
+    raw_var["ensembl_id"] = ids
+    with_raw.raw = ad.AnnData(X=tiny_adata.X, obs=tiny_adata.obs, var=raw_var)
+    with pytest.raises(ValueError, match=r"in raw\.var\['ensembl_id'\] appear more than once"):
+        tfs.tl.embed(with_raw, model=tiny_path)
+    other = tiny_adata.copy()
+    raw_var = tiny_adata.var.copy()
+    raw_var["ensembl_id"] = [f"ENSG{i:011d}" for i in range(800000, 800000 + other.n_vars)]  # none in the vocabulary
+    other.raw = ad.AnnData(X=tiny_adata.X, obs=tiny_adata.obs, var=raw_var)
+    with pytest.raises(ValueError, match=r"none of the 205 genes in raw\.var\['ensembl_id'\]"):
+        prepare_cells(other, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=tiny_model.seq_len)
+    plain = ad.AnnData(X=tiny_adata.X, obs=tiny_adata.obs, var=raw_var)  # the same ids in var, no .raw
+    with pytest.raises(ValueError, match=r"none of the 205 genes in var\['ensembl_id'\]"):
+        prepare_cells(plain, tiny_model.vocab, tiny_model.aux_vocabs, seq_len=tiny_model.seq_len)
+
+
 def test_gene_id_messages(tiny_path, tiny_adata):
     lower = tiny_adata.copy()
     lower.var["ensembl_id"] = lower.var["ensembl_id"].str.lower()

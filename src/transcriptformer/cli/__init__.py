@@ -2,25 +2,29 @@
 
 Sub-commands, one module each: ``download`` (:mod:`.download`), ``inference`` (:mod:`.inference`), ``merge``
 (:mod:`.merge`, the shards of a resumable run), ``finetune`` and ``train`` (:mod:`.training`); what they share is
-:mod:`._common`. They accept the published tool's flags and write its output layout. An error, Ctrl-C or SIGTERM
-removes any temporary output (the finished shards of a resumable run are kept). The modules import only the
-standard library until a command runs (the heavy imports inside the ``run`` functions are for start-up time), so
-``--help`` and ``--version`` are instant.
+:mod:`._common`. They accept the published tool's flags and write its output layout. The library's advice in errors
+and warnings is given in the command's flags (:func:`in_flags`). An error, Ctrl-C or SIGTERM removes any temporary
+output (the finished shards of a resumable run are kept). The modules import only the standard library until a
+command runs (the heavy imports inside the ``run`` functions are for start-up time), so ``--help`` and ``--version``
+are instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .._meta import __version__
 from ..data import discover
+from ..errors import TranscriptFormerWarning
 from . import download, inference, merge, training
 
 logger = logging.getLogger("transcriptformer")
@@ -116,6 +120,26 @@ def in_flags(message: str, command: str) -> str:
     return message
 
 
+@contextlib.contextmanager
+def _warnings_in_flags(command: str) -> Iterator[None]:
+    """While ``command`` runs, the package's warnings give their advice in its flags' words (as its errors do)."""
+    previous = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None):
+        if issubclass(category, TranscriptFormerWarning):
+            text = in_flags(str(message), command)
+            if text != str(message):
+                message = category(text)
+        previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:  # not replaced meanwhile by someone else
+            warnings.showwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``transcriptformer`` command.
 
@@ -145,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "finetune": training.run_finetune,
             "train": training.run_train,
         }
-        status = runners[args.command](args)
+        with _warnings_in_flags(args.command):
+            status = runners[args.command](args)
     except KeyboardInterrupt:
         print("transcriptformer: interrupted", file=sys.stderr)
         return 130

@@ -13,18 +13,21 @@ interrupted run resumes with the same command, and the shards are merged into th
 
 Everything that can be checked without the model is checked before it is loaded: every option and
 ``--config-override`` value (by type and range, with the same rules as the Python API), the output location
-(writable, not a folder, not one of the inputs) and the input files (h5ad, with cells). The output is written
-under a temporary name and renamed when complete.
+(writable, not a folder, not one of the inputs), the ``--pretrained-embedding`` tables and every input (h5ad,
+with cells; the matrix of counts, unique gene ids; an ``obs`` that can be written with the others'). Errors
+about an input name it. The output is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +52,7 @@ from ._common import (
 
 if TYPE_CHECKING:
     import numpy as np
+    import pandas as pd
 
 logger = logging.getLogger("transcriptformer")
 
@@ -510,16 +514,16 @@ def _run_file(
 
     adata = _open_input(path, args)
     try:
-        run = infer(
-            adata,
-            loaded,
-            heads=heads,
-            tokenize=options.tokenize(),
-            **{**options.engine(), "cache_dir": None},
-            attention=args.attention,
-            embeddings_out=embeddings_out,
-        )
-        obs = _obs(adata, args, path)
+        with _about_input(path, args):
+            run = infer(
+                adata,
+                loaded,
+                heads=heads,
+                tokenize=options.tokenize(),
+                **{**options.engine(), "cache_dir": None},
+                attention=args.attention,
+                embeddings_out=embeddings_out,
+            )
     finally:
         if adata.isbacked:
             adata.file.close()
@@ -531,7 +535,43 @@ def _run_file(
         heads=list(heads),
         n_data_workers=getattr(args, "n_data_workers", None),  # the published flag's value, without effect
     )
-    return {"obs": obs, "result": run.result, "vocab": run.vocab, "params": params}
+    return {"result": run.result, "vocab": run.vocab, "params": params}
+
+
+def _input_name(source: str, args: argparse.Namespace) -> str:
+    """How messages name an input."""
+    return f"--soma-uri {source!r}" if source == getattr(args, "soma_uri", None) else f"data file {source!r}"
+
+
+@contextlib.contextmanager
+def _about_input(source: str, args: argparse.Namespace) -> Iterator[None]:
+    """Errors about the data (ValueError, KeyError) raised inside name the input they concern."""
+    try:
+        yield
+    except (ValueError, KeyError) as e:
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise CLIError(f"{_input_name(source, args)}: {message}") from e
+
+
+def _check_inputs(inputs: Sequence[str], args: argparse.Namespace, options) -> list[pd.DataFrame]:
+    """Check every input before the model is loaded; return their ``obs`` (as written to the output).
+
+    Each input's matrix of counts (``--use-raw``) and gene ids (``--gene-col-name``, unique unless
+    ``--remove-duplicate-genes``); an error names the input.
+    """
+    from ..data.tokenizer import check_readable  # lazily: pandas (start-up time)
+
+    obs = []
+    for source in inputs:
+        adata = _open_input(source, args)
+        try:
+            with _about_input(source, args):
+                check_readable(adata, options.tokenize())
+            obs.append(_obs(adata, args, source))
+        finally:
+            if adata.isbacked:
+                adata.file.close()
+    return obs
 
 
 def _obs(adata, args: argparse.Namespace, path: str):
@@ -550,8 +590,8 @@ def _obs(adata, args: argparse.Namespace, path: str):
 def run(args: argparse.Namespace) -> Path | None:
     """Run the ``inference`` command; returns the output path (None on ranks other than 0).
 
-    Every check that does not need the model runs first: options, overrides, the output location and the
-    input files. Only then is the model loaded.
+    Every check that does not need the model runs first: options, overrides, the output location, every input
+    (counts, gene ids, obs) and the ``--pretrained-embedding`` tables. Only then is the model loaded.
     """
     overrides = _apply_overrides(args)
     _log_compat_flags(args)
@@ -573,15 +613,11 @@ def run(args: argparse.Namespace) -> Path | None:
     elif path.suffix == ".zarr":
         raise CLIError("a .zarr output is written by --resumable runs; pass --resumable or an .h5ad file name.")
     inputs, sizes = _inputs(args)
-    from ..data.tokenizer import check_readable  # lazily: pandas (start-up time)
-
-    for source in inputs:  # the counts' matrix (--use-raw) and gene ids (--gene-col-name), before the model is loaded
-        adata = _open_input(source, args)
-        try:
-            check_readable(adata, options.tokenize())
-        finally:
-            if adata.isbacked:
-                adata.file.close()
+    obs_parts = _check_inputs(inputs, args, options)
+    # the output's obs, checked writable now rather than after every cell was computed
+    obs = None if args.resumable else _output_obs(obs_parts, inputs, args)
+    del obs_parts
+    _check_species_tables(args)
     from ..inference.devices import resolve_device  # lazily: torch
 
     resolve_device(device)  # an unavailable device is an error before the model is loaded
@@ -592,37 +628,30 @@ def run(args: argparse.Namespace) -> Path | None:
     loaded = _load(args.checkpoint_path, overrides, args.adapter)
     if args.resumable:
         return _run_resumable(args, loaded, outputs, options, path, inputs[0])
+    assert obs is not None
     if "embeddings" in outputs and world == 1 and _stream_output(args, loaded, sizes):
-        return _run_streaming(args, loaded, outputs, options, path, sizes, inputs)
+        return _run_streaming(args, loaded, outputs, options, path, sizes, inputs, obs)
     parts = [_run_file(p, loaded, args, outputs, options) for p in inputs]
     if rank != 0:
         return None
-    out = _output_adata(parts, outputs, published_index=args.published_index)
+    out = _output_adata(parts, outputs, obs)
     write_atomic(out, path)
     _wrote(path, out.n_obs, outputs)
     return path
 
 
-def _output_adata(parts: list[dict[str, Any]], outputs, embeddings: bool = True, published_index: bool = False):
-    """The published output layout; ``embeddings=False`` leaves ``obsm['embeddings']`` out (streamed).
+def _output_adata(parts: list[dict[str, Any]], outputs, obs: pd.DataFrame, embeddings: bool = True):
+    """The published output layout, with ``obs`` from :func:`_output_obs`.
 
-    Unlike the published tool, the input's cell names are kept as the index (made unique across several
-    files); ``published_index`` gives the published ``'0'..'N-1'``. Rows are in input order either way.
+    ``embeddings=False`` leaves ``obsm['embeddings']`` out (streamed).
     """
     import numpy as np
     import pandas as pd
     from anndata import AnnData
 
-    obs = pd.concat([p["obs"] for p in parts]) if len(parts) > 1 else parts[0]["obs"].copy()
-    if published_index:
-        obs.index = pd.RangeIndex(len(obs)).astype(str)
     out = AnnData(obs=obs)
-    if not published_index and not out.obs_names.is_unique:  # several files may share cell names
-        out.obs_names_make_unique()
     # how it was made (the published output has no such record)
-    out.uns["transcriptformer"] = {
-        "params": {**parts[0]["params"], "data_file": [p["params"]["data_file"] for p in parts]}
-    }
+    out.uns["transcriptformer"] = {"params": _run_record(parts)}
     results = [p["result"] for p in parts]
     if "embeddings" in outputs and embeddings:
         out.obsm["embeddings"] = np.concatenate([r.embeddings for r in results]).astype(np.float32)
@@ -641,6 +670,146 @@ def _output_adata(parts: list[dict[str, Any]], outputs, embeddings: bool = True,
         names = [p["vocab"].names()[p["result"].genes["token"]] for p in parts]
         out.uns["cge_gene_names"] = np.concatenate(names).astype(str)
     return out
+
+
+def _output_obs(parts: Sequence[pd.DataFrame], inputs: Sequence[str], args: argparse.Namespace) -> pd.DataFrame:
+    """The output's ``obs``: the inputs' concatenated, made writable, and checked by writing it (in memory).
+
+    Unlike the published tool, the input's cell names are kept as the index (made unique across several
+    files by appending ``-1``, ``-2``, ...); ``--published-index`` gives the published ``'0'..'N-1'``. Rows are in
+    input order either way. Columns whose types differ between the inputs are unified (:func:`_writable_column`),
+    and strings become categoricals where ``write_h5ad`` would make them so, so that a streamed output is the
+    same. A column that still cannot be written is an error naming it and its type in each input.
+    """
+    import pandas as pd
+    from anndata import AnnData
+    from anndata.utils import make_index_unique
+
+    obs = pd.concat(list(parts)) if len(parts) > 1 else parts[0].copy()
+    for name in obs.columns:
+        obs[name] = _writable_column(obs[name])
+    if args.published_index:
+        obs.index = pd.RangeIndex(len(obs)).astype(str)
+    elif not obs.index.is_unique:  # several files may share cell names (as obs_names_make_unique, without its advice)
+        obs.index = make_index_unique(obs.index.astype(str))
+    holder = AnnData(obs=obs)
+    holder.strings_to_categoricals()  # what write_h5ad does (the streamed output is written without it)
+    _check_writable(holder.obs, parts, inputs, args)
+    return holder.obs
+
+
+def _writable_column(column: pd.Series) -> pd.Series:
+    """One concatenated ``obs`` column in a type the output can hold.
+
+    Concatenating inputs whose column types differ, or where some input lacks the column, can give a column of
+    Python objects of several types, which h5ad cannot hold: booleans with missing values become pandas'
+    nullable ``boolean``, numbers numbers (floats where some are missing, as pandas makes them), and any other mix
+    text (missing values stay missing). Other columns are kept as they are.
+    """
+    import pandas as pd
+    from pandas.api.types import infer_dtype
+
+    if column.dtype != object:
+        return column
+    kind = infer_dtype(column, skipna=True)
+    if kind in ("string", "empty"):
+        return column
+    try:
+        if kind == "boolean":
+            return column.astype("boolean")
+        if kind in ("integer", "floating", "mixed-integer-float"):
+            return pd.to_numeric(column)
+    except (TypeError, ValueError, OverflowError):  # e.g. integers beyond int64: text, as any other mix
+        pass
+    return column.where(column.isna(), column.astype(str))
+
+
+def _check_writable(obs: pd.DataFrame, parts: Sequence[pd.DataFrame], inputs: Sequence[str], args) -> None:
+    """``obs`` can be written to an h5ad file (written to memory); otherwise an error naming the column."""
+    import h5py
+
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+
+    def error(frame: pd.DataFrame) -> Exception | None:
+        try:
+            with h5py.File(io.BytesIO(), "w") as h:
+                write_elem(h, "obs", frame)
+        except Exception as e:  # noqa: BLE001 - whatever the writer refuses is reported below
+            return e
+        return None
+
+    failure = error(obs)
+    if failure is None:
+        return
+    reason = f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[0][:200]}"
+    bad = next((c for c in obs.columns if error(obs[[c]]) is not None), None)
+    if bad is None:
+        raise CLIError(f"the inputs' obs cannot be written to the output ({reason}).")
+    types = "; ".join(
+        f"{_input_name(source, args)}: {part[bad].dtype if bad in part.columns else 'no such column'}"
+        for source, part in zip(inputs, parts, strict=True)
+    )
+    raise CLIError(
+        f"obs column {bad!r} cannot be written to the output ({reason}); its type in each input: {types}. Convert "
+        "or drop it in the input, or pick the obs columns to keep with --config-override "
+        "model.inference_config.obs_keys.0=<column> (and .1=, .2=, ...). Nothing was computed."
+    )
+
+
+#: The facts of one input in the run record; with several inputs, lists in the order of ``data_file``.
+_PER_INPUT = ("counts_source", "n_genes", "n_genes_matched")
+
+
+def _run_record(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``uns['transcriptformer']['params']``: how the output was made, from every input's record.
+
+    ``data_file`` lists the inputs. With several, the facts of each input (:data:`_PER_INPUT`, and any other
+    value that differs between them) are lists in the order of ``data_file``; ``counts_look_raw`` is true only if
+    the counts of every input look raw, and ``counts_look_raw_per_file`` gives each input's.
+    """
+    records = [p["params"] for p in parts]
+    files = [str(r["data_file"]) for r in records]
+    if len(records) == 1:
+        return {**records[0], "data_file": files}
+
+    def same(a: Any, b: Any) -> bool:
+        try:
+            return bool(a == b)
+        except ValueError:  # arrays
+            return False
+
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for r in records for k in r):
+        values = [r.get(key, "none") for r in records]
+        if key in _PER_INPUT or not all(same(v, values[0]) for v in values[1:]):
+            scalar = all(isinstance(v, str | int | float | bool) for v in values)
+            out[key] = values if scalar else [str(v) for v in values]
+        else:
+            out[key] = values[0]
+    out["data_file"] = files
+    looks_raw = [bool(r.get("counts_look_raw", True)) for r in records]
+    out["counts_look_raw"] = all(looks_raw)
+    out["counts_look_raw_per_file"] = looks_raw
+    return out
+
+
+def _check_species_tables(args: argparse.Namespace) -> None:
+    """``--pretrained-embedding``: every file exists and every species name has a table.
+
+    The tables of species names are downloaded now, before the model is loaded; the run reads them from the cache.
+    """
+    if not args.pretrained_embedding:
+        return
+    from ..weights.registry import species_tables
+
+    try:
+        species_tables(args.pretrained_embedding)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise CLIError(f"--pretrained-embedding: {message}") from e
 
 
 #: Above this size the embeddings go straight to the output file instead of through memory.
@@ -662,7 +831,14 @@ class _Rows:
 
 
 def _run_streaming(
-    args: argparse.Namespace, loaded, outputs, options, path: Path, sizes: Sequence[int], inputs: Sequence[str]
+    args: argparse.Namespace,
+    loaded,
+    outputs,
+    options,
+    path: Path,
+    sizes: Sequence[int],
+    inputs: Sequence[str],
+    obs: pd.DataFrame,
 ) -> Path:
     """Write the embeddings into the output file window by window (memory does not grow with the data)."""
     import anndata as ad
@@ -689,7 +865,7 @@ def _run_streaming(
                 _run_file(f, loaded, args, outputs, options, embeddings_out=_Rows(ds, int(off)))
                 for f, off in zip(inputs, offsets, strict=True)
             ]
-            rest = _output_adata(parts, outputs, embeddings=False, published_index=args.published_index)
+            rest = _output_adata(parts, outputs, obs, embeddings=False)
             del h["obs"]
             write_elem(h, "obs", rest.obs)
             for key, value in rest.obsm.items():

@@ -315,14 +315,17 @@ def _select(adata, layer: str | None) -> tuple[Any, Any, str]:
 def check_readable(adata: Any, options: TokenizeOptions) -> None:
     """The matrix the counts come from (``options.layer``) and its gene ids (``options.gene_key``) exist.
 
+    The ids are also unique (after removing version suffixes) unless ``options.duplicate_genes == "first"``.
     What :func:`prepare_cells` would refuse about them, with its messages, but before a model is loaded (or
     downloaded): only ``layers``, ``raw`` and the ``var`` columns are looked at.
     """
     matrix, var, source = _select_matrix(adata, options.layer)
     if matrix is None:
         raise ValueError(f"adata.{source} is empty.")
-    if options.gene_key is not None and options.gene_key not in var.columns:
-        read_gene_ids(var, options.gene_key, source, adata_var=as_frame(adata.var) if source == "raw.X" else None)
+    raw_ids, id_source = read_gene_ids(
+        var, options.gene_key, source, adata_var=as_frame(adata.var) if source == "raw.X" else None
+    )
+    _first_of_each_id(raw_ids, id_source, options)
 
 
 def read_gene_ids(
@@ -334,13 +337,14 @@ def read_gene_ids(
     ``var_names`` if they look like Ensembl ids. ``adata_var`` (the AnnData's own ``var`` when ``var`` is
     ``raw.var``) only improves the message when the column is missing.
     """
+    table = "raw.var" if where == "raw.X" else "var"  # the ids of .raw's counts are in raw.var
     if gene_key is None:
-        return np.asarray(var.index, dtype=object), "var_names"
+        return np.asarray(var.index, dtype=object), f"{table}_names"
     if gene_key in var.columns:
-        return np.asarray(var[gene_key].tolist(), dtype=object), f"var[{gene_key!r}]"
+        return np.asarray(var[gene_key].tolist(), dtype=object), f"{table}[{gene_key!r}]"
     if gene_key == DEFAULT_GENE_KEY and _looks_like_ensembl(var.index):
-        logger.info("var has no %r column; using var_names, which look like Ensembl ids.", gene_key)
-        return np.asarray(var.index, dtype=object), "var_names"
+        logger.info("%s has no %r column; using %s_names, which look like Ensembl ids.", table, gene_key, table)
+        return np.asarray(var.index, dtype=object), f"{table}_names"
     msg = (
         f"gene id column {gene_key!r} not found in the var of {where} (where the counts come from); its columns are "
         f"{list(var.columns) or 'none'} and var_names look like {list(var.index[:3])}."
@@ -360,6 +364,22 @@ def read_gene_ids(
     else:
         msg += " Pass gene_key=<column with Ensembl ids>, or gene_key=None to use var_names."
     raise KeyError(msg)
+
+
+def _first_of_each_id(raw_ids: np.ndarray, id_source: str, options: TokenizeOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The ids without version suffixes, and which columns hold the first of their id (``""``, no id: each).
+
+    Duplicates are an error unless ``options.duplicate_genes == "first"``.
+    """
+    ids = strip_version(raw_ids)
+    first = ~pd.Index(ids).duplicated(keep="first") | (ids == "")
+    if not first.all() and options.duplicate_genes == "raise":
+        dups = pd.unique(ids[~first])
+        raise ValueError(
+            f"{len(dups)} gene id(s) in {id_source} appear more than once after removing version suffixes, "
+            f"e.g. {list(dups[:3])}. Pass duplicate_genes='first' to keep the first column of each."
+        )
+    return ids, first
 
 
 def _key_added(gene_key: str) -> str:
@@ -738,15 +758,8 @@ def prepare_cells(
     raw_ids, id_source = read_gene_ids(
         var, options.gene_key, source, adata_var=as_frame(adata.var) if source == "raw.X" else None
     )
-    ids = strip_version(raw_ids)
-    first = ~pd.Index(ids).duplicated(keep="first") | (ids == "")
+    ids, first = _first_of_each_id(raw_ids, id_source, options)
     if not first.all():
-        dups = pd.unique(ids[~first])
-        if options.duplicate_genes == "raise":
-            raise ValueError(
-                f"{len(dups)} gene id(s) in {id_source} appear more than once after removing version suffixes, "
-                f"e.g. {list(dups[:3])}. Pass duplicate_genes='first' to keep the first column of each."
-            )
         logger.info("dropping %d duplicate gene column(s), keeping the first of each id.", int((~first).sum()))
     tokens = vocab.lookup_genes(list(ids))  # special-token names are not genes
     in_vocab = (tokens >= 0) & first

@@ -24,7 +24,8 @@ from ..inference.options import (
     run_options,
 )
 from ..inference.record import provenance
-from ..weights.checkpoint import LoadedModel, load_model
+from ..weights.checkpoint import LoadedModel, load_model, species_vocabulary
+from ..weights.registry import species_tables
 from ._utils import ModelArg, Update, check_adata, check_writable
 
 __all__ = ["InputReport", "check_input", "match_genes", "symbols_to_ensembl"]
@@ -131,7 +132,8 @@ def check_input(
     {run_options}
 
     Every run option is accepted, so that the options of a later ``tl`` call can be checked as they are;
-    those about running the model (device, precision, batching) do not change the report.
+    those about running the model (device, precision, batching) do not change the report. ``species_embedding``
+    does: the genes are matched to the vocabulary those tables give, as ``tl.embed`` reads them.
 
     Returns
     -------
@@ -149,8 +151,12 @@ def check_input(
     check_adata(adata)
     window = check_positive_int(window, "window", allow_none=False)
     check_readable(adata, opts.tokenize())  # before the model is loaded (or downloaded)
+    species = opts.species_embedding
+    tables = None if species is None else species_tables(species, cache_dir=opts.cache_dir)  # before the model
     loaded = load_model(model, cache_dir=opts.cache_dir)
-    src = loaded.cells(adata, opts.tokenize())
+    # with species_embedding, the genes are matched to the vocabulary embed reads with those tables
+    vocab = None if tables is None else species_vocabulary(loaded, tables)[0]
+    src = loaded.cells(adata, opts.tokenize(), vocab)
     expressed = _expressed_counts(src, window)
     raw_warning = src.raw_count_warning()
     if raw_warning:

@@ -657,7 +657,7 @@ def fetch_dataset(
         tmp = downloads / entry.file
         tmp.unlink(missing_ok=True)
         try:
-            _retrieve(url, known, entry.file, downloads, progress, root)
+            _retrieve(url, known, entry.file, downloads, progress, root, entry.kind)
             if entry.git_blob_sha1 and git_blob_sha1(tmp) != entry.git_blob_sha1:
                 raise ValueError(
                     f"the downloaded {entry.file} is not the published file (its git blob id differs from "
@@ -725,7 +725,12 @@ def _writable(folder: Path) -> None:
         )
 
 
-def _retrieve(url: str, known: str | None, fname: str, downloads: Path, progress: bool, root: Path) -> None:
+def _retrieve(url: str, known: str | None, fname: str, downloads: Path, progress: bool, root: Path, kind: str) -> None:
+    """Download ``url`` to ``downloads / fname``.
+
+    An unreachable server is an error whose advice suits ``kind``, the registry entry's: a checkpoint (``model``),
+    gene tables (``tables``) or a dataset.
+    """
     import pooch
     import requests
 
@@ -742,10 +747,16 @@ def _retrieve(url: str, known: str | None, fname: str, downloads: Path, progress
         while (inner := root_cause.__cause__ or root_cause.__context__) is not None:
             root_cause = inner
         reason = f"{type(root_cause).__name__}: {str(root_cause).splitlines()[0][:200] if str(root_cause) else ''}"
-        if fname.endswith(".tar.gz"):
+        if kind == "model":
             advice = (
                 f"point TRANSCRIPTFORMER_BASE_URL at a mirror, or fetch {fname} on a machine that can reach it, unpack "
                 "it and pass the folder itself (model=<folder> / --checkpoint-path <folder>)"
+            )
+        elif kind == "tables":  # gene tables, not a checkpoint: they are passed one file per species
+            advice = (
+                f"point TRANSCRIPTFORMER_BASE_URL at a mirror, or fetch {fname} on a machine that can reach it, unpack "
+                "it and pass the species' gene table itself (species_embedding=<folder>/<species>_gene.h5 / "
+                "--pretrained-embedding <folder>/<species>_gene.h5)"
             )
         else:
             advice = (
@@ -784,7 +795,7 @@ def _download_and_unpack(entry: Entry, url: str, root: Path, folder: Path, progr
     level = pooch_logger.level
     pooch_logger.setLevel(logging.WARNING)  # its "use this as known_hash" advice does not apply here
     try:
-        _retrieve(url, known, fname, downloads, progress, root)
+        _retrieve(url, known, fname, downloads, progress, root, entry.kind)
         digest = _files.sha256_file(tarball)
         repin = pinned is not None and digest != pinned
         if repin:
