@@ -277,3 +277,33 @@ def test_pl_umap_and_llh_leave_adata_unchanged_and_use_its_colours(embedded):
     assert axs[2].collections[0].get_array().min() == values.min()
     assert axs[2].collections[0].get_array().max() == values.max()
     assert [t.get_text() for t in ax.get_xticklabels()] == sorted(embedded.obs["donor"].unique())
+
+
+def test_celltype_similarity_heatmap_keeps_the_dataset_of_an_axis_with_several(embedded):
+    both = embedded.copy()
+    both.obs["half"] = np.where(np.arange(both.n_obs) % 2 == 0, "A", "B")
+    table = tfs.tl.celltype_similarity(both, groupby="cell_type", batch_key="half")
+    ax = tfs.pl.celltype_similarity(both, rows="A", cluster=False, show=False)
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(table.columns)  # "A | ...", "B | ..."
+    assert [t.get_text() for t in ax.get_yticklabels()] == [i.split(" | ")[1] for i in table.index if i[0] == "A"]
+    assert ax.get_ylabel() == "A" and ax.get_xlabel() == ""
+    ax = tfs.pl.celltype_similarity(both, columns="B", cluster=False, show=False)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(table.index)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [c.split(" | ")[1] for c in table.columns if c[0] == "B"]
+
+
+def test_missing_results_name_the_tl_call_and_its_key_added(tiny_adata):
+    with pytest.raises(KeyError, match=r"tfs\.tl\.transfer_labels\(adata, reference, labels_key='cell_type'\)"):
+        tfs.pl.label_transfer(tiny_adata, true_key="cell_type", key="cell_type_transferred", show=False)
+    with pytest.raises(KeyError, match=r"labels_key=<reference label column>, key_added='mine'\)"):
+        tfs.pl.label_transfer(tiny_adata, true_key="cell_type", key="mine", show=False)
+    with pytest.raises(KeyError, match=r"no column 'truth' \(true_key\)"):
+        tfs.pl.label_transfer(tiny_adata, true_key="truth", key="mine", show=False)
+    with pytest.raises(KeyError, match=r"tfs\.tl\.likelihood\(adata, model, key_added='mine'\)"):
+        tfs.pl.llh(tiny_adata, key="mine", show=False)
+    with pytest.raises(KeyError, match=r"tfs\.tl\.likelihood\(adata, model\) "):
+        tfs.pl.llh(tiny_adata, show=False)
+    with pytest.raises(KeyError, match=r"tfs\.tl\.gene_embeddings\(adata, model, key_added='mygenes'\), then"):
+        tfs.pl.gene_embeddings(tiny_adata, key="mygenes", show=False)
+    with pytest.raises(KeyError, match=r"tfs\.tl\.gene_embeddings\(adata, model\), then"):
+        tfs.pl.gene_embeddings(tiny_adata, show=False)

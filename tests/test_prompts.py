@@ -643,3 +643,19 @@ def test_demo_model_prompted_by_symbols():
     assert out.var.loc["ENSG00000090382", "symbol"] == "LYZ"
     assert out.var.loc["ENSG00000090382", "in_prompt"] == 1.0
     assert out.obs["n_prompt_genes"].tolist() == [2]
+
+
+def test_tl_rank_regulators_candidates_are_genes_of_raw(tiny_model, tiny_adata):
+    """With the counts in .raw, candidates named by var_names are raw.var's (ids in raw.var), and shown so."""
+    import transcriptformer.scanpy as tfs
+
+    cand = _known_var_names(tiny_model, tiny_adata)[[2, 5, 9]].tolist()
+    expected = tfs.tl.rank_regulators(tiny_adata, tiny_model, groupby="cell_type", candidates=cand, copy=True)
+    hvg = tiny_adata.copy()
+    hvg.raw = tiny_adata.copy()
+    hvg = hvg[:, ~hvg.var_names.isin(cand[:1])].copy()  # one candidate only in .raw
+    del hvg.var["ensembl_id"]  # the ids are in raw.var only
+    got = tfs.tl.rank_regulators(hvg, tiny_model, groupby="cell_type", candidates=cand, copy=True)
+    a, b = got.uns["transcriptformer_regulators"], expected.uns["transcriptformer_regulators"]
+    pd.testing.assert_frame_equal(a["mean_probability"], b["mean_probability"])
+    assert set(a["mean_probability"].columns) == set(cand)

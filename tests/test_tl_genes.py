@@ -183,3 +183,48 @@ def test_genes_can_be_named_by_their_symbols(pbmc_by_ids):
     tfs.tl.gene_embeddings(pbmc_by_ids, "tf-demo", genes=["CD3E", "MS4A1"])
     read = np.isfinite(pbmc_by_ids.varm["X_transcriptformer_genes"]).all(axis=1)
     assert sorted(pbmc_by_ids.var_names[read]) == sorted([cd3e, ms4a1])
+
+
+def _known_name(tiny_path, adata, index=0):
+    """A var_name whose id the model knows (the ``index``-th of them)."""
+    import transcriptformer
+
+    vocab = transcriptformer.load_model(tiny_path).vocab
+    ids = [str(i).split(".", 1)[0] for i in adata.var["ensembl_id"]]
+    return str(adata.var_names[np.flatnonzero(vocab.lookup_genes(ids) >= 0)[index]])
+
+
+def test_genes_are_looked_up_where_the_counts_come_from(tiny_path, tiny_adata):
+    """With the counts in .raw, genes= names are raw.var's (ids in raw.var), even a gene adata.var lacks."""
+    name = _known_name(tiny_path, tiny_adata)
+    expected = tfs.tl.contextual_gene_embeddings(tiny_adata, tiny_path, genes=[name])
+    assert expected.n_obs > 0
+    hvg = tiny_adata.copy()
+    hvg.raw = tiny_adata.copy()  # raw.var holds the ids, adata.var neither the ids nor the gene
+    hvg = hvg[:, hvg.var_names != name].copy()
+    del hvg.var["ensembl_id"]
+    for layer in (None, "raw"):
+        got = tfs.tl.contextual_gene_embeddings(hvg, tiny_path, genes=[name], layer=layer)
+        np.testing.assert_allclose(got.X, expected.X, atol=1e-6)
+        assert list(got.obs["gene_id"].astype(str)) == list(expected.obs["gene_id"].astype(str))
+    # a gene of adata.var that raw.var lacks: said so, not called a gene the vocabulary lacks
+    other = tiny_adata.copy()
+    other.raw = tiny_adata[:, tiny_adata.var_names != name].copy()
+    with pytest.raises(ValueError, match=r"var_names of adata\.var but not of adata\.raw\.var: \['" + name):
+        tfs.tl.gene_embeddings(other, tiny_path, genes=[name])
+    assert "X_transcriptformer_genes" not in other.varm
+
+
+def test_group_labels_equal_as_strings_are_one_group(tiny_path, tiny_adata):
+    """1 and "1" in one column are the group "1" (as in tl.rank_regulators), not a crash after the run."""
+    genes = ["ENSG00000900164", "ENSG00000900109"]
+    n = tiny_adata.n_obs
+    mixed = tiny_adata.copy()
+    mixed.obs["cluster"] = pd.Series([1] * 10 + ["1"] * 5 + [2] * (n - 15), index=mixed.obs_names, dtype=object)
+    strings = tiny_adata.copy()
+    strings.obs["cluster"] = ["1"] * 15 + ["2"] * (n - 15)
+    got = tfs.tl.gene_embeddings_by_group(mixed, tiny_path, groupby="cluster", genes=genes)
+    expected = tfs.tl.gene_embeddings_by_group(strings, tiny_path, groupby="cluster", genes=genes)
+    assert list(got.obs["group"].cat.categories) == ["1", "2"]
+    pd.testing.assert_frame_equal(got.obs, expected.obs)
+    np.testing.assert_allclose(got.X, expected.X, atol=1e-6)

@@ -144,3 +144,48 @@ def test_the_tools_without_a_model_record_the_package_version(embedded):
     ):
         params = a.uns[key]["params"]
         assert params["tool"] == tool and params["transcriptformer_version"] == __version__, key
+
+
+def test_transfer_labels_keeps_the_reference_categories_and_colours(embedded):
+    ref, query = embedded[::2].copy(), embedded[1::2].copy()
+    order = ["T cell", "monocyte", "unused", "B cell", "NK cell"]  # not sorted, not in order of appearance
+    ref.obs["cell_type"] = pd.Categorical(ref.obs["cell_type"].astype(str), categories=order)
+    ref.uns["cell_type_colors"] = ["#000001", "#000002", "#000003", "#000004", "#000005"]
+    tfs.tl.transfer_labels(query, ref, labels_key="cell_type", n_neighbors=3)
+    used = [c for c in order if c != "unused"]
+    assert list(query.obs["cell_type_transferred"].cat.categories) == used
+    assert list(query.uns["cell_type_transferred_colors"]) == ["#000001", "#000002", "#000004", "#000005"]
+    assert "uns/cell_type_transferred_colors" in query.uns["cell_type_transferred"]["params"]["keys"]
+    # a column of strings: its labels sorted, and no colours
+    ref.obs["plain"] = ref.obs["cell_type"].astype(str).to_numpy()[::-1]
+    tfs.tl.transfer_labels(query, ref, labels_key="plain", n_neighbors=3)
+    assert list(query.obs["plain_transferred"].cat.categories) == sorted(set(ref.obs["plain"]))
+    assert "plain_transferred_colors" not in query.uns
+
+
+def test_celltype_similarity_leaves_out_cells_without_a_batch(embedded):
+    both = embedded.copy()
+    both.obs["half"] = pd.Series(np.where(np.arange(both.n_obs) % 2 == 0, "A", "B"), index=both.obs_names, dtype=object)
+    both.obs.loc[both.obs_names[:4], "half"] = np.nan
+    table = tfs.tl.celltype_similarity(both, groupby="cell_type", batch_key="half")
+    assert {label.split(" | ")[0] for label in table.index} == {"A", "B"}
+    kept = both[4:].copy()
+    pd.testing.assert_frame_equal(table, tfs.tl.celltype_similarity(kept, groupby="cell_type", batch_key="half"))
+    both.obs["half"] = pd.Categorical([np.nan] * both.n_obs, categories=["A"])
+    with pytest.raises(ValueError, match=r"adata\.obs\['half'\] \(batch_key\) has no label"):
+        tfs.tl.celltype_similarity(both, groupby="cell_type", batch_key="half")
+
+
+def test_knn_transfer_refuses_more_neighbours_than_a_dataset_has_cells(embedded):
+    a, b = embedded[::2].copy(), embedded[1:7].copy()  # 11 and 6 cells
+    before = snapshot(a)
+    for k in (6, 15):
+        with pytest.raises(ValueError, match=rf"n_neighbors={k}, but dataset 'small' has 6 cell\(s\)"):
+            tfs.tl.celltype_similarity(
+                {"big": a, "small": b}, groupby="cell_type", method="knn_transfer", n_neighbors=k
+            )
+    assert_unchanged(a, before)
+    table = tfs.tl.celltype_similarity(
+        {"big": a, "small": b}, groupby="cell_type", method="knn_transfer", n_neighbors=5
+    )
+    assert table.notna().any().any()

@@ -41,6 +41,7 @@ __all__ = [
     "as_frame",
     "check_readable",
     "column_values",
+    "counts_var",
     "is_lazy",
     "prepare_cells",
     "read_gene_ids",
@@ -310,6 +311,16 @@ def _select(adata, layer: str | None) -> tuple[Any, Any, str]:
             "Pass layer=None (raw if present, else X), 'X', 'raw' or one of those."
         )
     return adata.layers[layer], adata.var, f"layers[{layer!r}]"
+
+
+def counts_var(adata: Any, layer: str | None) -> tuple[pd.DataFrame, str]:
+    """The ``var`` of the matrix the counts come from (``layer``, by the tokeniser's rule) and its name.
+
+    ``raw.var`` when the counts are ``.raw``'s (``layer=None`` with ``.raw`` present, or ``layer="raw"``), else
+    ``adata.var``: the table in which gene names given by users (``genes=``) are looked up, as the ids are.
+    """
+    _, var, source = _select_matrix(adata, layer)
+    return var, ("raw.var" if source == "raw.X" else "var")
 
 
 def check_readable(adata: Any, options: TokenizeOptions) -> None:

@@ -207,7 +207,12 @@ def llh(
         deprecated_argument(f"pl.llh(key={key!r}) (an obs column)", f"key={key.removesuffix('_llh')!r}")
         column = key
     if column not in adata.obs:
-        raise KeyError(f"adata.obs has no {column!r}; run tfs.tl.likelihood(adata, ...) (or tl.embed(..., llh=True)).")
+        base = column.removesuffix("_llh")
+        named = "" if base == "transcriptformer" else f", key_added={base!r}"
+        raise KeyError(
+            f"adata.obs has no {column!r}; run tfs.tl.likelihood(adata, model{named}) (or "
+            f"tfs.tl.embed(adata, model, llh=True{named}))."
+        )
     if groupby is not None and groupby not in adata.obs:
         raise KeyError(f"adata.obs has no column {groupby!r}.")
     fig, ax = axes(ax)
@@ -261,9 +266,15 @@ def label_transfer(
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-    for k in (true_key, key):
-        if k not in adata.obs:
-            raise KeyError(f"adata.obs has no column {k!r}.")
+    if true_key not in adata.obs:
+        raise KeyError(f"adata.obs has no column {true_key!r} (true_key).")
+    if key not in adata.obs:
+        base = key.removesuffix("_transferred")
+        labels_key, named = (repr(base), "") if base != key else ("<reference label column>", f", key_added={key!r}")
+        raise KeyError(
+            f"adata.obs has no column {key!r} (transferred labels); run tfs.tl.transfer_labels(adata, reference, "
+            f"labels_key={labels_key}{named}) first."
+        )
     labelled = adata.obs[true_key].notna().to_numpy()  # cells without a true label cannot be scored
     if not labelled.any():
         raise ValueError(f"adata.obs[{true_key!r}] has no labels (all missing): nothing to score.")
@@ -311,7 +322,9 @@ def celltype_similarity(
         AnnData.
     rows, columns
         Datasets to put on each axis (labels are ``"dataset | cell type"``). Default: with two or more
-        datasets, the first against the second; otherwise everything against everything.
+        datasets, the first against the second; otherwise everything against everything. An axis given one
+        dataset names it in its axis label and its ticks by cell type alone; an axis left to every dataset keeps
+        ``"dataset | cell type"``.
     cluster
         Order rows and columns by hierarchical clustering (average linkage) so similar types sit together.
     ax, show, save, return_fig
@@ -345,11 +358,11 @@ def celltype_similarity(
         table = table.iloc[leaves_list(linkage(values, "average")), leaves_list(linkage(values.T, "average"))]
         values = table.to_numpy(dtype=float)
 
-    def short(labels: Any) -> list[str]:
-        return [str(x).split(SEPARATOR, 1)[-1] if (rows or columns) else str(x) for x in labels]
+    def short(labels: Any, dataset: str | None) -> list[str]:  # the dataset's name is dropped where the axis has one
+        return [str(x).split(SEPARATOR, 1)[-1] if dataset is not None else str(x) for x in labels]
 
     fig, ax = axes(ax, figsize=(0.45 * table.shape[1] + 3.5, 0.4 * table.shape[0] + 2))
-    heatmap(ax, fig, values, short(table.index), short(table.columns), cmap=cmap, label="similarity")
+    heatmap(ax, fig, values, short(table.index, rows), short(table.columns, columns), cmap=cmap, label="similarity")
     ax.set_xlabel(columns or "")
     ax.set_ylabel(rows or "")
     return finish(fig, ax, "celltype_similarity", show, save, return_fig)

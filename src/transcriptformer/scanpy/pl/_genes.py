@@ -76,7 +76,11 @@ def gene_embeddings(
     made_by = umap_call(source, umap_key, axis="var")
     if f"X_{umap_key}" not in adata.varm:
         if source not in adata.varm:
-            raise KeyError(f"adata.varm has no {source!r}; run tfs.tl.gene_embeddings(adata, ...), then {made_by}.")
+            base = source.removeprefix("X_")
+            named = "" if base == "transcriptformer_genes" else f", key_added={base!r}"
+            raise KeyError(
+                f"adata.varm has no {source!r}; run tfs.tl.gene_embeddings(adata, model{named}), then {made_by}."
+            )
         raise KeyError(f"adata.varm has no {'X_' + umap_key!r}: compute the UMAP first, {made_by}.")
     if source in adata.varm:
         check_fresh(adata, umap_key, adata.varm[source], made_by)

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 from anndata import AnnData
 
 from ...data.gene_ids import names_to_ids
-from ...data.tokenizer import as_frame, check_readable, source_files
+from ...data.tokenizer import as_frame, check_readable, counts_var, source_files
 from ...inference.options import RunOptions, check_genes, check_positive_int
 from ...inference.shards import OutputSpec, check_output_path, read_params, shard_folder
 from ...weights.checkpoint import load_model
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from ...inference.pipeline import Inference
     from ...inference.shards import Destination
 
-__all__ = ["ModelArg", "check_out", "genes_to_ids", "load", "run_model", "run_to_file"]
+__all__ = ["ModelArg", "check_out", "genes_to_ids", "genes_var", "load", "run_model", "run_to_file"]
 
 
 def run_model(
@@ -118,12 +119,45 @@ def run_to_file(
 
 
 def genes_to_ids(genes: Any, adata: AnnData | None, loaded: LoadedModel, options: RunOptions) -> list[str] | None:
-    """Gene names as the user knows them (Ensembl ids, ``var_names``, symbols) -> vocabulary ids (``None``: all)."""
+    """Gene names as the user knows them (Ensembl ids, ``var_names``, symbols) -> vocabulary ids (``None``: all).
+
+    ``var_names`` are looked up where the counts come from (:func:`genes_var`): ``raw.var`` for ``.raw``'s counts.
+    """
     names = check_genes(genes)
     if names is None:
         return None
-    var = None if adata is None else as_frame(adata.var)
+    var = None if adata is None else genes_var(names, adata, loaded, options, "requested genes")
     return names_to_ids(names, loaded.vocab, var=var, gene_key=options.gene_key)
+
+
+def genes_var(
+    names: Sequence[str], adata: AnnData, loaded: LoadedModel, options: RunOptions, what: str
+) -> pd.DataFrame:
+    """The ``var`` in which the gene names of ``genes=`` (or ``candidates=``) are looked up: the counts' own.
+
+    With the counts read from ``.raw`` (``layer=None`` and ``.raw`` present, or ``layer="raw"``), the genes and
+    their ids are those of ``raw.var``. A name found nowhere else than in ``adata.var`` (not in ``raw.var``) is
+    refused, saying so, rather than reported as a gene the vocabulary lacks.
+    """
+    var, where = counts_var(adata, options.layer)
+    if where == "var":
+        return var
+    own = as_frame(adata.var).index
+    try:
+        ids = names_to_ids(names, loaded.vocab, var=var, gene_key=options.gene_key)
+    except ImportError:  # no symbol tables: ids and var_names still work
+        ids = [str(n) for n in names]
+    found = loaded.vocab.lookup_genes([i.split(".", 1)[0] for i in ids]) >= 0
+    only_in_var = [n for n, ok in zip(names, found, strict=True) if not ok and n in own and n not in var.index]
+    if only_in_var:
+        how = "layer='raw'" if options.layer == "raw" else "layer=None and .raw present"
+        raise ValueError(
+            f"{len(only_in_var)} of the {what} are var_names of adata.var but not of adata.raw.var: "
+            f"{only_in_var[:8]}{' ...' if len(only_in_var) > 8 else ''}. With {how} the counts and their gene ids "
+            "come from adata.raw, so genes are looked up in adata.raw.var: name genes of adata.raw, or pass "
+            "layer='X' (or the name of a layer of counts) to read adata's own genes."
+        )
+    return var
 
 
 def load(model: ModelArg, options: RunOptions, *cells: AnnData | None) -> LoadedModel:

@@ -165,7 +165,8 @@ def gene_embeddings_by_group(
         As in :func:`embed`.
     groupby
         An ``obs`` column: one mean per (group, gene). Cells whose group is missing are skipped; categories
-        without cells are left out.
+        without cells are left out. Labels are compared as strings, as in :func:`rank_regulators`: ``1`` and
+        ``"1"`` are one group, ``"1"``.
     genes
         As in :func:`gene_embeddings`.
     {run_options}
@@ -181,8 +182,7 @@ def gene_embeddings_by_group(
     check_adata(adata)
     if not isinstance(groupby, str) or groupby not in adata.obs:
         raise KeyError(f"groupby={groupby!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
-    cat = pd.Categorical(table_column(adata.obs, groupby).astype("category")).remove_unused_categories()
-    codes, labels = np.asarray(cat.codes, dtype=np.int64), [str(c) for c in cat.categories]
+    codes, labels = _group_codes(table_column(adata.obs, groupby))
     if not labels:
         raise ValueError(f"adata.obs[{groupby!r}] has no group with cells.")
     genes = check_genes(genes)
@@ -215,6 +215,22 @@ def gene_embeddings_by_group(
     params = run.params(loaded, opts, "gene_embeddings_by_group", groupby=groupby, genes=genes)
     out.uns["transcriptformer_genes"] = {"params": params}
     return out
+
+
+def _group_codes(column: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Each cell's group (``-1``: none) and the groups' labels, as strings, in the column's category order.
+
+    Labels equal as strings (``1`` and ``"1"``) are one group; a categorical keeps its order, other columns are
+    sorted as pandas sorts their values. Categories without cells are left out.
+    """
+    known = column.notna().to_numpy()
+    cat = pd.Categorical(column.astype("category"))
+    text = np.asarray(column.astype(str), dtype=object)
+    present = set(text[known])
+    labels = [c for c in dict.fromkeys(str(c) for c in cat.categories) if c in present]
+    index = {label: i for i, label in enumerate(labels)}
+    codes = np.asarray([index[t] if k else -1 for t, k in zip(text, known, strict=True)], dtype=np.int64)
+    return codes, labels
 
 
 def _means(run: Inference, adata: AnnData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

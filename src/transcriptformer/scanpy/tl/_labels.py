@@ -73,7 +73,10 @@ def transfer_labels(
     key_added
         Base name of the keys written (default ``f"{labels_key}_transferred"``): the labels go to
         ``obs[key_added]``, the confidence (share of the vote, or the class probability) to
-        ``obs[f"{key_added}_confidence"]``, parameters to ``uns[key_added]["params"]``.
+        ``obs[f"{key_added}_confidence"]``, parameters to ``uns[key_added]["params"]``. The labels are a
+        categorical with the reference's categories (those with cells) in the reference's order when its column is
+        categorical (and its colours, ``uns[f"{labels_key}_colors"]``, go to ``uns[f"{key_added}_colors"]``),
+        sorted otherwise.
     copy
         Return a copy instead of writing into ``adata``.
     key, rep
@@ -128,7 +131,7 @@ def transfer_labels(
         proba = clf.predict_proba(X_query)
         predicted = clf.classes_[proba.argmax(axis=1)]
         confidence = proba.max(axis=1).astype(np.float32)
-    categories = pd.unique(labels.dropna().astype(str))
+    categories, colors = _reference_categories(reference, labels_key, labels)
     params = provenance(
         "transfer_labels",
         None,
@@ -141,8 +144,29 @@ def transfer_labels(
     update = Update("transfer_labels", record=key_added)
     update.set("obs", key_added, pd.Categorical(predicted, categories=categories))
     update.set("obs", f"{key_added}_confidence", confidence)
+    if colors is not None:
+        update.set("uns", f"{key_added}_colors", colors)
     update.set("uns", key_added, {"params": params})
     return update.apply(adata, copy=copy)
+
+
+def _reference_categories(reference: AnnData, labels_key: str, labels: pd.Series) -> tuple[list[str], list | None]:
+    """The categories of the transferred labels, and their colours (``None``: the reference has none).
+
+    A categorical label column gives its categories that have cells, in its order, with their colours of
+    ``reference.uns[f"{labels_key}_colors"]`` when that list matches the categories (as ``sc.tl.ingest`` keeps
+    them); other columns give their labels sorted.
+    """
+    known = labels.dropna()
+    if not isinstance(labels.dtype, pd.CategoricalDtype):
+        return sorted(set(known.astype(str))), None
+    used = set(known.astype(str))
+    every = [str(c) for c in labels.cat.categories]
+    keep = [i for i, c in enumerate(every) if c in used and c not in every[:i]]
+    colors = reference.uns.get(f"{labels_key}_colors")
+    if colors is not None and len(colors) == len(every):
+        return [every[i] for i in keep], [colors[i] for i in keep]
+    return [every[i] for i in keep], None
 
 
 def celltype_similarity(
@@ -169,7 +193,8 @@ def celltype_similarity(
     groupby
         The ``obs`` column with the cell types.
     batch_key
-        With one AnnData: the ``obs`` column naming each cell's dataset or species.
+        With one AnnData: the ``obs`` column naming each cell's dataset or species. Cells whose label is
+        missing belong to no dataset and are left out (as cells without a ``groupby`` label are).
     use_rep
         The embedding.
     method
@@ -178,7 +203,9 @@ def celltype_similarity(
         ``n_neighbors`` nearest cells of ``B`` (cosine) vote for ``b``; entries within one dataset are NaN, so it
         needs two datasets or more.
     n_neighbors
-        Neighbours for ``"knn_transfer"``.
+        Neighbours for ``"knn_transfer"``. Every dataset must have more cells (with a ``groupby`` label) than
+        ``n_neighbors``: with as many or fewer, each cell's neighbours would be the whole dataset and every type
+        would be given that dataset's majority type; such a request is refused, naming the dataset.
     key_added
         With one AnnData: the result is also stored in ``adata.uns[key_added]`` (``"similarity"`` and
         ``"params"``).
@@ -220,6 +247,16 @@ def celltype_similarity(
             groups[f"{name}{SEPARATOR}{g}"] = (name, g)
     if len({X.shape[1] for X, _ in data.values()}) > 1:
         raise ValueError("the embeddings have different widths: embed every dataset with one model.")
+    if method == "knn_transfer":
+        small = {name: len(y) for name, (_, y) in data.items() if len(y) <= n_neighbors}
+        if small:
+            name, n = min(small.items(), key=lambda item: item[1])
+            raise ValueError(
+                f"method='knn_transfer' with n_neighbors={n_neighbors}, but dataset {name!r} has {n} cell(s) with a "
+                f"{groupby!r} label: every cell's neighbours in it would be all of them, so every type would get its "
+                f"majority type. Pass n_neighbors below {n} (the size of the smallest dataset)"
+                + (f"; too small: {small}." if len(small) > 1 else ".")
+            )
     labels = list(groups)
     out = pd.DataFrame(np.nan, index=labels, columns=labels)
     if method == "centroid_cosine":
@@ -238,7 +275,7 @@ def celltype_similarity(
             for b_name, (Xb, yb) in data.items():
                 if a_name == b_name:
                     continue
-                clf = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(yb)), metric="cosine").fit(Xb, yb)
+                clf = KNeighborsClassifier(n_neighbors=n_neighbors, metric="cosine").fit(Xb, yb)
                 pred = clf.predict(Xa)
                 cols = [c for c in labels if groups[c][0] == b_name]
                 for g in pd.unique(ya):
@@ -271,8 +308,12 @@ def _datasets(adatas: object, batch_key: str | None) -> dict[str, AnnData]:
             return {"data": adatas}
         if batch_key not in adatas.obs:
             raise KeyError(f"adata.obs has no column {batch_key!r} (batch_key).")
-        labels = table_column(adatas.obs, batch_key).astype(str)
-        return {b: adatas[(labels == b).to_numpy()] for b in pd.unique(labels)}
+        column = table_column(adatas.obs, batch_key)
+        known = column.notna().to_numpy()  # cells without a dataset are left out, as those without a group
+        if not known.any():
+            raise ValueError(f"adata.obs[{batch_key!r}] (batch_key) has no label: no dataset to compare.")
+        labels = column.astype(str).to_numpy()
+        return {b: adatas[known & (labels == b)] for b in pd.unique(labels[known])}
     if isinstance(adatas, Mapping):
         parts = {str(k): v for k, v in adatas.items()}
     elif isinstance(adatas, Sequence) and not isinstance(adatas, str):

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ...data.tokenizer import counts_var
 from ...inference.options import (
     RunKwargs,
     check_bool,
@@ -25,7 +26,7 @@ from ...inference.options import (
 )
 from ...inference.record import provenance
 from .._utils import Update, check_adata, check_writable
-from ._common import ModelArg, load
+from ._common import ModelArg, genes_var, load
 
 if TYPE_CHECKING:
     from ...inference.prompts import Prompts
@@ -43,21 +44,19 @@ _UNSUPPORTED = {
 GenesArg = str | Sequence[str] | Mapping[str, float] | Sequence[Sequence[str] | Mapping[str, float]]
 
 
-def _symbols(ids: Sequence[str], adata: AnnData | None, gene_key: str | None) -> np.ndarray:
+def _symbols(ids: Sequence[str], var: pd.DataFrame | None, gene_key: str | None) -> np.ndarray:
     """A readable name for each vocabulary id.
 
-    The data's ``var_names`` where the data has the gene, else the human or mouse symbol of the Ensembl tables,
-    else the id.
+    The data's ``var_names`` (of ``var``, the table the counts come with) where the data has the gene, else the
+    human or mouse symbol of the Ensembl tables, else the id.
     """
     from ...inference import prompts as P  # lazily: torch (start-up time of `import tfs.tl`)
 
     ids = [str(i) for i in ids]
     out = np.asarray(P.gene_symbols(ids), dtype=object)
-    if adata is not None and gene_key is not None and gene_key in adata.var.columns:
-        col = adata.var[gene_key].astype(object)
-        by_id = {
-            str(v).split(".", 1)[0]: str(n) for n, v in zip(adata.var_names, col, strict=True) if isinstance(v, str)
-        }
+    if var is not None and gene_key is not None and gene_key in var.columns:
+        col = var[gene_key].astype(object)
+        by_id = {str(v).split(".", 1)[0]: str(n) for n, v in zip(var.index, col, strict=True) if isinstance(v, str)}
         out = np.asarray([by_id.get(i, s) for i, s in zip(ids, out, strict=True)], dtype=object)
     return np.asarray([s if s else i for s, i in zip(out, ids, strict=True)], dtype=object)
 
@@ -202,7 +201,7 @@ def next_gene(
     present = prompts.tokens[inside] - loaded.vocab.n_special
     np.add.at(in_prompt, present[present >= 0], 1.0)
     var = pd.DataFrame(index=pd.Index(ids, name="gene_id"))
-    var["symbol"] = _symbols(ids, prompt if cells else None, opts.gene_key)
+    var["symbol"] = _symbols(ids, counts_var(prompt, opts.layer)[0] if cells else None, opts.gene_key)
     var["mean_probability"] = prob.mean(axis=0, dtype=np.float64).astype(np.float32)
     if counts:
         var["mean_expected_count"] = res.expected_count.mean(axis=0, dtype=np.float64).astype(np.float32)  # type: ignore[union-attr]
@@ -342,7 +341,7 @@ def gene_interactions(
         if len(tokens) < 2:
             raise ValueError(f"adata has {len(tokens)} expressed gene(s) of the vocabulary; interactions need 2.")
     else:
-        var = None if adata is None else adata.var
+        var = None if adata is None else genes_var(names, adata, loaded, opts, "genes")
         tokens = P.resolve_genes(loaded, names, var=var, gene_key=opts.gene_key, what="genes")
     if assay is None:
         assay = _assay_of(adata)
@@ -364,7 +363,7 @@ def gene_interactions(
         progress=opts.progress,
     )
     ids = loaded.vocab.names()[tokens].astype(str)
-    symbols = _symbols(ids, adata, opts.gene_key)
+    symbols = _symbols(ids, None if adata is None else counts_var(adata, opts.layer)[0], opts.gene_key)
     frame = pd.DataFrame({"symbol": symbols}, index=pd.Index(ids, name="gene_id"))
     S = res.score
     out = AnnData(X=S, obs=frame.copy(), var=frame.copy(), layers={"symmetric": ((S + S.T) / 2).astype(np.float32)})
@@ -500,7 +499,8 @@ def rank_regulators(
         codes[where[_subsample(len(where), max_cells, random_state, j)]] = j
     loaded = load(model, opts, adata)
     P.require_gene_head(loaded, "rank genes by the next-gene distribution")
-    cand = P.resolve_genes(loaded, names, var=adata.var, gene_key=opts.gene_key, what="candidates")
+    var = genes_var(names, adata, loaded, opts, "candidates")  # where the counts (and their ids) come from
+    cand = P.resolve_genes(loaded, names, var=var, gene_key=opts.gene_key, what="candidates")
     used = np.flatnonzero(codes >= 0)
     prompts = P.cell_prompts(loaded, adata[used] if len(used) < adata.n_obs else adata, tokenize=opts.tokenize())
     res = P.group_regulators(
@@ -516,7 +516,7 @@ def rank_regulators(
         progress=opts.progress,
     )
     vocab_ids = loaded.vocab.names()[res.tokens].astype(str)
-    shown = _names_in_data(vocab_ids, adata, opts.gene_key)
+    shown = _names_in_data(vocab_ids, var, opts.gene_key)
     order = [res.order(j) for j in range(len(chosen))]
 
     def table(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -600,10 +600,10 @@ def _check_groups(groups: Any, groupby: str, present: list[str]) -> list[str]:
     return chosen
 
 
-def _names_in_data(ids: np.ndarray, adata: AnnData, gene_key: str | None) -> np.ndarray:
-    """The data's ``var_names`` of vocabulary ids where the data has them, else the ids."""
-    if gene_key is None or gene_key not in adata.var.columns:
+def _names_in_data(ids: np.ndarray, var: pd.DataFrame, gene_key: str | None) -> np.ndarray:
+    """The data's ``var_names`` (of ``var``, where the counts come from) of vocabulary ids, else the ids."""
+    if gene_key is None or gene_key not in var.columns:
         return ids.astype(object)
-    col = adata.var[gene_key].astype(object)
-    by_id = {str(v).split(".", 1)[0]: str(n) for n, v in zip(adata.var_names, col, strict=True) if isinstance(v, str)}
+    col = var[gene_key].astype(object)
+    by_id = {str(v).split(".", 1)[0]: str(n) for n, v in zip(var.index, col, strict=True) if isinstance(v, str)}
     return np.asarray([by_id.get(i, i) for i in ids], dtype=object)
