@@ -285,3 +285,20 @@ def test_generated_genes_carry_their_symbols():
     assert sum(bool(s) for s in expected) > 0.8 * out.n_vars  # real genes: nearly all have a symbol
     tiny = tfs.tl.generate("tf-tiny", 1, assay=ASSAY, max_genes=5, seed=0)
     assert tiny.var["symbol"].tolist() == [""] * tiny.n_vars  # the tiny model's made-up ids have none
+
+
+def test_sampling_runs_in_inference_mode(tiny_model, monkeypatch):
+    """No autograd bookkeeping across the autoregressive loop (a network with gradients on would build a graph)."""
+    from transcriptformer.inference.generation import sample_cells
+    from transcriptformer.model import TranscriptFormer
+
+    seen = []
+    original = TranscriptFormer.gene_logits
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.is_inference_mode_enabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TranscriptFormer, "gene_logits", recording)
+    sample_cells(tiny_model, 2, max_genes=4)
+    assert seen and all(seen)

@@ -188,7 +188,6 @@ def _prompts(
     return tokens, counts, P.astype(np.int64), window.aux, totals.astype(np.float32)
 
 
-@torch.inference_mode()
 def check_sampling(
     *,
     n_cells: Any,
@@ -226,6 +225,7 @@ def check_sampling(
             )
 
 
+@torch.inference_mode()
 def sample_cells(
     loaded: LoadedModel,
     n_cells: int | None = None,
@@ -326,9 +326,7 @@ def sample_cells(
         which = np.arange(n_cells) % n_prompts
         p_len = np.minimum(p_len[which], max_genes)
         p_tok, p_cnt, p_aux, default_total = p_tok[which], p_cnt[which], p_aux[which], p_total[which]
-    else:
-        if n_prompt_genes is not None:
-            raise ValueError("n_prompt_genes needs a prompt.")
+    else:  # n_prompt_genes without a prompt: refused by check_sampling
         n_cells = check_positive_int(n_cells, "n_cells", allow_none=False)
         which = np.full(n_cells, -1)
         p_len = np.zeros(n_cells, dtype=np.int64)
