@@ -532,3 +532,28 @@ def test_no_warning_on_clean_input(tiny_path, tiny_adata):
     with warnings.catch_warnings():
         warnings.simplefilter("error", TranscriptFormerWarning)
         tfs.tl.embed(tiny_adata, model=tiny_path)
+
+
+def test_the_checks_before_loading_read_no_matrix(tiny_adata, tmp_path, monkeypatch):
+    """check_readable and counts_var look at layers, raw and var only: a backed view answers X and raw.X by
+    loading its rows."""
+    import anndata
+
+    from transcriptformer.data.tokenizer import check_readable, counts_var
+
+    a = tiny_adata.copy()
+    a.raw = a
+    a.write_h5ad(tmp_path / "raw.h5ad")
+    view = anndata.read_h5ad(tmp_path / "raw.h5ad", backed="r")[3:15]
+
+    def no_matrix(self):
+        raise AssertionError("a count matrix was read")
+
+    monkeypatch.setattr(anndata.AnnData, "X", property(no_matrix))
+    monkeypatch.setattr(anndata.Raw, "X", property(no_matrix))
+    for layer in (None, "raw", "X"):
+        check_readable(view, TokenizeOptions(layer=layer))
+        var, name = counts_var(view, layer)
+        assert len(var) == a.n_vars and name == ("var" if layer == "X" else "raw.var")
+    with pytest.raises(KeyError, match="layer 'nope' not found"):
+        check_readable(view, TokenizeOptions(layer="nope"))

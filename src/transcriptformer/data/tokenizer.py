@@ -292,25 +292,32 @@ class BackedRows:
         return block if self.all_columns else block[:, self.columns]
 
 
-def _select(adata, layer: str | None) -> tuple[Any, Any, str]:
-    if layer is None:
-        if adata.raw is not None:
-            return adata.raw.X, adata.raw.var, "raw.X"
-        return adata.X, adata.var, "X"
-    if layer == "X":
-        if adata.X is None:
-            raise ValueError("adata.X is empty; pass layer=<name> or layer='raw'.")
-        return adata.X, adata.var, "X"
-    if layer == "raw":
+def _select_source(adata, layer: str | None) -> str:
+    """Where ``layer`` takes the counts from: ``"raw.X"``, ``"X"`` or ``"layers[...]"``.
+
+    Checked without reading any matrix (a backed view answers ``X`` and ``raw.X`` by loading its rows).
+    """
+    if layer == "raw" or (layer is None and adata.raw is not None):
         if adata.raw is None:
             raise ValueError("layer='raw' but adata.raw is None; pass layer='X' or the name of a layer of counts.")
-        return adata.raw.X, adata.raw.var, "raw.X"
+        return "raw.X"
+    if layer in (None, "X"):
+        if not getattr(adata, "isbacked", False) and adata.X is None:
+            raise ValueError("adata.X is empty; pass layer=<name> or layer='raw'.")
+        return "X"
     if layer not in adata.layers:
         raise KeyError(
             f"layer {layer!r} not found; adata.layers has {sorted(adata.layers.keys()) or 'no layers'}. "
             "Pass layer=None (raw if present, else X), 'X', 'raw' or one of those."
         )
-    return adata.layers[layer], adata.var, f"layers[{layer!r}]"
+    return f"layers[{layer!r}]"
+
+
+def _select(adata, layer: str | None) -> tuple[Any, Any, str]:
+    source = _select_source(adata, layer)
+    if source == "raw.X":
+        return adata.raw.X, adata.raw.var, source
+    return (adata.X if source == "X" else adata.layers[layer]), adata.var, source
 
 
 def counts_var(adata: Any, layer: str | None) -> tuple[pd.DataFrame, str]:
@@ -319,8 +326,8 @@ def counts_var(adata: Any, layer: str | None) -> tuple[pd.DataFrame, str]:
     ``raw.var`` when the counts are ``.raw``'s (``layer=None`` with ``.raw`` present, or ``layer="raw"``), else
     ``adata.var``: the table in which gene names given by users (``genes=``) are looked up, as the ids are.
     """
-    _, var, source = _select_matrix(adata, layer)
-    return var, ("raw.var" if source == "raw.X" else "var")
+    source = _select_source(adata, layer)
+    return as_frame(adata.raw.var if source == "raw.X" else adata.var), ("raw.var" if source == "raw.X" else "var")
 
 
 def check_readable(adata: Any, options: TokenizeOptions) -> None:
@@ -330,9 +337,8 @@ def check_readable(adata: Any, options: TokenizeOptions) -> None:
     What :func:`prepare_cells` would refuse about them, with its messages, but before a model is loaded (or
     downloaded): only ``layers``, ``raw`` and the ``var`` columns are looked at.
     """
-    matrix, var, source = _select_matrix(adata, options.layer)
-    if matrix is None:
-        raise ValueError(f"adata.{source} is empty.")
+    source = _select_source(adata, options.layer)  # no matrix is read
+    var = as_frame(adata.raw.var if source == "raw.X" else adata.var)
     raw_ids, id_source = read_gene_ids(
         var, options.gene_key, source, adata_var=as_frame(adata.var) if source == "raw.X" else None
     )
