@@ -659,3 +659,21 @@ def test_tl_rank_regulators_candidates_are_genes_of_raw(tiny_model, tiny_adata):
     a, b = got.uns["transcriptformer_regulators"], expected.uns["transcriptformer_regulators"]
     pd.testing.assert_frame_equal(a["mean_probability"], b["mean_probability"])
     assert set(a["mean_probability"].columns) == set(cand)
+
+
+def test_group_order_is_the_same_in_every_tool(tiny_model, tiny_adata):
+    """rank_regulators and gene_embeddings_by_group group a column the same way: categories in their order,
+    other columns sorted as pandas sorts their values (numbers as numbers), labels equal as strings together."""
+    import transcriptformer.scanpy as tfs
+    from transcriptformer.scanpy.tl._common import group_codes
+
+    a = tiny_adata.copy()
+    a.obs["cluster"] = np.asarray([10, 2, 1] * 7, dtype=object)[: a.n_obs]  # not categorical, numbers
+    cand = _known_var_names(tiny_model, a)[[2, 5]].tolist()
+    ranked = tfs.tl.rank_regulators(a, tiny_model, groupby="cluster", candidates=cand, copy=True)
+    by_group = tfs.tl.gene_embeddings_by_group(a, tiny_model, groupby="cluster")
+    expected = ["1", "2", "10"]
+    assert list(ranked.uns["transcriptformer_regulators"]["names"].dtype.names) == expected
+    assert list(pd.unique(by_group.obs["group"].astype(str))) == expected
+    codes, labels = group_codes(pd.Series(pd.Categorical(["x", "y", None, "x"], categories=["y", "x", "z"])))
+    assert labels == ["y", "x"] and codes.tolist() == [1, 0, -1, 1]

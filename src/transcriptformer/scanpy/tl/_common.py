@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from anndata import AnnData
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from ...inference.pipeline import Inference
     from ...inference.shards import Destination
 
-__all__ = ["ModelArg", "check_out", "genes_to_ids", "genes_var", "load", "run_model", "run_to_file"]
+__all__ = ["ModelArg", "check_out", "genes_to_ids", "genes_var", "group_codes", "load", "run_model", "run_to_file"]
 
 
 def run_model(
@@ -158,6 +159,28 @@ def genes_var(
             "layer='X' (or the name of a layer of counts) to read adata's own genes."
         )
     return var
+
+
+def group_codes(column: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Each cell's group (``-1``: none) and the groups with cells, their labels as strings.
+
+    Labels equal as strings (``1`` and ``"1"``) are one group. The groups are in a categorical's category order,
+    else in the order pandas sorts the values (numbers as numbers), as scanpy's tools order groups.
+    """
+    known = column.notna().to_numpy()
+    text = column.astype(str).to_numpy(dtype=object)
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        order = list(column.cat.categories)
+    else:
+        values = pd.unique(column[known])
+        try:
+            order = sorted(values)
+        except TypeError:  # mixed types (1 and "1"): by their text
+            order = sorted(values, key=str)
+    present = set(text[known])
+    labels = [c for c in dict.fromkeys(str(c) for c in order) if c in present]
+    codes = pd.Categorical(np.where(known, text, None), categories=labels).codes.astype(np.int64)
+    return codes, labels
 
 
 def load(model: ModelArg, options: RunOptions, *cells: AnnData | None) -> LoadedModel:

@@ -12,7 +12,7 @@ from anndata import AnnData
 from ...data.tokenizer import table_column
 from ...inference.options import RunKwargs, check_bool, check_genes, documents_run_options, run_options
 from .._utils import Update, base_key, check_adata, check_writable, deprecated_argument
-from ._common import ModelArg, load, run_model
+from ._common import ModelArg, group_codes, load, run_model
 
 if TYPE_CHECKING:
     from ...inference.pipeline import Inference
@@ -182,7 +182,7 @@ def gene_embeddings_by_group(
     check_adata(adata)
     if not isinstance(groupby, str) or groupby not in adata.obs:
         raise KeyError(f"groupby={groupby!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
-    codes, labels = _group_codes(table_column(adata.obs, groupby))
+    codes, labels = group_codes(table_column(adata.obs, groupby))
     if not labels:
         raise ValueError(f"adata.obs[{groupby!r}] has no group with cells.")
     genes = check_genes(genes)
@@ -215,22 +215,6 @@ def gene_embeddings_by_group(
     params = run.params(loaded, opts, "gene_embeddings_by_group", groupby=groupby, genes=genes)
     out.uns["transcriptformer_genes"] = {"params": params}
     return out
-
-
-def _group_codes(column: pd.Series) -> tuple[np.ndarray, list[str]]:
-    """Each cell's group (``-1``: none) and the groups' labels, as strings, in the column's category order.
-
-    Labels equal as strings (``1`` and ``"1"``) are one group; a categorical keeps its order, other columns are
-    sorted as pandas sorts their values. Categories without cells are left out.
-    """
-    known = column.notna().to_numpy()
-    cat = pd.Categorical(column.astype("category"))
-    text = np.asarray(column.astype(str), dtype=object)
-    present = set(text[known])
-    labels = [c for c in dict.fromkeys(str(c) for c in cat.categories) if c in present]
-    index = {label: i for i, label in enumerate(labels)}
-    codes = np.asarray([index[t] if k else -1 for t, k in zip(text, known, strict=True)], dtype=np.int64)
-    return codes, labels
 
 
 def _means(run: Inference, adata: AnnData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from ...data.tokenizer import counts_var
+from ...data.tokenizer import counts_var, table_column
 from ...inference.options import (
     RunKwargs,
     check_bool,
@@ -26,7 +26,7 @@ from ...inference.options import (
 )
 from ...inference.record import provenance
 from .._utils import Update, check_adata, check_writable
-from ._common import ModelArg, genes_var, load
+from ._common import ModelArg, genes_var, group_codes, load
 
 if TYPE_CHECKING:
     from ...inference.prompts import Prompts
@@ -65,8 +65,6 @@ def _assay_of(adata: AnnData | None) -> str | None:
     """The most frequent ``obs["assay"]`` label of ``adata``, missing labels left out (``None`` without one)."""
     if adata is None or "assay" not in adata.obs.columns or adata.n_obs == 0:
         return None
-    from ...data.tokenizer import table_column
-
     # missing labels (NaN, None) are no assay: they must not count as one called "nan"
     counts = table_column(adata.obs, "assay").dropna().astype(str).value_counts()
     return str(counts.index[0]) if len(counts) else None
@@ -484,18 +482,13 @@ def rank_regulators(
     check_writable(adata, copy)
     if groupby not in adata.obs.columns:
         raise KeyError(f"groupby={groupby!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
-    labels = adata.obs[groupby]
-    present = [str(g) for g in pd.unique(labels.dropna().astype(str))]
-    if isinstance(labels.dtype, pd.CategoricalDtype):
-        present = [str(c) for c in labels.cat.categories if (labels == c).any()]
-    present = list(dict.fromkeys(present))  # labels are compared as strings: 1 and "1" are one group
+    group_of, present = group_codes(table_column(adata.obs, groupby))  # 1 and "1" are one group
     chosen = _check_groups(groups, groupby, present)
     if len(chosen) < 2:
         raise ValueError(f"the score compares groups, so it needs at least 2 groups of {groupby!r}; got {chosen}.")
-    text = labels.astype(str).to_numpy()
     codes = np.full(adata.n_obs, -1, dtype=np.int64)
     for j, g in enumerate(chosen):
-        where = np.flatnonzero((text == g) & labels.notna().to_numpy())
+        where = np.flatnonzero(group_of == present.index(g))
         codes[where[_subsample(len(where), max_cells, random_state, j)]] = j
     loaded = load(model, opts, adata)
     P.require_gene_head(loaded, "rank genes by the next-gene distribution")
