@@ -12,7 +12,16 @@ from typing import Any
 
 from ..config import parse_bool
 
-__all__ = ["GENE_COL_HELP", "VAR_NAMES", "CLIError", "gene_column", "init_distributed", "write_atomic"]
+__all__ = [
+    "GENE_COL_HELP",
+    "VAR_NAMES",
+    "CLIError",
+    "add_counts_flags",
+    "counts_options",
+    "gene_column",
+    "init_distributed",
+    "write_atomic",
+]
 
 
 class CLIError(Exception):
@@ -45,6 +54,26 @@ def _bool_or_auto(text: str) -> bool | None:
         return parse_bool(low)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected True, False or auto, got {text!r}") from None
+
+
+def add_counts_flags(parser: Any) -> None:
+    """``--use-raw`` and ``--remove-duplicate-genes``: where the counts come from, and duplicate gene ids."""
+    parser.add_argument(
+        "--use-raw",
+        type=_bool_or_auto,
+        default="auto",
+        metavar="{True,False,auto}",
+        help="counts from .raw (True), from X (False), or .raw if present (auto)",
+    )
+    parser.add_argument("--remove-duplicate-genes", action="store_true", help="keep the first of duplicate gene ids")
+
+
+def counts_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options of :func:`add_counts_flags`' flags (``layer``, ``duplicate_genes``)."""
+    return {
+        "layer": {True: "raw", False: "X", None: None}[args.use_raw],
+        "duplicate_genes": "first" if args.remove_duplicate_genes else "raise",
+    }
 
 
 # -- strict parsers of --config-override values: each returns the value or raises ValueError(what it expects)

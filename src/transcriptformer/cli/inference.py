@@ -42,8 +42,9 @@ from ._common import (
     _as_text,
     _as_text_or_none,
     _as_use_raw,
-    _bool_or_auto,
     _parse_value,
+    add_counts_flags,
+    counts_options,
     gene_column,
     init_distributed,
     temporary_beside,
@@ -153,16 +154,9 @@ def add_parser(sub: Any) -> None:
         default=True,
         help="drop genes outside the vocabulary",
     )
-    inf.add_argument(
-        "--use-raw",
-        type=_bool_or_auto,
-        default="auto",
-        metavar="{True,False,auto}",
-        help="counts from .raw (True), from X (False), or .raw if present (auto)",
-    )
+    add_counts_flags(inf)
     inf.add_argument("--emb-type", choices=["cell", "cge"], default="cell", help="cell or contextual gene embeddings")
     inf.add_argument("--device", choices=DEVICES, default="auto", help="where to run")
-    inf.add_argument("--remove-duplicate-genes", action="store_true", help="keep the first of duplicate gene ids")
     inf.add_argument("--llh", action="store_true", help="also write the per-cell likelihood")
     inf.add_argument("--gene-llh", action="store_true", help="also write per-position gene-identity likelihoods")
     inf.add_argument(
@@ -344,11 +338,10 @@ def _run_options(args: argparse.Namespace, device: str):
     try:
         return RunOptions(
             gene_key=args.gene_col_name,
-            layer={True: "raw", False: "X", None: None}[args.use_raw],
+            **counts_options(args),
             clip_counts=args.clip_counts,
             normalize_to_scale=args.normalize_to_scale or None,
             filter_to_vocab=args.filter_to_vocabs,
-            duplicate_genes="first" if args.remove_duplicate_genes else "raise",
             species_embedding=args.pretrained_embedding,
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,

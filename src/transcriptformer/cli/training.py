@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._common import GENE_COL_HELP, CLIError, _bool_or_auto, gene_column, init_distributed
+from ._common import GENE_COL_HELP, CLIError, add_counts_flags, counts_options, gene_column, init_distributed
 
 logger = logging.getLogger("transcriptformer")
 
@@ -60,14 +60,7 @@ def _common(p: argparse.ArgumentParser, *, lr: float, wd: float) -> None:
         help="auto: compiled flex_attention on CUDA (needs Triton), dense elsewhere; dense: no compilation",
     )
     p.add_argument("--gene-col-name", type=gene_column, default="ensembl_id", help=GENE_COL_HELP)
-    p.add_argument(
-        "--use-raw",
-        type=_bool_or_auto,
-        default="auto",
-        metavar="{True,False,auto}",
-        help="counts from .raw (True), from X (False), or .raw if present (auto)",
-    )
-    p.add_argument("--remove-duplicate-genes", action="store_true", help="keep the first of duplicate gene ids")
+    add_counts_flags(p)
     p.add_argument("--clip-counts", type=float, default=30, help="clip counts to this value")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
     p.add_argument("--dry-run", action="store_true", help="check the model and the data, then exit")
@@ -132,8 +125,7 @@ def _fit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "attention": args.attention,
         "gene_key": args.gene_col_name,
-        "layer": {True: "raw", False: "X", None: None}[args.use_raw],
-        "duplicate_genes": "first" if args.remove_duplicate_genes else "raise",
+        **counts_options(args),
         "clip_counts": args.clip_counts,
         "progress": False if args.no_progress else None,
         "dry_run": args.dry_run,
