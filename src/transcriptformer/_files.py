@@ -25,6 +25,7 @@ __all__ = [
     "file_stamp",
     "give_default_mode",
     "read_json",
+    "same_file",
     "sha256_file",
     "write_json_atomic",
 ]
@@ -68,6 +69,15 @@ def read_json(path: Path, what: str, fix: str) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e})"
         raise ValueError(f"{path} ({what}) is {reason}. {fix}") from None
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file or folder.
+
+    The same inode (links, other spellings), or the same resolved path when one does not exist yet.
+    """
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    return (a.exists() and b.exists() and os.path.samefile(a, b)) or a.resolve() == b.resolve()
 
 
 def _umask() -> int:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._files import same_file
 from ..config import ATTENTION_BACKENDS, DEVICES, PRECISION_ALIASES, PRECISIONS, TranscriptFormerConfig
 from ._common import (
     GENE_COL_HELP,
@@ -366,8 +367,7 @@ def _output_file(args: argparse.Namespace) -> Path:
     if path.is_dir():
         raise CLIError(f"the output {path} is an existing folder; pass --output-filename <file name>.")
     for f in args.data_file or []:
-        same = Path(f).exists() and path.exists() and os.path.samefile(f, path)
-        if same or Path(f).resolve() == path.resolve():
+        if same_file(f, path):
             raise CLIError(
                 f"the output {path} is the input file {f}: writing it would replace the input. Pass another "
                 "--output-path or --output-filename."

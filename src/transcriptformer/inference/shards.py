@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._files import read_json, write_json_atomic
+from .._files import read_json, same_file, write_json_atomic
 from .._meta import __version__
 from .._progress import PROGRESS_DELAY_S, tqdm
 
@@ -520,8 +520,7 @@ class ShardStore:
         info = self.manifest.get("info", {})
         inputs = [info.get("input"), *info.get("inputs", [])]
         for source in (Path(f).expanduser() for f in inputs if isinstance(f, str) and f):
-            same = path.exists() and source.exists() and os.path.samefile(source, path)
-            if same or source.resolve() == path.resolve():
+            if same_file(source, path):
                 raise ValueError(
                     f"the output {path} is the run's input {source}: writing it would replace the input; pass another "
                     "path."

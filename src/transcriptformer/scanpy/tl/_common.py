@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ..._files import same_file
 from ...data.gene_ids import names_to_ids
 from ...data.tokenizer import as_frame, check_readable, counts_var, source_files
 from ...inference.options import RunOptions, check_genes, check_positive_int
@@ -55,8 +55,7 @@ def check_out(out: Any, shard_size: Any, adata: AnnData) -> tuple[Path | None, i
         return None, size
     path = check_output_path(out)
     for source in source_files(adata):
-        same = path.exists() and source.exists() and os.path.samefile(source, path)
-        if same or source == path.resolve():
+        if same_file(source, path):
             raise ValueError(
                 f"out={str(out)!r} is the file this AnnData reads its cells from ({source}): writing it would "
                 "replace the input. Pass another path."
